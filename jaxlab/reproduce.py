@@ -1,0 +1,134 @@
+"""Run registered experiments and write ``<name>.png``, ``<name>.json`` and ``REPORT.md``.
+
+One failing experiment does not stop the others: its section in the report says what failed,
+and ``reproduce`` returns the names of the failures so that the CLI exits non-zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import platform
+import sys
+import time
+import traceback
+from typing import Any
+
+import jax
+from tqdm.auto import tqdm
+
+from jaxlab.context import RunContext
+from jaxlab.metrics import to_jsonable
+from jaxlab.registry import Experiment, ExperimentResult
+
+__all__ = ["RunRecord", "reproduce", "run_experiment", "write_report"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """The outcome of one experiment run, as written to ``<name>.json``."""
+
+    name: str
+    description: str
+    paper: str
+    quick: bool
+    config: dict[str, Any]
+    runtime_s: float
+    result: ExperimentResult | None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        result = self.result
+        return to_jsonable({
+            "name": self.name, "description": self.description, "paper": self.paper,
+            "quick": self.quick, "config": self.config, "runtime_s": round(self.runtime_s, 3),
+            "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+            "jax_version": jax.__version__, "python": platform.python_version(),
+            "metrics": result.metrics if result else None,
+            "comparisons": [dataclasses.asdict(c) for c in result.comparisons] if result else [],
+            "summary": result.summary if result else None,
+            "error": self.error,
+        })
+
+
+def run_experiment(experiment: Experiment, config: Any, out_dir: pathlib.Path, *, quick: bool,
+                   seed: int = 0, show_progress: bool = True) -> RunRecord:
+    """Run one experiment, write its JSON, and return the record (errors are caught and recorded)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = RunContext(experiment.name, out_dir, quick=quick, seed=seed, show_progress=show_progress)
+    start = time.perf_counter()
+    result, error = None, None
+    try:
+        result = experiment.fn(config, ctx)
+        if not isinstance(result, ExperimentResult):
+            raise TypeError(f"experiment {experiment.name!r} returned {type(result).__name__}, "
+                            "expected ExperimentResult")
+        if not ctx.figure_path.exists():
+            raise FileNotFoundError(f"experiment {experiment.name!r} did not write {ctx.figure_path}")
+    except Exception as e:  # recorded in the report; the other experiments still run
+        error = f"{type(e).__name__}: {e}"
+        tqdm.write(f"[{experiment.name}] FAILED: {error}\n{traceback.format_exc()}", file=sys.stderr)
+        result = None
+    record = RunRecord(
+        name=experiment.name, description=experiment.description, paper=experiment.paper,
+        quick=quick, config=to_jsonable(config), runtime_s=time.perf_counter() - start,
+        result=result, error=error)
+    (out_dir / f"{experiment.name}.json").write_text(json.dumps(record.to_json(), indent=2) + "\n")
+    return record
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def write_report(records: list[RunRecord], out_dir: pathlib.Path, *, quick: bool) -> pathlib.Path:
+    """Write ``REPORT.md``: one section per figure with its picture and numbers beside the paper's."""
+    total = sum(r.runtime_s for r in records)
+    lines = [
+        "# jaxlab reproduction report",
+        "",
+        f"{len(records)} experiment(s), {'--quick sizes' if quick else 'full sizes'}, "
+        f"{total:.0f} s in all, on {jax.default_backend()} ({jax.device_count()} device(s)), "
+        f"jax {jax.__version__}.",
+        "",
+        "| experiment | reproduces | status | time (s) |",
+        "|---|---|---|---|",
+    ]
+    for r in records:
+        status = "ok" if r.error is None else "**failed**"
+        lines.append(f"| [{r.name}](#{r.name}) | {_fmt(r.paper)} | {status} | {r.runtime_s:.1f} |")
+    for r in records:
+        lines += ["", f"## {r.name}", "", f"*{r.description}* — reproduces {r.paper}.", ""]
+        if r.error is not None:
+            lines += [f"**This experiment failed:** `{r.error}`", ""]
+            continue
+        lines += [f"![{r.name}]({r.name}.png)", ""]
+        if r.result.summary:
+            lines += [r.result.summary.strip(), ""]
+        if r.result.comparisons:
+            lines += ["| quantity | ours | published | source |", "|---|---|---|---|"]
+            for c in r.result.comparisons:
+                lines.append(f"| {_fmt(c.quantity)} | {_fmt(c.ours)} | {_fmt(c.published)} | {_fmt(c.source)} |")
+            lines.append("")
+        lines += [f"Numbers: [`{r.name}.json`]({r.name}.json). Config: `{json.dumps(r.config)}`."]
+    path = out_dir / "REPORT.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def reproduce(runs: list[tuple[Experiment, Any]], out_dir: pathlib.Path, *, quick: bool, seed: int = 0,
+              show_progress: bool = True) -> tuple[list[RunRecord], pathlib.Path]:
+    """Run ``(experiment, config)`` pairs in order, then write REPORT.md; returns records and its path."""
+    records = []
+    bar = tqdm(runs, desc="reproduce", unit="exp", disable=not show_progress, file=sys.stderr,
+               dynamic_ncols=True)
+    for experiment, config in bar:
+        bar.set_postfix_str(experiment.name)
+        records.append(run_experiment(experiment, config, out_dir, quick=quick, seed=seed,
+                                      show_progress=show_progress))
+    return records, write_report(records, out_dir, quick=quick)

@@ -1,0 +1,150 @@
+"""HiPPO-LegS: online projection of a signal's whole history onto Legendre polynomials.
+
+Gu, Dao, Ermon, Rudra, Re 2020, "HiPPO: Recurrent Memory with Optimal Polynomial Projections".
+For the scaled Legendre measure (uniform on [0, t]) the coefficients
+
+    c_n(t) = (1/t) int_0^t f(s) sqrt(2n+1) P_n(2s/t - 1) ds                          (LegS projection)
+
+obey the linear, time-varying ODE (paper eq. 3, written here with A's sign folded in, the S4
+convention, so that ``x' = A x + B u`` reads as usual)
+
+    d/dt c(t) = (1/t) (A c(t) + B f(t)),
+    A_nk = -sqrt(2n+1) sqrt(2k+1) (n > k),  -(n+1) (n = k),  0 (n < k);   B_n = sqrt(2n+1),
+
+and f is recovered from c as  f(s) ~= sum_n c_n(t) sqrt(2n+1) P_n(2s/t - 1)  for s in [0, t].
+
+Here the signal is a sequence f_1..f_L held constant on (k-1, k]. ``legs_recurrence`` runs the
+discretised ODE (forward Euler, the paper's eq. 7, or bilinear/GBT-1/2) with ``lax.scan``;
+``legs_projection_reference`` computes the projection exactly for that piecewise-constant f
+from Legendre antiderivatives, so the recurrence is checked against exact values.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.linalg import solve_triangular
+
+__all__ = [
+    "hippo_legs",
+    "legendre",
+    "legendre_reconstruct",
+    "legs_projection_reference",
+    "legs_recurrence",
+]
+
+
+def hippo_legs(N: int, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+    """HiPPO-LegS continuous-time matrices ``A [N, N]`` (lower triangular) and ``B [N]``.
+
+    Sign convention: ``d/dt c = (1/t)(A c + B f)``; A's diagonal is ``-(n+1)``.
+    """
+    if not isinstance(N, int) or N < 1:
+        raise ValueError(f"{N=} must be a positive integer")
+    q = jnp.sqrt(2.0 * jnp.arange(N, dtype=dtype) + 1.0)                # sqrt(2n+1), [N]
+    n = jnp.arange(N)
+    A = jnp.where(n[:, None] > n[None, :], q[:, None] * q[None, :], 0.0)
+    A = -(A + jnp.diag(n.astype(dtype) + 1.0))                          # [N, N]
+    return A.astype(dtype), q
+
+
+def legendre(N: int, x: jax.Array) -> jax.Array:
+    """``P_0(x) .. P_{N-1}(x)`` by Bonnet's recursion: ``(n+1) P_{n+1} = (2n+1) x P_n - n P_{n-1}``.
+
+    Returns ``[N, *x.shape]``. The recursion runs as a ``lax.scan`` so compile time does not grow with N.
+    """
+    x = jnp.asarray(x)
+    if N < 1:
+        raise ValueError(f"{N=} must be >= 1")
+
+    def step(carry, n):                                   # carry = (P_{n-1}, P_n)
+        p_prev, p = carry
+        p_next = ((2 * n + 1) * x * p - n * p_prev) / (n + 1)
+        return (p, p_next), p_next
+
+    first = jnp.stack([jnp.ones_like(x), x])[:N]
+    if N <= 2:
+        return first
+    ns = jnp.arange(1, N - 1, dtype=x.dtype)
+    _, rest = jax.lax.scan(step, (first[0], first[1]), ns)  # [N-2, *x.shape]
+    return jnp.concatenate([first, rest])
+
+
+@jax.jit
+def legendre_reconstruct(c: jax.Array, x: jax.Array) -> jax.Array:
+    """``f(x) = sum_n c_n sqrt(2n+1) P_n(x)`` at ``x`` in [-1, 1] (x = 2s/t - 1).
+
+    c: ``[..., N]`` coefficients; x: ``[M]``. Returns ``[..., M]``.
+    """
+    N = c.shape[-1]
+    basis = legendre(N, x) * jnp.sqrt(2.0 * jnp.arange(N) + 1.0)[:, None]   # [N, M]
+    return jnp.einsum("...n,nm->...m", c, basis)                            # [..., M]
+
+
+def _check_signal(f: jax.Array) -> jax.Array:
+    f = jnp.asarray(f)
+    if f.ndim not in (1, 2):
+        raise ValueError(f"f must be [L] or [B, L], got shape {f.shape}")
+    if f.shape[-1] < 1:
+        raise ValueError(f"f must have at least one sample, got shape {f.shape}")
+    if not jnp.issubdtype(f.dtype, jnp.floating):
+        raise ValueError(f"f must be floating point, got {f.dtype}")
+    return f
+
+
+@functools.partial(jax.jit, static_argnames=("N", "method"))
+def legs_recurrence(f: jax.Array, N: int, *, method: str = "bilinear") -> jax.Array:
+    """Online LegS coefficients after each sample: ``c[..., k-1, :] ~= c(t=k)``.
+
+    Args:
+      f: ``[L]`` or ``[B, L]`` samples, f_k held on (k-1, k].
+      N: number of coefficients (state size).
+      method: ``"euler"``: ``c_k = (I + A/k) c_{k-1} + (1/k) B f_k`` (paper eq. 7);
+        ``"bilinear"``: ``(I - A/(2k)) c_k = (I + A/(2k)) c_{k-1} + (1/k) B f_k``, solved as a
+        triangular system since A is lower triangular (O(N^2) per step).
+
+    Returns:
+      ``[L, N]`` or ``[B, L, N]`` coefficient trajectories.
+    """
+    f = _check_signal(f)
+    if method not in ("euler", "bilinear"):
+        raise ValueError(f"{method=} must be 'euler' or 'bilinear'")
+    A, B = hippo_legs(N, dtype=f.dtype)
+    eye = jnp.eye(N, dtype=f.dtype)
+    batched = f.reshape(-1, f.shape[-1]).T                                  # [L, B']
+
+    def step(c, inputs):                                                   # c [B', N]
+        k, f_k = inputs
+        inv_k = 1.0 / k
+        if method == "euler":
+            c = c @ (eye + inv_k * A).T + inv_k * f_k[:, None] * B
+        else:
+            rhs = c @ (eye + 0.5 * inv_k * A).T + inv_k * f_k[:, None] * B
+            c = solve_triangular(eye - 0.5 * inv_k * A, rhs.T, lower=True).T
+        return c, c
+
+    ks = jnp.arange(1, f.shape[-1] + 1, dtype=f.dtype)
+    c0 = jnp.zeros((batched.shape[1], N), f.dtype)
+    _, cs = jax.lax.scan(step, c0, (ks, batched))                          # [L, B', N]
+    cs = jnp.moveaxis(cs, 0, 1)                                            # [B', L, N]
+    return cs[0] if f.ndim == 1 else cs
+
+
+@functools.partial(jax.jit, static_argnames=("N",))
+def legs_projection_reference(f: jax.Array, N: int) -> jax.Array:
+    """Exact LegS coefficients ``c(t=L)`` of the piecewise-constant signal (f_k on (k-1, k]).
+
+    With x = 2s/L - 1 and the antiderivative ``Q_n = (P_{n+1} - P_{n-1}) / (2n+1)`` (Q_0 = P_1),
+    ``c_n = (1/2) sqrt(2n+1) sum_k f_k (Q_n(x_k) - Q_n(x_{k-1}))``. Returns ``[N]`` or ``[B, N]``.
+    """
+    f = _check_signal(f)
+    L = f.shape[-1]
+    x = 2.0 * jnp.arange(L + 1, dtype=f.dtype) / L - 1.0                   # [L+1] cell edges
+    P = legendre(N + 1, x)                                                 # [N+1, L+1]
+    P_prev = jnp.concatenate([jnp.zeros_like(P[:1]), P[:-2]])              # P_{n-1}, P_{-1} := 0
+    n = jnp.arange(N, dtype=f.dtype)[:, None]
+    Q = (P[1:] - P_prev) / (2 * n + 1)                                     # [N, L+1]; Q_0 = P_1
+    cell = Q[:, 1:] - Q[:, :-1]                                            # [N, L]
+    return 0.5 * jnp.sqrt(2 * n[:, 0] + 1) * jnp.einsum("...l,nl->...n", f, cell)
