@@ -238,6 +238,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             close = difflib.get_close_matches(command, list(handlers), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise CLIError(f"unknown command {command!r}{hint} (commands: {', '.join(handlers)})")
+        if command in ("reproduce", "run", "train"):
+            # Under `jaxlab launch` this joins the multi-process job before JAX sees devices;
+            # on its own it does nothing.
+            from jaxlab.parallel.launch import maybe_initialize_distributed
+            try:
+                maybe_initialize_distributed()
+            except ValueError as e:
+                raise CLIError(str(e)) from None
         return handlers[command](rest)
     except (CLIError, RegistryError) as e:
         print(f"jaxlab: error: {e.args[0] if e.args else e}", file=sys.stderr)

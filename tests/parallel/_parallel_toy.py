@@ -1,0 +1,81 @@
+"""A tiny MLP regression problem shared by the parallel tests and the 2-process worker script.
+
+Shapes are chosen so that ZeRO splits most leaves over 8 devices and one leaf (``b2``, 6
+entries) is not divisible and stays replicated, exercising the fallback.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training.train_state import TrainState
+
+D_IN, D_HIDDEN, D_OUT = 16, 32, 6
+BATCH = 32
+STEPS = 3
+
+
+def init_params(seed: int = 0) -> dict:
+    """Host-side (numpy) initialisation: no PRNG program to compile."""
+    rng = np.random.default_rng(seed)
+    return {
+        "w1": (rng.normal(size=(D_IN, D_HIDDEN)) / np.sqrt(D_IN)).astype(np.float32),  # [D_in, H]
+        "b1": np.zeros(D_HIDDEN, np.float32),
+        "w2": (rng.normal(size=(D_HIDDEN, D_OUT)) / np.sqrt(D_HIDDEN)).astype(np.float32),
+        "b2": np.full(D_OUT, 0.1, np.float32),
+    }
+
+
+def loss_fn(params: dict, batch: tuple) -> jax.Array:
+    """Mean squared error of a tanh MLP over the batch ``x [B, D_in] -> y [B, D_out]``."""
+    x, y = batch
+    h = jnp.tanh(x @ params["w1"] + params["b1"])  # [B, H]
+    return jnp.mean((h @ params["w2"] + params["b2"] - y) ** 2)
+
+
+TX = optax.adamw(3e-2, weight_decay=1e-2)
+
+
+@jax.jit
+def _create(params: dict) -> TrainState:
+    return TrainState.create(apply_fn=None, params=params, tx=TX)
+
+
+def make_state(seed: int = 0) -> TrainState:
+    """Fresh parameters and AdamW state as host (numpy) arrays.
+
+    One compiled program rather than many eager ops; host arrays are placed on any mesh
+    without compiling device-to-device resharding programs.
+    """
+    return jax.device_get(_create(init_params(seed)))
+
+
+def batches(steps: int = STEPS, batch: int = BATCH, seed: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(D_IN, D_OUT)).astype(np.float32)
+    out = []
+    for _ in range(steps):
+        x = rng.normal(size=(batch, D_IN)).astype(np.float32)
+        out.append((x, np.sin(x @ w).astype(np.float32)))
+    return out
+
+
+@jax.jit
+def _reference_step(state: TrainState, batch: tuple):
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+    return state.apply_gradients(grads=grads), (loss, optax.tree.norm(grads))
+
+
+def reference_train(state: TrainState, data: list) -> tuple[TrainState, list[float], list[float]]:
+    """Plain single-device training: the result every strategy must reproduce.
+
+    Returns the final state, the losses and the gradient norms of every step.
+    """
+    losses, norms = [], []
+    for batch in data:
+        state, (loss, norm) = _reference_step(state, batch)
+        losses.append(float(loss))
+        norms.append(float(norm))
+    return state, losses, norms

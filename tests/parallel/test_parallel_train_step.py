@@ -1,0 +1,180 @@
+"""Training steps under every strategy: equal to single-device training, and the compiled
+programs contain the collectives each strategy promises.
+
+Tolerance: parameters and losses after 3 fp32 AdamW steps agree with plain single-device
+training to rtol 1e-5 / atol 1e-6 (the only difference is the summation order of the gradient
+reduction across devices).
+"""
+
+import _parallel_toy as toy
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxlab.parallel import make_mesh, make_train_step, shard_train_state
+from jaxlab.parallel.collectives import hlo_collectives, jaxpr_collectives
+from jaxlab.parallel.memory import compiled_memory
+from jaxlab.parallel.strategies import STRATEGIES, leaf_spec
+
+N = 8
+RTOL, ATOL = 1e-5, 1e-6
+
+# bytes of the toy's parameters: w1, b1, w2 split over 8 devices; b2 (6 entries) cannot be
+PARAM_BYTES = 4 * (toy.D_IN * toy.D_HIDDEN + toy.D_HIDDEN + toy.D_HIDDEN * toy.D_OUT + toy.D_OUT)
+SPLIT_BYTES = PARAM_BYTES - 4 * toy.D_OUT
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Plain single-device training on the same batches (params, losses, first grad norm)."""
+    return toy.reference_train(toy.make_state(), toy.batches())
+
+
+def _bytes(ops, kind):
+    return sum(op.result_bytes for op in ops if op.kind == kind)
+
+
+def _check_collectives(impl: str, strategy: str, ops) -> None:
+    """What each strategy promises to move (see parallel/train_step.py, shard_map_step.py)."""
+    s = STRATEGIES[strategy]
+    ar, rs, ag = (_bytes(ops, k) for k in ("all-reduce", "reduce-scatter", "all-gather"))
+    # Whole gradients are all-reduced (DDP, ZeRO-1), or reduce-scattered into 1/N shards
+    # (ZeRO-2/3). XLA:CPU lowers the jit path's reduce-scatter as all-reduce + slice.
+    if not s.shard_gradients:
+        assert ar >= PARAM_BYTES and rs == 0
+    elif impl == "shard_map":
+        assert rs == SPLIT_BYTES // N and ar < PARAM_BYTES // 2
+    else:
+        assert rs == SPLIT_BYTES // N or ar >= PARAM_BYTES
+    if s.shard_parameters:  # ZeRO-3: parameters all-gathered where the loss uses them
+        assert ag >= SPLIT_BYTES
+    elif s.shard_optimizer:  # ZeRO-1/2: the updated shards all-gathered back into parameters
+        assert ag == SPLIT_BYTES
+    else:
+        assert ag == 0
+
+
+def _run(mesh, strategy, impl, **kwargs):
+    state = shard_train_state(toy.make_state(), mesh, strategy)
+    step = make_train_step(toy.loss_fn, mesh, strategy, impl=impl, **kwargs)
+    data = toy.batches()
+    compiled = step.lower(state, data[0]).compile()
+    metrics = []
+    for batch in data:
+        old = state
+        state, m = step(state, batch)
+        metrics.append(m)
+    assert old.params["w1"].is_deleted()  # donated
+    return state, metrics, compiled
+
+
+def _check_compiled_memory(strategy, mem):
+    """XLA's own accounting of the step: the state arguments shrink with each ZeRO stage."""
+    s = STRATEGIES[strategy]
+    state_bytes = 3 * PARAM_BYTES  # params + Adam mu + nu (the scalars are a few bytes)
+    batch_bytes = 4 * toy.BATCH * (toy.D_IN + toy.D_OUT) // N
+    if s.shard_parameters:
+        assert mem["argument"] < state_bytes // 2
+    elif s.shard_optimizer:
+        assert PARAM_BYTES < mem["argument"] < 2 * PARAM_BYTES
+    else:
+        assert mem["argument"] >= state_bytes + batch_bytes
+    assert mem["alias"] >= mem["argument"] - batch_bytes - 64  # the donated state is reused
+    assert mem["peak"] == mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+
+
+def _assert_matches(state, metrics, reference):
+    ref_state, ref_losses, ref_norms = reference
+    for name in ref_state.params:
+        np.testing.assert_allclose(np.asarray(state.params[name]), np.asarray(ref_state.params[name]),
+                                   rtol=RTOL, atol=ATOL, err_msg=name)
+    for a, b in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(ref_state.opt_state)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose([float(m["loss"]) for m in metrics], ref_losses, rtol=RTOL)
+    np.testing.assert_allclose([float(m["grad_norm"]) for m in metrics], ref_norms, rtol=RTOL)
+    assert int(state.step) == toy.STEPS
+
+
+@pytest.mark.parametrize("impl", ["jit", "shard_map"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "zero3"])
+def test_strategy_equals_single_device(reference, impl, strategy):
+    mesh = make_mesh(data=N)
+    state, metrics, compiled = _run(mesh, strategy, impl)
+    _assert_matches(state, metrics, reference)
+    _check_collectives(impl, strategy, hlo_collectives(compiled.as_text()))
+    _check_compiled_memory(strategy, compiled_memory(compiled))
+    # the state leaves the step laid out as it came in
+    s = STRATEGIES[strategy]
+    w1 = state.params["w1"]
+    assert w1.sharding.spec == (leaf_spec(w1.shape, mesh, shard_data=True) if s.shard_parameters
+                                else P(None, None))
+    assert metrics[0]["loss"].sharding.is_fully_replicated
+
+
+@pytest.mark.parametrize("impl, strategy", [("jit", "zero3"), ("shard_map", "zero2")])
+def test_2d_mesh_data_and_model_axes(reference, impl, strategy):
+    mesh = make_mesh(data=2, model=4)
+    state, metrics, _ = _run(mesh, strategy, impl)
+    _assert_matches(state, metrics, reference)
+    assert state.params["w1"].sharding.spec == leaf_spec((toy.D_IN, toy.D_HIDDEN), mesh,
+                                                         shard_data=strategy == "zero3")
+
+
+def test_ring_allreduce_ddp(reference):
+    state, metrics, compiled = _run(make_mesh(data=N), "ddp", "shard_map", allreduce="ring")
+    _assert_matches(state, metrics, reference)
+    ops = hlo_collectives(compiled.as_text())
+    assert sum(op.kind == "collective-permute" for op in ops) == 2 * (N - 1)
+    assert _bytes(ops, "all-reduce") < PARAM_BYTES // 2  # only the loss/norm scalars
+
+
+def test_errors():
+    mesh = make_mesh(data=N)
+    state = toy.make_state()
+    step = make_train_step(toy.loss_fn, mesh, "zero1")
+    x, y = toy.batches()[0]
+    with pytest.raises(ValueError, match="shard_train_state"):
+        step(state, (x, y))
+    sharded = shard_train_state(state, mesh, "zero1")
+    with pytest.raises(ValueError, match=r"batch size 12 .* not divisible by the mesh's data axis size 8"):
+        step(sharded, (x[:12], y[:12]))
+    with pytest.raises(ValueError, match="sharded for strategy='zero1' but the step runs 'zero3'"):
+        make_train_step(toy.loss_fn, mesh, "zero3")(sharded, (x, y))
+    with pytest.raises(ValueError, match=r"state lives on mesh \{'data': 2\}"):
+        step(shard_train_state(state, make_mesh(data=2), "zero1"), (x, y))
+    with pytest.raises(ValueError, match="unknown strategy='zero9'"):
+        make_train_step(toy.loss_fn, mesh, "zero9")
+    with pytest.raises(ValueError, match="impl='pmap'"):
+        make_train_step(toy.loss_fn, mesh, "ddp", impl="pmap")
+    with pytest.raises(ValueError, match="needs impl='shard_map'"):
+        make_train_step(toy.loss_fn, mesh, "ddp", allreduce="ring")
+    with pytest.raises(ValueError, match="must return a scalar"):
+        per_example = make_train_step(lambda p, b: (b[0] @ p["w1"]).sum(-1), mesh, "ddp")
+        per_example(shard_train_state(state, mesh, "ddp"), (x, y))
+
+
+def test_shard_map_rejects_non_elementwise_optimizer():
+    state = toy.make_state()
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
+    clipped = state.replace(tx=tx, opt_state=jax.device_get(jax.jit(tx.init)(state.params)))
+    mesh = make_mesh(data=N)
+    step = make_train_step(toy.loss_fn, mesh, "zero2", impl="shard_map")
+    with pytest.raises(ValueError, match="reduce_sum.*impl='jit'"):
+        step(shard_train_state(clipped, mesh, "zero2"), toy.batches()[0])
+
+
+@pytest.mark.parametrize("regather", [True, False])
+def test_zero3_regathers_weights_in_the_backward_pass(regather):
+    """As written (before XLA), ZeRO-3 all-gathers every split parameter for the forward pass and,
+    with regather, again the weights the backward pass needs: only w2 (dh = dout @ w2^T); w1's
+    gradient needs the input, not w1, and biases are not needed at all."""
+    mesh = make_mesh(data=N)
+    state = shard_train_state(toy.make_state(), mesh, "zero3")
+    step = make_train_step(toy.loss_fn, mesh, "zero3", impl="shard_map", regather=regather)
+    ops = jaxpr_collectives(jax.make_jaxpr(step.jitted(state))(state, toy.batches()[0]),
+                            dict(mesh.shape))
+    w2_bytes = 4 * toy.D_HIDDEN * toy.D_OUT
+    assert _bytes(ops, "all-gather") == SPLIT_BYTES + (w2_bytes if regather else 0)
+    assert _bytes(ops, "reduce-scatter") == SPLIT_BYTES // N
