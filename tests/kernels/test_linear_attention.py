@@ -1,0 +1,230 @@
+"""Linear attention: chunked and recurrent forms against the quadratic definition; decoding; FAVOR+."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlab.kernels import linear_attention as la
+from jaxlab.kernels.feature_maps import favor_projection, relu_features
+from jaxlab.kernels.linear_attention import (
+    LinearAttentionState,
+    elu_plus_one,
+    favor_features,
+    linear_attention_reference,
+    linear_attention_step,
+)
+
+B, L, H, Dk, Dv = 2, 37, 3, 5, 6  # L = 37: chunk size 8 leaves a partial chunk
+STATIC = ("causal", "normalize", "method", "chunk_size", "return_state")
+linear_attention = jax.jit(la.linear_attention, static_argnames=STATIC)
+
+
+def _normal(rng, shape):
+    return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+
+@pytest.fixture
+def inputs():
+    """From a local numpy generator: jax.random would compile once per new shape."""
+    rng = np.random.default_rng(0)
+    q = elu_plus_one(_normal(rng, (B, L, H, Dk)))
+    k = elu_plus_one(_normal(rng, (B, L, H, Dk)))
+    v = _normal(rng, (B, L, H, Dv))
+    state = LinearAttentionState(jnp.abs(_normal(rng, (B, H, Dk, Dv))), jnp.abs(_normal(rng, (B, H, Dk))))
+    return q, k, v, state
+
+
+DECAY = jnp.array([1.0, 0.9, 0.5])
+SEGMENTS = jnp.array([[0] * 10 + [1] * 20 + [2] * 7, [4] * 37])
+# (causal, normalize, decay, segments, initial state): a sample of the combinations.
+CASES = [
+    (True, True, False, False, False),
+    (True, True, True, True, True),
+    (True, False, True, False, True),
+    (False, True, True, True, False),
+    (False, False, False, False, False),
+]
+
+
+def _kwargs(causal, normalize, decay, segments, with_state, state):
+    kw = dict(causal=causal, normalize=normalize, decay=DECAY if decay else None,
+              segment_ids=SEGMENTS if segments else None)
+    if with_state:
+        kw.update(initial_state=state, return_state=True)
+    return kw
+
+
+@pytest.mark.parametrize("causal,normalize,decay,segments,with_state", CASES)
+def test_methods_match_reference(inputs, causal, normalize, decay, segments, with_state):
+    q, k, v, state = inputs
+    kw = _kwargs(causal, normalize, decay, segments, with_state, state)
+    ref = linear_attention_reference(q, k, v, **kw)
+    for method in ("chunked", "recurrent"):
+        out = linear_attention(q, k, v, method=method, chunk_size=8, **kw)
+        for o, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+            scale = jnp.max(jnp.abs(r))  # unnormalised outputs and states grow with L
+            np.testing.assert_allclose(o / scale, r / scale, atol=2e-6, err_msg=method)
+    if not with_state:  # "parallel" is the reference itself
+        np.testing.assert_array_equal(linear_attention(q, k, v, method="parallel", **kw), ref)
+
+
+@functools.partial(jax.jit, static_argnames="method")
+def _grads(q, k, v, decay, state, w, method):
+    if method == "reference":
+        fn = linear_attention_reference
+    else:
+        fn = functools.partial(la.linear_attention, method=method, chunk_size=8)
+
+    def loss(q, k, v, decay, state):
+        o, s = fn(q, k, v, decay=decay, segment_ids=SEGMENTS, initial_state=state, return_state=True)
+        return jnp.sum(o * w) + jnp.sum(s.kv) + jnp.sum(s.z)
+
+    return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, decay, state)
+
+
+@pytest.mark.parametrize("method", ["chunked", "recurrent"])
+def test_gradients_match_reference(inputs, method):
+    q, k, v, state = inputs
+    args = (q, k, v, DECAY, state, _normal(np.random.default_rng(3), v.shape))
+    ref = _grads(*args, method="reference")
+    for g, g_ref in zip(jax.tree.leaves(_grads(*args, method=method)), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(g, g_ref, rtol=2e-4, atol=2e-4)
+
+
+def test_pieces_and_decoding_continue_the_full_forward(inputs):
+    """A packed sequence in two calls (boundary inside a segment), then token-by-token decoding steps,
+    carrying the returned state, equals one call over the whole sequence (decay linear attention == its
+    recurrence)."""
+    q, k, v, state = inputs
+    kw = _kwargs(True, True, True, True, True, state)  # the second case of CASES: compiled already
+    whole, s_whole = linear_attention(q, k, v, method="chunked", chunk_size=8, **kw)
+    kw.pop("segment_ids")
+    cut, steps_from = 15, 30
+    sl = slice(0, cut), slice(cut, steps_from)
+    o1, s1 = linear_attention(*(x[:, sl[0]] for x in (q, k, v)), segment_ids=SEGMENTS[:, sl[0]], method="chunked",
+                              chunk_size=8, **kw)
+    kw["initial_state"] = s1
+    o2, s = linear_attention(*(x[:, sl[1]] for x in (q, k, v)), segment_ids=SEGMENTS[:, sl[1]], method="chunked",
+                             chunk_size=8, **kw)
+    step = jax.jit(lambda s, q, k, v: linear_attention_step(s, q, k, v, decay=DECAY))
+    outs = [o1, o2]
+    s = jax.tree.map(lambda x: x.at[0].set(0), s)  # sequence 0 starts a new segment at 30: a fresh state
+    for t in range(steps_from, L):
+        o_t, s = step(s, q[:, t], k[:, t], v[:, t])
+        outs.append(o_t[:, None])
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), whole, rtol=1e-5, atol=1e-5)
+    for a, b in zip(s, s_whole):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_segments_equal_separate_sequences(inputs):
+    """Packed segments give what each segment gives alone (run as the only nonzero tokens of a sequence)."""
+    q, k, v, _ = inputs
+    kw = dict(decay=DECAY, method="chunked", chunk_size=8)
+    out = linear_attention(q, k, v, segment_ids=SEGMENTS, **kw)
+    for lo, hi in ((0, 10), (10, 30), (30, 37)):
+        alone = ((jnp.arange(L) >= lo) & (jnp.arange(L) < hi))[None, :, None, None]
+        expected = linear_attention(*(x * alone for x in (q, k, v)), **kw)
+        np.testing.assert_allclose(out[0, lo:hi], expected[0, lo:hi], rtol=1e-5, atol=1e-5)
+
+
+def test_causality_by_gradients(inputs):
+    q, k, v, _ = inputs
+    t0 = 17
+
+    def out_t0(q, k, v):
+        return jnp.sum(la.linear_attention(q, k, v, decay=DECAY, method="chunked", chunk_size=8)[:, t0])
+
+    dq, dk, dv = (jnp.abs(g).sum(axis=(0, 2, 3)) for g in jax.jit(jax.grad(out_t0, argnums=(0, 1, 2)))(q, k, v))
+    assert jnp.all(dq.at[t0].set(0) == 0) and dq[t0] > 0  # o_t0 reads only its own query
+    for per_position in (dk, dv):
+        assert jnp.all(per_position[t0 + 1:] == 0)  # nothing from the future
+        assert jnp.all(per_position[: t0 + 1] > 0)  # everything from the past
+
+
+def _naive(q, k, v, dtype):
+    """Causal normalised linear attention computed entirely in ``dtype``."""
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    w = jnp.einsum("bihd,bjhd->bhij", q, k) * jnp.tril(jnp.ones((L, L), dtype))
+    return jnp.einsum("bhij,bjhe->bihe", w, v) / (jnp.einsum("bhij->bih", w)[..., None] + 1e-6)
+
+
+def test_bf16_error_at_most_twice_naive_bf16(inputs):
+    q, k, v = (x.astype(jnp.bfloat16) for x in inputs[:3])
+    ref = _naive(q, k, v, jnp.float32)
+    naive_err = jnp.max(jnp.abs(_naive(q, k, v, jnp.bfloat16).astype(jnp.float32) - ref))
+    out = linear_attention(q, k, v, method="chunked", chunk_size=8)
+    assert out.dtype == jnp.bfloat16
+    assert jnp.max(jnp.abs(out.astype(jnp.float32) - ref)) <= 2 * naive_err
+
+
+FAVOR_D = 16
+# One compiled draw of the largest projection; smaller feature counts use its leading rows (still a valid
+# FAVOR+ draw: whole orthogonal blocks of i.i.d.-norm rows). ``step`` selects a redraw.
+_draw = jax.jit(lambda key, step: favor_projection(key, 512, FAVOR_D, step=step, redraw_every=4))
+
+
+def test_favor_error_falls_with_features():
+    """FAVOR+ estimates softmax attention; its error shrinks as the number of random features grows."""
+    rng = np.random.default_rng(1)
+    q, k = (0.5 * _normal(rng, (1, 64, 1, FAVOR_D)) for _ in range(2))
+    v = _normal(rng, (1, 64, 1, FAVOR_D))
+    exact = jnp.einsum("bhij,bjhd->bihd", jax.nn.softmax(jnp.einsum("bihd,bjhd->bhij", q, k) / FAVOR_D**0.5), v)
+
+    @jax.jit
+    def error(W):
+        approx = la.linear_attention(favor_features(q, W, is_query=True), favor_features(k, W, is_query=False), v,
+                                     causal=False, method="chunked")
+        return jnp.sqrt(jnp.mean((approx - exact) ** 2))
+
+    draws = [_draw(jax.random.PRNGKey(0), 4 * seed) for seed in range(4)]  # four independent redraws
+    errors = [float(np.mean([error(W[:m]) for W in draws])) for m in (8, 64, 512)]
+    assert all(e1 > e2 for e1, e2 in zip(errors, errors[1:])), errors
+    assert errors[-1] < 0.35 * errors[0], errors  # Monte Carlo: ~1/sqrt(m), 8x fewer -> ~1/8 here
+
+
+@jax.jit
+def _feature_checks(x, W):
+    return dict(
+        elu=elu_plus_one(x), relu=relu_features(x), relu_random=relu_features(x, W[:12]),
+        keys=favor_features(x, W[:12], is_query=False, causal=True),
+        keys_later_changed=favor_features(x.at[:, 3:].mul(10.0), W[:12], is_query=False, causal=True),
+        queries=favor_features(x, W[:12], is_query=True))
+
+
+def test_feature_maps():
+    x = _normal(np.random.default_rng(2), (1, 5, 2, FAVOR_D))
+    key = jax.random.PRNGKey(0)
+    r = _feature_checks(x, _draw(key, 0))
+    assert jnp.all(r["elu"] > 0) and jnp.all(r["relu"] >= 0) and jnp.all(r["relu_random"] >= 0)
+    assert r["relu_random"].shape == (1, 5, 2, 12)
+    # causal keys: no stabiliser shared across positions, so later keys leave earlier features alone
+    np.testing.assert_array_equal(r["keys"][:, :3], r["keys_later_changed"][:, :3])
+    assert jnp.all(r["queries"] > 0) and jnp.all(r["queries"] <= 1 / np.sqrt(12) + 1e-6)
+    # redraw: a new projection every `redraw_every` steps, a pure function of (key, step)
+    np.testing.assert_array_equal(_draw(key, 0), _draw(key, 3))
+    assert not jnp.allclose(_draw(key, 0), _draw(key, 4))
+    block = _draw(key, 0)[:FAVOR_D]  # one block: orthogonal rows with chi-distributed norms
+    gram = block @ block.T
+    np.testing.assert_allclose(gram - jnp.diag(jnp.diag(gram)), 0, atol=1e-3)
+
+
+def test_bad_inputs_raise(inputs):
+    q, k, v, state = inputs
+    cases = [
+        (dict(method="fft"), "method"),
+        (dict(decay=jnp.ones(2)), "decay"),
+        (dict(decay=jnp.array([1.0, 0.0, 0.5])), "decay"),
+        (dict(segment_ids=jnp.zeros((B, L - 1), jnp.int32)), "segment_ids"),
+        (dict(causal=False, return_state=True), "causal"),
+        (dict(initial_state=LinearAttentionState(state.kv, None)), "initial_state.z"),
+        (dict(chunk_size=0), "chunk_size"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            la.linear_attention(q, k, v, **kwargs)
+    with pytest.raises(ValueError, match="Dk"):
+        la.linear_attention(q, k[..., :4], v)
