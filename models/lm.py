@@ -1,0 +1,392 @@
+"""Decoder-only language model with a pluggable token mixer and feed-forward, and its sampler.
+
+Pre-norm residual blocks (GPT-2/LLaMA layout)::
+
+    x = x + Mixer(RMSNorm(x))          # "attention" | "sliding" | "linear" | "gau" | "s4d" | "s5" | "mamba" | "mamba2"
+    x = x + FFN(RMSNorm(x))            # "swiglu" | "gelu" | "moe"
+    logits = RMSNorm(x) E^T            # tied embeddings (or a separate head)
+
+Every mixer has one interface, ``mixer(x, positions, segment_ids, state) -> (y, state)``: with
+``state=None`` it runs a whole (possibly packed) sequence; with a state from ``init_state`` it
+continues from it and returns the new state (KV cache for attention, recurrent state for the linear
+mixers and SSMs), which is how :func:`generate` decodes. ``segment_ids`` make a packed row behave
+like separate documents: attention masks across segments, recurrent mixers reset their state at
+segment starts, and positions restart at 0 in each segment unless given.
+
+    cfg = LMConfig(vocab_size=256, d_model=128, num_layers=2, num_heads=4, mixer="mamba2")
+    model = LM(cfg)
+    params = model.init(key, tokens)["params"]
+    logits, aux = model.apply({"params": params}, tokens)
+    out = generate(model, params, prompt, max_new_tokens=32, key=key)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxlab.kernels.attention import IMPLEMENTATIONS
+from jaxlab.models.attention import Attention
+from jaxlab.models.layers import FeedForward, RMSNorm, default_positions, embed_init, resolve_dtype
+from jaxlab.models.linear_mixers import FEATURE_MAPS, GAU, LinearAttention
+from jaxlab.models.moe import GATES, MoE
+from jaxlab.models.remat import remat_module, validate_remat
+from jaxlab.models.ssm_mixers import S4D, S5, Mamba, Mamba2
+
+__all__ = ["FFNS", "LM", "LMCache", "LMConfig", "MIXERS", "generate", "lm_loss", "make_mixer", "next_token_loss"]
+
+MIXERS = ("attention", "sliding", "linear", "gau", "s4d", "s5", "mamba", "mamba2")
+FFNS = ("swiglu", "gelu", "moe")
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    """Configuration of :class:`LM`; validated on construction (errors name the fields)."""
+
+    vocab_size: int = 256
+    d_model: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    """Key/value heads of attention (None: num_heads, MHA; 1: MQA; otherwise GQA)."""
+    mixer: str = "attention"
+    ffn: str = "swiglu"
+    num_experts: int = 8
+    num_shared_experts: int = 1
+    top_k: int = 2
+    """Routed experts per token (MoE)."""
+    remat: str | tuple[str, ...] = "none"
+    """"none" | "full" | "dots" | "offload" | a tuple of names from ``remat.CHECKPOINT_NAMES``."""
+    attention_impl: str = "auto"
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+    max_len: int = 2048
+    """Longest sequence (training rows and prompt + generated tokens)."""
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    # ---- finer knobs ----------------------------------------------------------------------------
+    d_ff: int | None = None
+    """Dense FFN hidden size (None: 4 d_model for gelu, 8/3 d_model rounded up to a multiple of 8 for swiglu)."""
+    d_expert: int | None = None
+    """Hidden size of one routed expert (None: d_ff // (top_k + num_shared_experts), so active FLOPs match d_ff)."""
+    moe_gate: str = "softmax"
+    moe_dispatch: str = "ragged"
+    """"ragged" (sort + grouped matmul, dropless) or "dense" (every expert on every token; the reference)."""
+    load_balance_coef: float = 0.01
+    router_z_coef: float = 1e-3
+    window: int = 128
+    """Keys seen by each query of the "sliding" mixer (itself included)."""
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+    feature_map: str = "elu"
+    """Linear attention feature map: "elu" (elu + 1) or "favor" (Performer FAVOR+)."""
+    num_features: int = 64
+    """Random features per head of FAVOR+."""
+    d_state: int = 16
+    """State size N of the SSM mixers."""
+    d_conv: int = 4
+    expand: int = 2
+    """Inner width of Mamba / Mamba-2 / GAU: expand * d_model."""
+    ssm_head_dim: int = 16
+    """Mamba-2 head dim P (expand * d_model must be a multiple)."""
+    chunk_size: int = 64
+    """Chunk length of the chunked kernels (SSD, GAU)."""
+    gau_qk_dim: int = 64
+    """GAU's shared query/key dim s."""
+
+    def __post_init__(self):
+        positive = ("vocab_size", "d_model", "num_layers", "num_heads", "num_experts", "top_k", "max_len", "window",
+                    "num_features", "d_state", "d_conv", "expand", "ssm_head_dim", "chunk_size", "gau_qk_dim")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive int")
+        for name in ("num_kv_heads", "d_ff", "d_expert"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} must be None or a positive int")
+        if self.num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts={self.num_shared_experts} must be >= 0")
+        if self.mixer not in MIXERS:
+            raise ValueError(f"mixer={self.mixer!r} must be one of {MIXERS}")
+        if self.ffn not in FFNS:
+            raise ValueError(f"ffn={self.ffn!r} must be one of {FFNS}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.mixer in ("attention", "sliding", "linear") and self.head_dim % 2:
+            raise ValueError(f"head dim d_model // num_heads = {self.head_dim} must be even for rotary "
+                             f"embeddings ({self.d_model=}, {self.num_heads=})")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
+        if self.moe_gate not in GATES:
+            raise ValueError(f"moe_gate={self.moe_gate!r} must be one of {GATES}")
+        if self.moe_dispatch not in ("ragged", "dense"):
+            raise ValueError(f"moe_dispatch={self.moe_dispatch!r} must be 'ragged' or 'dense'")
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map={self.feature_map!r} must be one of {FEATURE_MAPS}")
+        if self.mixer == "mamba2" and (self.expand * self.d_model) % self.ssm_head_dim:
+            raise ValueError(f"expand * d_model = {self.expand * self.d_model} must be divisible by "
+                             f"ssm_head_dim={self.ssm_head_dim} ({self.expand=}, {self.d_model=})")
+        if self.attention_impl not in IMPLEMENTATIONS:
+            raise ValueError(f"attention_impl={self.attention_impl!r} must be one of {IMPLEMENTATIONS}")
+        if self.load_balance_coef < 0 or self.router_z_coef < 0:
+            raise ValueError(f"{self.load_balance_coef=} and {self.router_z_coef=} must be >= 0")
+        validate_remat(self.remat)
+        resolve_dtype(self.dtype, "dtype")
+        resolve_dtype(self.param_dtype, "param_dtype")
+
+    # ---- derived values -------------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.ffn == "gelu":
+            return 4 * self.d_model
+        return -(-(8 * self.d_model // 3) // 8) * 8
+
+    @property
+    def expert_hidden(self) -> int:
+        if self.d_expert is not None:
+            return self.d_expert
+        return max(1, self.ffn_hidden // (self.top_k + self.num_shared_experts))
+
+    @property
+    def compute_dtype(self):
+        return resolve_dtype(self.dtype)
+
+    @property
+    def params_dtype(self):
+        return resolve_dtype(self.param_dtype, "param_dtype")
+
+
+def make_mixer(cfg: LMConfig, **kwargs) -> nn.Module:
+    """The token mixer ``cfg.mixer`` as an (unbound) module; ``kwargs`` go to the constructor (name, parent)."""
+    common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, **kwargs)
+    if cfg.mixer in ("attention", "sliding"):
+        return Attention(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, causal=True,
+                         window=cfg.window if cfg.mixer == "sliding" else None, rope_base=cfg.rope_base,
+                         qk_norm=cfg.qk_norm, impl=cfg.attention_impl, norm_eps=cfg.norm_eps, **common)
+    if cfg.mixer == "linear":
+        return LinearAttention(num_heads=cfg.num_heads, feature_map=cfg.feature_map, num_features=cfg.num_features,
+                               **common)
+    if cfg.mixer == "gau":
+        return GAU(expand=cfg.expand, qk_dim=cfg.gau_qk_dim, chunk_size=cfg.chunk_size, **common)
+    if cfg.mixer == "s4d":
+        return S4D(d_state=cfg.d_state, **common)
+    if cfg.mixer == "s5":
+        return S5(d_state=cfg.d_state, **common)
+    if cfg.mixer == "mamba":
+        return Mamba(d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, **common)
+    return Mamba2(d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, head_dim=cfg.ssm_head_dim,
+                  chunk_size=cfg.chunk_size, **common)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: mixer then feed-forward. Returns (x, state, aux)."""
+
+    cfg: LMConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids=None, state=None):
+        cfg = self.cfg
+        norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype, name=name)  # noqa: E731
+        h, state = make_mixer(cfg, name="mixer")(norm("mixer_norm")(x), positions, segment_ids, state)
+        x = x + checkpoint_name(h, "mixer_out")
+        y = norm("ffn_norm")(x)
+        if cfg.ffn == "moe":
+            f, aux = MoE(cfg.num_experts, cfg.top_k, cfg.expert_hidden, cfg.num_shared_experts, gate=cfg.moe_gate,
+                         dispatch=cfg.moe_dispatch, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                         name="moe")(y)
+        else:
+            f = FeedForward(cfg.ffn_hidden, cfg.ffn, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                            name="ffn")(y)
+            aux = {}
+        x = x + checkpoint_name(f, "ffn_out")
+        aux["residual_rms"] = jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
+        return x, state, aux
+
+
+@struct.dataclass
+class LMCache:
+    """Decoding state of :class:`LM`: one mixer state per layer and the stream position ``index``."""
+
+    layers: tuple
+    index: jax.Array
+
+
+class LM(nn.Module):
+    """Decoder-only LM: ``apply(params, tokens [B, L]) -> (logits [B, L, V] fp32, aux)``.
+
+    ``aux``: ``load_balance_loss``, ``router_z_loss`` (means over MoE layers; 0 without MoE),
+    ``aux_loss`` (their weighted sum, add it to the loss), ``expert_load`` [num_layers, E] (MoE) and
+    ``residual_rms`` [num_layers] (RMS of the residual stream after each block).
+    """
+
+    cfg: LMConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=embed_init, dtype=cfg.compute_dtype,
+                              param_dtype=cfg.params_dtype)
+        block = remat_module(Block, cfg.remat)
+        self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.num_layers)]
+        self.final_norm = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype)
+        if not cfg.tie_embeddings:
+            self.head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+                                 param_dtype=cfg.params_dtype)
+
+    def _check_tokens(self, tokens):
+        if getattr(tokens, "ndim", None) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be an int array [B, L], got {getattr(tokens, 'shape', tokens)}")
+        if tokens.shape[1] > self.cfg.max_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_len={self.cfg.max_len}")
+
+    def _run(self, tokens, positions, segment_ids, states):
+        # perturb: adds a zero "perturbations" variable when that collection is passed, so gradients with
+        # respect to the embedded inputs (e.g. causality checks) come from jax.grad on it.
+        x = self.perturb("embedded", self.embed(tokens))  # [B, L, d]
+        new_states, auxes = [], []
+        for i, block in enumerate(self.blocks):
+            x, state, aux = block(x, positions, segment_ids, None if states is None else states[i])
+            new_states.append(state)
+            auxes.append(aux)
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.head(x)
+        return logits.astype(jnp.float32), tuple(new_states), self._collect_aux(auxes)
+
+    def _collect_aux(self, auxes):
+        cfg = self.cfg
+        aux = {"residual_rms": jnp.stack([a["residual_rms"] for a in auxes])}
+        if cfg.ffn == "moe":
+            for name in ("load_balance_loss", "router_z_loss"):
+                aux[name] = jnp.mean(jnp.stack([a[name] for a in auxes]))
+            aux["expert_load"] = jnp.stack([a["expert_load"] for a in auxes])  # [num_layers, E]
+        else:
+            aux["load_balance_loss"] = aux["router_z_loss"] = jnp.zeros((), jnp.float32)
+        aux["aux_loss"] = cfg.load_balance_coef * aux["load_balance_loss"] + cfg.router_z_coef * aux["router_z_loss"]
+        return aux
+
+    def __call__(self, tokens, segment_ids=None, positions=None):
+        """tokens int [B, L]; segment_ids int [B, L] (packed documents); positions int [B, L]."""
+        self._check_tokens(tokens)
+        B, L = tokens.shape
+        if segment_ids is not None and segment_ids.shape != (B, L):
+            raise ValueError(f"segment_ids must have shape {(B, L)}, got {segment_ids.shape}")
+        if positions is None:
+            positions = default_positions(B, L, segment_ids)
+        elif positions.shape != (B, L):
+            raise ValueError(f"positions must have shape {(B, L)}, got {positions.shape}")
+        logits, _, aux = self._run(tokens, positions, segment_ids, None)
+        return logits, aux
+
+    def decode(self, tokens, cache: LMCache):
+        """Continue from ``cache`` with tokens [B, L] (a prompt chunk or one token): (logits, new cache)."""
+        self._check_tokens(tokens)
+        B, L = tokens.shape
+        positions = cache.index + jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+        logits, states, _ = self._run(tokens, positions, None, cache.layers)
+        return logits, LMCache(states, cache.index + L)
+
+    @nn.nowrap
+    def init_cache(self, batch: int, max_len: int | None = None) -> LMCache:
+        """An empty decoding state for ``batch`` rows of up to ``max_len`` (default cfg.max_len) tokens."""
+        cfg = self.cfg
+        max_len = cfg.max_len if max_len is None else max_len
+        if not 1 <= max_len <= cfg.max_len:
+            raise ValueError(f"max_len={max_len} must be in [1, cfg.max_len={cfg.max_len}]")
+        mixer = make_mixer(cfg, parent=None)
+        layers = tuple(mixer.init_state(batch, max_len, cfg.d_model) for _ in range(cfg.num_layers))
+        return LMCache(layers, jnp.zeros((), jnp.int32))
+
+
+# ---- losses -----------------------------------------------------------------------------------------
+def next_token_loss(logits, tokens, segment_ids=None):
+    """Mean cross-entropy of predicting ``tokens[:, t+1]`` from position t; targets across a segment
+    boundary (the first token of the next packed document) are excluded. Returns (loss, accuracy)."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)  # [B, L-1, V]
+    targets = tokens[:, 1:]
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, L-1]
+    mask = jnp.ones_like(nll) if segment_ids is None else (segment_ids[:, 1:] == segment_ids[:, :-1]).astype(nll.dtype)
+    denom = jnp.maximum(jnp.sum(mask), 1.0)
+    acc = jnp.sum((jnp.argmax(logp, axis=-1) == targets) * mask) / denom
+    return jnp.sum(nll * mask) / denom, acc
+
+
+def lm_loss(model: LM, params, tokens, segment_ids=None):
+    """Next-token cross-entropy plus the weighted auxiliary losses: (loss, metrics)."""
+    logits, aux = model.apply({"params": params}, tokens, segment_ids=segment_ids)
+    ce, acc = next_token_loss(logits, tokens, segment_ids)
+    loss = ce + aux["aux_loss"]
+    return loss, {"cross_entropy": ce, "accuracy": acc, "aux_loss": aux["aux_loss"]}
+
+
+# ---- sampling ---------------------------------------------------------------------------------------
+def _sample(logits, key, temperature, top_k: int | None, greedy: bool):
+    """One token per row from logits [B, V]: argmax when greedy, else softmax(logits / T) within top-k."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]  # [B, 1]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def _generate_fn(cfg: LMConfig, batch: int, prompt_len: int, max_new_tokens: int, top_k: int | None, greedy: bool):
+    model = LM(cfg)
+
+    def run(params, prompt, key, temperature):
+        cache = model.init_cache(batch, prompt_len + max_new_tokens)
+        logits, cache = model.apply({"params": params}, prompt, cache, method=LM.decode)  # prefill
+        first = _sample(logits[:, -1], jax.random.fold_in(key, 0), temperature, top_k, greedy)
+
+        def step(carry, i):
+            token, cache = carry
+            logits, cache = model.apply({"params": params}, token[:, None], cache, method=LM.decode)
+            nxt = _sample(logits[:, 0], jax.random.fold_in(key, i), temperature, top_k, greedy)
+            return (nxt, cache), token
+
+        (last, _), tokens = jax.lax.scan(step, (first, cache), jnp.arange(1, max_new_tokens))
+        return jnp.concatenate([prompt, tokens.T, last[:, None]], axis=1)
+
+    return jax.jit(run)
+
+
+def generate(model: LM, params, prompt, max_new_tokens: int, key, temperature: float = 1.0,
+             top_k: int | None = None):
+    """Sample ``max_new_tokens`` continuations of prompt [B, Lp]; returns [B, Lp + max_new_tokens].
+
+    Prefills the cache with the prompt in one call, then decodes one token per step in a jitted
+    ``lax.scan`` (constant memory per token for the recurrent mixers, a KV cache for attention).
+    ``temperature=0`` is greedy decoding; ``top_k`` keeps only the k most likely tokens.
+    """
+    cfg = model.cfg
+    if getattr(prompt, "ndim", None) != 2 or prompt.shape[1] < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise ValueError(f"prompt must be a non-empty int array [B, Lp], got {getattr(prompt, 'shape', prompt)}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
+    if prompt.shape[1] + max_new_tokens > cfg.max_len:
+        raise ValueError(f"prompt length {prompt.shape[1]} + {max_new_tokens=} exceeds max_len={cfg.max_len}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature={temperature!r} must be >= 0")
+    if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
+        raise ValueError(f"top_k={top_k!r} must be None or in [1, vocab_size={cfg.vocab_size}]")
+    fn = _generate_fn(cfg, prompt.shape[0], prompt.shape[1], max_new_tokens, top_k, temperature == 0)
+    return fn(params, jnp.asarray(prompt, jnp.int32), key, jnp.float32(max(temperature, 1e-6)))
