@@ -1,0 +1,199 @@
+"""The on-policy actor-critic loop shared by REINFORCE, A2C, PPO and TRPO.
+
+One update: roll the current stochastic policy out for ``num_steps`` steps in ``num_envs`` envs,
+evaluate the critic on both ends of every transition (one batched call), turn rewards into advantages
+and critic targets with the algorithm's estimator (GAE, n-step or Monte-Carlo returns, all
+bootstrapping from ``next_obs`` on truncation), then hand the ``Batch`` to the algorithm's ``learn``.
+The algorithm modules hold only their ``learn`` step and config.
+
+The actor and the critic are separate networks with parameters ``{"actor": ..., "critic": ...}``
+(TRPO steps the actor by natural gradient and the critic by Adam). Discrete actions use a
+categorical policy, continuous ones a diagonal Gaussian with a state-independent ``log_std``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxlab.rl import policies
+from jaxlab.rl.core import RLConfig, Train, require, step_key
+from jaxlab.rl.losses import normalize_advantages, policy_gradient_loss, value_loss
+from jaxlab.rl.networks import Critic, DiscreteActor, GaussianActor, apply_batched
+from jaxlab.rl.returns import gae, n_step_returns
+from jaxlab.rl.rollout import EnvCarry, Transition, env_reset, episode_metrics, rollout
+from jaxlab.rl.wrappers import ActionSpec, make_vec_env
+
+__all__ = ["ActorCritic", "Batch", "OnPolicyConfig", "OnPolicyState", "gae_estimator", "make_on_policy_train",
+           "minibatches", "n_step_estimator", "policy_gradient_learn"]
+
+
+@dataclasses.dataclass(frozen=True)
+class OnPolicyConfig(RLConfig):
+    """Rollout and advantage settings of the on-policy family."""
+
+    num_steps: int = 128
+    """Rollout length per environment per update."""
+    normalize_obs: bool = False
+    """Standardise observations with running statistics."""
+    normalize_reward: bool = False
+    """Scale rewards by the running std of the discounted return."""
+    log_std_init: float = 0.0
+    """Initial log standard deviation of the Gaussian policy (continuous actions)."""
+
+    def __post_init__(self):
+        require(self.num_steps >= 1, f"num_steps={self.num_steps} must be >= 1")
+        super().__post_init__()
+
+    @property
+    def steps_per_update(self) -> int:
+        return self.num_envs * self.num_steps
+
+
+@struct.dataclass
+class OnPolicyState:
+    params: Any          # {"actor": ..., "critic": ...}
+    opt_state: Any
+    env: EnvCarry
+    key: jax.Array       # base key; update i uses fold_in(key, i)
+    step: jax.Array      # updates done
+
+
+@struct.dataclass
+class Batch:
+    """What ``learn`` receives; leaves ``[T, E, ...]`` (flatten with ``minibatches``)."""
+
+    obs: jax.Array        # [T, E, *O]
+    action: jax.Array     # [T, E, *A]
+    log_prob: jax.Array   # [T, E] log pi_old(a|s) at collection
+    value: jax.Array      # [T, E] V_old(s)
+    advantage: jax.Array  # [T, E]
+    target: jax.Array     # [T, E] critic regression target (advantage + value for GAE)
+
+
+@dataclasses.dataclass(frozen=True)
+class ActorCritic:
+    """A policy network and a value network with the distribution that goes with the action space."""
+
+    spec: ActionSpec
+    actor: Any
+    critic: Any
+
+    @classmethod
+    def from_config(cls, cfg: OnPolicyConfig, spec: ActionSpec) -> ActorCritic:
+        if spec.kind == "discrete":
+            actor = DiscreteActor(spec.num_actions, cfg.hidden_sizes, cfg.activation)
+        else:
+            actor = GaussianActor(spec.dim, cfg.hidden_sizes, cfg.activation, log_std_init=cfg.log_std_init)
+        return cls(spec, actor, Critic(cfg.hidden_sizes, cfg.activation))
+
+    def init(self, key: jax.Array, obs: jax.Array) -> dict:
+        k_actor, k_critic = jax.random.split(key)
+        return {"actor": self.actor.init(k_actor, obs), "critic": self.critic.init(k_critic, obs)}
+
+    def policy(self, actor_params, obs: jax.Array):
+        """``pi(.|s)`` for ``obs [B, *O]`` as a distrax distribution over ``[B]`` or ``[B, A]`` actions."""
+        out = self.actor.apply(actor_params, obs)
+        if self.spec.kind == "discrete":
+            return policies.categorical(out)
+        mean, log_std = out
+        return policies.diag_gaussian(mean, log_std)
+
+    def value(self, critic_params, obs: jax.Array) -> jax.Array:
+        return self.critic.apply(critic_params, obs)
+
+
+def minibatches(tree: Any, key: jax.Array, num_minibatches: int) -> Any:
+    """Flatten ``[T, E, ...]`` leaves to ``[T*E]``, shuffle, and split into ``[num_minibatches, M, ...]``."""
+    n = jax.tree.leaves(tree)[0].shape[0] * jax.tree.leaves(tree)[0].shape[1]
+    perm = jax.random.permutation(key, n)
+    return jax.tree.map(
+        lambda x: x.reshape((n,) + x.shape[2:])[perm].reshape((num_minibatches, -1) + x.shape[2:]), tree)
+
+
+Estimator = Callable[[Transition, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+Learn = Callable[[Any, Any, Batch, jax.Array], tuple[Any, Any, dict[str, jax.Array]]]
+
+
+def gae_estimator(gamma: float, gae_lambda: float) -> Estimator:
+    """``(traj, values, next_values) -> (advantages, targets)`` by GAE(gamma, lambda)."""
+    return lambda traj, v, nv: gae(traj.reward, v, nv, traj.terminated, traj.truncated, gamma, gae_lambda)
+
+
+def n_step_estimator(gamma: float, n: int) -> Estimator:
+    """Advantages ``G^(n) - V`` and targets ``G^(n)`` from ``n``-step returns (``n >= num_steps``: Monte Carlo
+    to the episode's end, bootstrapped where the rollout or a time limit cuts it)."""
+
+    def estimate(traj, values, next_values):
+        returns = n_step_returns(traj.reward, next_values, traj.terminated, traj.truncated, gamma, n)
+        return returns - values, returns
+
+    return estimate
+
+
+def policy_gradient_learn(ac: ActorCritic, optimizer, *, ent_coef: float, vf_coef: float,
+                          normalize: bool) -> Learn:
+    """One gradient step on the whole batch of ``-E[log pi(a|s) A] + vf_coef L^V - ent_coef H``
+    (the actor-critic update of REINFORCE with baseline and A2C)."""
+
+    def loss_fn(params, batch: Batch):
+        batch = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)  # [T*E, ...]
+        dist = ac.policy(params["actor"], batch.obs)
+        advantages = normalize_advantages(batch.advantage) if normalize else batch.advantage
+        policy_loss = policy_gradient_loss(dist.log_prob(batch.action), advantages)
+        v_loss = value_loss(ac.value(params["critic"], batch.obs), batch.target)
+        entropy = jnp.mean(dist.entropy())
+        loss = policy_loss + vf_coef * v_loss - ent_coef * entropy
+        return loss, {"loss": loss, "policy_loss": policy_loss, "value_loss": v_loss, "entropy": entropy}
+
+    def learn(params, opt_state, batch: Batch, key):
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return jax.tree.map(jnp.add, params, updates), opt_state, metrics
+
+    return learn
+
+
+def make_on_policy_train(cfg: OnPolicyConfig, ac: ActorCritic, *, init_opt: Callable[[Any], Any], learn: Learn,
+                         estimator: Estimator) -> Train:
+    """Build the ``Train`` of an on-policy algorithm from its ``learn`` step.
+
+    Args:
+      ac: the networks (``ActorCritic.from_config(cfg, cfg.action_spec)``), shared with ``learn``.
+      init_opt: ``params -> opt_state``.
+      learn: ``(params, opt_state, batch, key) -> (params, opt_state, metrics)``.
+      estimator: advantages and targets from ``(traj, values [T, E], next_values [T, E])``
+        (``gae_estimator`` or ``n_step_estimator``).
+    """
+    env, env_params = make_vec_env(cfg.env_id, cfg.num_envs, normalize_obs=cfg.normalize_obs,
+                                   normalize_reward=cfg.normalize_reward, gamma=cfg.gamma)
+
+    def init(key: jax.Array) -> OnPolicyState:
+        k_env, k_net, k_updates = jax.random.split(key, 3)
+        carry = env_reset(env, env_params, k_env)
+        params = ac.init(k_net, carry.obs)
+        return OnPolicyState(params, init_opt(params), carry, k_updates, jnp.zeros((), jnp.int32))
+
+    def update(state: OnPolicyState):
+        k_rollout, k_learn = jax.random.split(step_key(state))
+
+        def policy(obs, key):
+            action, log_prob = ac.policy(state.params["actor"], obs).sample_and_log_prob(seed=key)
+            return action, {"log_prob": log_prob}
+
+        carry, traj = rollout(env, env_params, state.env, policy, k_rollout, cfg.num_steps)  # [T, E, ...]
+        both = jnp.concatenate([traj.obs, traj.next_obs], axis=0)  # [2T, E, *O]: one critic call
+        values, next_values = jnp.split(apply_batched(lambda o: ac.value(state.params["critic"], o), both, 2), 2)
+        advantages, targets = estimator(traj, values, next_values)
+        batch = Batch(traj.obs, traj.action, traj.extras["log_prob"], values, advantages, targets)
+        params, opt_state, learn_metrics = learn(state.params, state.opt_state, batch, k_learn)
+        step = state.step + 1
+        metrics = {**episode_metrics(traj), "env_steps": step * cfg.steps_per_update, **learn_metrics}
+        return OnPolicyState(params, opt_state, carry, state.key, step), metrics
+
+    return Train(init=init, update=update, num_updates=cfg.num_updates, config=cfg)
