@@ -211,7 +211,8 @@ def check_attention_args(q, k, v, *, causal, segment_ids, window, softcap, scale
     if min(Lq, Lk, Hq, Hkv, D) < 1:
         raise ValueError(f"q and k must have non-empty axes {where}, got {q.shape=}, {k.shape=}")
     if Hq % Hkv != 0:
-        raise ValueError(f"query heads must be a multiple of key/value heads {where}, got Hq={Hq}, Hkv={Hkv}")
+        raise ValueError(f"q's head count Hq={Hq} must be a multiple of key/value heads Hkv={Hkv} {where}, "
+                         f"got {q.shape=}, {k.shape=}")
     if not isinstance(causal, (bool, np.bool_)):
         raise ValueError(f"causal must be a bool {where}, got causal={causal!r}")
     if window is not None:
