@@ -183,7 +183,9 @@ def deep_q_learning(key: jax.Array, env: Any, config: DQNConfig) -> DQNResult:
     return _deep_q_learning(key, env, config)
 
 
-@partial(jax.jit, static_argnames=("env", "config"))
+# XLA:CPU spends about 8 s optimising this program and 3 s at backend optimisation level 0, which
+# costs the (sub-second) run under 2x: compile time dominates at grid-world sizes.
+@partial(jax.jit, static_argnames=("env", "config"), compiler_options={"xla_backend_optimization_level": 0})
 def _deep_q_learning(key, env, config):
     net = QNetwork(config.hidden, env.num_actions)
     params_env = env.default_params
