@@ -86,11 +86,10 @@ def test_q_learning_targets():
 
 def _network_outputs(key):
     obs = jnp.zeros((5, 4))
-    img = jnp.zeros((5, 10, 10, 4), bool)  # MinAtar-like observations take the CNN torso
     critic, qnet = Critic((8,)), QNetwork(3, (8,))
     actor = GaussianActor(2, (8,), state_dependent_std=True)
     q = ContinuousQ(2, (8,))
-    return (critic.apply(critic.init(key, obs), obs), qnet.apply(qnet.init(key, img), img),
+    return (critic.apply(critic.init(key, obs), obs), qnet.apply(qnet.init(key, obs), obs),
             actor.apply(actor.init(key, obs), obs),
             q.apply(q.init(key, obs, jnp.zeros((5, 2))), obs + 1, jnp.ones((5, 2))))
 
@@ -110,5 +109,6 @@ def test_conjugate_gradient_solves_spd_system():
     m = rng.normal(size=(12, 12))
     A = m @ m.T + 0.5 * np.eye(12)
     b = rng.normal(size=12)
-    x = _run(lambda b: conjugate_gradient(lambda v: jnp.asarray(A, jnp.float32) @ v, b, 40), jnp.asarray(b, jnp.float32))
+    x = _run(lambda b: conjugate_gradient(lambda v: jnp.asarray(A, jnp.float32) @ v, b, 40),
+             jnp.asarray(b, jnp.float32))
     np.testing.assert_allclose(x, np.linalg.solve(A, b), rtol=1e-3, atol=1e-3)

@@ -6,6 +6,14 @@ import numpy as np
 import pytest
 
 from jaxlab.rl.rollout import env_reset, episode_metrics, rollout
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def _rollout(env, params, policy, key, num_steps):
+    """A jitted rollout from reset, compiled without backend optimisation (compile time dominates)."""
+    fn = jax.jit(lambda k: rollout(env, params, env_reset(env, params, k), policy, k, num_steps))
+    return fn.lower(key).compile(FAST_COMPILE)(key)
 from jaxlab.rl.wrappers import (ActionSpec, RunningMeanStd, check_action_space, make_env, make_vec_env, normalize,
                                 update_running_mean_std)
 
@@ -44,7 +52,7 @@ def test_truncation_is_flagged_with_the_pre_reset_observation(key):
     """TimeLimitBandit-probe never terminates and is cut after 5 steps: truncated (not terminated) every 5th
     step, next_obs is the observation before auto-reset, and returns are tallied by the statistics wrapper."""
     env, params = make_vec_env("TimeLimitBandit-probe", num_envs=3)
-    carry, traj = jax.jit(lambda k: rollout(env, params, env_reset(env, params, k), _constant_policy(0), k, 12))(key)
+    carry, traj = _rollout(env, params, _constant_policy(0), key, 12)
     assert traj.obs.shape == (12, 3, 2)
     expected = (np.arange(12) % 5 == 4)[:, None].repeat(3, 1)
     np.testing.assert_array_equal(traj.truncated, expected)
@@ -69,7 +77,7 @@ def test_truncation_is_flagged_with_the_pre_reset_observation(key):
 def test_cartpole_rollout_transitions_chain(key):
     """next_obs[t] == obs[t+1] except where the episode ended; there it is the terminal observation."""
     env, params = make_vec_env("CartPole-v1", num_envs=3)
-    _, traj = jax.jit(lambda k: rollout(env, params, env_reset(env, params, k), _constant_policy(1), k, 40))(key)
+    _, traj = _rollout(env, params, _constant_policy(1), key, 40)
     done = np.asarray(traj.done)
     assert done.any() and not np.asarray(traj.truncated).any()  # always pushing right falls over early
     same = np.all(np.isclose(traj.next_obs[:-1], traj.obs[1:]), axis=-1)
@@ -81,7 +89,7 @@ def test_cartpole_rollout_transitions_chain(key):
 def test_normalisation_wrappers(key):
     env, params = make_vec_env("Pendulum-v1", num_envs=16, normalize_obs=True, normalize_reward=True, gamma=0.9)
     policy = lambda obs, k: (jax.random.uniform(k, (16, 1), minval=-2, maxval=2), {})  # noqa: E731
-    _, traj = jax.jit(lambda k: rollout(env, params, env_reset(env, params, k), policy, k, 300))(key)
+    _, traj = _rollout(env, params, policy, key, 300)
     obs = np.asarray(traj.obs[100:]).reshape(-1, 3)
     assert np.all(np.abs(obs.mean(0)) < 0.3) and np.all(np.abs(obs.std(0) - 1) < 0.3)
     # Rewards are scaled (Pendulum's raw rewards lie in [-16.3, 0]) but returns are reported raw.

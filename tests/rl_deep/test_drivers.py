@@ -1,0 +1,97 @@
+"""The ``jaxlab train rl`` trainer (chunked jit, JSONL, orbax checkpoints, exact resume, plot) and the
+``rl-classic-control`` and ``rl-throughput`` experiments at tiny sizes."""
+
+import dataclasses
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlab.context import RunContext
+from jaxlab.experiments.rl_classic_control import ClassicControlConfig, rl_classic_control
+from jaxlab.experiments.rl_throughput import ThroughputConfig, rl_throughput
+from jaxlab.experiments.rl_train import RLTrainConfig, algorithm_config, final_return, train_rl
+from jaxlab.metrics import MetricsWriter, to_jsonable
+from jaxlab.registry import get_experiment, get_trainer
+
+
+def _rows(path):
+    return [{k: v for k, v in r.items() if k != "time"} for r in MetricsWriter.read(path)]
+
+
+def test_trainer_learns_checkpoints_and_resumes_exactly(tmp_path):
+    """A2C on the time-limited bandit (its probe test), two seeds in one program, two chunks. Deleting the
+    last checkpoint and running the same command again resumes from the first chunk and reproduces the run
+    exactly."""
+    cfg = RLTrainConfig(algo="a2c", env="TimeLimitBandit-probe", seeds=2, total_timesteps=8_000, chunks=2,
+                        hparams=("num_envs=16", "num_steps=5", "learning_rate=1e-2", "gamma=0.9",
+                                 "hidden_sizes=(32,)"), progress=False, fast_compile=True)
+    assert get_trainer("rl").config_cls is RLTrainConfig
+    summary = train_rl(cfg, tmp_path)
+    assert summary["updates"] == 100 and summary["env_steps"] == 8_000 and summary["resumed_from_update"] == 0
+    assert np.all(np.asarray(summary["final_return_seeds"]) > 4.6), summary  # out of 5; context-blind: 2.5
+    rows = _rows(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 101))
+    assert rows[-1]["env_steps"] == 8_000 and len(rows[-1]["episode_return_seeds"]) == 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["100", "50"]
+    assert (tmp_path / "learning_curve.png").stat().st_size > 0
+
+    shutil.rmtree(tmp_path / "checkpoints" / "100")  # as if killed during the second chunk
+    resumed = train_rl(cfg, tmp_path)  # reuses the compiled chunk (same config and shapes)
+    assert resumed["resumed_from_update"] == 50
+    assert _rows(tmp_path / "metrics.jsonl") == rows  # same numbers, no duplicated lines
+    np.testing.assert_array_equal(resumed["final_return_seeds"], summary["final_return_seeds"])
+
+    with pytest.raises(ValueError, match="holds a different run"):
+        train_rl(dataclasses.replace(cfg, seed=1), tmp_path)
+
+
+def test_trainer_and_experiment_configs_reject_bad_input():
+    with pytest.raises(ValueError, match="algo='dqm' must be one of"):
+        RLTrainConfig(algo="dqm")
+    with pytest.raises(ValueError, match="DDPG needs a continuous action space"):
+        RLTrainConfig(algo="ddpg", env="CartPole-v1")
+    with pytest.raises(ValueError, match="PPOConfig has no field 'lr'"):
+        RLTrainConfig(hparams=("lr=1e-3",))
+    with pytest.raises(ValueError, match="num_envs must be a int"):
+        RLTrainConfig(hparams=("num_envs=2.5",))
+    with pytest.raises(ValueError, match="seeds=0"):
+        RLTrainConfig(seeds=0)
+    with pytest.raises(ValueError, match="DQN needs a discrete action space"):
+        ClassicControlConfig(runs=("dqn/Pendulum-v1",))
+    with pytest.raises(ValueError, match="must be ALGO/ENV"):
+        ClassicControlConfig(runs=("ppo/MountainCar-v0",))
+    with pytest.raises(ValueError, match="num_envs=\\(\\)"):
+        ThroughputConfig(num_envs=())
+    cfg = algorithm_config("sac", "Pendulum-v1", 5_000, ("autotune_alpha=false", "hidden_sizes=(8, 8)"))
+    assert cfg.total_timesteps == 5_000 and cfg.autotune_alpha is False and cfg.hidden_sizes == (8, 8)
+    np.testing.assert_allclose(final_return(np.array([[np.nan, 1.0, 3.0], [np.nan] * 3]), 0.5), [2.0, np.nan])
+
+
+# The two experiment smoke tests train the same PPO config (CartPole, 4 envs, 2 updates, one seed): the
+# second reuses the first's compiled program (``train_in_chunks`` keeps it).
+
+def test_classic_control_experiment_smoke(tmp_path):
+    assert get_experiment("rl-classic-control").quick.seeds >= 2
+    cfg = ClassicControlConfig(runs=("ppo/CartPole-v1",), seeds=1, timesteps_fraction=1_024 / 500_000, chunks=1,
+                               fast_compile=True)
+    result = rl_classic_control(cfg, RunContext("rl-classic-control", tmp_path, quick=True, show_progress=False))
+    run = result.metrics["runs"]["ppo/CartPole-v1"]
+    assert run["env_steps"] == 1_024 and run["seeds"] == 1 and run["target"] == 475.0
+    assert np.all(np.asarray(run["final_return_seeds"]) >= 8.0)  # CartPole episodes last at least 8 steps
+    assert run["compile_s"] > 0 and run["steps_per_s"] > 0 and len(run["curve_env_steps"]) == 2
+    assert len(result.comparisons) == 1 and "target >= 475" in result.comparisons[0].quantity
+    json.dumps(to_jsonable(result.metrics))
+    assert (tmp_path / "rl-classic-control.png").stat().st_size > 0
+
+
+def test_throughput_experiment_smoke(tmp_path):
+    cfg = ThroughputConfig(num_envs=(4,), seeds=(1,), env_steps=1_024, repeats=2, fast_compile=True)
+    result = rl_throughput(cfg, RunContext("rl-throughput", tmp_path, quick=True, show_progress=False))
+    (point,) = result.metrics["points"]
+    assert point["num_envs"] == 4 and point["seeds"] == 1 and point["env_steps"] == 1_024
+    assert point["steps_per_s"] > 0 and result.metrics["backend"] == jax.default_backend()
+    json.dumps(to_jsonable(result.metrics))
+    assert (tmp_path / "rl-throughput.png").stat().st_size > 0
