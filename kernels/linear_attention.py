@@ -32,6 +32,7 @@ from jaxlab.kernels.scan import linear_recurrence, resets_from_segment_ids
 
 __all__ = [
     "LinearAttentionState",
+    "auto_method",
     "causal_decay_attention",
     "elu_plus_one",
     "favor_features",
@@ -56,8 +57,11 @@ class LinearAttentionState(NamedTuple):
     z: jax.Array | None
 
 
-def _auto_method(L: int) -> str:
-    """Measured on CPU (benchmarks/scans.py): the quadratic form wins on short sequences, chunks beyond."""
+def auto_method(L: int, backend: str | None = None) -> str:
+    """The method ``method="auto"`` runs at length ``L`` (``backend`` is accepted for symmetry with
+    ``scan.auto_method``: measured on CPU (benchmarks/scans.py) the chunked form is the fastest causal form
+    from L = 1024 on, and the quadratic one only wins on short sequences; the same split suits GPUs)."""
+    del backend
     return "parallel" if L <= 256 else "chunked"
 
 
@@ -75,44 +79,47 @@ def _chunked(q, k, v, log_a, h0, reset, C):
         q, k, v, log_a = (jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in (q, k, v, log_a))
         reset = None if reset is None else jnp.pad(reset, ((0, 0), (0, pad)))
     nc = (L + pad) // C
-    q = q.reshape(B, nc, C, G, N)
-    k = k.reshape(B, nc, C, G, N)
-    v = v.reshape(B, nc, C, G, R, P)
-    cs = jnp.cumsum(log_a.reshape(B, nc, C, G, R), axis=2)  # log decay from chunk start through token i
-    cs_last = cs[:, :, -1]  # [B, nc, G, R]
+    # Head-major layout: the batched matmuls below then have their batch axes leading (much faster on CPU).
+    q = q.reshape(B, nc, C, G, N).transpose(0, 3, 1, 2, 4)  # [B, G, nc, C, N]
+    k = k.reshape(B, nc, C, G, N).transpose(0, 3, 1, 2, 4)
+    v = v.reshape(B, nc, C, G, R, P).transpose(0, 3, 4, 1, 2, 5)  # [B, G, R, nc, C, P]
+    cs = jnp.cumsum(log_a.reshape(B, nc, C, G, R).transpose(0, 3, 4, 1, 2), axis=-1)  # [B, G, R, nc, C]
+    cs_last = cs[..., -1]  # [B, G, R, nc], log decay over the whole chunk
 
     # Segments: seg[i] counts resets in the chunk up to i; 0 means "continues the previous chunk's segment".
     causal = jnp.tril(jnp.ones((C, C), bool))
     if reset is None:
         same_seg, carry_in, to_end, chunk_open = causal, 1.0, 1.0, 1.0
     else:
-        seg = jnp.cumsum(reset.reshape(B, nc, C), axis=2)  # [B, nc, C]
-        same_seg = causal & (seg[:, :, :, None] == seg[:, :, None, :])[:, :, None, None]  # [B, nc, 1, 1, C, C]
-        carry_in = (seg == 0)[..., None, None]  # [B, nc, C, 1, 1]
-        to_end = (seg == seg[:, :, -1:])[..., None, None]
-        chunk_open = (seg[:, :, -1] == 0)[..., None, None]  # [B, nc, 1, 1]
+        seg = jnp.cumsum(reset.reshape(B, 1, 1, nc, C), axis=-1)  # [B, 1, 1, nc, C]
+        same_seg = causal & (seg[..., :, None] == seg[..., None, :])  # [B, 1, 1, nc, C, C]
+        carry_in = seg == 0
+        to_end = seg == seg[..., -1:]
+        chunk_open = seg[..., -1] == 0  # [B, 1, 1, nc]
 
     # 1. Inside chunks: (q_i . k_j) exp(cs_i - cs_j) for j <= i in the same segment.
-    cs_t = jnp.moveaxis(cs, 2, -1)  # [B, nc, G, R, C]
-    decay = jnp.exp(jnp.where(same_seg, cs_t[..., :, None] - cs_t[..., None, :], -jnp.inf))  # [B,nc,G,R,C,C]
-    scores = jnp.einsum("bcign,bcjgn->bcgij", q, k)  # [B, nc, G, C, C]
-    o = jnp.einsum("bcgrij,bcjgrp->bcigrp", scores[:, :, :, None] * decay, v)  # [B, nc, C, G, R, P]
+    decay = jnp.exp(jnp.where(same_seg, cs[..., :, None] - cs[..., None, :], -jnp.inf))  # [B, G, R, nc, C, C]
+    scores = jnp.einsum("bgcin,bgcjn->bgcij", q, k)  # [B, G, nc, C, C]
+    o = jnp.einsum("bgrcij,bgrcjp->bgrcip", scores[:, :, None] * decay, v)  # [B, G, R, nc, C, P]
 
     # 2. Each chunk's contribution to the state at its end.
-    w_end = jnp.exp(cs_last[:, :, None] - cs) * to_end  # [B, nc, C, G, R]
-    states = jnp.einsum("bcjgn,bcjgrp->bcgrnp", k, w_end[..., None] * v)  # [B, nc, G, R, N, P]
+    w_end = jnp.exp(cs_last[..., None] - cs) * to_end  # [B, G, R, nc, C]
+    states = jnp.einsum("bgcjn,bgrcjp->bgrcnp", k, w_end[..., None] * v)  # [B, G, R, nc, N, P]
 
-    # 3. State passing across chunks: h_c = exp(cs_last_c) h_{c-1} + states_c (cut at segment starts).
-    a = (jnp.exp(cs_last) * chunk_open)[..., None, None]  # [B, nc, G, R, 1, 1]
-    h0 = h0.reshape(B, G, R, N, P)
-    h_end = linear_recurrence(a, states, h0)  # [B, nc, G, R, N, P]
-    h_in = jnp.concatenate([h0[:, None], h_end[:, :-1]], axis=1)
+    # 3. State passing across chunks: h_c = exp(cs_last_c) h_{c-1} + states_c (cut at segment starts), run as
+    #    one recurrence along the chunk axis per (batch, head). Only L / C steps of a large state: the parallel
+    #    scan measured faster here than a sequential one even on CPU (benchmarks/scans.py).
+    a = jnp.broadcast_to(jnp.exp(cs_last) * chunk_open, (B, G, R, nc)).reshape(B * H, nc, 1, 1)
+    h_end = linear_recurrence(a, states.reshape(B * H, nc, N, P), h0.reshape(B * H, N, P),
+                              method="associative")  # [B H, nc, N, P]
+    h_end = h_end.reshape(B, G, R, nc, N, P)
+    h_in = jnp.concatenate([h0.reshape(B, G, R, 1, N, P), h_end[:, :, :, :-1]], axis=3)  # state entering chunk
 
     # 4. Each token reads the state entering its chunk, decayed to its position.
-    w_in = jnp.exp(cs) * carry_in  # [B, nc, C, G, R]
-    o = o + w_in[..., None] * jnp.einsum("bcign,bcgrnp->bcigrp", q, h_in)
-    o = o.reshape(B, nc * C, H, P)[:, :L]
-    return o, h_end[:, -1].reshape(B, H, N, P)
+    w_in = jnp.exp(cs) * carry_in  # [B, G, R, nc, C]
+    o = o + w_in[..., None] * jnp.einsum("bgcin,bgrcnp->bgrcip", q, h_in)
+    o = o.transpose(0, 3, 4, 1, 2, 5).reshape(B, nc * C, H, P)[:, :L]  # [B, L, H, P]
+    return o, h_end[:, :, :, -1].reshape(B, H, N, P)
 
 
 def _recurrent(q, k, v, log_a, h0, reset):
@@ -226,7 +233,7 @@ def linear_attention(q, k, v, *, causal=True, decay=None, normalize=True, eps=1e
     B, L, H, Dk = q.shape
     Dv = v.shape[-1]
     if method == "auto":
-        method = _auto_method(L)
+        method = auto_method(L)
     if method == "parallel":
         return linear_attention_reference(q, k, v, causal=causal, decay=decay, normalize=normalize, eps=eps,
                                           segment_ids=segment_ids, initial_state=initial_state,
