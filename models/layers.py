@@ -4,7 +4,8 @@
 * :func:`apply_rope`: rotary position embedding (Su et al. 2021, RoFormer, eq. 34) in the
   rotate-half layout: channel ``i < D/2`` is paired with channel ``i + D/2``.
 * :func:`sinusoidal_positions`: the fixed encodings of "Attention Is All You Need" (Vaswani et al. 2017, §3.5).
-* :class:`FeedForward`: SwiGLU ``W_down (silu(x W_gate) * x W_up)`` (Shazeer 2020) or the GELU MLP.
+* :class:`FeedForward`: SwiGLU ``W_down (silu(x W_gate) * x W_up)`` (Shazeer 2020), or the GELU / ReLU
+  MLP (ReLU: the original Transformer's ``max(0, x W_1 + b_1) W_2 + b_2``, Vaswani et al. 2017 eq. 2).
 * :func:`positions_from_segments` / :func:`segment_starts`: what packed rows of documents need.
 
 Everything here is shape-polymorphic in the leading axes; the axis vocabulary is B batch, L length,
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-FFN_KINDS = ("swiglu", "gelu")
+FFN_KINDS = ("swiglu", "gelu", "relu")
 
 embed_init = nn.initializers.normal(stddev=0.02)
 
@@ -117,7 +118,7 @@ def sinusoidal_positions(positions, d_model: int, max_timescale: float = 10000.0
 
 # ---- feed-forward ---------------------------------------------------------------------------------
 class FeedForward(nn.Module):
-    """Position-wise feed-forward: ``"swiglu"`` (gate, up, down) or ``"gelu"`` (up, down).
+    """Position-wise feed-forward: ``"swiglu"`` (gate, up, down), ``"gelu"`` or ``"relu"`` (up, down).
 
     x [..., d_model] -> [..., d_model]; the hidden activation is tagged ``"ffn_hidden"`` for remat.
     """
@@ -137,7 +138,9 @@ class FeedForward(nn.Module):
                                          param_dtype=self.param_dtype, kernel_init=self.kernel_init, name=name)
         if self.kind == "swiglu":
             h = nn.silu(dense(self.d_ff, "gate")(x)) * dense(self.d_ff, "up")(x)  # [..., d_ff]
-        else:
+        elif self.kind == "gelu":
             h = nn.gelu(dense(self.d_ff, "up")(x), approximate=False)
+        else:
+            h = nn.relu(dense(self.d_ff, "up")(x))
         h = checkpoint_name(h, "ffn_hidden")
         return dense(x.shape[-1], "down")(h)

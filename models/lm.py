@@ -11,7 +11,8 @@ Every mixer has one interface, ``mixer(x, positions, segment_ids, state) -> (y, 
 continues from it and returns the new state (KV cache for attention, recurrent state for the linear
 mixers and SSMs), which is how :func:`generate` decodes. ``segment_ids`` make a packed row behave
 like separate documents: attention masks across segments, recurrent mixers reset their state at
-segment starts, and positions restart at 0 in each segment unless given.
+segment starts, and positions restart at 0 in each segment unless given. ``mixer_pattern`` builds
+hybrid stacks (a different mixer per layer, e.g. Mamba layers with an attention layer every fourth).
 
     cfg = LMConfig(vocab_size=256, d_model=128, num_layers=2, num_heads=4, mixer="mamba2")
     model = LM(cfg)
@@ -56,6 +57,9 @@ class LMConfig:
     num_kv_heads: int | None = None
     """Key/value heads of attention (None: num_heads, MHA; 1: MQA; otherwise GQA)."""
     mixer: str = "attention"
+    mixer_pattern: tuple[str, ...] | None = None
+    """Hybrid stacks: layer i uses ``mixer_pattern[i % len(mixer_pattern)]`` (e.g. Jamba-style
+    ``("mamba", "mamba", "mamba", "attention")``); None: ``mixer`` in every layer."""
     ffn: str = "swiglu"
     num_experts: int = 8
     num_shared_experts: int = 1
@@ -115,13 +119,17 @@ class LMConfig:
             raise ValueError(f"num_shared_experts={self.num_shared_experts} must be >= 0")
         if self.mixer not in MIXERS:
             raise ValueError(f"mixer={self.mixer!r} must be one of {MIXERS}")
+        if self.mixer_pattern is not None and (not isinstance(self.mixer_pattern, tuple) or not self.mixer_pattern
+                                               or any(m not in MIXERS for m in self.mixer_pattern)):
+            raise ValueError(f"mixer_pattern={self.mixer_pattern!r} must be None or a non-empty tuple of {MIXERS}")
         if self.ffn not in FFNS:
             raise ValueError(f"ffn={self.ffn!r} must be one of {FFNS}")
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
         if self.num_heads % self.kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
-        if self.mixer in ("attention", "sliding", "linear") and self.head_dim % 2:
+        mixers = set(self.layer_mixers)
+        if mixers & {"attention", "sliding", "linear"} and self.head_dim % 2:
             raise ValueError(f"head dim d_model // num_heads = {self.head_dim} must be even for rotary "
                              f"embeddings ({self.d_model=}, {self.num_heads=})")
         if self.top_k > self.num_experts:
@@ -132,7 +140,7 @@ class LMConfig:
             raise ValueError(f"moe_dispatch={self.moe_dispatch!r} must be 'ragged' or 'dense'")
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map={self.feature_map!r} must be one of {FEATURE_MAPS}")
-        if self.mixer == "mamba2" and (self.expand * self.d_model) % self.ssm_head_dim:
+        if "mamba2" in mixers and (self.expand * self.d_model) % self.ssm_head_dim:
             raise ValueError(f"expand * d_model = {self.expand * self.d_model} must be divisible by "
                              f"ssm_head_dim={self.ssm_head_dim} ({self.expand=}, {self.d_model=})")
         if self.attention_impl not in IMPLEMENTATIONS:
@@ -144,6 +152,12 @@ class LMConfig:
         resolve_dtype(self.param_dtype, "param_dtype")
 
     # ---- derived values -------------------------------------------------------------------------
+    @property
+    def layer_mixers(self) -> tuple[str, ...]:
+        """The mixer of every layer."""
+        pattern = self.mixer_pattern or (self.mixer,)
+        return tuple(pattern[i % len(pattern)] for i in range(self.num_layers))
+
     @property
     def kv_heads(self) -> int:
         return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
@@ -175,23 +189,27 @@ class LMConfig:
         return resolve_dtype(self.param_dtype, "param_dtype")
 
 
-def make_mixer(cfg: LMConfig, **kwargs) -> nn.Module:
-    """The token mixer ``cfg.mixer`` as an (unbound) module; ``kwargs`` go to the constructor (name, parent)."""
+def make_mixer(cfg: LMConfig, mixer: str | None = None, **kwargs) -> nn.Module:
+    """The token mixer ``mixer`` (default ``cfg.mixer``) as an (unbound) module configured from ``cfg``;
+    ``kwargs`` go to the constructor (name, parent)."""
+    mixer = cfg.mixer if mixer is None else mixer
+    if mixer not in MIXERS:
+        raise ValueError(f"mixer={mixer!r} must be one of {MIXERS}")
     common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, **kwargs)
-    if cfg.mixer in ("attention", "sliding"):
+    if mixer in ("attention", "sliding"):
         return Attention(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, causal=True,
-                         window=cfg.window if cfg.mixer == "sliding" else None, rope_base=cfg.rope_base,
+                         window=cfg.window if mixer == "sliding" else None, rope_base=cfg.rope_base,
                          qk_norm=cfg.qk_norm, impl=cfg.attention_impl, norm_eps=cfg.norm_eps, **common)
-    if cfg.mixer == "linear":
+    if mixer == "linear":
         return LinearAttention(num_heads=cfg.num_heads, feature_map=cfg.feature_map, num_features=cfg.num_features,
                                **common)
-    if cfg.mixer == "gau":
+    if mixer == "gau":
         return GAU(expand=cfg.expand, qk_dim=cfg.gau_qk_dim, chunk_size=cfg.chunk_size, **common)
-    if cfg.mixer == "s4d":
+    if mixer == "s4d":
         return S4D(d_state=cfg.d_state, **common)
-    if cfg.mixer == "s5":
+    if mixer == "s5":
         return S5(d_state=cfg.d_state, **common)
-    if cfg.mixer == "mamba":
+    if mixer == "mamba":
         return Mamba(d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, **common)
     return Mamba2(d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, head_dim=cfg.ssm_head_dim,
                   chunk_size=cfg.chunk_size, **common)
@@ -201,12 +219,13 @@ class Block(nn.Module):
     """Pre-norm residual block: mixer then feed-forward. Returns (x, state, aux)."""
 
     cfg: LMConfig
+    mixer: str
 
     @nn.compact
     def __call__(self, x, positions, segment_ids=None, state=None):
         cfg = self.cfg
         norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype, name=name)  # noqa: E731
-        h, state = make_mixer(cfg, name="mixer")(norm("mixer_norm")(x), positions, segment_ids, state)
+        h, state = make_mixer(cfg, self.mixer, name="mixer")(norm("mixer_norm")(x), positions, segment_ids, state)
         x = x + checkpoint_name(h, "mixer_out")
         y = norm("ffn_norm")(x)
         if cfg.ffn == "moe":
@@ -245,7 +264,7 @@ class LM(nn.Module):
         self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=embed_init, dtype=cfg.compute_dtype,
                               param_dtype=cfg.params_dtype)
         block = remat_module(Block, cfg.remat)
-        self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.num_layers)]
+        self.blocks = [block(cfg, mixer, name=f"block_{i}") for i, mixer in enumerate(cfg.layer_mixers)]
         self.final_norm = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype)
         if not cfg.tie_embeddings:
             self.head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
@@ -310,8 +329,8 @@ class LM(nn.Module):
         max_len = cfg.max_len if max_len is None else max_len
         if not 1 <= max_len <= cfg.max_len:
             raise ValueError(f"max_len={max_len} must be in [1, cfg.max_len={cfg.max_len}]")
-        mixer = make_mixer(cfg, parent=None)
-        layers = tuple(mixer.init_state(batch, max_len, cfg.d_model) for _ in range(cfg.num_layers))
+        layers = tuple(make_mixer(cfg, mixer, parent=None).init_state(batch, max_len, cfg.d_model)
+                       for mixer in cfg.layer_mixers)
         return LMCache(layers, jnp.zeros((), jnp.int32))
 
 
@@ -337,30 +356,32 @@ def lm_loss(model: LM, params, tokens, segment_ids=None):
 
 
 # ---- sampling ---------------------------------------------------------------------------------------
-def _sample(logits, key, temperature, top_k: int | None, greedy: bool):
-    """One token per row from logits [B, V]: argmax when greedy, else softmax(logits / T) within top-k."""
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
+def _sample(logits, key, temperature, top_k: int | None):
+    """One token per row from logits [B, V]: softmax(logits / T) within the top k, argmax when T = 0."""
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
     if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]  # [B, 1]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+        kth = jax.lax.top_k(scaled, top_k)[0][..., -1:]  # [B, 1]
+        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+    sampled = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
 
 
 @functools.lru_cache(maxsize=64)
-def _generate_fn(cfg: LMConfig, batch: int, prompt_len: int, max_new_tokens: int, top_k: int | None, greedy: bool):
+def _generate_fn(cfg: LMConfig, batch: int, prompt_len: int, max_new_tokens: int, top_k: int | None):
+    """The jitted sampler for one shape; temperature is a traced argument (0 = greedy, no recompile)."""
     model = LM(cfg)
 
     def run(params, prompt, key, temperature):
         cache = model.init_cache(batch, prompt_len + max_new_tokens)
         logits, cache = model.apply({"params": params}, prompt, cache, method=LM.decode)  # prefill
-        first = _sample(logits[:, -1], jax.random.fold_in(key, 0), temperature, top_k, greedy)
+        first = _sample(logits[:, -1], jax.random.fold_in(key, 0), temperature, top_k)
 
         def step(carry, i):
             token, cache = carry
             logits, cache = model.apply({"params": params}, token[:, None], cache, method=LM.decode)
-            nxt = _sample(logits[:, 0], jax.random.fold_in(key, i), temperature, top_k, greedy)
+            nxt = _sample(logits[:, 0], jax.random.fold_in(key, i), temperature, top_k)
             return (nxt, cache), token
 
         (last, _), tokens = jax.lax.scan(step, (first, cache), jnp.arange(1, max_new_tokens))
@@ -388,5 +409,5 @@ def generate(model: LM, params, prompt, max_new_tokens: int, key, temperature: f
         raise ValueError(f"temperature={temperature!r} must be >= 0")
     if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
         raise ValueError(f"top_k={top_k!r} must be None or in [1, vocab_size={cfg.vocab_size}]")
-    fn = _generate_fn(cfg, prompt.shape[0], prompt.shape[1], max_new_tokens, top_k, temperature == 0)
-    return fn(params, jnp.asarray(prompt, jnp.int32), key, jnp.float32(max(temperature, 1e-6)))
+    fn = _generate_fn(cfg, prompt.shape[0], prompt.shape[1], max_new_tokens, top_k)
+    return fn(params, jnp.asarray(prompt, jnp.int32), key, jnp.float32(temperature))
