@@ -1,0 +1,98 @@
+"""``induction-heads``: the Mamba paper's induction heads task with length extrapolation (Gu & Dao 2023,
+§4.1.2, Table 2 / Figure 3).
+
+Models are trained on sequences of one length (:func:`jaxlab.models.synthetic.induction_heads`:
+recall the token that followed the trigger) and tested on longer ones. The paper's shape: Mamba
+keeps solving the task far beyond its training length, attention with rotary positions fails once
+test lengths pass the training length, and time-invariant SSMs do not learn it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from jaxlab.context import RunContext  # noqa: E402
+from jaxlab.experiments._lm_common import TrainSpec, plot_lines, synthetic_config, train_and_evaluate  # noqa: E402
+from jaxlab.models.lm import MIXERS  # noqa: E402
+from jaxlab.models.synthetic import induction_heads  # noqa: E402
+from jaxlab.registry import Comparison, ExperimentResult, register_experiment  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class InductionHeadsConfig:
+    """Sizes of the induction heads extrapolation."""
+
+    mixers: tuple[str, ...] = ("s4d", "mamba", "attention")
+    train_len: int = 256
+    """Training sequence length (as in the paper)."""
+    test_lens: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096)
+    """Test sequence lengths (the paper goes to 2^20)."""
+    vocab_size: int = 16
+    """As in the paper."""
+    d_model: int = 64
+    num_layers: int = 2
+    steps: int = 4000
+    batch_size: int = 64
+    lr: float = 2e-3
+    eval_batches: int = 4
+
+    def __post_init__(self):
+        if not self.mixers or any(m not in MIXERS for m in self.mixers):
+            raise ValueError(f"mixers={self.mixers} must be a non-empty subset of {MIXERS}")
+        if self.train_len < 4 or not self.test_lens or min(self.test_lens) < 4:
+            raise ValueError(f"train_len={self.train_len} and test_lens={self.test_lens} must be >= 4")
+        if self.vocab_size < 3:
+            raise ValueError(f"vocab_size={self.vocab_size} must be >= 3")
+        for name in ("d_model", "num_layers", "steps", "batch_size", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+
+@register_experiment("induction-heads", description="induction heads: train at one length, test longer (S4D/Mamba/attention)",
+                     paper="Gu & Dao 2023, Mamba: Linear-Time Sequence Modeling with Selective State Spaces, "
+                           "Section 4.1.2, Table 2",
+                     quick=InductionHeadsConfig(mixers=("mamba", "attention"), train_len=32, test_lens=(32, 128),
+                                                d_model=32, steps=150, batch_size=16, lr=3e-3, eval_batches=2))
+def induction_heads_experiment(cfg: InductionHeadsConfig, ctx: RunContext) -> ExperimentResult:
+    make = lambda L: functools.partial(induction_heads, batch=cfg.batch_size, seq_len=L,  # noqa: E731
+                                       vocab_size=cfg.vocab_size)
+    max_len = max(cfg.train_len, *cfg.test_lens)
+    accuracy = {}
+    for i, mixer in enumerate(ctx.progress(cfg.mixers, desc="mixers")):
+        model = synthetic_config(mixer, cfg.d_model, cfg.vocab_size, max_len, cfg.num_layers,
+                                 chunk_size=min(64, cfg.train_len))
+        r = train_and_evaluate(model, make(cfg.train_len), TrainSpec(cfg.steps, lr=cfg.lr),
+                               jax.random.fold_in(ctx.key, i), eval_tasks=[make(L) for L in cfg.test_lens],
+                               eval_batches=cfg.eval_batches)
+        accuracy[mixer] = dict(zip(map(str, cfg.test_lens), r["eval_accuracy"]))
+        ctx.log(f"{mixer}: " + ", ".join(f"L={L} {a:.2f}" for L, a in accuracy[mixer].items()))
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    plot_lines(ax, cfg.test_lens, {m: list(a.values()) for m, a in accuracy.items()}, xlabel="test sequence length",
+               ylabel="accuracy", title=f"induction heads, trained at L={cfg.train_len}", logx=True)
+    ax.axvline(cfg.train_len, color="gray", ls="--")
+    ax.set_ylim(-0.02, 1.02)
+    fig.tight_layout()
+    fig.savefig(ctx.figure_path, dpi=120)
+    plt.close(fig)
+
+    longest = str(max(cfg.test_lens))
+    comparisons = tuple(Comparison(quantity=f"{m} accuracy at L={longest} (trained at {cfg.train_len})",
+                                   ours=round(a[longest], 4), published=None,
+                                   source="Mamba Table 2 (shape: Mamba extrapolates, attention does not)")
+                        for m, a in accuracy.items())
+    chance = 1 / (cfg.vocab_size - 1)
+    summary = (f"Accuracy at the training length {cfg.train_len} and at {longest} (chance {chance:.2f}): "
+               + ", ".join(f"{m} {a.get(str(cfg.train_len), float('nan')):.2f} -> {a[longest]:.2f}"
+                           for m, a in accuracy.items()) + ". "
+               "The paper's shape is Mamba extrapolating far past the training length while attention does not"
+               + (" (a quick run is short and may not have learned the task yet)." if ctx.quick else "."))
+    return ExperimentResult(metrics={"accuracy": accuracy, "chance": chance, "config": dataclasses.asdict(cfg)},
+                            comparisons=comparisons, summary=summary)

@@ -1,0 +1,182 @@
+"""``remat``: activation memory against step time for the checkpointing policies across depth
+(Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost", Figure 4 / Section 4).
+
+For each depth and policy we compile one training step (forward + backward of the LM loss) and read
+XLA's temporary-buffer size from ``compiled.memory_analysis()`` (activations dominate it; parameters
+and optimizer state are the same for every policy), then time the step. Policies:
+
+* ``none``: store every intermediate; memory grows with depth x per-layer activations.
+* ``full``: each block keeps only its input and is recomputed in the backward pass
+  (one extra forward, the O(n) stored block inputs remain).
+* ``dots``: keep matmul outputs, recompute the elementwise work in between.
+* ``every-k``: Chen et al.'s segment strategy: only the inputs of segments of k blocks are stored and
+  a whole segment is recomputed at once; k ~ sqrt(depth) gives O(sqrt(n)) memory for one extra forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from jaxlab.context import RunContext  # noqa: E402
+from jaxlab.experiments._lm_common import plot_lines  # noqa: E402
+from jaxlab.models.layers import RMSNorm, default_positions, embed_init  # noqa: E402
+from jaxlab.models.lm import LM, Block, LMConfig  # noqa: E402
+from jaxlab.registry import Comparison, ExperimentResult, register_experiment  # noqa: E402
+
+
+class _Segment(nn.Module):
+    """Consecutive blocks (one per entry of ``mixers``), checkpointed as one unit."""
+
+    cfg: LMConfig
+    mixers: tuple[str, ...]
+
+    @nn.compact
+    def __call__(self, x, positions):
+        for i, mixer in enumerate(self.mixers):
+            x, _, _ = Block(self.cfg, mixer, name=f"block_{i}")(x, positions)
+        return x
+
+
+class SegmentRematLM(nn.Module):
+    """The :class:`LM` forward (tied embeddings, no MoE) with every ``every`` blocks checkpointed together."""
+
+    cfg: LMConfig
+    every: int
+
+    @nn.compact
+    def __call__(self, tokens):
+        cfg = self.cfg
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=embed_init, dtype=cfg.compute_dtype)
+        x = embed(tokens)  # [B, L, d]
+        positions = default_positions(*tokens.shape)
+        segment = nn.remat(_Segment, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=True)
+        mixers = cfg.layer_mixers
+        for s in range(0, cfg.num_layers, self.every):
+            x = segment(cfg, mixers[s:s + self.every], name=f"segment_{s // self.every}")(x, positions)
+        x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype)(x)
+        return embed.attend(x).astype(jnp.float32), {}
+
+
+def policy_model(cfg: LMConfig, policy: str) -> nn.Module:
+    """The model for a policy name: "none" | "full" | "dots" | "every-k"."""
+    if policy.startswith("every-"):
+        return SegmentRematLM(cfg, int(policy.split("-", 1)[1]))
+    return LM(dataclasses.replace(cfg, remat=policy))
+
+
+@dataclasses.dataclass(frozen=True)
+class RematConfig:
+    """Sizes of the memory/compute sweep."""
+
+    depths: tuple[int, ...] = (4, 8, 16, 32)
+    """Numbers of blocks."""
+    policies: tuple[str, ...] = ("none", "full", "dots", "every-sqrt")
+    """Checkpoint policies; "every-sqrt" is every-k with k the divisor of the depth closest to sqrt(depth)."""
+    d_model: int = 256
+    seq_len: int = 512
+    batch_size: int = 8
+    mixer: str = "attention"
+    repeats: int = 3
+    """Timed steps per point (the median is reported)."""
+
+    def __post_init__(self):
+        if not self.depths or min(self.depths) < 1:
+            raise ValueError(f"depths={self.depths} must be non-empty and positive")
+        for p in self.policies:
+            if p not in ("none", "full", "dots", "every-sqrt") and not (p.startswith("every-") and p[6:].isdigit()):
+                raise ValueError(f"policies entry {p!r} must be none | full | dots | every-sqrt | every-<k>")
+            if p[6:].isdigit() and any(d % int(p[6:]) for d in self.depths):
+                raise ValueError(f"policy {p!r} needs every depth in {self.depths} divisible by {p[6:]}")
+        for name in ("d_model", "seq_len", "batch_size", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+
+def _sqrt_divisor(n: int) -> int:
+    return min((k for k in range(1, n + 1) if n % k == 0), key=lambda k: abs(k - math.sqrt(n)))
+
+
+def measure(cfg: LMConfig, policy: str, batch: int, seq_len: int, repeats: int, key: jax.Array) -> dict:
+    """Compile one training step (loss gradient) and return its temp memory (MiB) and median time (ms)."""
+    model = policy_model(cfg, policy)
+    tokens = jax.random.randint(key, (batch, seq_len), 0, cfg.vocab_size)
+    params = jax.jit(model.init)(key, tokens)["params"]
+
+    def loss(params, tokens):
+        logits, _ = model.apply({"params": params}, tokens)
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(params, tokens).compile()
+    memory = compiled.memory_analysis()
+    jax.block_until_ready(compiled(params, tokens))  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(params, tokens))
+        times.append(time.perf_counter() - start)
+    return {"temp_mib": memory.temp_size_in_bytes / 2**20, "step_ms": 1e3 * float(np.median(times))}
+
+
+@register_experiment("remat", description="activation checkpointing: memory vs step time across depth per policy",
+                     paper="Chen et al. 2016, Training Deep Nets with Sublinear Memory Cost, Section 4 / Figure 4",
+                     quick=RematConfig(depths=(2, 4), policies=("none", "full", "every-sqrt"), d_model=64,
+                                       seq_len=128, batch_size=4, repeats=2))
+def remat_experiment(cfg: RematConfig, ctx: RunContext) -> ExperimentResult:
+    rows = []
+    points = [(d, p) for d in cfg.depths for p in cfg.policies]
+    for i, (depth, policy) in enumerate(ctx.progress(points, desc="depth x policy")):
+        name = f"every-{_sqrt_divisor(depth)}" if policy == "every-sqrt" else policy
+        model_cfg = LMConfig(vocab_size=256, d_model=cfg.d_model, num_layers=depth, num_heads=max(1, cfg.d_model // 64),
+                             mixer=cfg.mixer, max_len=cfg.seq_len, attention_impl="xla")
+        m = measure(model_cfg, name, cfg.batch_size, cfg.seq_len, cfg.repeats, jax.random.fold_in(ctx.key, i))
+        rows.append({"depth": depth, "policy": policy, "resolved": name, **m})
+        ctx.log(f"depth {depth} {name}: {m['temp_mib']:.1f} MiB temp, {m['step_ms']:.1f} ms")
+
+    def series(field):
+        return {p: [next(r[field] for r in rows if r["depth"] == d and r["policy"] == p) for d in cfg.depths]
+                for p in cfg.policies}
+
+    memory, step_ms = series("temp_mib"), series("step_ms")
+    fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    plot_lines(ax_m, cfg.depths, memory, xlabel="depth (blocks)", ylabel="temporary memory (MiB)",
+               title="activation memory", logx=True)
+    plot_lines(ax_t, cfg.depths, step_ms, xlabel="depth (blocks)", ylabel="step time (ms)",
+               title=f"train step, {jax.default_backend()}", logx=True)
+    fig.tight_layout()
+    fig.savefig(ctx.figure_path, dpi=120)
+    plt.close(fig)
+
+    deepest = len(cfg.depths) - 1
+    comparisons = []
+    summary_parts = []
+    if "none" in cfg.policies:
+        base_m, base_t = memory["none"][deepest], step_ms["none"][deepest]
+        for p in cfg.policies:
+            if p == "none":
+                continue
+            comparisons.append(Comparison(
+                quantity=f"{p} at depth {cfg.depths[-1]}: memory / none, time / none",
+                ours=f"{memory[p][deepest] / base_m:.2f} / {step_ms[p][deepest] / base_t:.2f}", published=None,
+                source="Chen et al. 2016 (shape: O(sqrt n) memory for about one extra forward pass)"))
+            summary_parts.append(f"{p} {memory[p][deepest] / base_m:.2f}x memory at "
+                                 f"{step_ms[p][deepest] / base_t:.2f}x time")
+    growth = {p: memory[p][-1] / memory[p][0] for p in cfg.policies}
+    summary = (f"At depth {cfg.depths[-1]}, relative to storing everything: " + "; ".join(summary_parts) + ". "
+               f"Memory growth from depth {cfg.depths[0]} to {cfg.depths[-1]}: "
+               + ", ".join(f"{p} {g:.1f}x" for p, g in growth.items())
+               + ". Recomputation trades memory for time as Chen et al. describe; on CPU the timings are noisy"
+               + (" and the quick sizes are small, so fixed buffers weigh more than at full size." if ctx.quick else "."))
+    return ExperimentResult(metrics={"rows": rows, "backend": jax.default_backend(), "config": dataclasses.asdict(cfg)},
+                            comparisons=tuple(comparisons), summary=summary)

@@ -1,0 +1,291 @@
+"""Training a byte-level :class:`~jaxlab.models.lm.LM` on a text corpus: the pieces and the driver.
+
+    cfg = LMTrainConfig(mixer="mamba2", steps=2000)          # `jaxlab train lm --mixer mamba2 --steps 2000`
+    summary = train_lm(cfg, "runs/lm")                       # resumes when runs/lm has a checkpoint
+
+The driver is the foundation's loop (:func:`jaxlab.loop.fit`) around
+
+* data: :func:`~jaxlab.models.corpus.load_corpus` (the Python standard library by default) packed by
+  :class:`~jaxlab.models.corpus.PackedIterator` into ``[B, L]`` rows with ``segment_ids``,
+  ``positions`` and a ``loss_mask`` (no padding; no target crosses a document boundary);
+* the step: :func:`packed_loss` (mean next-token cross-entropy over the masked targets) through
+  :func:`jaxlab.train_state.make_train_step`, AdamW with linear warmup and cosine decay
+  (:func:`make_optimizer`) after global-norm clipping; bf16 compute with fp32 parameters on request;
+* evaluation: validation loss and bits per byte (:func:`make_eval_fn`; a token is a byte, so
+  bpb = nats / ln 2), and text samples (:func:`sample_text`) printed and logged to ``samples.jsonl``.
+
+Checkpoints hold the train state (parameters, optimizer state, step, base PRNG key) and the data
+cursor, so a run stopped at any step and restarted continues bit-for-bit as if uninterrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxlab.loop import LoopConfig, fit
+from jaxlab.metrics import to_jsonable
+from jaxlab.models.corpus import PAD_ID, VOCAB_SIZE, PackedIterator, decode, encode, load_corpus
+from jaxlab.models.lm import LM, MIXERS, LMConfig, generate
+from jaxlab.models.packing import pack_documents, packing_stats, padded_efficiency
+from jaxlab.models.remat import validate_remat
+from jaxlab.train_state import create_train_state, jit_train_step, make_train_step
+
+__all__ = ["LMTrainConfig", "eval_batches", "make_eval_fn", "make_optimizer", "packed_loss", "sample_text",
+           "train_lm"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LMTrainConfig:
+    """Byte-level LM training: model, data, optimisation, evaluation and logging."""
+
+    mixer: str = "attention"
+    """Token mixer: attention | sliding | linear | gau | s4d | s5 | mamba | mamba2."""
+    data: str | None = None
+    """Text file, folder of text files, or JSONL file with a "text" field (default: the Python stdlib's .py files)."""
+    steps: int = 2000
+    """Total optimizer steps (counted across restarts)."""
+    batch_size: int = 16
+    """Rows per batch."""
+    seq_len: int = 256
+    """Tokens (bytes) per row."""
+    d_model: int = 128
+    """Model width."""
+    num_layers: int = 4
+    """Residual blocks."""
+    num_heads: int = 4
+    """Attention heads (attention / sliding / linear mixers)."""
+    dtype: str = "float32"
+    """Compute dtype: float32 or bfloat16 (parameters and optimizer state stay float32)."""
+    remat: str = "none"
+    """Activation checkpointing: none | full | dots | offload."""
+    lr: float = 3e-3
+    """Peak learning rate (after warmup)."""
+    warmup_steps: int = 100
+    """Linear warmup steps from 0 to lr."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the cosine decay, as a fraction of lr."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (matrices only; not norms or biases)."""
+    clip_norm: float = 1.0
+    """Global gradient-norm clipping threshold."""
+    eval_every: int = 250
+    """Validation loss and bits/byte every this many steps (and at the end)."""
+    eval_batches: int = 8
+    """Validation batches per evaluation (the same ones every time)."""
+    sample_every: int = 500
+    """Print a text sample every this many steps (0: never)."""
+    sample_prompt: str = "def "
+    """Prompt of the printed samples."""
+    sample_tokens: int = 128
+    """Bytes generated per sample."""
+    temperature: float = 0.8
+    """Sampling temperature (0: greedy)."""
+    log_every: int = 10
+    """Write training metrics to metrics.jsonl every this many steps."""
+    checkpoint_every: int = 250
+    """Save a checkpoint (state and data position) every this many steps."""
+    val_fraction: float = 0.05
+    """Share of documents held out for validation (by hash of their name)."""
+    max_documents: int | None = None
+    """Use a deterministic subset of this many documents (None: all)."""
+    seed: int = 0
+    """Seed of the initialisation, the data order and the samples."""
+    resume: bool = True
+    """Continue from the latest checkpoint in the output folder when there is one."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self):
+        if self.mixer not in MIXERS:
+            raise ValueError(f"mixer={self.mixer!r} must be one of {MIXERS}")
+        positive = ("steps", "batch_size", "d_model", "num_layers", "num_heads", "eval_every", "eval_batches",
+                    "sample_tokens", "log_every", "checkpoint_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len={self.seq_len!r} must be >= 2")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps!r} must be in [0, steps={self.steps})")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+        validate_remat(self.remat)
+        if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.weight_decay >= 0 and self.clip_norm > 0):
+            raise ValueError(f"need lr > 0, 0 <= min_lr_ratio <= 1, weight_decay >= 0, clip_norm > 0; got "
+                             f"{self.lr=}, {self.min_lr_ratio=}, {self.weight_decay=}, {self.clip_norm=}")
+        if self.sample_every < 0 or self.temperature < 0:
+            raise ValueError(f"{self.sample_every=} and {self.temperature=} must be >= 0")
+        if not self.sample_prompt:
+            raise ValueError("sample_prompt must be non-empty")
+        self.model_config()  # validates the model fields (d_model vs num_heads, ...)
+
+    def model_config(self) -> LMConfig:
+        max_len = max(self.seq_len, len(encode(self.sample_prompt)) + self.sample_tokens)
+        return LMConfig(vocab_size=VOCAB_SIZE, d_model=self.d_model, num_layers=self.num_layers,
+                        num_heads=self.num_heads, mixer=self.mixer, remat=self.remat, max_len=max_len,
+                        dtype=self.dtype, param_dtype="float32")
+
+
+def make_optimizer(cfg: LMTrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Clip by global norm, then AdamW (beta2 0.95) under linear warmup + cosine decay; weight decay
+    on matrices only. Returns ``(tx, schedule)``."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps, decay_steps=cfg.steps,
+        end_value=cfg.lr * cfg.min_lr_ratio)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                     optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay, mask=decay_mask))
+    return tx, schedule
+
+
+def packed_loss(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Next-token cross-entropy over the targets of a packed batch.
+
+    ``logits`` [B, L, V] (position t predicts ``tokens[:, t + 1]``), ``batch["loss_mask"]`` [B, L].
+    Returns ``(nll_sum, correct, count)`` (sums over the masked targets, fp32).
+    """
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)  # [B, L-1, V]
+    targets = batch["tokens"][:, 1:]  # [B, L-1]
+    mask = batch["loss_mask"][:, :-1].astype(jnp.float32)  # [B, L-1]
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, L-1]
+    correct = (jnp.argmax(logp, axis=-1) == targets).astype(jnp.float32)
+    return jnp.sum(nll * mask), jnp.sum(correct * mask), jnp.sum(mask)
+
+
+def _apply(model: LM, params, batch):
+    return model.apply({"params": params}, batch["tokens"], segment_ids=batch["segment_ids"],
+                       positions=batch["positions"])
+
+
+def make_loss_fn(model: LM):
+    """``loss_fn(params, batch, key) -> (loss, aux)`` for :func:`jaxlab.train_state.make_train_step`."""
+
+    def loss_fn(params, batch, key):
+        del key  # the model has no dropout; the step key stays part of the state for extensions
+        logits, aux = _apply(model, params, batch)
+        nll, correct, count = packed_loss(logits, batch)
+        count = jnp.maximum(count, 1.0)
+        ce = nll / count
+        return ce + aux["aux_loss"], {"cross_entropy": ce, "accuracy": correct / count, "targets": count}
+
+    return loss_fn
+
+
+def eval_batches(docs, batch_size: int, seq_len: int, max_batches: int) -> list[dict[str, np.ndarray]]:
+    """The first ``max_batches`` batches of the documents packed in order (the last one padded with
+    empty rows): a fixed validation set."""
+    rows = pack_documents(docs, seq_len, pad_id=PAD_ID)
+    rows = {k: v[:max_batches * batch_size] for k, v in rows.items()}
+    n = -(-len(rows["tokens"]) // batch_size) * batch_size
+    rows = {k: np.concatenate([v, np.zeros((n - len(v), seq_len), v.dtype)]) for k, v in rows.items()}
+    return [{k: v[i:i + batch_size] for k, v in rows.items()} for i in range(0, n, batch_size)]
+
+
+def make_eval_fn(model: LM, batches: list[dict]):
+    """``eval_fn(params) -> {"loss", "bpb", "accuracy"}`` over fixed batches (target-weighted means)."""
+
+    @jax.jit
+    def sums(params, batch):
+        return packed_loss(_apply(model, params, batch)[0], batch)
+
+    def eval_fn(params) -> dict[str, float]:
+        totals = np.zeros(3)
+        for batch in batches:
+            totals += np.asarray(jax.device_get(sums(params, batch)), np.float64)
+        nll, correct, count = totals
+        loss = nll / max(count, 1.0)
+        return {"loss": loss, "bpb": loss / math.log(2), "accuracy": correct / max(count, 1.0)}
+
+    return eval_fn
+
+
+def sample_text(model: LM, params, prompt: str, max_new_tokens: int, key: jax.Array,
+                temperature: float = 0.8) -> str:
+    """Continue ``prompt`` by ``max_new_tokens`` bytes; returns prompt + continuation as text."""
+    tokens = jnp.asarray(encode(prompt), jnp.int32)[None]
+    out = generate(model, params, tokens, max_new_tokens, key, temperature=temperature)
+    return decode(np.asarray(out[0]))
+
+
+def _log(message: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(message)
+
+
+def train_lm(cfg: LMTrainConfig, out_dir: str | pathlib.Path) -> dict:
+    """Train (or resume) under ``out_dir`` (checkpoints/, metrics.jsonl, samples.jsonl, config.json);
+    returns a summary dict (final validation loss/bpb, step, packing efficiency, timing)."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    corpus = load_corpus(cfg.data, val_fraction=cfg.val_fraction, max_documents=cfg.max_documents)
+    _log(f"data: {corpus.describe()}")
+    lengths = [len(d) for d in corpus.train]
+    packed = packing_stats(pack_documents(corpus.train, cfg.seq_len)).efficiency
+    padded = padded_efficiency(lengths, cfg.batch_size, cfg.seq_len).efficiency
+    _log(f"packing: {packed:.2%} of token slots real (pad-to-longest batches of the same data: {padded:.2%})")
+
+    model_cfg = cfg.model_config()
+    model = LM(model_cfg)
+    key = jax.random.PRNGKey(cfg.seed)
+    data = PackedIterator(corpus.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    tx, schedule = make_optimizer(cfg)
+    dummy = jnp.zeros((1, cfg.seq_len), jnp.int32)
+    params = jax.jit(model.init)(jax.random.fold_in(key, 0), dummy)["params"]
+    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    _log(f"model: {cfg.mixer}, {cfg.num_layers} layers, d_model={cfg.d_model}, {num_params:,} parameters")
+    state = create_train_state(params, tx, jax.random.fold_in(key, 1))
+    base_step = make_train_step(make_loss_fn(model), has_aux=True)
+
+    def train_step(state, batch, key):
+        lr = schedule(state.step)
+        state, metrics = base_step(state, batch, key)
+        return state, {**metrics, "lr": lr}
+
+    val = eval_batches(corpus.validation, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    evaluate = make_eval_fn(model, val)
+    last_eval: dict = {}
+
+    def eval_fn(state):
+        last_eval.update(evaluate(state.params))
+        return dict(last_eval)
+
+    (out_dir / "config.json").write_text(json.dumps(to_jsonable(cfg), indent=2))
+    samples_path = out_dir / "samples.jsonl"
+
+    def on_step(step, state, metrics):
+        if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
+            text = sample_text(model, state.params, cfg.sample_prompt, cfg.sample_tokens,
+                               jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), step), cfg.temperature)
+            _log(f"--- sample at step {step} ---\n{text}\n---")
+            with samples_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "text": text}) + "\n")
+
+    loop = LoopConfig(num_steps=cfg.steps, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                      resume=cfg.resume, progress=cfg.progress)
+    start = time.perf_counter()
+    result = fit(jit_train_step(train_step), state, data, loop, out_dir, eval_fn=eval_fn,
+                 eval_every=cfg.eval_every, on_step=on_step)
+    elapsed = time.perf_counter() - start
+    if result.resumed_from is not None:
+        _log(f"resumed from step {result.resumed_from}")
+    if not last_eval and not result.preempted:
+        last_eval.update(evaluate(result.state.params))
+    step = int(result.state.step)
+    summary = {"step": step, "resumed_from": result.resumed_from, "preempted": result.preempted,
+               "val_loss": last_eval.get("loss"), "val_bpb": last_eval.get("bpb"), "num_params": num_params,
+               "packing_efficiency": packed, "padded_efficiency": padded, "seconds": elapsed,
+               "train_documents": len(corpus.train), "skipped": corpus.skipped}
+    (out_dir / "summary.json").write_text(json.dumps(to_jsonable(summary), indent=2))
+    if summary["val_bpb"] is not None:
+        _log(f"step {step}: validation loss {summary['val_loss']:.4f} nats, {summary['val_bpb']:.4f} bits/byte")
+    return summary

@@ -1,0 +1,67 @@
+"""Smoke runs of the LM experiments at tiny sizes: they run, write their figure, and return sane metrics.
+(One cheap mixer each: every mixer's training is covered by tests/models; here the experiment code is.)"""
+
+import dataclasses
+import json
+
+import pytest
+
+from jaxlab.context import RunContext
+from jaxlab.metrics import to_jsonable
+from jaxlab.registry import get_experiment, get_trainer
+
+TINY = {
+    "mqar": dict(mixers=("attention",), widths=(16,), seq_lens=(16,), kv_pairs=(2,), vocab_size=16, steps=2,
+                 batch_size=4, eval_batches=1),
+    "selective-copying": dict(mixers=("attention",), seq_len=12, num_tokens=2, vocab_size=6, d_model=16, steps=2,
+                              batch_size=4, eval_batches=1),
+    "induction-heads": dict(mixers=("attention",), train_len=8, test_lens=(8, 16), d_model=16, steps=2, batch_size=4,
+                            eval_batches=1),
+    "remat": dict(depths=(2,), policies=("none", "every-sqrt"), d_model=16, seq_len=16, batch_size=2,
+                  repeats=1),
+    "lm-stdlib": dict(mixers=("attention",), steps=2, batch_size=2, seq_len=16, d_model=16, num_layers=1,
+                      num_heads=2, warmup_steps=1, eval_every=2, eval_batches=1, max_documents=20),
+}
+
+
+def _run(name, tmp_path):
+    exp = get_experiment(name)
+    cfg = dataclasses.replace(exp.quick, **TINY[name])
+    result = exp.fn(cfg, RunContext(name, tmp_path, quick=True, show_progress=False))
+    assert (tmp_path / f"{name}.png").stat().st_size > 0
+    json.dumps(to_jsonable(result.metrics), allow_nan=False)
+    assert result.summary and result.comparisons
+    return result.metrics
+
+
+def test_trainer_registered():
+    assert get_trainer("lm").config_cls.__name__ == "LMTrainConfig"
+
+
+def test_mqar_smoke(tmp_path):
+    acc = _run("mqar", tmp_path)["accuracy"]
+    assert set(acc) == {"attention"} and 0 <= acc["attention"]["16"]["16"] <= 1
+
+
+def test_selective_copying_and_induction_smoke(tmp_path):
+    assert 0 <= _run("selective-copying", tmp_path)["accuracy"]["attention"] <= 1
+    acc = _run("induction-heads", tmp_path)["accuracy"]["attention"]
+    assert set(acc) == {"8", "16"} and all(0 <= a <= 1 for a in acc.values())
+
+
+def test_remat_smoke(tmp_path):
+    rows = _run("remat", tmp_path)["rows"]
+    assert [r["resolved"] for r in rows] == ["none", "every-1"]
+    assert all(r["temp_mib"] > 0 and r["step_ms"] > 0 for r in rows)
+
+
+def test_lm_stdlib_smoke(tmp_path):
+    metrics = _run("lm-stdlib", tmp_path)
+    bpb = metrics["final_bpb"]["attention"]
+    assert 0 < bpb < 9 and metrics["curves"]["attention"][-1][0] == 2
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_quick_configs_are_valid(name):
+    exp = get_experiment(name)
+    assert exp.config_cls() is not None and exp.quick is not None  # full and quick sizes both validate
