@@ -9,7 +9,7 @@ from jaxlab.models.lm import LM, LMConfig, lm_loss
 from jaxlab.models.remat import CHECKPOINT_NAMES, remat_policy, validate_remat
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
-POLICIES = ("none", "full", ("context", "ffn_out"), "offload")
+POLICIES = ("none", "full", "dots", ("context", "ffn_out"), "offload")
 
 
 def _compiled_grad(remat, tokens):
