@@ -44,7 +44,11 @@ def _args(argv):
 
 
 def _ops(backend):
-    """{op: (make_inputs(rng, L) -> tuple of arrays, {method: fn(*inputs)}, auto method or None)}."""
+    """{op: (make_inputs(rng, L) -> tuple of arrays, {method: fn(*inputs)}, auto(L, grad) -> method, or None)}.
+
+    ``auto(L, grad)`` is the method whose code ``method="auto"`` runs for the values (grad=False) or for the
+    gradients (grad=True); they differ for linear attention on CPU (a custom VJP joins the two forms).
+    """
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -87,9 +91,9 @@ def _ops(backend):
     dual = {"chunked": lambda *args: ssm.ssd(*args), "sequential": lambda *args: ssm.ssd_reference(*args)}
     del jax
     return {
-        "linear_recurrence": (rec_inputs, rec, lambda L: scan.auto_method(backend)),
-        "linear_attention": (la_inputs, lin, lambda L: la.auto_method(L, backend)),
-        "selective_scan": (ss_inputs, sel, lambda L: scan.auto_method(backend)),
+        "linear_recurrence": (rec_inputs, rec, lambda L, grad: scan.auto_method(backend)),
+        "linear_attention": (la_inputs, lin, lambda L, grad: la.auto_method(L, backend, differentiated=grad)),
+        "selective_scan": (ss_inputs, sel, lambda L, grad: scan.auto_method(backend)),
         "ssd": (ssd_inputs, dual, None),
     }
 
@@ -159,8 +163,8 @@ def _auto_checks(rows, autos):
         if auto is None:
             continue
         for L in sorted({r["seq_len"] for r in rows if r["op"] == op}):
-            chosen = auto(L)
             for mode in ("fwd_ms", "fwd_bwd_ms"):
+                chosen = auto(L, mode == "fwd_bwd_ms")
                 timed = {r["method"]: r[mode] for r in rows if r["op"] == op and r["seq_len"] == L and r[mode]
                          and r["method"] != "softmax-xla"}
                 if chosen not in timed:

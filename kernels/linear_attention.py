@@ -20,6 +20,7 @@ normaliser is the last column of the state. Feature maps live in ``jaxlab.kernel
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -57,12 +58,20 @@ class LinearAttentionState(NamedTuple):
     z: jax.Array | None
 
 
-def auto_method(L: int, backend: str | None = None) -> str:
-    """The method ``method="auto"`` runs at length ``L`` (``backend`` is accepted for symmetry with
-    ``scan.auto_method``: measured on CPU (benchmarks/scans.py) the chunked form is the fastest causal form
-    from L = 1024 on, and the quadratic one only wins on short sequences; the same split suits GPUs)."""
-    del backend
-    return "parallel" if L <= 256 else "chunked"
+def auto_method(L: int, backend: str | None = None, *, differentiated: bool = False) -> str:
+    """The method ``method="auto"`` runs at length ``L`` on ``backend`` (default: JAX's default backend).
+
+    Short sequences (L <= 256) use the quadratic form everywhere. Beyond that, accelerators use the chunked
+    form, whose work is matmuls. On CPU the two causal forms trade places (benchmarks/scans.py): the
+    recurrent scan computes the values 2-2.5x faster than the chunked form, but differentiating it is 3-4x
+    slower. So ``linear_attention(method="auto")`` on CPU computes its values with the recurrent form and its
+    gradients with the chunked form's VJP (one ``jax.custom_vjp``; the two forms are the same function).
+    ``differentiated`` selects which of the two this returns: the values' method or the gradients'.
+    """
+    backend = jax.default_backend() if backend is None else backend
+    if L <= 256:
+        return "parallel"
+    return "recurrent" if backend == "cpu" and not differentiated else "chunked"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -209,6 +218,18 @@ def _validate(q, k, v, causal, decay, segment_ids, method, chunk_size, initial_s
                              f"{None if z is None else jnp.shape(z)}")
 
 
+def _causal_core(q, k, v, log_a, h0, reset, *, method, grad_method, chunk_size):
+    """``causal_decay_attention`` whose values come from ``method`` and whose VJP from ``grad_method``."""
+    def run(m):
+        return lambda q, k, v, log_a, h0, reset: causal_decay_attention(q, k, v, log_a, h0=h0, reset=reset,
+                                                                        method=m, chunk_size=chunk_size)
+    if grad_method == method:
+        return run(method)(q, k, v, log_a, h0, reset)
+    mixed = jax.custom_vjp(run(method))
+    mixed.defvjp(lambda *args: jax.vjp(run(grad_method), *args), lambda vjp, ct: vjp(ct))
+    return mixed(q, k, v, log_a, h0, reset)
+
+
 def linear_attention(q, k, v, *, causal=True, decay=None, normalize=True, eps=1e-6, segment_ids=None,
                      method="auto", chunk_size=64, initial_state=None, return_state=False):
     """Linear attention o_i = sum_j w_ij v_j with w_ij = decay_h^|i-j| (q_i . k_j).
@@ -220,7 +241,8 @@ def linear_attention(q, k, v, *, causal=True, decay=None, normalize=True, eps=1e
       decay: [H] in (0, 1] (RetNet's gamma); None means 1.
       normalize: divide by sum_j w_ij + eps (Katharopoulos et al.); off for RetNet-style retention.
       segment_ids: [B, L] contiguous ids of packed sequences; tokens attend within their segment only.
-      method: "parallel" (quadratic reference), "chunked", "recurrent" or "auto".
+      method: "parallel" (quadratic reference), "chunked", "recurrent" or "auto" (see ``auto_method``; on
+        CPU it is reverse-mode only: forward-mode ``jax.jvp`` needs an explicit method).
       chunk_size: C of the chunked form.
       initial_state: ``LinearAttentionState`` before the first token (flows into the first segment).
       return_state: also return the ``LinearAttentionState`` after the last token (causal only).
@@ -232,8 +254,9 @@ def linear_attention(q, k, v, *, causal=True, decay=None, normalize=True, eps=1e
     _validate(q, k, v, causal, decay, segment_ids, method, chunk_size, initial_state, return_state, normalize)
     B, L, H, Dk = q.shape
     Dv = v.shape[-1]
+    grad_method = method
     if method == "auto":
-        method = auto_method(L)
+        method, grad_method = auto_method(L), auto_method(L, differentiated=True)
     if method == "parallel":
         return linear_attention_reference(q, k, v, causal=causal, decay=decay, normalize=normalize, eps=eps,
                                           segment_ids=segment_ids, initial_state=initial_state,
@@ -251,12 +274,12 @@ def linear_attention(q, k, v, *, causal=True, decay=None, normalize=True, eps=1e
         if normalize:
             h0 = jnp.concatenate([h0, initial_state.z.astype(dtype)[..., None]], axis=-1)
     reset = None if segment_ids is None else resets_from_segment_ids(segment_ids)
-    o, S = causal_decay_attention(q, k, v, log_a, h0=h0, reset=reset, method=method, chunk_size=chunk_size)
+    core = functools.partial(_causal_core, method=method, grad_method=grad_method, chunk_size=chunk_size)
+    o, S = core(q, k, v, log_a, h0, reset)
     if not causal:  # add the anti-causal half (a causal pass over the reversed sequence) minus the diagonal
         flip = lambda x: jnp.flip(x, axis=1)  # noqa: E731
         reset_rev = None if segment_ids is None else resets_from_segment_ids(flip(segment_ids))
-        o_rev, _ = causal_decay_attention(flip(q), flip(k), flip(v), flip(log_a), reset=reset_rev,
-                                          method=method, chunk_size=chunk_size)
+        o_rev, _ = core(flip(q), flip(k), flip(v), flip(log_a), None, reset_rev)
         o = o + flip(o_rev) - jnp.einsum("blhd,blhd->blh", q, k)[..., None] * v
     if normalize:
         o = o[..., :Dv] / (o[..., Dv:] + eps)

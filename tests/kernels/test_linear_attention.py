@@ -246,3 +246,36 @@ def test_bad_inputs_raise(inputs):
             la.linear_attention(q, k, v, **kwargs)
     with pytest.raises(ValueError, match="Dk"):
         la.linear_attention(q, k[..., :4], v)
+
+
+def test_auto_method_policy():
+    assert la.auto_method(256, "gpu") == la.auto_method(256, "cpu") == "parallel"
+    assert la.auto_method(4096, "gpu") == la.auto_method(4096, "gpu", differentiated=True) == "chunked"
+    # CPU: the recurrent scan is the faster forward, the chunked form the faster gradient.
+    assert la.auto_method(4096, "cpu") == "recurrent"
+    assert la.auto_method(4096, "cpu", differentiated=True) == "chunked"
+
+
+def test_auto_on_cpu_values_and_gradients_match_reference():
+    """At L > 256 on CPU, auto takes its values from the recurrent form and its VJP from the chunked one."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the split policy is CPU's")
+    rng = np.random.default_rng(5)
+    n = 260
+    q, k = (elu_plus_one(_normal(rng, (1, n, 2, 4))) for _ in range(2))
+    v, ct = _normal(rng, (1, n, 2, 3)), _normal(rng, (1, n, 2, 3))
+    state = LinearAttentionState(jnp.abs(_normal(rng, (1, 2, 4, 3))), jnp.abs(_normal(rng, (1, 2, 4))))
+    segments = jnp.asarray(np.repeat([[0, 1]], [100, 160], axis=1))
+
+    def loss(method, q, k, v, state):
+        o, s = la.linear_attention(q, k, v, decay=DECAY[:2], segment_ids=segments, initial_state=state,
+                                   return_state=True, method=method)
+        return jnp.sum(o * ct) + jnp.sum(s.kv) + jnp.sum(s.z), o
+
+    grad = jax.jit(jax.grad(loss, argnums=(1, 2, 3, 4), has_aux=True), static_argnums=0)
+    (g_auto, o_auto), (g_ref, o_ref) = grad("auto", q, k, v, state), grad("parallel", q, k, v, state)
+    np.testing.assert_allclose(o_auto, o_ref, rtol=1e-4, atol=1e-4)
+    for g, g_r in zip(jax.tree.leaves(g_auto), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(g, g_r, rtol=2e-4, atol=2e-4)
+    jaxpr = str(jax.make_jaxpr(functools.partial(loss, "auto"))(q, k, v, state))
+    assert "custom_vjp" in jaxpr
