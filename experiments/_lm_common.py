@@ -16,9 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlab.models.lm import LM, LMConfig
-
-# Short runs of small programs: XLA's backend optimisations cost more compile time than they save.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
+from jaxlab.xla_options import FAST_COMPILE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,6 +43,7 @@ from jaxlab.metrics import JitProgress, MetricsWriter, to_jsonable  # noqa: E402
 from jaxlab.registry import register_trainer  # noqa: E402
 from jaxlab.rl import a2c, ddpg, dqn, ppo, reinforce, sac, td3, trpo  # noqa: E402
 from jaxlab.rl.core import RLConfig, Train  # noqa: E402
+from jaxlab.xla_options import FAST_COMPILE  # noqa: E402
 
 __all__ = ["ALGORITHMS", "FAST_COMPILE", "ChunkTiming", "RLTrainConfig", "algorithm_config", "final_return",
            "plot_curves", "train_in_chunks", "train_rl"]
@@ -58,9 +59,6 @@ ALGORITHMS: dict[str, tuple[Any, type[RLConfig]]] = {
     "sac": (sac, sac.SACConfig),
 }
 """Algorithm name -> (module with ``make_train``, its config class)."""
-
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-"""XLA compiler options for short runs, where compilation dominates."""
 
 
 def _parse_override(cls: type, item: str) -> tuple[str, Any]:

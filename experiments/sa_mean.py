@@ -31,6 +31,7 @@ from jaxlab.rl.stochastic_approximation import (  # noqa: E402
     mean_estimation_gradient_descent,
     robbins_monro,
 )
+from jaxlab.xla_options import FAST_COMPILE  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +86,7 @@ def _label(m: int, n: int) -> str:
     return "BGD" if m == n else ("SGD" if m == 1 else f"MBGD, m={m}")
 
 
-@partial(jax.jit, static_argnames=("cfg",), compiler_options={"xla_backend_optimization_level": 0})
+@partial(jax.jit, static_argnames=("cfg",), compiler_options=FAST_COMPILE)
 def _simulate(key: jax.Array, cfg: SAConfig) -> dict:
     """Every run of the study in one program (one compilation instead of dozens of small ones; at
     these sizes compiling dominates, hence the low XLA optimisation level).

@@ -219,6 +219,22 @@ def _usage() -> str:
     return f"usage: jaxlab COMMAND [ARGS ...]\n\ncommands:\n{rows}\n\n`jaxlab COMMAND --help` for details."
 
 
+def _configure_cpu_dispatch() -> None:
+    """Run CPU computations inline rather than on JAX's asynchronous CPU dispatch threads.
+
+    The training loops report progress through ``jax.debug.callback`` from inside jitted scans
+    (``JitProgress``); with asynchronous CPU dispatch such programs can hang, intermittently
+    (jax-ml/jax#25861). Whole-run ``jit`` programs lose nothing by running inline. Must run before
+    JAX creates its CPU client; ``JAX_CPU_ENABLE_ASYNC_DISPATCH=1`` in the environment keeps it on.
+    """
+    import os
+
+    import jax
+
+    keep = os.environ.get("JAX_CPU_ENABLE_ASYNC_DISPATCH", "").strip().lower() in ("1", "true", "yes")
+    jax.config.update("jax_cpu_enable_async_dispatch", keep)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from jaxlab import __version__
     from jaxlab.registry import RegistryError
@@ -239,6 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise CLIError(f"unknown command {command!r}{hint} (commands: {', '.join(handlers)})")
         if command in ("reproduce", "run", "train"):
+            _configure_cpu_dispatch()
             # Under `jaxlab launch` this joins the multi-process job before JAX sees devices;
             # on its own it does nothing.
             from jaxlab.parallel.launch import maybe_initialize_distributed

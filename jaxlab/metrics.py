@@ -109,6 +109,10 @@ class JitProgress:
     ``i % every == every - 1`` or ``i == total - 1``: never once per step. Pass an unbatched
     counter (e.g. the ``lax.scan`` index) so that under ``vmap`` the condition stays a branch;
     with a batched counter the bar shows the furthest of the batch.
+
+    On CPU, programs with host callbacks can hang under JAX's asynchronous CPU dispatch
+    (jax-ml/jax#25861): the ``jaxlab`` CLI and the test suite turn it off; scripts that use this bar
+    should too, before any computation: ``jax.config.update("jax_cpu_enable_async_dispatch", False)``.
     """
 
     def __init__(self, total: int, every: int, desc: str | None = None, *, disable: bool = False):

@@ -14,6 +14,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+# Inline CPU dispatch, as the `jaxlab` CLI runs: host callbacks from jitted loops (progress bars) can
+# hang under asynchronous CPU dispatch (jax-ml/jax#25861).
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 def _has_gpu() -> bool:

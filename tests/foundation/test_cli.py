@@ -95,3 +95,23 @@ def test_console_script_and_module_entry_points(tmp_path):
     out = subprocess.run([sys.executable, "-m", "jaxlab", "--version"], capture_output=True, text=True,
                          env=env, cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.startswith("jaxlab ")
+
+
+def test_commands_that_compute_turn_cpu_async_dispatch_off(monkeypatch):
+    """Host callbacks from jitted loops can hang under asynchronous CPU dispatch (jax-ml/jax#25861)."""
+    import jax
+
+    from jaxlab.cli import _configure_cpu_dispatch
+
+    flag = "jax_cpu_enable_async_dispatch"
+    before = jax.config.read(flag)
+    try:
+        monkeypatch.delenv("JAX_CPU_ENABLE_ASYNC_DISPATCH", raising=False)
+        jax.config.update(flag, True)
+        _configure_cpu_dispatch()
+        assert jax.config.read(flag) is False
+        monkeypatch.setenv("JAX_CPU_ENABLE_ASYNC_DISPATCH", "1")  # the user's choice wins
+        _configure_cpu_dispatch()
+        assert jax.config.read(flag) is True
+    finally:
+        jax.config.update(flag, before)

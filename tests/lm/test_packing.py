@@ -10,8 +10,8 @@ import pytest
 from jaxlab.models.lm import LM, LMConfig
 from jaxlab.models.packing import (StreamPacker, loss_mask_from_segments, pack_documents, packing_stats,
                                    pad_documents, padded_efficiency)
+from jaxlab.xla_options import FAST_COMPILE
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 DOCS = [np.arange(1, 6), np.arange(10, 13), np.arange(20, 30)]  # lengths 5, 3, 10
 
 

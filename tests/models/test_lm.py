@@ -10,10 +10,9 @@ import optax
 import pytest
 
 from jaxlab.models.lm import LM, MIXERS, LMConfig, generate
+from jaxlab.xla_options import FAST_COMPILE
 
 V = 32
-# Tiny programs: XLA's backend optimisations cost far more compile time than they save at run time.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def small_cfg(mixer, **kw):  # window 6 < L: the sliding layer's cache wraps while decoding

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from jaxlab.models.moe import MoE, expert_load, load_balance_loss, route, router_z_loss
+from jaxlab.xla_options import FAST_COMPILE
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 E, K, F, D = 6, 2, 8, 16
 
 

@@ -7,8 +7,8 @@ import pytest
 
 from jaxlab.models.lm import LM, LMConfig, lm_loss
 from jaxlab.models.remat import CHECKPOINT_NAMES, remat_policy, validate_remat
+from jaxlab.xla_options import FAST_COMPILE
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 POLICIES = ("none", "full", "dots", ("context", "ffn_out"), "offload")
 
 

@@ -9,8 +9,8 @@ import pytest
 
 from jaxlab.models.transformer import (Transformer, TransformerConfig, beam_search, greedy_decode, seq2seq_loss,
                                        shift_right)
+from jaxlab.xla_options import FAST_COMPILE
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 PAD, BOS, EOS, V, L = 0, 1, 2, 12, 6
 
 

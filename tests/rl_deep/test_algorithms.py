@@ -19,9 +19,9 @@ import pytest
 
 from jaxlab.rl import a2c, ddpg, dqn, ppo, reinforce, sac, td3, trpo
 from jaxlab.rl.networks import Critic, QNetwork
+from jaxlab.xla_options import FAST_COMPILE
 
 VMAPPED = ("dqn",)  # on-policy runs are vmapped over seeds in the trainer test (test_drivers.py)
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 DISCRETE = dict(env_id="TimeLimitBandit-probe", gamma=0.9, hidden_sizes=(32,))
 OFF_POLICY = dict(num_envs=4, buffer_size=2_000, batch_size=64, learning_starts=256, hidden_sizes=(32,))
 CONTEXTS = jnp.eye(2)  # both observations of the bandit

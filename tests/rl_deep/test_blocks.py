@@ -10,9 +10,7 @@ from jaxlab.rl.networks import ContinuousQ, Critic, GaussianActor, QNetwork, pol
 from jaxlab.rl.policies import (categorical, scale_action, tanh_gaussian, tanh_gaussian_log_prob_reference,
                                 unscale_action)
 from jaxlab.rl.trpo import conjugate_gradient
-
-
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
+from jaxlab.xla_options import FAST_COMPILE
 
 
 def _run(fn, *args):

@@ -6,16 +6,15 @@ import numpy as np
 import pytest
 
 from jaxlab.rl.rollout import env_reset, episode_metrics, rollout
-
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
+from jaxlab.rl.wrappers import (ActionSpec, RunningMeanStd, check_action_space, make_env, make_vec_env, normalize,
+                                update_running_mean_std)
+from jaxlab.xla_options import FAST_COMPILE
 
 
 def _rollout(env, params, policy, key, num_steps):
     """A jitted rollout from reset, compiled without backend optimisation (compile time dominates)."""
     fn = jax.jit(lambda k: rollout(env, params, env_reset(env, params, k), policy, k, num_steps))
     return fn.lower(key).compile(FAST_COMPILE)(key)
-from jaxlab.rl.wrappers import (ActionSpec, RunningMeanStd, check_action_space, make_env, make_vec_env, normalize,
-                                update_running_mean_std)
 
 
 def test_make_env_unknown_id_and_action_space_mismatch():
