@@ -37,14 +37,49 @@ __all__ = [
     "QNetwork",
     "Torso",
     "apply_batched",
+    "orthogonal",
     "polyak_update",
 ]
 
 ACTIVATIONS: dict[str, Callable] = {"tanh": nn.tanh, "relu": nn.relu, "elu": nn.elu, "gelu": nn.gelu}
 
 
+def _orthonormal_columns(a: jax.Array) -> jax.Array:
+    """Q of ``a = Q R`` with ``diag(R) > 0`` for ``a`` [n, m], n >= m, by Gram-Schmidt with one
+    reorthogonalisation pass ("twice is enough", Giraud et al. 2005): plain jnp, no LAPACK call."""
+
+    def column(q, j):
+        v = a[:, j]
+        for _ in range(2):
+            v = v - q @ (q.T @ v)  # columns >= j of q are still zero
+        return q.at[:, j].set(v / jnp.linalg.norm(v)), None
+
+    q, _ = jax.lax.scan(column, jnp.zeros_like(a), jnp.arange(a.shape[1]))
+    return q
+
+
+def orthogonal(scale: float = 1.0) -> Callable:
+    """Orthogonal initialiser (Saxe et al. 2014) for kernels ``[..., fan_out]``: the same distribution as
+    ``jax.nn.initializers.orthogonal`` (a Haar-random orthonormal matrix times ``scale``).
+
+    It orthonormalises a Gaussian matrix with :func:`_orthonormal_columns` rather than a LAPACK QR:
+    on XLA:CPU, batched LAPACK custom calls that run concurrently (a network's layers initialised under
+    ``vmap`` over seeds) can wait on each other's pool threads forever when the pool is as small as the
+    number of calls (jaxlib's ``ParallelBatchMap``; seen on 2-core machines).
+    """
+
+    def init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+        rows, cols = int(np.prod(shape[:-1])), shape[-1]
+        n, m = max(rows, cols), min(rows, cols)
+        q = _orthonormal_columns(jax.random.normal(key, (n, m), jnp.float32))  # [n, m]
+        q = q if rows >= cols else q.T  # [rows, cols]
+        return (scale * q).reshape(shape).astype(dtype)
+
+    return init
+
+
 def _dense(features: int, scale: float) -> nn.Dense:
-    return nn.Dense(features, kernel_init=nn.initializers.orthogonal(scale), bias_init=nn.initializers.zeros)
+    return nn.Dense(features, kernel_init=orthogonal(scale), bias_init=nn.initializers.zeros)
 
 
 class MLP(nn.Module):

@@ -110,3 +110,16 @@ def test_conjugate_gradient_solves_spd_system():
     x = _run(lambda b: conjugate_gradient(lambda v: jnp.asarray(A, jnp.float32) @ v, b, 40),
              jnp.asarray(b, jnp.float32))
     np.testing.assert_allclose(x, np.linalg.solve(A, b), rtol=1e-3, atol=1e-3)
+
+
+def test_orthogonal_init_matches_jax_and_calls_no_lapack():
+    """Same numbers as jax.nn.initializers.orthogonal, without the LAPACK QR custom call (which can
+    deadlock on XLA:CPU when batched calls run concurrently on a 2-thread pool)."""
+    from jaxlab.rl.networks import orthogonal
+
+    key = jax.random.PRNGKey(3)
+    for shape in [(4, 64), (64, 64), (64, 2), (3, 3, 4, 8)]:
+        ours = orthogonal(1.5)(key, shape)
+        np.testing.assert_allclose(ours, jax.nn.initializers.orthogonal(1.5)(key, shape), atol=1e-5)
+    assert "custom_call" not in str(jax.make_jaxpr(lambda k: orthogonal()(k, (8, 8)))(key))
+    assert "custom_call" not in str(jax.jit(lambda k: orthogonal()(k, (8, 8))).lower(key).as_text())
