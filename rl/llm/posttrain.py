@@ -1,0 +1,353 @@
+"""The post-training driver: SFT, then DPO, PPO-RLHF (reward model, then PPO) or GRPO, resumable.
+
+    cfg = PostTrainConfig(method="grpo", steps=100)          # `jaxlab train posttrain --method grpo`
+    summary = posttrain(cfg, "runs/posttrain")
+
+Each stage is one run of the foundation's loop (:func:`jaxlab.loop.fit`) in its own folder under
+``out_dir`` (``sft/``, ``reward_model/``, then ``dpo/``, ``ppo-rlhf/`` or ``grpo/``) with checkpoints,
+``metrics.jsonl`` and a progress bar, so an interrupted run resumes mid-stage bit-for-bit, and runs of
+several methods in one ``out_dir`` share the SFT start (and the reference model it defines). Problems
+are drawn from the step index (:class:`ProblemIterator`), preference pairs are rebuilt from the seed,
+and every key is a ``fold_in`` of ``PRNGKey(seed)``. Evaluation (a fixed problem set) reports the
+verifier's accuracy of sampled (temperature 1) and greedy answers, the mean response length and the
+sequence-level KL to the reference, ``E_pi[log pi(y|x) - log pi_ref(y|x)]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxlab.loop import ArrayIterator, LoopConfig, fit
+from jaxlab.metrics import to_jsonable
+from jaxlab.models.lm import LM, LMConfig
+from jaxlab.rl.llm.dpo import make_dpo_step, preference_pairs
+from jaxlab.rl.llm.grpo import GRPOSpec, make_grpo_step
+from jaxlab.rl.llm.losses import AGGREGATIONS, DPO_LOSSES
+from jaxlab.rl.llm.ppo_rlhf import PPOSpec, make_ppo_rlhf_step
+from jaxlab.rl.llm.reward_model import init_reward_params, make_reward_model_step, pair_accuracy
+from jaxlab.rl.llm.sampling import response_logprobs, rollout
+from jaxlab.rl.llm.sft import make_sft_step
+from jaxlab.rl.llm.task import TASKS, VOCAB_SIZE, Task, format_ok, is_correct, response_lengths
+from jaxlab.train_state import create_train_state
+from jaxlab.xla_options import FAST_COMPILE
+
+__all__ = ["METHODS", "PostTrainConfig", "ProblemIterator", "evaluate_policy", "posttrain"]
+
+METHODS = ("sft", "dpo", "ppo-rlhf", "grpo")
+# Key streams: every key of a run is fold_in(PRNGKey(seed), stream).
+_INIT, _SFT_DATA, _SFT_KEY, _PAIRS, _RL_DATA, _RL_KEY, _EVAL, _RM_KEY, _RM_EVAL = range(9)
+
+
+@dataclasses.dataclass(frozen=True)
+class PostTrainConfig:
+    """Post-training of a small LM on a verifiable task: model, SFT stage, method stage, logging."""
+
+    method: str = "grpo"
+    """sft | dpo | ppo-rlhf | grpo (every method starts from the SFT stage)."""
+    task: str = "add"
+    """Verifiable task: add (sum of two numbers) | sort (sort digits)."""
+    num_digits: int = 2
+    """Digits per operand (add) or list length (sort)."""
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    sft_steps: int = 200
+    """Steps of the SFT stage (kept short: a low but non-zero accuracy leaves room for RL)."""
+    sft_batch_size: int = 64
+    sft_lr: float = 3e-3
+    steps: int = 100
+    """Steps of the method's stage (DPO / PPO / GRPO); unused by sft."""
+    batch_size: int = 16
+    """Prompts per RL step (each sampled group_size times), or preference pairs per DPO step."""
+    group_size: int = 8
+    """Samples per prompt: GRPO's group, PPO-RLHF's samples per prompt, DPO's candidates per prompt."""
+    lr: float = 3e-4
+    """Adam learning rate of the RL stages (GRPO, PPO-RLHF)."""
+    max_new_tokens: int | None = None
+    """Response budget R (None: the longest answer plus EOS plus 2)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts."""
+    clip_eps: float = 0.2
+    beta: float = 0.04
+    """GRPO's KL coefficient (k3 estimator)."""
+    aggregation: str = "token-mean"
+    """GRPO loss reduction: token-mean | sequence-mean | constant-norm (Dr. GRPO)."""
+    scale_rewards: bool = True
+    """GRPO: divide advantages by the group's std (False: Dr. GRPO)."""
+    ppo_epochs: int = 2
+    """Gradient steps per batch of samples (GRPO and PPO)."""
+    format_weight: float = 0.0
+    """Extra reward for a well-formed response (digits then EOS)."""
+    length_penalty: float = 0.0
+    """Weight of Kimi k1.5's length reward (GRPO)."""
+    dpo_lr: float = 1e-4
+    """Adam learning rate of DPO."""
+    dpo_beta: float = 0.1
+    dpo_loss: str = "sigmoid"
+    """sigmoid | ipo | hinge."""
+    dpo_nll_coef: float = 1.0
+    """Weight of the chosen answers' NLL added to the DPO loss (RPO, Pang et al. 2024; 0: plain DPO)."""
+    pair_prompts: int = 1024
+    """Prompts sampled to build preference pairs (DPO and the reward model)."""
+    rm_steps: int = 150
+    """Steps of the reward model stage (ppo-rlhf)."""
+    rm_lr: float = 1e-3
+    kl_coef: float = 0.2
+    """PPO-RLHF's per-token KL penalty coefficient (a learned reward near chance is over-optimised fast:
+    a firm penalty keeps the policy near the reference)."""
+    vf_coef: float = 0.5
+    gae_lambda: float = 0.95
+    eval_problems: int = 256
+    """Size of the fixed evaluation set."""
+    eval_every: int = 25
+    log_every: int = 5
+    checkpoint_every: int = 50
+    seed: int = 0
+    resume: bool = True
+    """Continue from the latest checkpoints in the output folder."""
+    progress: bool = True
+
+    def __post_init__(self):
+        choices = {"method": METHODS, "task": TASKS, "aggregation": AGGREGATIONS, "dpo_loss": DPO_LOSSES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")
+        positive = ("num_digits", "d_model", "num_layers", "num_heads", "sft_steps", "sft_batch_size", "steps",
+                    "batch_size", "ppo_epochs", "pair_prompts", "rm_steps", "eval_problems", "eval_every",
+                    "log_every", "checkpoint_every")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive int")
+        if self.group_size < 2:
+            raise ValueError(f"group_size={self.group_size!r} must be >= 2")
+        for name in ("sft_lr", "lr", "dpo_lr", "rm_lr", "temperature", "clip_eps", "dpo_beta", "vf_coef"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
+        for name in ("beta", "format_weight", "length_penalty", "kl_coef", "dpo_nll_coef"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
+        if not 0 <= self.gae_lambda <= 1:
+            raise ValueError(f"gae_lambda={self.gae_lambda!r} must be in [0, 1]")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be None or >= 1")
+        if self.response_len < self.task_spec.answer_len:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} is shorter than the longest answer "
+                             f"({self.task_spec.answer_len} tokens with EOS)")
+        self.model_config()  # validates d_model vs num_heads
+
+    # ---- derived values -------------------------------------------------------------------------
+    @property
+    def task_spec(self) -> Task:
+        return Task(self.task, self.num_digits)
+
+    @property
+    def response_len(self) -> int:
+        return self.task_spec.answer_len + 2 if self.max_new_tokens is None else self.max_new_tokens
+
+    def model_config(self) -> LMConfig:
+        return LMConfig(vocab_size=VOCAB_SIZE, d_model=self.d_model, num_layers=self.num_layers,
+                        num_heads=self.num_heads, max_len=self.task_spec.prompt_len + self.response_len)
+
+    def grpo_spec(self) -> GRPOSpec:
+        return GRPOSpec(self.group_size, self.response_len, self.clip_eps, self.beta, self.aggregation,
+                        self.scale_rewards, self.ppo_epochs, self.temperature, self.format_weight,
+                        self.length_penalty)
+
+    def ppo_spec(self) -> PPOSpec:
+        return PPOSpec(self.group_size, self.response_len, self.clip_eps, self.kl_coef, self.vf_coef, 1.0,
+                       self.gae_lambda, self.ppo_epochs, self.temperature)
+
+
+class ProblemIterator:
+    """Batches ``{"prompts", "answers"}`` of fresh problems; batch ``i`` is drawn from ``fold_in(key, i)``,
+    so the position (``index``) is the whole iterator state."""
+
+    def __init__(self, task: Task, batch_size: int, key: jax.Array):
+        self.task, self.batch_size, self.key, self.index = task, batch_size, key, 0
+        self._draw = _problem_fn(task, batch_size)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        prompts, answers = self._draw(jax.random.fold_in(self.key, self.index))
+        self.index += 1
+        return {"prompts": prompts, "answers": answers}
+
+    def get_state(self) -> dict:
+        return {"index": self.index}
+
+    def set_state(self, state: dict) -> None:
+        self.index = int(state["index"])
+
+
+# ---- cached compiled pieces (one compile per configuration and shape, reused across runs) ------------
+@functools.lru_cache(maxsize=16)
+def _problem_fn(task: Task, n: int):
+    return jax.jit(lambda key: task.sample(key, n))
+
+
+@functools.lru_cache(maxsize=16)
+def _adam(lr: float) -> optax.GradientTransformation:
+    """Clip by global norm 1, then Adam (one object per lr, so jitted steps hit their cache)."""
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
+
+
+@functools.lru_cache(maxsize=16)
+def _jit_step(kind: str, model_cfg: LMConfig, task: Task, spec):
+    model = LM(model_cfg)
+    build = {"sft": lambda: make_sft_step(model), "grpo": lambda: make_grpo_step(model, task, spec),
+             "ppo-rlhf": lambda: make_ppo_rlhf_step(model, task, spec),
+             "dpo": lambda: make_dpo_step(model, task.prompt_len, *spec),
+             "reward_model": lambda: make_reward_model_step(model)}[kind]
+    return jax.jit(build(), donate_argnums=0, compiler_options=FAST_COMPILE)
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_fn(model_cfg: LMConfig, max_new_tokens: int):
+    model = LM(model_cfg)
+
+    def run(params, ref_params, prompts, answers, key):
+        prompt_len = prompts.shape[1]
+        out = {}
+        for name, temperature in (("", 1.0), ("greedy_", 0.0)):
+            roll = rollout(model, params, prompts, key, max_new_tokens, temperature)
+            out[f"{name}accuracy"] = jnp.mean(is_correct(roll.response, answers))
+            out[f"{name}response_length"] = jnp.mean(response_lengths(roll.response))
+            out[f"{name}format"] = jnp.mean(format_ok(roll.response))
+            if temperature:
+                ref_logp = response_logprobs(model, ref_params, roll.tokens, prompt_len)
+                out["kl_to_ref"] = jnp.mean(jnp.sum((roll.logps - ref_logp) * roll.mask, axis=1))
+        return out
+
+    return jax.jit(run, compiler_options=FAST_COMPILE)
+
+
+def evaluate_policy(model: LM, params, ref_params, prompts, answers, key, max_new_tokens: int) -> dict[str, float]:
+    """Verifier accuracy, response length and format rate of sampled (T = 1) and greedy (``greedy_*``) answers,
+    and ``kl_to_ref``: the sequence KL ``E_pi[log pi - log pi_ref]`` estimated on the samples."""
+    out = _eval_fn(model.cfg, max_new_tokens)(params, ref_params, prompts, answers, key)
+    return {k: float(v) for k, v in jax.device_get(out).items()}
+
+
+# ---- the driver ----------------------------------------------------------------------------------------
+def _log(message: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(message)
+
+
+def _copy(tree):
+    """Fresh buffers (a stage's state is donated to its step; the reference must survive)."""
+    return jax.tree.map(jnp.copy, tree)
+
+
+def _eval_records(path: pathlib.Path) -> list[dict]:
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{"step": r["step"], **{k[5:]: v for k, v in r.items() if k.startswith("eval/")}}
+            for r in records if any(k.startswith("eval/") for k in r)]
+
+
+def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
+    """Run (or resume) SFT and then ``cfg.method`` under ``out_dir``; returns a summary dict.
+
+    The summary holds the SFT start's evaluation (``sft``), the final one (``final``), the method stage's
+    evaluations over its steps (``history``, ``[{"step", "accuracy", ...}]``) and the run's timing.
+    """
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"config-{cfg.method}.json").write_text(json.dumps(to_jsonable(cfg), indent=2))
+    start = time.perf_counter()
+    task, model_cfg = cfg.task_spec, cfg.model_config()
+    model = LM(model_cfg)
+    base = jax.random.PRNGKey(cfg.seed)
+    stream = lambda s: jax.random.fold_in(base, s)  # noqa: E731
+    eval_prompts, eval_answers = task.sample(stream(_EVAL), cfg.eval_problems)
+    eval_key = jax.random.fold_in(stream(_EVAL), 1)
+
+    def run_stage(name, step_fn, state, data, steps, ref=None, extra=None):
+        loop = LoopConfig(num_steps=steps, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                          resume=cfg.resume, progress=cfg.progress)
+        train_step = step_fn if extra is None else (lambda s, b, k: step_fn(s, b, k, extra))
+        eval_fn = None if ref is None else (lambda s: evaluate_policy(
+            model, s.params["policy"] if name == "ppo-rlhf" else s.params, ref, eval_prompts, eval_answers,
+            eval_key, cfg.response_len))
+        result = fit(train_step, state, data, loop, out_dir / name, eval_fn=eval_fn, eval_every=cfg.eval_every)
+        if result.resumed_from is not None:
+            _log(f"{name}: resumed from step {result.resumed_from}")
+        return result
+
+    # Stage 1: supervised warm start (shared by every method run in this folder).
+    init = jax.jit(model.init)(stream(_INIT), eval_prompts[:1])["params"]
+    sft_state = create_train_state(init, _adam(cfg.sft_lr), stream(_SFT_KEY))
+    sft = run_stage("sft", _jit_step("sft", model_cfg, task, None), sft_state,
+                    ProblemIterator(task, cfg.sft_batch_size, stream(_SFT_DATA)), cfg.sft_steps)
+    ref = sft.state.params
+    sft_eval = evaluate_policy(model, ref, ref, eval_prompts, eval_answers, eval_key, cfg.response_len)
+    _log(f"sft: accuracy {sft_eval['accuracy']:.3f} (greedy {sft_eval['greedy_accuracy']:.3f})")
+    summary = {"method": cfg.method, "sft": sft_eval, "history": [], "resumed_from": sft.resumed_from}
+    final_params, preempted = ref, sft.preempted
+
+    if cfg.method == "grpo" and not preempted:
+        state = create_train_state(_copy(ref), _adam(cfg.lr), stream(_RL_KEY))
+        result = run_stage("grpo", _jit_step("grpo", model_cfg, task, cfg.grpo_spec()), state,
+                           ProblemIterator(task, cfg.batch_size, stream(_RL_DATA)), cfg.steps, ref, ref)
+        final_params, preempted, summary["resumed_from"] = result.state.params, result.preempted, result.resumed_from
+    elif cfg.method in ("dpo", "ppo-rlhf") and not preempted:
+        pairs = preference_pairs(model, ref, task, stream(_PAIRS), cfg.pair_prompts, cfg.group_size,
+                                 cfg.response_len)
+        summary["pairs"] = int(len(pairs["chosen"]))
+        _log(f"preference pairs: {summary['pairs']} of {cfg.pair_prompts} prompts have a right and a wrong sample")
+        if summary["pairs"] < cfg.batch_size:
+            raise ValueError(f"only {summary['pairs']} preference pairs for batch_size={cfg.batch_size}: raise "
+                             f"pair_prompts={cfg.pair_prompts} or group_size={cfg.group_size}, or lower batch_size")
+        data = ArrayIterator(pairs, cfg.batch_size, seed=cfg.seed)
+        if cfg.method == "dpo":
+            state = create_train_state(_copy(ref), _adam(cfg.dpo_lr), stream(_RL_KEY))
+            spec = (cfg.dpo_beta, cfg.dpo_loss, cfg.dpo_nll_coef)
+            result = run_stage("dpo", _jit_step("dpo", model_cfg, task, spec), state, data, cfg.steps, ref)
+            final_params = result.state.params
+        else:
+            rm_state = create_train_state(init_reward_params(_copy(ref), cfg.d_model), _adam(cfg.rm_lr),
+                                          stream(_RM_KEY))
+            rm = run_stage("reward_model", _jit_step("reward_model", model_cfg, task, None), rm_state, data,
+                           cfg.rm_steps)
+            # Held-out pairs (fresh prompts): how well the learned reward tracks the verifier it stands for.
+            heldout = preference_pairs(model, ref, task, stream(_RM_EVAL), cfg.eval_problems, cfg.group_size,
+                                       cfg.response_len)
+            summary["reward_model"] = {"train_pairs": summary["pairs"], "heldout_pairs": int(len(heldout["chosen"])),
+                                       "heldout_accuracy": pair_accuracy(model, rm.state.params, heldout)
+                                       if len(heldout["chosen"]) else None}
+            if summary["reward_model"]["heldout_accuracy"] is not None:
+                _log(f"reward model: {summary['reward_model']['heldout_accuracy']:.3f} accuracy on "
+                     f"{summary['reward_model']['heldout_pairs']} held-out pairs")
+            state = create_train_state({"policy": _copy(ref), "value": _copy(rm.state.params)}, _adam(cfg.lr),
+                                       stream(_RL_KEY))
+            frozen = {"ref": ref, "reward_model": rm.state.params}
+            result = run_stage("ppo-rlhf", _jit_step("ppo-rlhf", model_cfg, task, cfg.ppo_spec()), state,
+                               ProblemIterator(task, cfg.batch_size, stream(_RL_DATA)), cfg.steps, ref, frozen)
+            final_params = result.state.params["policy"]
+        preempted, summary["resumed_from"] = result.preempted, result.resumed_from
+
+    final = sft_eval if cfg.method == "sft" else evaluate_policy(model, final_params, ref, eval_prompts,
+                                                                 eval_answers, eval_key, cfg.response_len)
+    if cfg.method != "sft":
+        summary["history"] = _eval_records(out_dir / cfg.method / "metrics.jsonl")
+    summary.update(final=final, preempted=preempted, seconds=time.perf_counter() - start,
+                   num_params=sum(int(np.prod(p.shape)) for p in jax.tree.leaves(ref)))
+    _log(f"{cfg.method}: accuracy {final['accuracy']:.3f} (greedy {final['greedy_accuracy']:.3f}), "
+         f"KL to the reference {final['kl_to_ref']:.3f} nats")
+    (out_dir / f"summary-{cfg.method}.json").write_text(json.dumps(to_jsonable(summary), indent=2))
+    return summary

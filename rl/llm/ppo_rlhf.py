@@ -1,0 +1,102 @@
+"""PPO-RLHF: InstructGPT's third stage (Ouyang et al. 2022, eq. 2; Stiennon et al. 2020).
+
+The policy maximises the learned reward minus a per-token KL penalty to the SFT reference:
+``r_t = -kl_coef (log pi(y_t) - log pi_ref(y_t)) + [t = last] RM(x, y)``. A critic with the reward model's
+architecture (initialised from it) gives ``V(s_t)`` at the position that predicts token ``t``; advantages
+are GAE over the response (:func:`jaxlab.rl.returns.gae`, the episode ending at EOS), whitened over the
+batch's tokens; the policy takes PPO's clipped step (:func:`~jaxlab.rl.llm.losses.grpo_loss` with
+``beta = 0`` and per-token advantages) and the critic a clipped value step. The verifier is only read for
+monitoring: the policy optimises the reward model, not the ground truth.
+
+    step = jax.jit(make_ppo_rlhf_step(model, task, PPOSpec()), donate_argnums=0)
+    state, metrics = step(state, batch, key, {"ref": ref_params, "reward_model": rm_params})
+    # state.params = {"policy": <LM params>, "value": <reward-model-shaped params>}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxlab.models.lm import LM
+from jaxlab.rl.llm.grpo import update_epochs
+from jaxlab.rl.llm.losses import grpo_loss, masked_value_loss, masked_whiten
+from jaxlab.rl.llm.reward_model import sequence_scores, token_scores
+from jaxlab.rl.llm.sampling import response_logprobs, rollout
+from jaxlab.rl.llm.task import Task, is_correct, response_lengths
+from jaxlab.rl.returns import gae
+from jaxlab.train_state import TrainState
+
+__all__ = ["PPOSpec", "make_ppo_rlhf_step", "token_rewards"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOSpec:
+    """Hyperparameters of a PPO-RLHF step."""
+
+    samples_per_prompt: int = 8
+    max_new_tokens: int = 6
+    clip_eps: float = 0.2
+    kl_coef: float = 0.05
+    vf_coef: float = 0.5
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    ppo_epochs: int = 2
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        for name in ("samples_per_prompt", "max_new_tokens", "ppo_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+        if not (self.clip_eps > 0 and self.kl_coef >= 0 and self.vf_coef > 0 and self.temperature > 0):
+            raise ValueError(f"need clip_eps > 0, kl_coef >= 0, vf_coef > 0, temperature > 0; got {self.clip_eps=}, "
+                             f"{self.kl_coef=}, {self.vf_coef=}, {self.temperature=}")
+        if not (0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1):
+            raise ValueError(f"{self.gamma=} and {self.gae_lambda=} must be in [0, 1]")
+
+
+def token_rewards(score: jax.Array, logp: jax.Array, ref_logp: jax.Array, mask: jax.Array,
+                  kl_coef: float) -> tuple[jax.Array, jax.Array]:
+    """Per-token rewards [B, R] (KL penalty on every response token, the sequence score [B] on the last)
+    and the one-hot of the last token [B, R] (the episode's end)."""
+    last = jnp.maximum(jnp.sum(mask, axis=1).astype(jnp.int32), 1) - 1  # [B]
+    is_last = jax.nn.one_hot(last, mask.shape[1], dtype=jnp.float32)  # [B, R]
+    rewards = (-kl_coef * (logp - ref_logp) + score[:, None] * is_last) * mask
+    return rewards, is_last
+
+
+def make_ppo_rlhf_step(model: LM, task: Task, spec: PPOSpec) -> Callable:
+    """``train_step(state, batch, key, frozen) -> (state, metrics)``; ``frozen = {"ref", "reward_model"}``."""
+    Lp = task.prompt_len
+
+    def train_step(state: TrainState, batch: dict, key: jax.Array, frozen: dict):
+        prompts = jnp.repeat(batch["prompts"], spec.samples_per_prompt, axis=0)  # [B, Lp]
+        answers = jnp.repeat(batch["answers"], spec.samples_per_prompt, axis=0)
+        roll = rollout(model, state.params["policy"], prompts, key, spec.max_new_tokens, spec.temperature)
+        mask = roll.mask  # [B, R]
+        ref_logp = response_logprobs(model, frozen["ref"], roll.tokens, Lp)  # [B, R]
+        score = sequence_scores(model, frozen["reward_model"], roll.tokens, mask)  # [B]
+        old_values = token_scores(model, state.params["value"], roll.tokens)[:, Lp - 1:-1] * mask  # V(s_t), [B, R]
+        rewards, is_last = token_rewards(score, roll.logps, ref_logp, mask, spec.kl_coef)
+        next_values = jnp.concatenate([old_values[:, 1:], jnp.zeros_like(old_values[:, :1])], axis=1)
+        adv, targets = gae(rewards.T, old_values.T, next_values.T, is_last.T > 0, jnp.zeros_like(is_last.T, bool),
+                           spec.gamma, spec.gae_lambda)  # time-major [R, B]
+        adv, targets = masked_whiten(adv.T, mask), targets.T  # [B, R]
+
+        def loss_fn(params):
+            logp = response_logprobs(model, params["policy"], roll.tokens, Lp)
+            values = token_scores(model, params["value"], roll.tokens)[:, Lp - 1:-1]
+            policy_loss, metrics = grpo_loss(logp, roll.logps, ref_logp, adv, mask, clip_eps=spec.clip_eps, beta=0.0)
+            v_loss = masked_value_loss(values, targets, old_values, mask, clip_eps=spec.clip_eps)
+            return policy_loss + spec.vf_coef * v_loss, {**metrics, "value_loss": v_loss}
+
+        state, metrics = update_epochs(state, loss_fn, spec.ppo_epochs)
+        metrics.update(rm_score=jnp.mean(score), accuracy=jnp.mean(is_correct(roll.response, answers)),
+                       response_length=jnp.mean(response_lengths(roll.response)),
+                       seq_kl=jnp.mean(jnp.sum((roll.logps - ref_logp) * mask, axis=1)))
+        return state, metrics
+
+    return train_step

@@ -1,0 +1,79 @@
+"""A Bradley-Terry reward model: the LM's backbone with a scalar head (InstructGPT's second stage,
+Ouyang et al. 2022, section 3.5), trained on the verifier-labelled pairs of :mod:`jaxlab.rl.llm.dpo`.
+
+Parameters are ``{"lm": <LM params>, "head": {"w": [d_model], "b": []}}``: initialised from the SFT
+model with a zero head, so training starts at reward 0 everywhere. :func:`token_scores` reads the head at
+every position (PPO-RLHF's critic uses the same architecture, initialised from the reward model, as in
+InstructGPT); :func:`sequence_scores` reads it at each response's last token (its EOS).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlab.models.lm import LM, LMConfig
+from jaxlab.rl.llm.losses import reward_model_loss
+from jaxlab.rl.llm.sampling import hidden_states
+from jaxlab.train_state import make_train_step
+
+__all__ = ["init_reward_params", "make_reward_model_step", "pair_accuracy", "sequence_scores", "token_scores"]
+
+
+def init_reward_params(lm_params, d_model: int) -> dict:
+    """Reward model parameters on the given LM backbone with a zero scalar head."""
+    return {"lm": lm_params, "head": {"w": jnp.zeros((d_model,), jnp.float32), "b": jnp.zeros((), jnp.float32)}}
+
+
+def token_scores(model: LM, params: dict, tokens: jax.Array) -> jax.Array:
+    """The scalar head at every position: tokens [B, L] -> [B, L]."""
+    h = hidden_states(model, params["lm"], tokens).astype(jnp.float32)  # [B, L, d]
+    return h @ params["head"]["w"] + params["head"]["b"]  # [B, L]
+
+
+def sequence_scores(model: LM, params: dict, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """Reward [B] of each response: the head at its last unmasked token (mask [B, R] over the last R tokens)."""
+    R = mask.shape[1]
+    last = tokens.shape[1] - R + jnp.maximum(jnp.sum(mask, axis=1).astype(jnp.int32), 1) - 1  # [B]
+    return jnp.take_along_axis(token_scores(model, params, tokens), last[:, None], axis=1)[:, 0]
+
+
+def make_reward_model_step(model: LM):
+    """``train_step(state, pairs_batch, key) -> (state, metrics)`` minimising the Bradley-Terry loss."""
+
+    def loss_fn(params, batch, key):
+        del key
+        B = batch["chosen"].shape[0]
+        tokens = jnp.concatenate([batch["chosen"], batch["rejected"]], axis=0)  # [2B, L]
+        mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)  # [2B, R]
+        scores = sequence_scores(model, params, tokens, mask)  # [2B]
+        return reward_model_loss(scores[:B], scores[B:])
+
+    return make_train_step(loss_fn, has_aux=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _margins_fn(cfg: LMConfig):
+    model = LM(cfg)
+
+    def margins(params, chosen, chosen_mask, rejected, rejected_mask):
+        return (sequence_scores(model, params, chosen, chosen_mask)
+                - sequence_scores(model, params, rejected, rejected_mask))  # [B]
+
+    return jax.jit(margins)
+
+
+def pair_accuracy(model: LM, params: dict, pairs: dict, chunk: int = 256) -> float:
+    """Share of preference pairs (``chosen``/``rejected`` tokens and masks, as from
+    :func:`~jaxlab.rl.llm.dpo.preference_pairs`) that the reward model ranks right: a held-out check."""
+    n = len(pairs["chosen"])
+    if n == 0:
+        raise ValueError("pair_accuracy needs at least one preference pair")
+    fn = _margins_fn(model.cfg)
+    margins = [np.asarray(fn(params, *(jnp.asarray(pairs[k][i:i + chunk]) for k in
+                                       ("chosen", "chosen_mask", "rejected", "rejected_mask"))))
+               for i in range(0, n, chunk)]
+    return float(np.mean(np.concatenate(margins) > 0))

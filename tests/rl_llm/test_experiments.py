@@ -1,0 +1,34 @@
+"""Smoke runs of the post-training experiments at a tiny size: they finish, write a figure and sane metrics."""
+
+import math
+
+from jaxlab.context import RunContext
+from jaxlab.registry import get_experiment
+
+
+def _run(name, tmp_path, **overrides):
+    import dataclasses
+
+    exp = get_experiment(name)
+    cfg = dataclasses.replace(exp.quick, **overrides)
+    ctx = RunContext(name, tmp_path, quick=True, show_progress=False)
+    result = exp.fn(cfg, ctx)
+    assert ctx.figure_path.exists()
+    return result
+
+
+def test_grpo_reasoning_smoke(tmp_path):
+    result = _run("grpo-reasoning", tmp_path, num_digits=1, d_model=32, num_layers=1, sft_steps=30, steps=4,
+                  batch_size=4, group_size=4, eval_every=2, eval_problems=32)
+    m = result.metrics
+    assert m["steps"] == [0, 2, 4] and all(0 <= a <= 1 for a in m["accuracy"] + m["greedy_accuracy"])
+    assert all(1 <= n <= 6 for n in m["response_length"]) and abs(m["kl_to_ref"][0]) < 1e-4
+    assert result.summary and result.comparisons
+
+
+def test_posttrain_compare_smoke(tmp_path):
+    result = _run("posttrain-compare", tmp_path, methods=("sft", "dpo"), num_digits=1, d_model=32, num_layers=1,
+                  sft_steps=30, steps=3, batch_size=4, group_size=4, pair_prompts=64, eval_problems=32)
+    methods = result.metrics["methods"]
+    assert list(methods) == ["sft", "dpo"] and abs(methods["sft"]["kl_to_ref"]) < 1e-4
+    assert all(0 <= r["accuracy"] <= 1 and math.isfinite(r["kl_to_ref"]) for r in methods.values())

@@ -1,0 +1,150 @@
+"""The task, the sampler and the post-training pipeline end to end on a tiny model.
+
+One SFT start is trained once per session (``tiny_run``); every method then continues from it in the
+same folder, and the resume test reuses the same shapes, so each jitted step compiles once.
+"""
+
+import dataclasses
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from jaxlab.cli import main as cli_main
+from jaxlab.models.lm import LM
+from jaxlab.rl.llm.posttrain import PostTrainConfig, posttrain
+from jaxlab.rl.llm.sampling import response_logprobs, sample
+from jaxlab.rl.llm.task import EOS, PAD, Task, decode, format_ok, is_correct, response_lengths, response_mask
+
+TINY = PostTrainConfig(task="sort", num_digits=3, d_model=32, num_layers=1, num_heads=2, sft_steps=100,
+                       sft_batch_size=32, steps=20, batch_size=8, group_size=4, lr=1e-3, dpo_lr=5e-4,
+                       pair_prompts=128, rm_steps=30, eval_problems=128, eval_every=20, log_every=5,
+                       checkpoint_every=10, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The shared SFT start: (folder, summary of the sft run)."""
+    out = tmp_path_factory.mktemp("posttrain")
+    return out, posttrain(dataclasses.replace(TINY, method="sft"), out)
+
+
+def test_task_problems_and_verifier():
+    add = Task("add", 2)
+    prompts, answers = add.sample(jax.random.PRNGKey(3), 64)
+    assert prompts.shape == (64, add.prompt_len) and answers.shape == (64, add.answer_len)
+    for p, a in zip(np.asarray(prompts), np.asarray(answers)):
+        x, y = decode(p).rstrip("=").split("+")
+        assert decode(a) == str(int(x) + int(y))
+    srt = Task("sort", 4)
+    prompts, answers = srt.sample(jax.random.PRNGKey(3), 16)
+    assert all(decode(a) == "".join(sorted(decode(p).rstrip("="))) for p, a in zip(prompts, answers))
+    # exact match through EOS; anything after the first EOS is ignored; a missing EOS is wrong
+    answers = jnp.array([[4, 5, EOS, PAD], [4, 5, EOS, PAD], [4, 5, EOS, PAD], [4, 5, EOS, PAD]])
+    response = jnp.array([[4, 5, EOS, 7, 7], [4, 5, 6, EOS, PAD], [4, 5, 5, 5, 5], [EOS, PAD, PAD, PAD, PAD]])
+    np.testing.assert_array_equal(is_correct(response, answers), [1, 0, 0, 0])
+    np.testing.assert_array_equal(format_ok(response), [1, 1, 0, 0])
+    np.testing.assert_array_equal(response_lengths(response), [3, 4, 5, 1])
+    np.testing.assert_array_equal(response_mask(response)[0], [1, 1, 1, 0, 0])
+    np.testing.assert_allclose(Task().rewards(response, answers, format_weight=0.1), [1.1, 0.1, 0, 0], rtol=1e-6)
+    with pytest.raises(ValueError, match="kind='mul'"):
+        Task("mul")
+
+
+def test_sampler_deterministic_stops_at_eos_and_matches_full_forward(tiny_run):
+    out, _ = tiny_run
+    cfg = TINY.model_config()
+    model = LM(cfg)
+    params = ocp.StandardCheckpointer().restore((out / "sft" / "checkpoints" / str(TINY.sft_steps) / "state").absolute())
+    params = params["params"]
+    prompts, _ = TINY.task_spec.sample(jax.random.PRNGKey(1), 32)
+    key = jax.random.PRNGKey(7)
+    a = sample(model, params, prompts, key, TINY.response_len)
+    b = sample(model, params, prompts, key, TINY.response_len)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert not np.array_equal(a.tokens, sample(model, params, prompts, jax.random.PRNGKey(8), TINY.response_len).tokens)
+    np.testing.assert_array_equal(a.tokens[:, :prompts.shape[1]], prompts)
+    mask, response = np.asarray(a.mask), np.asarray(a.response)
+    np.testing.assert_array_equal(mask, response_mask(a.response))
+    assert np.any(response == EOS) and np.all(response[mask == 0] == PAD) and np.all(np.asarray(a.logps)[mask == 0] == 0)
+    # decode = full forward: the sampler's log-probabilities are the teacher-forced ones
+    full = response_logprobs(model, params, a.tokens, prompts.shape[1])
+    np.testing.assert_allclose(np.asarray(full) * mask, a.logps, atol=2e-5)
+    greedy = sample(model, params, prompts, jax.random.PRNGKey(9), TINY.response_len, temperature=0.0)
+    logits, _ = model.apply({"params": params}, greedy.tokens)
+    first = jnp.argmax(logits[:, prompts.shape[1] - 1], axis=-1)
+    np.testing.assert_array_equal(first, greedy.response[:, 0])
+
+
+def test_sft_start_is_low_but_nonzero(tiny_run):
+    _, summary = tiny_run
+    assert 0.05 < summary["sft"]["accuracy"] < 0.95 and abs(summary["sft"]["kl_to_ref"]) < 1e-4
+
+
+def test_grpo_improves_the_verifier_reward(tiny_run):
+    out, sft = tiny_run
+    run = posttrain(dataclasses.replace(TINY, method="grpo"), out)
+    assert run["resumed_from"] is None and [h["step"] for h in run["history"]] == [TINY.steps]
+    assert run["final"]["accuracy"] > sft["sft"]["accuracy"]  # same eval problems and sampling key
+    assert 0 < run["final"]["kl_to_ref"] < 5
+
+
+def test_dpo_learns_the_preferences_and_improves_the_verifier_reward(tiny_run):
+    out, sft = tiny_run
+    run = posttrain(dataclasses.replace(TINY, method="dpo"), out)  # sigmoid DPO + the chosen NLL (RPO)
+    assert run["pairs"] >= TINY.batch_size
+    records = [json.loads(line) for line in (out / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "reward_accuracy" in r]
+    assert train[-1]["reward_margin"] > 0 and train[-1]["reward_accuracy"] >= 0.5
+    assert run["final"]["accuracy"] > sft["sft"]["accuracy"] and run["final"]["kl_to_ref"] > 0
+
+
+def test_ppo_rlhf_raises_the_reward_model_score_and_the_verifier_reward(tiny_run):
+    out, sft = tiny_run
+    run = posttrain(dataclasses.replace(TINY, method="ppo-rlhf", lr=3e-4, kl_coef=0.05, rm_steps=150, pair_prompts=512,
+                                        log_every=1), out)
+    read = lambda name: [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    rm = [r for r in read("reward_model") if "margin" in r]
+    assert rm[-1]["loss"] < np.log(2)  # the Bradley-Terry model beats chance on its pairs
+    ppo = [r for r in read("ppo-rlhf") if "rm_score" in r]
+    assert np.mean([r["rm_score"] for r in ppo[-5:]]) > np.mean([r["rm_score"] for r in ppo[:5]])
+    assert all(np.isfinite(r["value_loss"]) for r in ppo)
+    assert run["final"]["accuracy"] > sft["sft"]["accuracy"]  # the verifier, which PPO never saw
+
+
+def test_cli_resume_matches_uninterrupted_run(tiny_run, tmp_path):
+    out, _ = tiny_run
+    shutil.copytree(out / "sft", tmp_path / "sft")  # reuse the SFT stage (its final checkpoint)
+    args = ["train", "posttrain", "--method", "grpo", "--out", str(tmp_path)]
+    flags = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TINY)]
+    for flag, f in zip(flags, dataclasses.fields(TINY)):
+        value = getattr(TINY, f.name)
+        if f.name in ("method",) or value is None:
+            continue
+        if isinstance(value, bool):
+            args.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            args += [flag, str(value)]
+    assert cli_main(args) == 0
+    state = lambda step: ocp.StandardCheckpointer().restore((tmp_path / "grpo" / "checkpoints" / str(step) / "state").absolute())  # noqa: E731
+    reference = state(TINY.steps)
+    shutil.rmtree(tmp_path / "grpo" / "checkpoints" / str(TINY.steps))  # killed after step 10's checkpoint
+    assert cli_main(args) == 0
+    summary = json.loads((tmp_path / "summary-grpo.json").read_text())
+    assert summary["resumed_from"] == 10
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(state(TINY.steps))):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"method": "rlhf"}, "method='rlhf'"), ({"aggregation": "sum"}, "aggregation='sum'"),
+    ({"group_size": 1}, "group_size=1"), ({"dpo_loss": "kto"}, "dpo_loss='kto'"), ({"lr": 0.0}, "lr=0.0"),
+    ({"d_model": 30}, "d_model=30"), ({"max_new_tokens": 2}, "max_new_tokens=2"), ({"steps": 0}, "steps=0"),
+    ({"gae_lambda": 2.0}, "gae_lambda=2.0"), ({"task": "mul"}, "task='mul'")])
+def test_invalid_config_names_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PostTrainConfig(**kwargs)
