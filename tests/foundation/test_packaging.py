@@ -63,3 +63,9 @@ def test_plain_wheel_contains_the_mapped_namespace(tmp_path):
             "print('ok')")
     run = subprocess.run([sys.executable, "-c", code, str(site)], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
+def test_test_files_have_unique_basenames():
+    """pytest imports test modules by basename (no __init__.py in tests/): two files of one name collide."""
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert not {n for n in names if names.count(n) > 1}, "rename the test files that share a name"
