@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import optax
 
 from jaxlab.models.lm import LM
-from jaxlab.rl.llm.losses import AGGREGATIONS, grpo_advantages, grpo_loss, kimi_length_reward, masked_mean
+from jaxlab.rl.llm.losses import (AGGREGATIONS, grpo_advantages, grpo_loss, kimi_length_reward, masked_mean,
+                                  sequence_kl)
 from jaxlab.rl.llm.sampling import response_logprobs, rollout
 from jaxlab.rl.llm.task import Task, is_correct, response_lengths
 from jaxlab.train_state import TrainState
@@ -100,7 +101,7 @@ def make_grpo_step(model: LM, task: Task, spec: GRPOSpec) -> Callable:
         state, metrics = update_epochs(state, loss_fn, spec.ppo_epochs)
         solved = jnp.mean(correct.reshape(-1, G), axis=1)  # [N]
         metrics.update(reward=jnp.mean(rewards), accuracy=jnp.mean(correct), response_length=jnp.mean(lengths),
-                       seq_kl=jnp.mean(jnp.sum((roll.logps - ref_logp) * roll.mask, axis=1)),
+                       seq_kl=sequence_kl(roll.logps, ref_logp, roll.mask),
                        mixed_groups=jnp.mean(((solved > 0) & (solved < 1)).astype(jnp.float32)),
                        entropy_proxy=-masked_mean(roll.logps, roll.mask))
         return state, metrics

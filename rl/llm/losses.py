@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from jaxlab.rl.losses import value_loss
 
 __all__ = ["AGGREGATIONS", "DPO_LOSSES", "dpo_loss", "grpo_advantages", "grpo_loss", "kimi_length_reward",
-           "masked_mean", "masked_value_loss", "masked_whiten", "reward_model_loss", "sequence_logprobs",
-           "token_logprobs"]
+           "masked_mean", "masked_value_loss", "masked_whiten", "reward_model_loss", "sequence_kl",
+           "sequence_logprobs", "token_logprobs"]
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 AGGREGATIONS = ("token-mean", "sequence-mean", "constant-norm")
@@ -63,6 +63,12 @@ def masked_sum(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
 def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
     """Mean of ``x`` over ``mask = 1`` (0 where the mask is empty)."""
     return masked_sum(x, mask, axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
+
+
+def sequence_kl(logp: jax.Array, ref_logp: jax.Array, mask: jax.Array) -> jax.Array:
+    """``E_pi[log pi(y|x) - log pi_ref(y|x)]`` estimated on responses sampled from pi: the batch mean of
+    ``sum_t mask (logp - ref_logp)`` over per-token log-probabilities [B, T]."""
+    return jnp.mean(masked_sum(logp - ref_logp, mask, axis=1))
 
 
 # ---- DPO ---------------------------------------------------------------------------------------------

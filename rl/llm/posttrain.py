@@ -31,7 +31,8 @@ from jaxlab.metrics import to_jsonable
 from jaxlab.models.lm import LM, LMConfig
 from jaxlab.rl.llm.dpo import make_dpo_step, preference_pairs
 from jaxlab.rl.llm.grpo import GRPOSpec, make_grpo_step
-from jaxlab.rl.llm.losses import AGGREGATIONS, DPO_LOSSES
+from jaxlab.rl.core import make_optimizer
+from jaxlab.rl.llm.losses import AGGREGATIONS, DPO_LOSSES, sequence_kl
 from jaxlab.rl.llm.ppo_rlhf import PPOSpec, make_ppo_rlhf_step
 from jaxlab.rl.llm.reward_model import init_reward_params, make_reward_model_step, pair_accuracy
 from jaxlab.rl.llm.sampling import response_logprobs, rollout
@@ -199,8 +200,9 @@ def _problem_fn(task: Task, n: int):
 
 @functools.lru_cache(maxsize=16)
 def _adam(lr: float) -> optax.GradientTransformation:
-    """Clip by global norm 1, then Adam (one object per lr, so jitted steps hit their cache)."""
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
+    """Clip by global norm 1, then Adam with optax's default eps (one object per lr, so jitted steps hit
+    their cache)."""
+    return make_optimizer(lr, max_grad_norm=1.0, eps=1e-8)
 
 
 @functools.lru_cache(maxsize=16)
@@ -227,7 +229,7 @@ def _eval_fn(model_cfg: LMConfig, max_new_tokens: int):
             out[f"{name}format"] = jnp.mean(format_ok(roll.response))
             if temperature:
                 ref_logp = response_logprobs(model, ref_params, roll.tokens, prompt_len)
-                out["kl_to_ref"] = jnp.mean(jnp.sum((roll.logps - ref_logp) * roll.mask, axis=1))
+                out["kl_to_ref"] = sequence_kl(roll.logps, ref_logp, roll.mask)
         return out
 
     return jax.jit(run, compiler_options=FAST_COMPILE)

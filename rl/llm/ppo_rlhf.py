@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from jaxlab.models.lm import LM
 from jaxlab.rl.llm.grpo import update_epochs
-from jaxlab.rl.llm.losses import grpo_loss, masked_value_loss, masked_whiten
+from jaxlab.rl.llm.losses import grpo_loss, masked_value_loss, masked_whiten, sequence_kl
 from jaxlab.rl.llm.reward_model import sequence_scores, token_scores
 from jaxlab.rl.llm.sampling import response_logprobs, rollout
 from jaxlab.rl.llm.task import Task, is_correct, response_lengths
@@ -96,7 +96,7 @@ def make_ppo_rlhf_step(model: LM, task: Task, spec: PPOSpec) -> Callable:
         state, metrics = update_epochs(state, loss_fn, spec.ppo_epochs)
         metrics.update(rm_score=jnp.mean(score), accuracy=jnp.mean(is_correct(roll.response, answers)),
                        response_length=jnp.mean(response_lengths(roll.response)),
-                       seq_kl=jnp.mean(jnp.sum((roll.logps - ref_logp) * mask, axis=1)))
+                       seq_kl=sequence_kl(roll.logps, ref_logp, mask))
         return state, metrics
 
     return train_step
