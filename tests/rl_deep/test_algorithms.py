@@ -12,6 +12,8 @@ for an observed ``x``: optimal return 0, a random action gets -2/3).
 Tests compile with XLA's backend optimisation off and one hidden layer: compile time dominates.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,7 +46,7 @@ CASES = {
 def _state_values(name, cfg, state):
     """The learnt value of each bandit context, ``[seeds, 2]``."""
     if name == "dqn":
-        q = QNetwork(2, cfg.hidden_sizes, cfg.activation)
+        q = QNetwork(2, cfg.hidden_sizes, cfg.activation, cfg.layer_norm)
         return jax.vmap(lambda p: q.apply(p, CONTEXTS).max(-1))(state.agent.params)
     critic = Critic(cfg.hidden_sizes, cfg.activation)
     return jax.vmap(lambda p: critic.apply(p, CONTEXTS))(state.params["critic"])
@@ -102,3 +104,26 @@ def test_minatar_image_observations_take_the_cnn():
         params = out["state"].params if module is ppo else out["state"].agent.params
         kernels = [x.shape for x in jax.tree.leaves(params) if len(x.shape) == 4]
         assert kernels and all(k[:2] == (3, 3) and k[3] == 16 for k in kernels)  # one 3x3x16 conv per network
+
+
+def test_dqn_anneal_lr_counts_the_gradient_steps_taken(key):
+    """``learning_updates`` is the number of updates that learn (after ``learning_starts``), and with
+    ``anneal_lr`` the learning-rate schedule spans exactly the gradient steps taken (it ends at 0)."""
+    cfg = dqn.DQNConfig(total_timesteps=200, num_envs=4, train_frequency=2, gradient_steps=3, learning_starts=37,
+                        buffer_size=64, batch_size=8, hidden_sizes=(8,), anneal_lr=True, env_id="TimeLimitBandit-probe")
+    out = jax.jit(dqn.make_train(cfg)).lower(key).compile(FAST_COMPILE)(key)
+    learned = np.isfinite(np.asarray(out["metrics"]["q_loss"]))
+    assert cfg.learning_updates == learned.sum() == 21  # updates 4..24 end at >= 40 env steps
+    assert not learned[:4].any() and learned[4:].all()
+    counts = [int(x) for p, x in jax.tree_util.tree_flatten_with_path(out["state"].agent.opt_state)[0]
+              if "count" in jax.tree_util.keystr(p)]
+    assert counts and all(c == 21 * 3 for c in counts)
+
+
+def test_values_in_rollout_is_only_a_speed_choice(key):
+    """The critic evaluated inside each env step or once over the rollout gives the same training."""
+    cfg = ppo.PPOConfig(num_envs=4, num_steps=8, num_minibatches=2, total_timesteps=3 * 32, **DISCRETE)
+    runs = [jax.jit(ppo.make_train(dataclasses.replace(cfg, values_in_rollout=v))).lower(key).compile(FAST_COMPILE)(key)
+            for v in (True, False)]
+    for name in ("value_loss", "policy_loss", "episode_return"):
+        np.testing.assert_allclose(runs[0]["metrics"][name], runs[1]["metrics"][name], rtol=1e-4, atol=1e-6)

@@ -85,6 +85,20 @@ def test_cartpole_rollout_transitions_chain(key):
     np.testing.assert_array_equal(traj.reward, 1.0)
 
 
+def test_rollout_value_fn_evaluates_both_ends_of_each_transition(key):
+    """``value_fn`` inside the step gives the critic of obs and of the pre-reset next_obs, as one call afterwards."""
+    env, params = make_vec_env("TimeLimitBandit-probe", num_envs=3)
+    value_fn = lambda obs: obs @ jnp.array([2.0, -1.0])  # noqa: E731
+    fn = jax.jit(lambda k: rollout(env, params, env_reset(env, params, k), _constant_policy(0), k, 12, value_fn))
+    _, traj = fn.lower(key).compile(FAST_COMPILE)(key)
+    np.testing.assert_allclose(traj.extras["value"], value_fn(traj.obs))          # [T, E]
+    np.testing.assert_allclose(traj.extras["next_value"], value_fn(traj.next_obs))
+    assert not np.allclose(traj.extras["value"], traj.extras["next_value"])
+    with pytest.raises(TypeError, match="extras must be a dict"):
+        jax.eval_shape(lambda k: rollout(env, params, env_reset(env, params, k),
+                                         lambda o, k: (jnp.zeros(3, jnp.int32), jnp.zeros(3)), k, 2, value_fn), key)
+
+
 def test_normalisation_wrappers(key):
     env, params = make_vec_env("Pendulum-v1", num_envs=16, normalize_obs=True, normalize_reward=True, gamma=0.9)
     policy = lambda obs, k: (jax.random.uniform(k, (16, 1), minval=-2, maxval=2), {})  # noqa: E731
