@@ -252,7 +252,10 @@ def _markdown(r: dict) -> str:
         "",
         "## PPO on CartPole-v1 at PureJaxRL's defaults (4 envs x 128 steps, 4 epochs x 4 minibatches)",
         "",
-        "| env steps | compile s | run s | steps/s | reference steps/s (PureJaxRL ppo.py, 2-core CPU) | ratio |",
+        "Against the quoted figure for PureJaxRL's ppo.py on a 2-core CPU (another machine; the same-machine "
+        "comparison, when run, follows).",
+        "",
+        "| env steps | compile s | run s | steps/s | quoted steps/s (PureJaxRL ppo.py, 2-core CPU) | ratio |",
         "|---|---|---|---|---|---|",
         f"| {p['env_steps']:,} | {p['compile_s']:.1f} | {p['run_s']:.2f} | {p['steps_per_s']:,.0f} | "
         f"{p['purejaxrl_cpu_reference_steps_per_s']:,.0f} | {p['ratio_to_reference']:.2f} |",

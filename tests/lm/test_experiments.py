@@ -43,6 +43,20 @@ def test_mqar_smoke(tmp_path):
     assert set(acc) == {"attention"} and 0 <= acc["attention"]["16"]["16"] <= 1
 
 
+def test_mqar_reports_the_best_learning_rate_of_its_sweep(tmp_path):
+    exp = get_experiment("mqar")
+    cfg = dataclasses.replace(exp.quick, **{**TINY["mqar"], "lrs": (1e-3, 3e-2)})
+    m = exp.fn(cfg, RunContext("mqar", tmp_path, quick=True, show_progress=False)).metrics
+    by_lr = m["accuracy_by_lr"]["attention"]["16"]["16"]
+    assert set(by_lr) == {"0.001", "0.03"}
+    assert m["accuracy"]["attention"]["16"]["16"] == max(by_lr.values())
+    assert by_lr[f"{m['best_lr']['attention']['16']['16']:g}"] == max(by_lr.values())
+    with pytest.raises(ValueError, match="lrs"):
+        dataclasses.replace(cfg, lrs=())
+    with pytest.raises(ValueError, match="lrs"):
+        dataclasses.replace(cfg, lrs=(1e-3, 0.0))
+
+
 def test_selective_copying_and_induction_smoke(tmp_path):
     assert 0 <= _run("selective-copying", tmp_path)["accuracy"]["attention"] <= 1
     acc = _run("induction-heads", tmp_path)["accuracy"]["attention"]
