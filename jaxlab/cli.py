@@ -165,7 +165,7 @@ def _cmd_reproduce(args: Sequence[str]) -> int:
     return 0
 
 
-def _split_name(command: str, args: Sequence[str], known: dict[str, Any]) -> tuple[str, list[str]]:
+def _split_name(command: str, args: Sequence[str], known: Sequence[str]) -> tuple[str, list[str]]:
     if not args or args[0].startswith("-"):
         if args and args[0] in ("-h", "--help"):
             print(f"usage: jaxlab {command} NAME [--help] [--FIELD VALUE ...]\n\nNAME is one of: "
@@ -179,7 +179,7 @@ def _cmd_run(args: Sequence[str]) -> int:
     from jaxlab import registry
     from jaxlab.reproduce import reproduce
 
-    name, rest = _split_name("run", args, registry.experiments())
+    name, rest = _split_name("run", args, registry.experiment_names())
     experiment = registry.get_experiment(name)
     quick = "--quick" in rest
     cls = RunArgs[experiment.config_cls]
@@ -197,7 +197,7 @@ def _cmd_run(args: Sequence[str]) -> int:
 def _cmd_train(args: Sequence[str]) -> int:
     from jaxlab import registry
 
-    name, rest = _split_name("train", args, registry.trainers())
+    name, rest = _split_name("train", args, registry.trainer_names())
     trainer = registry.get_trainer(name)
     opts = _parse(TrainArgs[trainer.config_cls], rest, default=TrainArgs(config=trainer.config_cls()),
                   prog=f"jaxlab train {name}", description=trainer.description)

@@ -2,7 +2,10 @@
 
 Adding an experiment or a trainer means writing one module under ``experiments/`` (the
 ``jaxlab.experiments`` package, subpackages included) that applies a decorator; nothing else
-is edited. ``discover()`` imports every module of that package once, which runs the decorators.
+is edited. Lookups are lazy: ``get_experiment(name)`` and ``get_trainer(name)`` read the sources
+of that package without importing them (``index()``: which module registers which name) and
+import only the module they need, so ``jaxlab train lm`` does not pay for gymnax or matplotlib.
+``discover()`` imports every module once (``jaxlab list``, ``jaxlab reproduce`` with no names).
 
     @dataclasses.dataclass(frozen=True)
     class HippoConfig:
@@ -18,9 +21,12 @@ An experiment's config class is ``type(quick)``; its full-size configuration is 
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
 import importlib
+import importlib.util
 import pkgutil
 from collections.abc import Callable
 from typing import Any
@@ -30,13 +36,17 @@ __all__ = [
     "Experiment",
     "ExperimentResult",
     "RegistryError",
+    "SourceIndex",
     "Trainer",
     "discover",
+    "experiment_names",
     "experiments",
     "get_experiment",
     "get_trainer",
+    "index",
     "register_experiment",
     "register_trainer",
+    "trainer_names",
     "trainers",
 ]
 
@@ -136,17 +146,74 @@ def register_trainer(name: str, *, description: str, config: type):
     return decorator
 
 
-def discover() -> None:
-    """Import every module of the discovery packages once (this runs their decorators)."""
-    global _DISCOVERED
-    if _DISCOVERED:
-        return
+_DECORATORS = {"register_experiment": "experiment", "register_trainer": "trainer"}
+
+
+def _modules() -> list[str]:
+    """Names of the discoverable modules (``_*`` skipped); imports only the packages themselves."""
+    names = []
     for package_name in DISCOVERY_PACKAGES:
         package = importlib.import_module(package_name)
         for info in pkgutil.walk_packages(package.__path__, prefix=package_name + "."):
-            if info.name.rsplit(".", 1)[-1].startswith("_"):
-                continue
-            importlib.import_module(info.name)
+            if not info.name.rsplit(".", 1)[-1].startswith("_"):
+                names.append(info.name)
+    return names
+
+
+def _registered_names(source: str, filename: str) -> list[tuple[str, str | None]]:
+    """``(kind, name)`` of each ``register_experiment(...)``/``register_trainer(...)`` call in
+    ``source`` (as a decorator or not); name None when it is not a string literal."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        fname = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+        if fname not in _DECORATORS:
+            continue
+        first = node.args[0] if node.args else None
+        literal = isinstance(first, ast.Constant) and isinstance(first.value, str)
+        found.append((_DECORATORS[fname], first.value if literal else None))
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceIndex:
+    """Which module registers which name, read from the sources without importing them."""
+
+    experiment: dict[str, str]
+    trainer: dict[str, str]
+    dynamic: tuple[str, ...]
+    """Modules registering a name computed at run time: only importing them tells it."""
+
+
+@functools.cache
+def index() -> SourceIndex:
+    """Scan the discovery packages' sources for ``@register_experiment("name", ...)`` and
+    ``@register_trainer("name", ...)``; a lookup then imports just the module it needs."""
+    table: dict[str, dict[str, str]] = {"experiment": {}, "trainer": {}}
+    dynamic = []
+    for module in _modules():
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            dynamic.append(module)  # not Python source: only an import can tell
+            continue
+        with open(spec.origin, encoding="utf-8") as f:
+            for kind, name in _registered_names(f.read(), spec.origin):
+                if name is None:
+                    dynamic.append(module)
+                else:
+                    table[kind][name] = module
+    return SourceIndex(table["experiment"], table["trainer"], tuple(dict.fromkeys(dynamic)))
+
+
+def discover() -> None:
+    """Import every discoverable module once (this runs their decorators)."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    for module in _modules():
+        importlib.import_module(module)
     _DISCOVERED = True
 
 
@@ -160,6 +227,22 @@ def trainers() -> dict[str, Trainer]:
     return dict(sorted(_TRAINERS.items()))
 
 
+def experiment_names() -> list[str]:
+    """Registered experiment names, sorted, without importing the experiments."""
+    return _names("experiment", _EXPERIMENTS)
+
+
+def trainer_names() -> list[str]:
+    """Registered trainer names, sorted, without importing the trainers."""
+    return _names("trainer", _TRAINERS)
+
+
+def _names(kind: str, table: dict) -> list[str]:
+    for module in index().dynamic:  # names only known once these modules run
+        importlib.import_module(module)
+    return sorted(set(getattr(index(), kind)) | set(table))
+
+
 def _unknown(kind: str, name: str, known: list[str]) -> RegistryError:
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -167,15 +250,22 @@ def _unknown(kind: str, name: str, known: list[str]) -> RegistryError:
     return RegistryError(f"unknown {kind} {name!r}{hint} (known: {listing})")
 
 
-def get_experiment(name: str) -> Experiment:
-    table = experiments()
+def _lookup(kind: str, name: str, table: dict):
+    static = getattr(index(), kind)
+    if name not in table and name in static:
+        importlib.import_module(static[name])  # runs the one module's decorator
+        if name not in table:
+            raise RegistryError(f"module {static[name]} names {kind} {name!r} but did not register it")
     if name not in table:
-        raise _unknown("experiment", name, list(table))
+        known = _names(kind, table)  # imports the modules whose names are only known at run time
+        if name not in table:
+            raise _unknown(kind, name, known)
     return table[name]
+
+
+def get_experiment(name: str) -> Experiment:
+    return _lookup("experiment", name, _EXPERIMENTS)
 
 
 def get_trainer(name: str) -> Trainer:
-    table = trainers()
-    if name not in table:
-        raise _unknown("trainer", name, list(table))
-    return table[name]
+    return _lookup("trainer", name, _TRAINERS)

@@ -1,6 +1,8 @@
 """Experiment/trainer registry: discovery, lookups with suggestions, duplicate and bad registrations."""
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 
@@ -21,6 +23,51 @@ def test_discovery_finds_experiment_modules_and_quick_configs_validate():
         assert dataclasses.is_dataclass(exp.quick) and exp.quick.__dataclass_params__.frozen, name
         exp.config_cls()  # the full-size default must construct (and validate)
         assert exp.default_config(True) is exp.quick
+
+
+def test_source_index_names_the_module_that_registers_each_name():
+    idx = registry.index()
+    assert idx.dynamic == ()
+    assert {n: e.fn.__module__ for n, e in registry.experiments().items()} == idx.experiment
+    assert {n: t.fn.__module__ for n, t in registry.trainers().items()} == idx.trainer
+    assert registry.experiment_names() == sorted(idx.experiment)
+    assert registry.trainer_names() == ["lm", "posttrain", "rl"]
+
+
+def test_scan_reads_decorators_plain_calls_and_run_time_names():
+    source = """
+import jaxlab.registry as registry
+from jaxlab.registry import register_experiment, register_trainer
+
+@register_experiment("fig-1", description="d", paper="p", quick=Cfg())
+def fig(cfg, ctx): ...
+
+@registry.register_trainer("tr", description="d", config=Cfg)
+def tr(cfg, out): ...
+
+register_experiment("fig-2", description="d", paper="p", quick=Cfg())(fig)
+for n in ("a", "b"):
+    register_experiment(f"fig-{n}", description="d", paper="p", quick=Cfg())(fig)
+"""
+    assert registry._registered_names(source, "<test>") == [
+        ("experiment", "fig-1"), ("trainer", "tr"), ("experiment", "fig-2"), ("experiment", None)]
+
+
+def test_a_lookup_imports_only_the_module_it_needs():
+    # `jaxlab train lm` must not pay for gymnax, distrax or matplotlib (imported by other modules).
+    code = ("import sys; from jaxlab import registry; registry.get_trainer('lm'); "
+            "registry.get_experiment('ssm-hippo'); "
+            "print(sorted(m for m in ('gymnax', 'distrax', 'jaxlab.experiments.rl_train', "
+            "'jaxlab.experiments.mqar') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[-2] == "[]"
+
+
+def test_a_module_that_does_not_register_its_indexed_name_is_an_error(monkeypatch):
+    fake = registry.SourceIndex(experiment={"ghost": "jaxlab.experiments._lm_common"}, trainer={}, dynamic=())
+    monkeypatch.setattr(registry, "index", lambda: fake)
+    with pytest.raises(RegistryError, match="_lm_common names experiment 'ghost' but did not register it"):
+        get_experiment("ghost")
 
 
 def test_unknown_name_suggests_close_ones():
