@@ -15,7 +15,10 @@ CPU (always):
 GPU (when present): model FLOPs utilisation of a ~125M-parameter attention LM (d=768, 12 layers, 12
 heads, GPT-2 vocabulary size, L=2048, bf16 compute), with the PaLM count (Chowdhery et al. 2022,
 App. B: 6 N + 12 n_layers d L FLOPs per token, N = non-embedding parameters plus the output matmul)
-against the device's dense bf16 peak. Goal: at least 45% MFU on an H100.
+against the device's dense bf16 peak. Goal: at least 45% MFU on an H100. Measured for one document
+per row (attention through cuDNN, and through our Pallas kernel) and for packed rows with segment ids
+(Pallas: cuDNN's fused kernel takes no segment mask). A configuration that fails is recorded with its
+error and the others still run. ``--mfu-only`` skips the CPU-sized sections.
 
 Results go to ``benchmarks/results/lm-<backend>.{json,md}``.
 """
@@ -40,6 +43,7 @@ def _args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer mixers and repeats")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, quick 2)")
+    p.add_argument("--mfu-only", action="store_true", help="on a GPU, measure only the MFU section")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results")
     return p.parse_args(argv)
 
@@ -147,55 +151,106 @@ def bench_packing(seq_lens, repeats: int) -> list[dict]:
     return rows
 
 
-def bench_mfu(repeats: int) -> dict:
+def mfu_flops_per_token(num_params: int, num_layers: int, d_model: int, seq_len: int) -> int:
+    """Training FLOPs per token, PaLM's count: 6 N for the matmuls with weights (forward + backward)
+    plus 12 n_layers d L for attention's QK^T and AV (causal masking not discounted)."""
+    return 6 * num_params + 12 * num_layers * d_model * seq_len
+
+
+def bench_mfu(repeats: int, model: dict = GPU_MODEL) -> dict:
+    """MFU of the ~125M attention LM, per (layout, attention kernel); a failing one records its error."""
     import jax
     import numpy as np
 
     from jaxlab.models.lm import LMConfig
+    from jaxlab.models.packing import pack_documents
 
-    g = GPU_MODEL
-    cfg = LMConfig(vocab_size=g["vocab_size"], d_model=g["d_model"], num_layers=g["num_layers"],
-                   num_heads=g["num_heads"], mixer="attention", max_len=g["seq_len"], dtype="bfloat16")
-    step, state = _step_fn(cfg)
-    rng = np.random.default_rng(0)
-    batches = [_batch(rng.integers(0, g["vocab_size"], (g["batch"], g["seq_len"]))) for _ in range(2)]
-    t, state = _time_steps(step, state, batches, repeats)
-    total = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-    n = total  # non-embedding parameters plus the tied table, which is counted once, as the output matmul
-    flops_per_token = 6 * n + 12 * g["num_layers"] * g["d_model"] * g["seq_len"]
-    tokens = g["batch"] * g["seq_len"]
+    g = model
+    B, L, V = g["batch"], g["seq_len"], g["vocab_size"]
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), None)
-    achieved = flops_per_token * tokens / t / 1e12
-    return {"device": kind, "params": total, "step_ms": 1e3 * t, "tokens_per_s": tokens / t,
-            "model_tflops": achieved, "peak_tflops": peak, "mfu": achieved / peak if peak else None}
+    rng = np.random.default_rng(0)
+    unpacked = [{"tokens": rng.integers(0, V, (B, L)).astype(np.int32), "loss_mask": np.ones((B, L), np.int32)}
+                for _ in range(2)]
+    # Packed rows of documents of GPT-2-like lengths (geometric, mean L / 4), as a packed corpus gives.
+    docs = [rng.integers(0, V, 1 + rng.geometric(4 / L)).astype(np.int32) for _ in range(16 * B)]
+    rows = pack_documents(docs, L)
+    packed = [_batch(rows["tokens"][i * B:(i + 1) * B], rows["segment_ids"][i * B:(i + 1) * B]) for i in range(2)]
+    result = {"device": kind, "peak_tflops": peak, "model": g, "runs": []}
+    for layout, impl, batches in (("one document per row", "cudnn", unpacked),
+                                  ("one document per row", "pallas", unpacked),
+                                  ("packed, segment ids", "pallas", packed)):
+        run = {"layout": layout, "attention_impl": impl}
+        try:
+            cfg = LMConfig(vocab_size=V, d_model=g["d_model"], num_layers=g["num_layers"], num_heads=g["num_heads"],
+                           mixer="attention", max_len=L, dtype="bfloat16", attention_impl=impl)
+            step, state = _step_fn(cfg)
+            t, state = _time_steps(step, state, batches, repeats)
+        except Exception as e:  # noqa: BLE001 -- recorded, and the other configurations still run
+            run["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            result["runs"].append(run)
+            continue
+        # All parameters: the tied embedding is counted once, as the output matmul (the lookup is free).
+        n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+        achieved = mfu_flops_per_token(n, g["num_layers"], g["d_model"], L) * B * L / t / 1e12
+        run.update(params=n, step_ms=1e3 * t, tokens_per_s=B * L / t, model_tflops=achieved,
+                   mfu=achieved / peak if peak else None)
+        result["runs"].append(run)
+        del step, state
+    return result
 
 
-def _markdown(result: dict) -> str:
-    lines = [f"# LM training throughput ({result['backend']}, {result['device']})", "",
-             f"Host load average at start: {', '.join(f'{x:.1f}' for x in result['load_average'])} "
-             f"({os.cpu_count()} CPUs); timings from a loaded host are not comparable.", "",
-             f"Model: d_model={CPU_MODEL['d_model']}, {CPU_MODEL['num_layers']} layers, {CPU_MODEL['num_heads']} heads, "
-             f"batch {CPU_MODEL['batch']} x {CPU_MODEL['seq_len']} bytes; one full training step (fwd+bwd+AdamW), "
-             "best of interleaved rounds.", "", "| mixer | step ms | tokens/s | vs attention |", "|---|---|---|---|"]
+def _mixer_lines(result: dict) -> list[str]:
+    lines = ["", f"Model: d_model={CPU_MODEL['d_model']}, {CPU_MODEL['num_layers']} layers, "
+             f"{CPU_MODEL['num_heads']} heads, batch {CPU_MODEL['batch']} x {CPU_MODEL['seq_len']} bytes; one full "
+             "training step (fwd+bwd+AdamW), best of interleaved rounds.", "",
+             "| mixer | step ms | tokens/s | vs attention |", "|---|---|---|---|"]
     ref = next((r for r in result["mixers"] if r["mixer"] == "attention"), None)
     for r in result["mixers"]:
         ratio = r["tokens_per_s"] / ref["tokens_per_s"] if ref else float("nan")
         lines.append(f"| {r['mixer']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {ratio:.2f} |")
-    lines += ["", "Packed vs padded on the Python stdlib (attention, same step program and shape; real tokens/s = "
-              "epoch-wide efficiency x B x L / step time, so the ratio is the efficiency gain times the "
-              "step-time ratio, which only timing noise separates from 1):", "",
-              "| L | packed eff. | pad-to-L eff. | pad-to-longest eff. | packed real tok/s | padded real tok/s | "
-              "packed / padded |", "|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def _packing_lines(result: dict) -> list[str]:
+    lines = ["", "Packed vs padded on the Python stdlib (attention, same step program and shape; real tokens/s = "
+             "epoch-wide efficiency x B x L / step time, so the ratio is the efficiency gain times the "
+             "step-time ratio, which only timing noise separates from 1):", "",
+             "| L | packed eff. | pad-to-L eff. | pad-to-longest eff. | packed real tok/s | padded real tok/s | "
+             "packed / padded |", "|---|---|---|---|---|---|---|"]
     for r in result["packing"]:
         lines.append(f"| {r['seq_len']} | {r['packed_efficiency']:.2%} | {r['pad_to_L_efficiency']:.2%} | "
                      f"{r['pad_to_longest_efficiency']:.2%} | {r['packed_real_tokens_per_s']:,.0f} | "
                      f"{r['padded_real_tokens_per_s']:,.0f} | "
                      f"{r['packed_real_tokens_per_s'] / r['padded_real_tokens_per_s']:.2f} |")
-    mfu = result.get("mfu")
-    lines += ["", "MFU (~125M attention LM, L=2048, bf16): " + (
-        f"{mfu['mfu']:.1%} on {mfu['device']} ({mfu['model_tflops']:.0f} TFLOP/s, {mfu['tokens_per_s']:,.0f} tokens/s)"
-        if mfu and mfu.get("mfu") is not None else "not measured (needs a GPU).")]
+    return lines
+
+
+def _mfu_lines(mfu: dict | None) -> list[str]:
+    lines = ["", "MFU (~125M attention LM, L=2048, bf16; PaLM FLOP count against the dense bf16 peak): "
+             + (f"on {mfu['device']}, peak {mfu['peak_tflops']} TFLOP/s." if mfu else "not measured (needs a GPU).")]
+    if not mfu:
+        return lines
+    lines += ["", "| layout | attention | step ms | tokens/s | TFLOP/s | MFU |", "|---|---|---|---|---|---|"]
+    for r in mfu["runs"]:
+        if "error" in r:
+            lines.append(f"| {r['layout']} | {r['attention_impl']} | failed: {r['error']} | | | |")
+            continue
+        share = f"{r['mfu']:.1%}" if r["mfu"] is not None else "(unknown peak)"
+        lines.append(f"| {r['layout']} | {r['attention_impl']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['model_tflops']:.0f} | {share} |")
+    return lines
+
+
+def _markdown(result: dict) -> str:
+    lines = [f"# LM training throughput ({result['backend']}, {result['device']})", "",
+             f"Host load average at start: {', '.join(f'{x:.1f}' for x in result['load_average'])} "
+             f"({os.cpu_count()} CPUs); timings from a loaded host are not comparable."]
+    if result["mixers"]:
+        lines += _mixer_lines(result)
+    if result["packing"]:
+        lines += _packing_lines(result)
+    lines += _mfu_lines(result.get("mfu"))
     return "\n".join(lines) + "\n"
 
 
@@ -207,9 +262,11 @@ def main(argv=None) -> int:
     backend = jax.default_backend()
     mixers = ("attention", "linear", "mamba2") if args.quick else MIXERS
     result = {"backend": backend, "device": jax.devices()[0].device_kind, "platform": platform.platform(),
-              "load_average": os.getloadavg(),
-              "quick": args.quick, "cpu_model": CPU_MODEL, "mixers": bench_mixers(mixers, repeats),
-              "packing": bench_packing((256,) if args.quick else (256, 1024), repeats)}
+              "load_average": os.getloadavg(), "quick": args.quick, "cpu_model": CPU_MODEL, "mixers": [],
+              "packing": []}
+    if not (args.mfu_only and backend == "gpu"):
+        result["mixers"] = bench_mixers(mixers, repeats)
+        result["packing"] = bench_packing((256,) if args.quick else (256, 1024), repeats)
     if backend == "gpu":
         result["mfu"] = bench_mfu(repeats)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -162,8 +162,10 @@ def packed_loss(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array, j
 
 
 def _apply(model: LM, params, batch):
-    return model.apply({"params": params}, batch["tokens"], segment_ids=batch["segment_ids"],
-                       positions=batch["positions"])
+    """Logits of a batch; ``segment_ids``/``positions`` are optional (absent: one document per row,
+    which lets attention use kernels without segment masks, e.g. cuDNN's)."""
+    return model.apply({"params": params}, batch["tokens"], segment_ids=batch.get("segment_ids"),
+                       positions=batch.get("positions"))
 
 
 def make_loss_fn(model: LM):

@@ -102,6 +102,25 @@ def test_packed_row_equals_documents_run_alone(mixer, key):
     np.testing.assert_allclose(packed_logits[0, 6:15], alone_logits[1, :9], atol=2e-5)
 
 
+def test_training_loss_of_one_document_per_row_needs_no_segment_ids(key):
+    """Rows without ``segment_ids``/``positions`` (the layout fused kernels without segment masks take)
+    train on the same loss as rows that carry one segment each."""
+    from jaxlab.models.lm_training import make_loss_fn
+
+    model = LM(LMConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2, max_len=16, attention_impl="xla"))
+    rows = pack_documents([np.arange(1, 17) % 32, np.arange(5, 21) % 32], 16)  # two full rows: one segment each
+    plain = {"tokens": rows["tokens"], "loss_mask": rows["loss_mask"]}
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    def both(key):
+        params = model.init(key, rows["tokens"])["params"]
+        loss_fn = make_loss_fn(model)
+        return loss_fn(params, rows, key)[0], loss_fn(params, plain, key)[0]
+
+    with_segments, without = both(key)
+    np.testing.assert_allclose(without, with_segments, rtol=1e-6)
+
+
 def test_default_corpus_packs_at_least_98_percent_real(stdlib_corpus):
     lengths = [len(d) for d in stdlib_corpus.train]
     stats = packing_stats(pack_documents(stdlib_corpus.train, 1024))
