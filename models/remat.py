@@ -26,6 +26,13 @@ Policies (``remat`` in a config):
 * a tuple of names from the table: save exactly those (``save_only_these_names``).
 
 Gradients are identical under every policy: only what is stored versus recomputed changes.
+
+Where the recomputation runs is the compiler's choice. :class:`~jaxlab.models.lm.LM` unrolls its blocks in
+Python, and XLA:CPU's scheduler may hoist every block's recomputation ahead of the backward pass: the
+step then pays for the recomputation but saves little beyond each block's internals (temporary memory
+still grows with depth at almost the uncheckpointed rate). Checkpointed blocks inside a loop
+(``nn.scan`` over stacked layers, as the ``remat`` experiment builds them) recompute one block at a
+time on every backend. Read ``compiled.memory_analysis()`` on the target backend before relying on it.
 """
 
 from __future__ import annotations

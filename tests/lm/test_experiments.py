@@ -4,11 +4,15 @@
 import dataclasses
 import json
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxlab.context import RunContext
 from jaxlab.metrics import to_jsonable
 from jaxlab.registry import get_experiment, get_trainer
+from jaxlab.xla_options import FAST_COMPILE
 
 TINY = {
     "mqar": dict(mixers=("attention",), widths=(16,), seq_lens=(16,), kv_pairs=(2,), vocab_size=16, steps=2,
@@ -79,3 +83,35 @@ def test_lm_stdlib_smoke(tmp_path):
 def test_quick_configs_are_valid(name):
     exp = get_experiment(name)
     assert exp.config_cls() is not None and exp.quick is not None  # full and quick sizes both validate
+
+
+def _scanned_grad(depth, policy, tokens):
+    from jaxlab.experiments.remat_tradeoff import policy_model
+    from jaxlab.models.lm import LMConfig
+
+    cfg = LMConfig(vocab_size=32, d_model=32, num_layers=depth, num_heads=2, max_len=64, attention_impl="xla")
+    model = policy_model(cfg, policy)
+    params = jax.jit(model.init, compiler_options=FAST_COMPILE)(jax.random.PRNGKey(0), tokens)["params"]
+
+    def loss(p):
+        logits, _ = model.apply({"params": p}, tokens)  # [B, L, V]
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], axis=-1))
+
+    compiled = jax.jit(jax.grad(loss), compiler_options=FAST_COMPILE).lower(params).compile()
+    return compiled(params), compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_remat_policies_keep_gradients_and_flatten_memory_growth_with_depth():
+    """The remat experiment's model: the same gradients under every policy, and checkpointed segments
+    make temporary memory grow far slower with depth than storing everything (the point of Chen et al.)."""
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 64), 0, 32)
+    grads, temp = {}, {}
+    for depth in (2, 6):
+        for policy in ("none", "full", "dots"):
+            grads[depth, policy], temp[depth, policy] = _scanned_grad(depth, policy, tokens)
+    for policy in ("full", "dots"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads[6, "none"],
+                     grads[6, policy])
+    growth = {p: temp[6, p] - temp[2, p] for p in ("none", "full", "dots")}
+    assert growth["full"] < 0.2 * growth["none"], temp
+    assert growth["full"] <= growth["dots"] < growth["none"], temp
