@@ -38,7 +38,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from jaxlab.context import RunContext  # noqa: E402
 from jaxlab.experiments._lm_common import plot_lines  # noqa: E402
 from jaxlab.models.layers import RMSNorm, default_positions, embed_init  # noqa: E402
-from jaxlab.models.lm import Block, LMConfig  # noqa: E402
+from jaxlab.models.lm import Block, LMConfig, next_token_loss  # noqa: E402
 from jaxlab.models.remat import remat_policy  # noqa: E402
 from jaxlab.registry import Comparison, ExperimentResult, register_experiment  # noqa: E402
 
@@ -70,6 +70,8 @@ class ScannedRematLM(nn.Module):
         cfg = self.cfg
         if cfg.num_layers % self.every:
             raise ValueError(f"num_layers={cfg.num_layers} must be divisible by every={self.every}")
+        if set(cfg.layer_mixers) != {cfg.mixer}:
+            raise ValueError(f"layer mixers {cfg.layer_mixers} must all be mixer={cfg.mixer!r}: scanned blocks share one")
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=embed_init, dtype=cfg.compute_dtype)
         x = embed(tokens)  # [B, L, d]
         positions = default_positions(*tokens.shape)  # [B, L]
@@ -129,9 +131,7 @@ def measure(cfg: LMConfig, policy: str, batch: int, seq_len: int, repeats: int, 
     params = jax.jit(model.init)(key, tokens)["params"]
 
     def loss(params, tokens):
-        logits, _ = model.apply({"params": params}, tokens)
-        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+        return next_token_loss(model.apply({"params": params}, tokens)[0], tokens)[0]
 
     compiled = jax.jit(jax.value_and_grad(loss)).lower(params, tokens).compile()
     memory = compiled.memory_analysis()
