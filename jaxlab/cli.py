@@ -149,7 +149,7 @@ def _cmd_list(args: Sequence[str]) -> int:
 
 def _cmd_reproduce(args: Sequence[str]) -> int:
     from jaxlab import registry
-    from jaxlab.reproduce import reproduce
+    from jaxlab.reproduce import claims_tally, reproduce
 
     opts = _parse(ReproduceArgs, args, default=ReproduceArgs(), prog="jaxlab reproduce")
     experiments = [registry.get_experiment(name) for name in opts.names] or list(registry.experiments().values())
@@ -158,7 +158,7 @@ def _cmd_reproduce(args: Sequence[str]) -> int:
     runs = [(e, e.default_config(opts.quick)) for e in experiments]
     records, report = reproduce(runs, opts.out, quick=opts.quick, seed=opts.seed, show_progress=opts.progress)
     failed = [r.name for r in records if r.error is not None]
-    print(f"wrote {report} ({len(records) - len(failed)} ok, {len(failed)} failed)")
+    print(f"wrote {report} ({len(records) - len(failed)} ok, {len(failed)} failed). {claims_tally(records)}")
     if failed:
         print(f"jaxlab: error: failed experiments: {', '.join(failed)}", file=sys.stderr)
         return 1

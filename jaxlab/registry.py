@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = [
+    "Claim",
     "Comparison",
     "Experiment",
     "ExperimentResult",
@@ -68,16 +69,58 @@ class Comparison:
 
 
 @dataclasses.dataclass(frozen=True)
+class Claim:
+    """One result of the paper, stated as a predicate on the experiment's own metrics.
+
+    ``claim`` is the paper's statement with its thresholds, fixed before the run (never adjusted to
+    what a run produced); ``holds`` is the predicate evaluated on this run's metrics; ``evidence``
+    gives the numbers it was decided on. A claim that fails is reported failing.
+
+        Claim("attention >= 0.9 at every width", holds=min(acc) >= 0.9,
+              evidence=f"worst width: {min(acc):.3f}")
+    """
+
+    claim: str
+    holds: bool
+    evidence: str
+
+    def __post_init__(self):
+        if not isinstance(self.claim, str) or not self.claim.strip():
+            raise ValueError(f"claim={self.claim!r} must be a non-empty statement")
+        try:  # numpy / jax booleans from comparisons on metrics
+            holds = bool(self.holds)
+        except Exception as e:
+            raise TypeError(f"holds={self.holds!r} of claim {self.claim!r} is not a boolean") from e
+        object.__setattr__(self, "holds", holds)
+        object.__setattr__(self, "evidence", str(self.evidence))
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentResult:
     """What an experiment returns; the runner writes it to ``<name>.json`` and the report.
 
     ``metrics`` must be JSON-serialisable (numbers, strings, lists, dicts; numpy/jax arrays and
-    scalars are converted). ``summary`` is a short Markdown paragraph for REPORT.md.
+    scalars are converted). ``claims`` are the paper's results checked on those metrics (see
+    :class:`Claim`); the experiment reproduces its paper when every claim holds. ``summary`` is a
+    short Markdown paragraph for REPORT.md.
     """
 
     metrics: dict[str, Any]
     comparisons: tuple[Comparison, ...] = ()
     summary: str = ""
+    claims: tuple[Claim, ...] = ()
+
+    def __post_init__(self):
+        claims = tuple(self.claims)
+        for c in claims:
+            if not isinstance(c, Claim):
+                raise TypeError(f"claims must be Claim instances, got {type(c).__name__}: {c!r}")
+        object.__setattr__(self, "claims", claims)
+
+    @property
+    def reproduces(self) -> bool | None:
+        """True when every claim holds, False when one fails, None when no claim is stated."""
+        return all(c.holds for c in self.claims) if self.claims else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 
 from jaxlab.context import RunContext
 from jaxlab.metrics import to_jsonable
-from jaxlab.registry import Experiment, ExperimentResult
+from jaxlab.registry import Claim, Comparison, Experiment, ExperimentResult
 
-__all__ = ["RunRecord", "reproduce", "run_experiment", "write_report"]
+__all__ = ["RunRecord", "claims_tally", "reproduce", "run_experiment", "write_report"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,25 @@ class RunRecord:
     result: ExperimentResult | None
     error: str | None = None
 
+    @property
+    def reproduces(self) -> bool | None:
+        """Whether every claim of the paper holds (False if the run failed, None if it states none)."""
+        return False if self.result is None else self.result.reproduces
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunRecord:
+        """The record of an earlier run, read back from its ``<name>.json``."""
+        result = None
+        if data.get("error") is None:
+            result = ExperimentResult(
+                metrics=data.get("metrics") or {},
+                comparisons=tuple(Comparison(**c) for c in data.get("comparisons", [])),
+                summary=data.get("summary") or "",
+                claims=tuple(Claim(**c) for c in data.get("claims", [])))
+        return cls(name=data["name"], description=data.get("description", ""), paper=data.get("paper", ""),
+                   quick=bool(data.get("quick")), config=data.get("config") or {},
+                   runtime_s=float(data.get("runtime_s", 0.0)), result=result, error=data.get("error"))
+
     def to_json(self) -> dict[str, Any]:
         result = self.result
         return to_jsonable({
@@ -47,6 +66,8 @@ class RunRecord:
             "jax_version": jax.__version__, "python": platform.python_version(),
             "metrics": result.metrics if result else None,
             "comparisons": [dataclasses.asdict(c) for c in result.comparisons] if result else [],
+            "claims": [dataclasses.asdict(c) for c in result.claims] if result else [],
+            "reproduces": self.reproduces,
             "summary": result.summary if result else None,
             "error": self.error,
         })
@@ -86,8 +107,21 @@ def _fmt(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
+def _mark(holds: bool | None) -> str:
+    return {True: "✓", False: "✗", None: "—"}[holds]
+
+
+def claims_tally(records: list[RunRecord]) -> str:
+    """One line: how many experiments reproduce their paper's claims, and how many claims hold."""
+    claims = [c for r in records if r.result is not None for c in r.result.claims]
+    reproduced = sum(r.reproduces is True for r in records)
+    return (f"{reproduced} of {len(records)} experiment(s) reproduce their paper's claims "
+            f"({sum(c.holds for c in claims)} of {len(claims)} claims hold).")
+
+
 def write_report(records: list[RunRecord], out_dir: pathlib.Path, *, quick: bool) -> pathlib.Path:
-    """Write ``REPORT.md``: one section per figure with its picture and numbers beside the paper's."""
+    """Write ``REPORT.md``: a table of every experiment with whether its paper's claims hold, then one
+    section per figure with its picture, the claims checked, and our numbers beside the paper's."""
     total = sum(r.runtime_s for r in records)
     lines = [
         "# jaxlab reproduction report",
@@ -96,18 +130,28 @@ def write_report(records: list[RunRecord], out_dir: pathlib.Path, *, quick: bool
         f"{total:.0f} s in all, on {jax.default_backend()} ({jax.device_count()} device(s)), "
         f"jax {jax.__version__}.",
         "",
-        "| experiment | reproduces | status | time (s) |",
-        "|---|---|---|---|",
+        f"**{claims_tally(records)}** An experiment reproduces its paper when every claim, stated from the "
+        "paper with its thresholds fixed before the run, holds on the run's own metrics; a failing claim "
+        "is reported as failing.",
+        "",
+        "| experiment | reproduces | status | claims hold | time (s) |",
+        "|---|---|---|---|---|",
     ]
     for r in records:
         status = "ok" if r.error is None else "**failed**"
-        lines.append(f"| [{r.name}](#{r.name}) | {_fmt(r.paper)} | {status} | {r.runtime_s:.1f} |")
+        claims = r.result.claims if r.result is not None else ()
+        held = f"{_mark(r.reproduces)} {sum(c.holds for c in claims)}/{len(claims)}" if claims else _mark(None)
+        lines.append(f"| [{r.name}](#{r.name}) | {_fmt(r.paper)} | {status} | {held} | {r.runtime_s:.1f} |")
     for r in records:
         lines += ["", f"## {r.name}", "", f"*{r.description}* — reproduces {r.paper}.", ""]
         if r.error is not None:
             lines += [f"**This experiment failed:** `{r.error}`", ""]
             continue
         lines += [f"![{r.name}]({r.name}.png)", ""]
+        if r.result.claims:
+            lines += ["Claims of the paper, checked on this run:", ""]
+            lines += [f"- {_mark(c.holds)} {c.claim} — {c.evidence}" for c in r.result.claims]
+            lines.append("")
         if r.result.summary:
             lines += [r.result.summary.strip(), ""]
         if r.result.comparisons:
@@ -121,9 +165,27 @@ def write_report(records: list[RunRecord], out_dir: pathlib.Path, *, quick: bool
     return path
 
 
+def earlier_records(out_dir: pathlib.Path, *, quick: bool, exclude: set[str]) -> list[RunRecord]:
+    """Records of the experiments already in ``out_dir`` at the same size (``quick``), except ``exclude``.
+
+    Lets a report folder be filled one experiment at a time (``jaxlab reproduce NAME --out DIR``) while
+    ``DIR/REPORT.md`` always covers every experiment in it. Unreadable JSON files are skipped.
+    """
+    records = []
+    for path in sorted(out_dir.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+            if data.get("name") == path.stem and path.stem not in exclude and bool(data.get("quick")) == quick:
+                records.append(RunRecord.from_json(data))
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+    return records
+
+
 def reproduce(runs: list[tuple[Experiment, Any]], out_dir: pathlib.Path, *, quick: bool, seed: int = 0,
               show_progress: bool = True) -> tuple[list[RunRecord], pathlib.Path]:
-    """Run ``(experiment, config)`` pairs in order, then write REPORT.md; returns records and its path."""
+    """Run ``(experiment, config)`` pairs in order, then write REPORT.md; returns this run's records and
+    the report's path. The report also lists experiments of earlier runs of the same size in ``out_dir``."""
     records = []
     bar = tqdm(runs, desc="reproduce", unit="exp", disable=not show_progress, file=sys.stderr,
                dynamic_ncols=True)
@@ -131,4 +193,6 @@ def reproduce(runs: list[tuple[Experiment, Any]], out_dir: pathlib.Path, *, quic
         bar.set_postfix_str(experiment.name)
         records.append(run_experiment(experiment, config, out_dir, quick=quick, seed=seed,
                                       show_progress=show_progress))
-    return records, write_report(records, out_dir, quick=quick)
+    earlier = earlier_records(out_dir, quick=quick, exclude={r.name for r in records})
+    everything = sorted(records + earlier, key=lambda r: r.name)
+    return records, write_report(everything, out_dir, quick=quick)

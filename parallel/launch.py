@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 
+from jaxlab.child_process import python_module_command
+
 __all__ = ["ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID", "child_command",
            "distributed_env", "main", "maybe_initialize_distributed"]
 
@@ -80,8 +82,8 @@ def child_command(command: list[str]) -> list[str]:
     if head.endswith(".py"):
         return [sys.executable, head, *rest]
     if head == "jaxlab":
-        return [sys.executable, "-m", "jaxlab", *rest]
-    return [sys.executable, "-m", "jaxlab", *command]
+        return python_module_command("jaxlab", *rest)
+    return python_module_command("jaxlab", *command)
 
 
 def _free_port() -> int:

@@ -12,6 +12,7 @@ import pytest
 
 from jaxlab.parallel import launch, make_mesh, make_train_step, shard_train_state
 from jaxlab.parallel.checkpoint import restore_checkpoint
+from jaxlab.child_process import python_module_command
 from jaxlab.parallel.strategies import abstract_train_state
 
 WORKER = pathlib.Path(__file__).with_name("_mp_worker.py")
@@ -19,9 +20,9 @@ WORKER = pathlib.Path(__file__).with_name("_mp_worker.py")
 
 def test_child_command():
     py = sys.executable
-    assert launch.child_command(["train", "mlp", "--steps", "3"]) == [py, "-m", "jaxlab", "train",
-                                                                      "mlp", "--steps", "3"]
-    assert launch.child_command(["jaxlab", "reproduce", "x"]) == [py, "-m", "jaxlab", "reproduce", "x"]
+    jaxlab_cmd = python_module_command("jaxlab")  # the working directory stays off the child's sys.path
+    assert launch.child_command(["train", "mlp", "--steps", "3"]) == [*jaxlab_cmd, "train", "mlp", "--steps", "3"]
+    assert launch.child_command(["jaxlab", "reproduce", "x"]) == [*jaxlab_cmd, "reproduce", "x"]
     assert launch.child_command(["run.py", "--a"]) == [py, "run.py", "--a"]
     assert launch.child_command(["python", "-m", "pkg"]) == [py, "-m", "pkg"]
     with pytest.raises(ValueError, match="no command"):
