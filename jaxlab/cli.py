@@ -52,7 +52,7 @@ class ReproduceArgs:
     names: tyro.conf.Positional[tuple[str, ...]] = ()
     """Experiments to run (default: all; see `jaxlab list`)."""
     quick: bool = False
-    """Use each experiment's quick size (the whole set in under 15 minutes on 2 CPU cores)."""
+    """Use each experiment's quick size (its claims hold; the whole set under 20 minutes on 2 CPU cores)."""
     out: pathlib.Path = pathlib.Path("results")
     """Output folder."""
     seed: int = 0

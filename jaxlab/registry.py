@@ -163,7 +163,7 @@ def register_experiment(name: str, *, description: str, paper: str, quick: Any):
     """Register ``fn(cfg, ctx) -> ExperimentResult`` under ``name``.
 
     ``quick`` is an instance of the experiment's frozen config dataclass sized for
-    ``jaxlab reproduce --quick`` (the whole set in under 15 minutes on 2 CPU cores).
+    ``jaxlab reproduce --quick`` (sized so that its claims hold, the whole set in under 20 minutes on 2 CPU cores).
     """
     if not dataclasses.is_dataclass(quick) or isinstance(quick, type):
         raise TypeError(f"{name}: quick= must be a dataclass instance, got {quick!r}")

@@ -13,6 +13,7 @@ import platform
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from jaxlab.context import RunContext
 from jaxlab.metrics import to_jsonable
-from jaxlab.registry import Claim, Comparison, Experiment, ExperimentResult
+from jaxlab.registry import Claim, Comparison, Experiment, ExperimentResult, experiment_names
 
 __all__ = ["RunRecord", "claims_tally", "reproduce", "run_experiment", "write_report"]
 
@@ -119,9 +120,11 @@ def claims_tally(records: list[RunRecord]) -> str:
             f"({sum(c.holds for c in claims)} of {len(claims)} claims hold).")
 
 
-def write_report(records: list[RunRecord], out_dir: pathlib.Path, *, quick: bool) -> pathlib.Path:
+def write_report(records: list[RunRecord], out_dir: pathlib.Path, *, quick: bool,
+                 not_run: Sequence[str] = ()) -> pathlib.Path:
     """Write ``REPORT.md``: a table of every experiment with whether its paper's claims hold, then one
-    section per figure with its picture, the claims checked, and our numbers beside the paper's."""
+    section per figure with its picture, the claims checked, and our numbers beside the paper's.
+    ``not_run`` names registered experiments absent from the folder; the report gives the command."""
     total = sum(r.runtime_s for r in records)
     lines = [
         "# jaxlab reproduction report",
@@ -142,6 +145,10 @@ def write_report(records: list[RunRecord], out_dir: pathlib.Path, *, quick: bool
         claims = r.result.claims if r.result is not None else ()
         held = f"{_mark(r.reproduces)} {sum(c.holds for c in claims)}/{len(claims)}" if claims else _mark(None)
         lines.append(f"| [{r.name}](#{r.name}) | {_fmt(r.paper)} | {status} | {held} | {r.runtime_s:.1f} |")
+    if not_run:
+        size = " --quick" if quick else ""
+        lines += ["", f"Not run at this size in this folder: {', '.join(f'`{n}`' for n in not_run)}. "
+                  f"Command: `jaxlab reproduce {' '.join(not_run)}{size} --out {out_dir}`."]
     for r in records:
         lines += ["", f"## {r.name}", "", f"*{r.description}* — reproduces {r.paper}.", ""]
         if r.error is not None:
@@ -195,4 +202,5 @@ def reproduce(runs: list[tuple[Experiment, Any]], out_dir: pathlib.Path, *, quic
                                       show_progress=show_progress))
     earlier = earlier_records(out_dir, quick=quick, exclude={r.name for r in records})
     everything = sorted(records + earlier, key=lambda r: r.name)
-    return records, write_report(everything, out_dir, quick=quick)
+    not_run = sorted(set(experiment_names()) - {r.name for r in everything})
+    return records, write_report(everything, out_dir, quick=quick, not_run=not_run)
