@@ -40,7 +40,7 @@ from jaxlab.experiments._lm_common import plot_lines  # noqa: E402
 from jaxlab.models.layers import RMSNorm, default_positions, embed_init  # noqa: E402
 from jaxlab.models.lm import Block, LMConfig, next_token_loss  # noqa: E402
 from jaxlab.models.remat import remat_policy  # noqa: E402
-from jaxlab.registry import Comparison, ExperimentResult, register_experiment  # noqa: E402
+from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment  # noqa: E402
 
 
 class _Segment(nn.Module):
@@ -146,8 +146,8 @@ def measure(cfg: LMConfig, policy: str, batch: int, seq_len: int, repeats: int, 
 
 @register_experiment("remat", description="activation checkpointing: memory vs step time across depth per policy",
                      paper="Chen et al. 2016, Training Deep Nets with Sublinear Memory Cost, Section 4 / Figure 4",
-                     quick=RematConfig(depths=(2, 4), policies=("none", "full", "every-sqrt"), d_model=64,
-                                       seq_len=128, batch_size=4, repeats=2))
+                     quick=RematConfig(depths=(4, 8, 16), policies=("none", "full", "every-sqrt"), d_model=64,
+                                       seq_len=128, batch_size=4, repeats=3))
 def remat_experiment(cfg: RematConfig, ctx: RunContext) -> ExperimentResult:
     rows = []
     points = [(d, p) for d in cfg.depths for p in cfg.policies]
@@ -188,13 +188,45 @@ def remat_experiment(cfg: RematConfig, ctx: RunContext) -> ExperimentResult:
             summary_parts.append(f"{p} {memory[p][deepest] / base_m:.2f}x memory at "
                                  f"{step_ms[p][deepest] / base_t:.2f}x time")
     growth = {p: memory[p][-1] / memory[p][0] for p in cfg.policies}
-    summary = (f"At depth {cfg.depths[-1]}, relative to storing everything: " + "; ".join(summary_parts) + ". "
-               f"Memory growth from depth {cfg.depths[0]} to {cfg.depths[-1]}: "
+    depth_ratio = cfg.depths[-1] / cfg.depths[0]
+    exponent = {p: float(np.polyfit(np.log(cfg.depths), np.log(memory[p]), 1)[0]) if len(cfg.depths) > 1 else None
+                for p in cfg.policies}
+    deep = cfg.depths[-1]
+    claims = []
+    if "none" in cfg.policies and "full" in cfg.policies:
+        m_ratio = memory["none"][deepest] / memory["full"][deepest]
+        t_ratio = step_ms["full"][deepest] / step_ms["none"][deepest]
+        claims.append(Claim(
+            claim=f"full checkpointing cuts peak (temporary) memory >= 2x at <= 1.5x step time, at depth {deep}",
+            holds=m_ratio >= 2.0 and t_ratio <= 1.5,
+            evidence=(f"none {memory['none'][deepest]:.1f} MiB / full {memory['full'][deepest]:.1f} MiB = "
+                      f"{m_ratio:.2f}x; step {step_ms['full'][deepest]:.1f} / {step_ms['none'][deepest]:.1f} ms = "
+                      f"{t_ratio:.2f}x")))
+    if "every-sqrt" in cfg.policies:
+        e, g = exponent["every-sqrt"], growth["every-sqrt"]
+        claims.append(Claim(
+            claim="every-sqrt(n) checkpointing's memory grows sublinearly in depth (fitted log-log exponent < 1, "
+                  "or growth below the depth ratio)",
+            holds=len(cfg.depths) > 1 and (e < 1.0 or g < depth_ratio),
+            evidence=(f"exponent {e:.2f}, growth {g:.2f}x from depth {cfg.depths[0]} to {deep} ({depth_ratio:g}x); "
+                      + ", ".join(f"{d}: {m:.1f} MiB" for d, m in zip(cfg.depths, memory["every-sqrt"]))
+                      if len(cfg.depths) > 1 else "one depth only")))
+    if "every-sqrt" in cfg.policies and "none" in cfg.policies and len(cfg.depths) > 1:
+        claims.append(Claim(
+            claim="every-sqrt(n) memory grows more slowly with depth than storing everything",
+            holds=growth["every-sqrt"] < growth["none"],
+            evidence=f"growth from depth {cfg.depths[0]} to {deep}: every-sqrt {growth['every-sqrt']:.2f}x, "
+                     f"none {growth['none']:.2f}x"))
+    summary = (f"At depth {deep}, relative to storing everything: " + "; ".join(summary_parts) + ". "
+               f"Memory growth from depth {cfg.depths[0]} to {deep} ({depth_ratio:g}x the blocks): "
                + ", ".join(f"{p} {g:.1f}x" for p, g in growth.items())
                + ". Checkpointing trades memory for recomputation as Chen et al. describe"
                + ("; here no recomputing policy was slower than storing everything (the step moves less memory, which "
                   "pays for the extra forward on this backend)" if "none" in cfg.policies and all(
                       step_ms[p][deepest] <= step_ms["none"][deepest] for p in cfg.policies) else "")
-               + ("; the quick sizes are small, so fixed buffers weigh more than at full size." if ctx.quick else "."))
-    return ExperimentResult(metrics={"rows": rows, "backend": jax.default_backend(), "config": dataclasses.asdict(cfg)},
-                            comparisons=tuple(comparisons), summary=summary)
+               + (". Temporary memory also holds buffers that do not grow with depth (the logits and their gradient), "
+                  "so even storing everything grows more slowly than the number of blocks."
+                  if growth.get("none", math.inf) < depth_ratio else "."))
+    metrics = {"rows": rows, "memory_growth": growth, "memory_exponent": exponent, "backend": jax.default_backend(),
+               "config": dataclasses.asdict(cfg)}
+    return ExperimentResult(metrics=metrics, comparisons=tuple(comparisons), summary=summary, claims=tuple(claims))

@@ -14,9 +14,19 @@ convention, so that ``x' = A x + B u`` reads as usual)
 and f is recovered from c as  f(s) ~= sum_n c_n(t) sqrt(2n+1) P_n(2s/t - 1)  for s in [0, t].
 
 Here the signal is a sequence f_1..f_L held constant on (k-1, k]. ``legs_recurrence`` runs the
-discretised ODE (forward Euler, the paper's eq. 7, or bilinear/GBT-1/2) with ``lax.scan``;
-``legs_projection_reference`` computes the projection exactly for that piecewise-constant f
-from Legendre antiderivatives, so the recurrence is checked against exact values.
+discretised ODE with ``lax.scan``: forward Euler (the paper's eq. 7), bilinear (GBT-1/2), or the exact
+zero-order-hold transition. In log-time s = log t the ODE is time-invariant, dc/ds = A c + B f, so
+over a cell where f is constant
+
+    c(k) = E_k c(k-1) + (I - E_k) e_0 f_k,     E_k = exp(A log(k / (k-1)))    (-A^{-1} B = e_0)
+
+with no discretisation error. E_k needs no matrix exponential: it maps the coefficients of a
+polynomial on [0, k-1] to those of the same polynomial (zero on (k-1, k]) on [0, k], i.e. with
+r = (k-1)/k the Gram matrix ``(E_k)_nm = r int_0^1 g_n(r u) g_m(u) du`` (g_n(x) = sqrt(2n+1) P_n(2x-1)),
+which N-point Gauss-Legendre quadrature computes exactly. Applied as "evaluate at the nodes, project
+onto the rescaled basis", a step costs O(N^2), like the bilinear one. ``legs_projection_reference``
+computes the projection exactly for that piecewise-constant f from Legendre antiderivatives, so the
+recurrence is checked against exact values.
 """
 
 from __future__ import annotations
@@ -25,15 +35,20 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.linalg import solve_triangular
 
 __all__ = [
+    "LEGS_METHODS",
     "hippo_legs",
     "legendre",
     "legendre_reconstruct",
     "legs_projection_reference",
     "legs_recurrence",
 ]
+
+
+LEGS_METHODS = ("euler", "bilinear", "zoh")
 
 
 def hippo_legs(N: int, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
@@ -83,6 +98,29 @@ def legendre_reconstruct(c: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.einsum("...n,nm->...m", c, basis)                            # [..., M]
 
 
+def _legendre_shift(p: jax.Array, x: jax.Array, shift: jax.Array) -> jax.Array:
+    """``P_n(x - shift) - P_n(x)`` for n < N, given ``p = legendre(N, x)`` (``[N, *x.shape]``).
+
+    Bonnet's recursion subtracted from itself, ``(n+1) D_{n+1} = (2n+1)(x D_n - shift P_n(x - shift)) - n D_{n-1}``
+    with ``D_0 = 0, D_1 = -shift``: every term is O(shift), so small differences keep their relative precision.
+    """
+    N = p.shape[0]
+    shift = jnp.broadcast_to(shift, x.shape).astype(p.dtype)
+
+    def step(carry, inputs):                               # carry = (D_{n-1}, D_n)
+        d_prev, d = carry
+        n, p_n = inputs
+        d_next = ((2 * n + 1) * (x * d - shift * (p_n + d)) - n * d_prev) / (n + 1)
+        return (d, d_next), d_next
+
+    first = jnp.stack([jnp.zeros_like(shift), -shift])[:N]
+    if N <= 2:
+        return first
+    ns = jnp.arange(1, N - 1, dtype=p.dtype)
+    _, rest = jax.lax.scan(step, (first[0], first[1]), (ns, p[1:N - 1]))  # [N-2, *x.shape]
+    return jnp.concatenate([first, rest])
+
+
 def _check_signal(f: jax.Array) -> jax.Array:
     f = jnp.asarray(f)
     if f.ndim not in (1, 2):
@@ -103,22 +141,41 @@ def legs_recurrence(f: jax.Array, N: int, *, method: str = "bilinear") -> jax.Ar
       N: number of coefficients (state size).
       method: ``"euler"``: ``c_k = (I + A/k) c_{k-1} + (1/k) B f_k`` (paper eq. 7);
         ``"bilinear"``: ``(I - A/(2k)) c_k = (I + A/(2k)) c_{k-1} + (1/k) B f_k``, solved as a
-        triangular system since A is lower triangular (O(N^2) per step).
+        triangular system since A is lower triangular (O(N^2) per step); ``"zoh"``: the exact
+        transition ``c_k = E_k c_{k-1} + (I - E_k) e_0 f_k`` with ``E_k = exp(A log(k/(k-1)))``
+        applied by Gauss-Legendre quadrature (module docstring; O(N^2) per step), so ``c_k`` equals
+        the LegS projection of f_1..f_k up to rounding.
 
     Returns:
       ``[L, N]`` or ``[B, L, N]`` coefficient trajectories.
     """
     f = _check_signal(f)
-    if method not in ("euler", "bilinear"):
-        raise ValueError(f"{method=} must be 'euler' or 'bilinear'")
+    if method not in LEGS_METHODS:
+        raise ValueError(f"{method=} must be one of {LEGS_METHODS}")
     A, B = hippo_legs(N, dtype=f.dtype)
     eye = jnp.eye(N, dtype=f.dtype)
     batched = f.reshape(-1, f.shape[-1]).T                                  # [L, B']
+    if method == "zoh":
+        nodes, weights = np.polynomial.legendre.leggauss(N)                  # exact for degree <= 2N - 1
+        x = jnp.asarray(nodes, f.dtype)                                     # [Q] nodes in (-1, 1), Q = N
+        w = jnp.asarray(weights / 2, f.dtype)                               # [Q] weights on (0, 1)
+        scale = jnp.sqrt(2.0 * jnp.arange(N, dtype=f.dtype) + 1.0)[:, None]  # [N, 1]
+        p_nodes = legendre(N, x)                                            # [N, Q]: P_n(x_q)
+        g_nodes = p_nodes * scale                                           # [N, Q]: g_n(u_q), u = (x+1)/2
 
     def step(c, inputs):                                                   # c [B', N]
         k, f_k = inputs
         inv_k = 1.0 / k
-        if method == "euler":
+        if method == "zoh":
+            # E_k - I = (r g(r u) - g(u)) W g(u)^T with r = 1 - 1/k (the quadrature's g(u) W g(u)^T is I).
+            # r g_n(r u) - g_n(u) = sqrt(2n+1) ((1 - 1/k) D_n - P_n(x) / k) with D_n = P_n(x - (x+1)/k) - P_n(x)
+            # from its own recursion: no term is formed as a difference of O(1) numbers, so E_k - I = O(1/k)
+            # keeps its relative precision and the rounding does not build up over the steps.
+            d = _legendre_shift(p_nodes, x, inv_k * (x + 1))               # [N, Q]
+            delta = scale * ((1 - inv_k) * d - inv_k * p_nodes) * w         # [N, Q]: (r g(r u) - g(u)) W
+            values = c @ g_nodes                                           # [B', Q]: history at the nodes
+            c = c + values @ delta.T - f_k[:, None] * jnp.sum(delta, -1)   # (E_k - I)(c - e_0 f_k); g_0 = 1
+        elif method == "euler":
             c = c @ (eye + inv_k * A).T + inv_k * f_k[:, None] * B
         else:
             rhs = c @ (eye + 0.5 * inv_k * A).T + inv_k * f_k[:, None] * B

@@ -32,6 +32,7 @@ def test_run_with_overrides_writes_json_png_and_report(tmp_path, capsys):
     record = json.loads((tmp_path / "ssm-hippo.json").read_text())
     assert record["config"]["length"] == 64 and record["config"]["state_sizes"] == [4, 8]
     assert record["error"] is None and [r["N"] for r in record["metrics"]["rows"]] == [4, 8]
+    assert record["claims"] and all(set(c) == {"claim", "holds", "evidence"} for c in record["claims"])
     assert (tmp_path / "ssm-hippo.png").stat().st_size > 10_000
     report = (tmp_path / "REPORT.md").read_text()
     assert "## ssm-hippo" in report and "![ssm-hippo](ssm-hippo.png)" in report

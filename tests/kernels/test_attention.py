@@ -314,6 +314,7 @@ def test_flash_attention_experiment_smoke(tmp_path):
     # The registered function itself: the registry's lookup would import every experiment module.
     from jaxlab.context import RunContext
     from jaxlab.experiments.flash_attention import FlashAttentionConfig, flash_attention
+    from jaxlab.registry import Claim
 
     cfg = FlashAttentionConfig(seq_lens=(128,), memory_lens=(512,), batch=1, heads=2, head_dim=16, repeats=1)
     result = flash_attention(cfg, RunContext("flash-attention", tmp_path, quick=True, show_progress=False))
@@ -324,6 +325,7 @@ def test_flash_attention_experiment_smoke(tmp_path):
     assert growth["xla"] > 1.5 > growth["blockwise"], growth  # quadratic vs linear memory
     assert result.metrics["memory_saving"][512] > 1
     assert (tmp_path / "flash-attention.png").exists() and result.summary
+    assert result.claims and all(isinstance(c, Claim) for c in result.claims)
 
 
 def test_pallas_lowers_to_triton_for_cuda(monkeypatch):

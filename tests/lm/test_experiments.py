@@ -66,14 +66,27 @@ def test_selective_copying_and_induction_smoke(tmp_path):
     assert set(acc) == {"8", "16"} and all(0 <= a <= 1 for a in acc.values())
 
 
+def _run_with_claims(name, tmp_path):
+    """Like ``_run``, and the result states its paper's claims."""
+    from jaxlab.registry import Claim
+
+    exp = get_experiment(name)
+    result = exp.fn(dataclasses.replace(exp.quick, **TINY[name]), RunContext(name, tmp_path, quick=True,
+                                                                            show_progress=False))
+    assert (tmp_path / f"{name}.png").stat().st_size > 0 and result.summary and result.comparisons
+    json.dumps(to_jsonable(result.metrics), allow_nan=False)
+    assert result.claims and all(isinstance(c, Claim) for c in result.claims)
+    return result.metrics
+
+
 def test_remat_smoke(tmp_path):
-    rows = _run("remat", tmp_path)["rows"]
+    rows = _run_with_claims("remat", tmp_path)["rows"]
     assert [r["resolved"] for r in rows] == ["none", "every-1"]
     assert all(r["temp_mib"] > 0 and r["step_ms"] > 0 for r in rows)
 
 
 def test_lm_stdlib_smoke(tmp_path):
-    metrics = _run("lm-stdlib", tmp_path)
+    metrics = _run_with_claims("lm-stdlib", tmp_path)
     bpb = metrics["final_bpb"]["attention"]
     assert 0 < bpb < 9 and metrics["curves"]["attention"][-1][0] == 2
 
