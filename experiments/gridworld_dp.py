@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxlab.context import RunContext  # noqa: E402
-from jaxlab.registry import Comparison, ExperimentResult, register_experiment  # noqa: E402
+from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment  # noqa: E402
 from jaxlab.rl.envs import ACTION_NAMES, book_grid_world  # noqa: E402
 from jaxlab.rl.gridworld_plot import plot_grid_worlds  # noqa: E402
 from jaxlab.rl.tabular import dp_history, policy_evaluation, value_iteration  # noqa: E402
@@ -118,7 +118,27 @@ def gridworld_optimal(cfg: OptimalConfig, ctx: RunContext) -> ExperimentResult:
         f"({', '.join(f'{k}: {n}' for k, n in list(entries.items())[1:])}); at gamma=0 it is myopic and "
         f"cells far from the target have value 0."
     )
-    return ExperimentResult(metrics=metrics, comparisons=comparisons, summary=summary)
+    diff = metrics["max_abs_diff_vs_book_fig_3_4a"]
+    others = list(entries.items())[1:]
+    myopic = np.asarray(values[1 + list(cfg.small_gammas).index(0.0)]) if 0.0 in cfg.small_gammas else None
+    claims = (
+        Claim("the baseline's optimal state values equal the book's Fig. 3.4(a) in all 25 cells to its printed "
+              "decimal (|round(v*, 1) - book| = 0)", holds=diff == 0.0, evidence=f"largest difference {diff:g}"),
+        Claim("the greedy policy of v* is optimal: max |v_pi - v*| <= 1e-4 in every setting",
+              holds=max(m["max_abs(v_pi - v*)"] for m in metrics.values() if isinstance(m, dict)) <= 1e-4,
+              evidence=", ".join(f"{k}: {m['max_abs(v_pi - v*)']:.1e}" for k, m in metrics.items()
+                                 if isinstance(m, dict))),
+        Claim(f"with gamma={cfg.gamma} the optimal policy passes through forbidden cells; with a smaller gamma or "
+              f"r_forbidden={cfg.harsh_r_forbidden} it avoids them (Sec. 3.5)",
+              holds=entries[settings[0][0]] > 0 and all(n == 0 for _, n in others),
+              evidence=", ".join(f"{k}: {n} free cells step into one" for k, n in entries.items())),
+    )
+    if myopic is not None:
+        zero_cells = int(np.sum(np.abs(myopic) < 1e-6))
+        claims += (Claim("with gamma=0 the policy is myopic: cells with no reward within one step have value 0 "
+                         "(the top-left cell among them)", holds=abs(float(myopic[0])) < 1e-6 and zero_cells > 0,
+                         evidence=f"v*(row 1, col 1) = {float(myopic[0]):g}; {zero_cells} of 25 cells at 0"),)
+    return ExperimentResult(metrics=metrics, comparisons=comparisons, summary=summary, claims=claims)
 
 
 # ---------------------------------------------------------------------------------------- gridworld-dp
@@ -195,4 +215,17 @@ def gridworld_dp(cfg: DPConfig, ctx: RunContext) -> ExperimentResult:
         + ". As the book argues (Sec. 4.3), truncated PI sits between value iteration (j=1) and policy "
         "iteration (exact evaluation): more evaluation sweeps per iteration, fewer iterations."
     )
-    return ExperimentResult(metrics=metrics, summary=summary)
+    finals = {label: metrics[label]["final_error"] for label in labels}
+    by_j = sorted(methods, key=lambda m: float("inf") if m[1] is None else m[1])  # policy iteration last
+    order = [k[label] for label, _ in by_j]
+    ordered = None not in order and all(a >= b for a, b in zip(order, order[1:]))
+    claims = (
+        Claim(f"value iteration, truncated PI (every j) and policy iteration all converge to v*: "
+              f"||v_k - v*||_inf <= {cfg.tolerance:g} within {cfg.num_iters} iterations",
+              holds=all(e <= cfg.tolerance for e in finals.values()),
+              evidence=", ".join(f"{label} {e:.1e}" for label, e in finals.items())),
+        Claim("iterations to converge fall as evaluation sweeps per iteration grow: value iteration >= truncated PI "
+              "(j ascending) >= policy iteration (Sec. 4.3)", holds=ordered,
+              evidence=", ".join(f"{label} {k[label]}" for label, _ in by_j)),
+    )
+    return ExperimentResult(metrics=metrics, summary=summary, claims=claims)

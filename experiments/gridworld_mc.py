@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxlab.context import RunContext  # noqa: E402
-from jaxlab.registry import ExperimentResult, register_experiment  # noqa: E402
+from jaxlab.registry import Claim, ExperimentResult, register_experiment  # noqa: E402
 from jaxlab.rl.envs import book_grid_world  # noqa: E402
 from jaxlab.rl.gridworld_plot import plot_grid_world  # noqa: E402
 from jaxlab.rl.monte_carlo import MCConfig, MCResult, mc_epsilon_greedy  # noqa: E402
@@ -126,4 +126,24 @@ def gridworld_mc(cfg: MCExperimentConfig, ctx: RunContext) -> ExperimentResult:
         + ", ".join(f"{metrics[f'epsilon={e}']['mean_v*_eps (best epsilon-greedy policy)']:.2f}" for e in cfg.epsilons)
         + f" vs v* {float(v_star.mean()):.2f}), the exploration/exploitation trade-off of Sec. 5.6."
     )
-    return ExperimentResult(metrics=metrics, summary=summary)
+    m = {e: metrics[f"epsilon={e}"] for e in cfg.epsilons}
+    eps_sorted = sorted(cfg.epsilons)
+    v_eps_mean = [m[e]["mean_v*_eps (best epsilon-greedy policy)"] for e in eps_sorted]
+    gaps = {e: m[e]["mean_gap_to_v*_eps_per_chunk"][-1] for e in cfg.epsilons}
+    claims = (
+        Claim("MC epsilon-greedy approaches the best epsilon-greedy policy: final mean gap "
+              "mean_s(v*_eps - v_pi) < 0.15 for every epsilon (Sec. 5.4)",
+              holds=all(-1e-3 < g < 0.15 for g in gaps.values()),
+              evidence=", ".join(f"eps={e}: {g:.3f}" for e, g in gaps.items())),
+        Claim("the best epsilon-greedy policy's value falls as epsilon grows and stays below v* (Sec. 5.6)",
+              holds=all(a > b for a, b in zip(v_eps_mean, v_eps_mean[1:])) and v_eps_mean[0] < float(v_star.mean()),
+              evidence="mean v*_eps " + ", ".join(f"eps={e}: {v:.2f}" for e, v in zip(eps_sorted, v_eps_mean))
+                       + f"; mean v* {float(v_star.mean()):.2f}"),
+    )
+    consistent = {e: m[e]["greedy_version_of_best_eps_greedy_is_optimal"] for e in cfg.epsilons}
+    if 0.1 in consistent and 0.5 in consistent:
+        claims += (Claim("the greedy version of the best epsilon-greedy policy is optimal for epsilon = 0.1 and not "
+                         "for epsilon = 0.5 (consistency, Sec. 5.6)", holds=consistent[0.1] and not consistent[0.5],
+                         evidence=", ".join(f"eps={e}: {'optimal' if c else 'not optimal'}"
+                                            for e, c in consistent.items())),)
+    return ExperimentResult(metrics=metrics, summary=summary, claims=claims)

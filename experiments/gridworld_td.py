@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxlab.context import RunContext  # noqa: E402
-from jaxlab.registry import ExperimentResult, register_experiment  # noqa: E402
+from jaxlab.registry import Claim, ExperimentResult, register_experiment  # noqa: E402
 from jaxlab.rl.envs import book_episodic_grid_world  # noqa: E402
 from jaxlab.rl.gridworld_plot import plot_grid_world  # noqa: E402
 from jaxlab.rl.tabular import policy_evaluation, value_iteration  # noqa: E402
@@ -79,7 +79,7 @@ def _smooth(x: np.ndarray, k: int) -> np.ndarray:
     "gridworld-td",
     description="Sarsa, Expected Sarsa, n-step Sarsa and Q-learning on the episodic grid: episode length and return",
     paper="Zhao 2025, Mathematical Foundations of Reinforcement Learning, Secs. 7.2-7.4",
-    quick=TDExperimentConfig(num_episodes=1000, num_seeds=4),
+    quick=TDExperimentConfig(num_episodes=1000, num_seeds=8),
 )
 def gridworld_td(cfg: TDExperimentConfig, ctx: RunContext) -> ExperimentResult:
     env = book_episodic_grid_world()
@@ -155,4 +155,25 @@ def gridworld_td(cfg: TDExperimentConfig, ctx: RunContext) -> ExperimentResult:
     if off is not None:
         frac = metrics["off-policy Q-learning (uniform behaviour)"]["fraction_of_cells_with_optimal_greedy_action"]
         summary += f" Off-policy Q-learning from uniform data makes {100 * frac:.0f}% of the cells' greedy actions optimal."
-    return ExperimentResult(metrics=metrics, summary=summary)
+    optimal = {label: metrics[label]["fraction_of_seeds_with_optimal_greedy_path"] for label in curves}
+    late = {label: metrics[label][tail_key] for label in curves}
+    early = {label: metrics[label]["mean_length_first_10_episodes"] for label in curves}
+    claims = (
+        Claim(f"every on-policy method ends with a greedy policy on an optimal {SHORTEST_PATH}-step path from the "
+              f"start (v_greedy(start) = v*(start)) in >= 3/4 of the seeds (Secs. 7.2-7.4)",
+              holds=all(f >= 0.75 for f in optimal.values()),
+              evidence=", ".join(f"{label} {f:.2f}" for label, f in optimal.items())),
+        Claim(f"episodes shorten to near the {SHORTEST_PATH}-step shortest path: mean length over the last tenth "
+              f"of the run < 16 steps for every method, down from the first 10 episodes",
+              holds=all(late[label] < 16 and late[label] < early[label] for label in curves),
+              evidence=", ".join(f"{label} {early[label]:.0f} -> {late[label]:.1f}" for label in curves)),
+    )
+    if off is not None:
+        o = metrics["off-policy Q-learning (uniform behaviour)"]
+        claims += (Claim("off-policy Q-learning from the uniform behaviour policy makes the greedy action optimal in "
+                         "every cell, max_a q within 0.5 of v* (Sec. 7.4)",
+                         holds=o["fraction_of_cells_with_optimal_greedy_action"] == 1.0
+                         and o["max_abs(max_a q - v*)"] < 0.5,
+                         evidence=f"{100 * o['fraction_of_cells_with_optimal_greedy_action']:.0f}% of cells optimal, "
+                                  f"max |max_a q - v*| = {o['max_abs(max_a q - v*)']:.2g}"),)
+    return ExperimentResult(metrics=metrics, summary=summary, claims=claims)

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import threading
 import time
 import typing
 import warnings
@@ -146,6 +147,7 @@ def _masked_chunk(train: Train, chunk_updates: int, example_state: Any,
 
 _COMPILED: dict[tuple, Any] = {}  # compiled chunks by (config class, config, chunk size, state shapes, options)
 _MAX_COMPILED = 4
+_COMPILED_LOCK = threading.Lock()  # runs may train from several threads at once
 
 
 def train_in_chunks(train: Train, states: Any, *, num_chunks: int, start: int = 0,
@@ -174,15 +176,17 @@ def train_in_chunks(train: Train, states: Any, *, num_chunks: int, start: int = 
         t0 = time.perf_counter()
         shapes = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(states))
         cache_key = (type(train.config), train.config, chunk_updates, shapes, fast_compile)
-        chunk = _COMPILED.get(cache_key) if progress is None else None
+        with _COMPILED_LOCK:
+            chunk = _COMPILED.get(cache_key) if progress is None else None
         if chunk is None:
             example = jax.tree.map(lambda x: x[0], states)
             chunk = jax.jit(_masked_chunk(train, chunk_updates, example, progress)).lower(
                 states, jnp.int32(start)).compile(FAST_COMPILE if fast_compile else None)
             if progress is None and train.config is not None:
-                _COMPILED[cache_key] = chunk
-                while len(_COMPILED) > _MAX_COMPILED:
-                    _COMPILED.pop(next(iter(_COMPILED)))
+                with _COMPILED_LOCK:
+                    _COMPILED[cache_key] = chunk
+                    while len(_COMPILED) > _MAX_COMPILED:
+                        _COMPILED.pop(next(iter(_COMPILED)))
         timing.compile_s = time.perf_counter() - t0
     done = start
     while done < total:

@@ -8,7 +8,7 @@ import pytest
 
 from jaxlab.context import RunContext
 from jaxlab.experiments import gridworld_dp, gridworld_fa, gridworld_mc, gridworld_td, sa_mean
-from jaxlab.registry import get_experiment
+from jaxlab.registry import Claim, get_experiment
 
 
 def _run(name, cfg, tmp_path):
@@ -17,11 +17,13 @@ def _run(name, cfg, tmp_path):
     result = exp.fn(cfg, RunContext(name, tmp_path, quick=True, show_progress=False))
     assert (tmp_path / f"{name}.png").stat().st_size > 10_000
     assert result.summary
+    assert result.claims and all(isinstance(c, Claim) for c in result.claims)
     return result, json.loads(json.dumps(result.metrics))  # JSON-able
 
 
 def test_gridworld_optimal(tmp_path):
     result, m = _run("gridworld-optimal", gridworld_dp.OptimalConfig(), tmp_path)
+    assert result.reproduces, result.claims
     assert m["max_abs_diff_vs_book_fig_3_4a"] == 0.0  # the book's Fig. 3.4(a) to the printed decimal
     base = m["baseline, gamma=0.9"]
     np.testing.assert_allclose(base["values"][3][2], 10.0, atol=1e-3)  # target: 1 / (1 - 0.9)
@@ -33,7 +35,8 @@ def test_gridworld_optimal(tmp_path):
 
 
 def test_gridworld_dp(tmp_path):
-    _, m = _run("gridworld-dp", gridworld_dp.DPConfig(num_iters=100, j_truncates=(1, 5)), tmp_path)
+    result, m = _run("gridworld-dp", gridworld_dp.DPConfig(num_iters=100, j_truncates=(1, 5)), tmp_path)
+    assert result.reproduces, result.claims
     k = {label: m[label]["iterations_to_tolerance"] for label in
          ("value iteration", "truncated PI, j=5", "policy iteration")}
     assert k["policy iteration"] <= k["truncated PI, j=5"] < k["value iteration"] <= 100, k
@@ -45,7 +48,8 @@ def test_sa_mean(tmp_path):
     (and decreases monotonically to it without noise); BGD / MBGD / SGD converge to the mean, a
     mini-batch of m cutting SGD's gradient noise by about sqrt(m)."""
     cfg = sa_mean.SAConfig(num_steps=2000, num_seeds=8, batch_sizes=(1, 10, 100))
-    _, m = _run("sa-mean", cfg, tmp_path)
+    result, m = _run("sa-mean", cfg, tmp_path)
+    assert result.reproduces, result.claims
     assert m["max_abs(w_K+1 - sample mean), a_k = 1/k"] < 1e-4
     assert m["mean_estimation_final_abs_error"]["a_k = 1/k"] < 0.1
     assert 1.0 < m["robbins_monro_noise_free_final_w"] < 1.01
@@ -59,7 +63,8 @@ def test_gridworld_mc(tmp_path):
     """MC epsilon-greedy approaches the best epsilon-greedy policy (Sec. 5.4); the best epsilon-greedy
     policy's greedy version is optimal for epsilon = 0.1 but not for 0.5 (Sec. 5.6)."""
     cfg = gridworld_mc.MCExperimentConfig(epsilons=(0.1, 0.5), num_episodes=6000, num_chunks=2, num_seeds=2)
-    _, m = _run("gridworld-mc", cfg, tmp_path)
+    result, m = _run("gridworld-mc", cfg, tmp_path)
+    assert result.reproduces, result.claims
     small, large = m["epsilon=0.1"], m["epsilon=0.5"]
     assert large["mean_v*_eps (best epsilon-greedy policy)"] < small["mean_v*_eps (best epsilon-greedy policy)"] \
         < small["mean_v*"]
@@ -77,7 +82,8 @@ def test_gridworld_td_methods_find_the_optimal_path(tmp_path):
     fluctuating near-ties between paths, so 3 of 4 seeds must end on an optimal path. Off-policy Q-learning from the uniform behaviour policy (Sec. 7.4) recovers the optimal
     greedy action in every cell. The one-step methods share one compiled program."""
     cfg = gridworld_td.TDExperimentConfig(num_episodes=1000, num_seeds=4, n_step=3, off_policy_episodes=1000)
-    _, m = _run("gridworld-td", cfg, tmp_path)
+    result, m = _run("gridworld-td", cfg, tmp_path)
+    assert result.reproduces, result.claims
     assert m["shortest_path_length"] == 11 and m["optimal_return"] == -10
     for label in ("Sarsa", "Expected Sarsa", "3-step Sarsa", "Q-learning (on-policy)"):
         r = m[label]
@@ -93,7 +99,8 @@ def test_gridworld_fa(tmp_path):
     behaviour, replay, target network) makes the greedy action optimal in every cell."""
     cfg = gridworld_fa.FAConfig(orders=(1, 3), num_episodes=100, num_chunks=2, num_seeds=2, dqn_updates=1000,
                                 dqn_log_every=100)
-    _, m = _run("gridworld-fa", cfg, tmp_path)
+    result, m = _run("gridworld-fa", cfg, tmp_path)
+    assert result.reproduces, result.claims
     td = m["td_linear"]
     assert td["steps"] == [25_000, 50_000]
     for name in ("polynomial, order 1", "polynomial, order 3", "Fourier, order 1", "Fourier, order 3"):

@@ -14,7 +14,7 @@ from jaxlab.experiments.rl_classic_control import ClassicControlConfig, rl_class
 from jaxlab.experiments.rl_throughput import ThroughputConfig, rl_throughput
 from jaxlab.experiments.rl_train import RLTrainConfig, algorithm_config, final_return, train_rl
 from jaxlab.metrics import MetricsWriter, to_jsonable
-from jaxlab.registry import get_experiment, get_trainer
+from jaxlab.registry import Claim, get_experiment, get_trainer
 
 
 def _rows(path):
@@ -74,24 +74,31 @@ def test_trainer_and_experiment_configs_reject_bad_input():
 # second reuses the first's compiled program (``train_in_chunks`` keeps it).
 
 def test_classic_control_experiment_smoke(tmp_path):
-    assert get_experiment("rl-classic-control").quick.seeds >= 2
+    quick = get_experiment("rl-classic-control").quick
+    assert quick.seeds >= 2 and quick.timesteps_fraction == 1.0  # the claims are on full step budgets
     cfg = ClassicControlConfig(runs=("ppo/CartPole-v1",), seeds=1, timesteps_fraction=1_024 / 500_000, chunks=1,
-                               fast_compile=True)
+                               fast_compile=True, workers=2)
     result = rl_classic_control(cfg, RunContext("rl-classic-control", tmp_path, quick=True, show_progress=False))
     run = result.metrics["runs"]["ppo/CartPole-v1"]
     assert run["env_steps"] == 1_024 and run["seeds"] == 1 and run["target"] == 475.0
     assert np.all(np.asarray(run["final_return_seeds"]) >= 8.0)  # CartPole episodes last at least 8 steps
     assert run["compile_s"] > 0 and run["steps_per_s"] > 0 and len(run["curve_env_steps"]) == 2
     assert len(result.comparisons) == 1 and "target >= 475" in result.comparisons[0].quantity
+    (claim,) = result.claims  # 2 updates do not balance a pole: the claim is stated and fails
+    assert isinstance(claim, Claim) and ">= 475" in claim.claim and not claim.holds
     json.dumps(to_jsonable(result.metrics))
     assert (tmp_path / "rl-classic-control.png").stat().st_size > 0
 
 
 def test_throughput_experiment_smoke(tmp_path):
-    cfg = ThroughputConfig(num_envs=(4,), seeds=(1,), env_steps=1_024, repeats=2, fast_compile=True)
+    cfg = ThroughputConfig(num_envs=(4,), seeds=(1,), env_steps=1_024, repeats=2, fast_compile=True, loop_steps=20)
     result = rl_throughput(cfg, RunContext("rl-throughput", tmp_path, quick=True, show_progress=False))
     (point,) = result.metrics["points"]
     assert point["num_envs"] == 4 and point["seeds"] == 1 and point["env_steps"] == 1_024
     assert point["steps_per_s"] > 0 and result.metrics["backend"] == jax.default_backend()
+    loop = result.metrics["python_loop"]
+    assert loop["env_steps"] == 80 and loop["steps_per_s"] > 0 and result.metrics["speedup_over_python_loop"] > 0
+    assert len(result.claims) == 3 and all(isinstance(c, Claim) for c in result.claims)
+    assert result.claims[1].holds and result.claims[2].holds  # one point per sweep: trivially rising
     json.dumps(to_jsonable(result.metrics))
     assert (tmp_path / "rl-throughput.png").stat().st_size > 0
