@@ -1,0 +1,68 @@
+"""Claims in results and REPORT.md: each paper's result as a predicate, counted, failing ones shown failing."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from jaxlab.registry import Claim, ExperimentResult
+from jaxlab.reproduce import RunRecord, claims_tally, reproduce, write_report
+
+
+def _record(name: str, claims=(), error=None, quick=True) -> RunRecord:
+    result = None if error else ExperimentResult(metrics={"x": 1.0}, claims=claims)
+    return RunRecord(name=name, description=f"{name} figure", paper=f"{name} et al.", quick=quick, config={},
+                     runtime_s=1.0, result=result, error=error)
+
+
+def test_claim_coerces_array_booleans_and_rejects_empty_statements():
+    c = Claim("x >= 1", holds=np.float32(2.0) >= 1, evidence=np.float32(2.0))
+    assert c.holds is True and c.evidence == "2.0"
+    assert Claim("nan is no pass", holds=np.nan >= 1, evidence="nan").holds is False
+    with pytest.raises(ValueError, match="claim="):
+        Claim(" ", holds=True, evidence="")
+    with pytest.raises(TypeError, match="Claim instances"):
+        ExperimentResult(metrics={}, claims=({"claim": "a", "holds": True},))
+
+
+def test_reproduces_needs_every_claim():
+    ok, bad = Claim("a", True, "1"), Claim("b", False, "0")
+    assert ExperimentResult({}, claims=(ok, ok)).reproduces is True
+    assert ExperimentResult({}, claims=(ok, bad)).reproduces is False
+    assert ExperimentResult({}).reproduces is None
+    assert _record("x", error="boom").reproduces is False
+
+
+def test_report_counts_and_lists_claims(tmp_path):
+    records = [_record("good", (Claim("a >= 1", True, "a = 2"),)),
+               _record("half", (Claim("b >= 1", True, "b = 3"), Claim("c <= 0.5", False, "c = 0.9"))),
+               _record("broken", error="RuntimeError: boom")]
+    assert claims_tally(records) == "1 of 3 experiment(s) reproduce their paper's claims (2 of 3 claims hold)."
+    report = write_report(records, tmp_path, quick=True).read_text()
+    assert claims_tally(records) in report
+    assert "| experiment | reproduces | status | claims hold | time (s) |" in report
+    assert "| [good](#good) | good et al. | ok | ✓ 1/1 | 1.0 |" in report
+    assert "| [half](#half) | half et al. | ok | ✗ 1/2 | 1.0 |" in report
+    assert "- ✗ c <= 0.5 — c = 0.9" in report and "- ✓ b >= 1 — b = 3" in report
+
+
+def test_json_round_trip_and_report_keeps_earlier_experiments(tmp_path):
+    from jaxlab.registry import get_experiment
+
+    first = _record("gridworld-optimal", (Claim("v* = book", True, "max err 0"),))
+    (tmp_path / "gridworld-optimal.json").write_text(json.dumps(first.to_json()))
+    (tmp_path / "other-size.json").write_text(json.dumps(_record("other-size", quick=False).to_json()))
+    (tmp_path / "garbage.json").write_text("{not json")
+    back = RunRecord.from_json(json.loads((tmp_path / "gridworld-optimal.json").read_text()))
+    assert back.result.claims == first.result.claims and back.reproduces is True
+    experiment = get_experiment("ssm-hippo")
+    config = experiment.quick.__class__(length=64, state_sizes=(4, 8), plot_state_size=8, num_signals=1)
+    records, path = reproduce([(experiment, config)], tmp_path, quick=True, show_progress=False)
+    report = path.read_text()
+    assert [r.name for r in records] == ["ssm-hippo"]
+    assert "## ssm-hippo" in report and "## gridworld-optimal" in report  # the earlier run stays in the report
+    assert "## other-size" not in report  # a full-size record is not mixed into a quick report
+    assert "Not run at this size in this folder:" in report and "`zero-memory`" in report
+    saved = json.loads((tmp_path / "ssm-hippo.json").read_text())
+    assert saved["claims"] and saved["reproduces"] == all(c["holds"] for c in saved["claims"])
