@@ -36,18 +36,26 @@ def pair_logprobs(model: LM, params, batch: dict, prompt_len: int) -> tuple[jax.
 
 
 @functools.lru_cache(maxsize=8)
-def _pairs_fn(cfg: LMConfig, task: Task, chunk: int, group_size: int, max_new_tokens: int):
+def _pairs_fn(cfg: LMConfig, task: Task, chunk: int, group_size: int, max_new_tokens: int, all_pairs: bool):
     model = LM(cfg)
+    G = group_size
 
     def run(params, key):
         prompts, answers = task.sample(jax.random.fold_in(key, 0), chunk)
         prompts, answers = jnp.repeat(prompts, group_size, axis=0), jnp.repeat(answers, group_size, axis=0)
         roll = rollout(model, params, prompts, jax.random.fold_in(key, 1), max_new_tokens, 1.0)
-        correct = is_correct(roll.response, answers).reshape(chunk, group_size) > 0  # [n, G]
-        chosen, rejected = jnp.argmax(correct, axis=1), jnp.argmax(~correct, axis=1)  # first right / wrong
-        valid = jnp.any(correct, axis=1) & jnp.any(~correct, axis=1)  # [n]
+        correct = is_correct(roll.response, answers).reshape(chunk, G) > 0  # [n, G]
         logps = masked_sum(response_logprobs(model, params, roll.tokens, task.prompt_len), roll.mask, axis=1)
-        pick = lambda x, i: x.reshape(chunk, group_size, *x.shape[1:])[jnp.arange(chunk), i]  # noqa: E731
+        if all_pairs:  # every (right i, wrong j) of a group: n * G * G candidates, [n * G * G]
+            i, j = (a.reshape(-1) for a in jnp.meshgrid(jnp.arange(G), jnp.arange(G), indexing="ij"))
+            valid = (correct[:, i] & ~correct[:, j]).reshape(-1)
+            rows = jnp.repeat(jnp.arange(chunk), G * G)
+            chosen, rejected = jnp.tile(i, chunk), jnp.tile(j, chunk)
+        else:  # the first right and the first wrong of a group, [n]
+            chosen, rejected = jnp.argmax(correct, axis=1), jnp.argmax(~correct, axis=1)
+            valid = jnp.any(correct, axis=1) & jnp.any(~correct, axis=1)
+            rows = jnp.arange(chunk)
+        pick = lambda x, i: x.reshape(chunk, G, *x.shape[1:])[rows, i]  # noqa: E731
         return valid, {"chosen": pick(roll.tokens, chosen), "rejected": pick(roll.tokens, rejected),
                        "chosen_mask": pick(roll.mask, chosen), "rejected_mask": pick(roll.mask, rejected),
                        "ref_chosen": pick(logps, chosen), "ref_rejected": pick(logps, rejected)}
@@ -56,22 +64,25 @@ def _pairs_fn(cfg: LMConfig, task: Task, chunk: int, group_size: int, max_new_to
 
 
 def preference_pairs(model: LM, ref_params, task: Task, key: jax.Array, num_prompts: int, group_size: int,
-                     max_new_tokens: int, chunk: int = 256) -> dict[str, np.ndarray]:
+                     max_new_tokens: int, chunk: int = 256, all_pairs: bool = False) -> dict[str, np.ndarray]:
     """Verifier-labelled pairs from the reference policy's own samples (host numpy arrays).
 
     Returns ``chosen``/``rejected`` tokens [M, Lp + R], their masks [M, R] and the reference's sequence
-    log-probabilities ``ref_chosen``/``ref_rejected`` [M], for the ``M <= num_prompts`` prompts whose
-    ``group_size`` samples hold both a right and a wrong answer.
+    log-probabilities ``ref_chosen``/``ref_rejected`` [M]: one pair (the first right and the first wrong
+    sample) for each of the ``M <= num_prompts`` prompts whose ``group_size`` samples hold both a right and a
+    wrong answer, or with ``all_pairs`` every right sample paired with every wrong one of its group
+    (InstructGPT's ``K choose 2`` comparisons per prompt, section 3.5; ``M <= num_prompts * G^2 / 4``).
     """
     if num_prompts < 1 or group_size < 2:
         raise ValueError(f"need num_prompts >= 1 and group_size >= 2, got {num_prompts=}, {group_size=}")
     chunk = min(chunk, num_prompts)
-    fn = _pairs_fn(model.cfg, task, chunk, group_size, max_new_tokens)
+    fn = _pairs_fn(model.cfg, task, chunk, group_size, max_new_tokens, all_pairs)
     parts = []
     for i in range(-(-num_prompts // chunk)):
         valid, pairs = jax.device_get(fn(ref_params, jax.random.fold_in(key, i)))
         parts.append({k: v[np.asarray(valid)] for k, v in pairs.items()})
-    return {k: np.concatenate([p[k] for p in parts])[:num_prompts] for k in parts[0]}
+    pairs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return pairs if all_pairs else {k: v[:num_prompts] for k, v in pairs.items()}
 
 
 def make_dpo_step(model: LM, prompt_len: int, beta: float, loss_type: str, nll_coef: float = 0.0):

@@ -102,6 +102,11 @@ class PostTrainConfig:
     rm_steps: int = 150
     """Steps of the reward model stage (ppo-rlhf)."""
     rm_lr: float = 1e-3
+    rm_batch_size: int | None = None
+    """Preference pairs per reward-model step (None: batch_size)."""
+    rm_all_pairs: bool = False
+    """Train (and check) the reward model on every right/wrong pair of each sampled group (InstructGPT's
+    ``K choose 2`` comparisons per prompt); False: one pair per prompt, DPO's pairs."""
     kl_coef: float = 0.2
     """PPO-RLHF's per-token KL penalty coefficient (a learned reward near chance is over-optimised fast:
     a firm penalty keeps the policy near the reference)."""
@@ -139,6 +144,8 @@ class PostTrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
         if not 0 <= self.gae_lambda <= 1:
             raise ValueError(f"gae_lambda={self.gae_lambda!r} must be in [0, 1]")
+        if self.rm_batch_size is not None and self.rm_batch_size < 1:
+            raise ValueError(f"rm_batch_size={self.rm_batch_size!r} must be None or >= 1")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be None or >= 1")
         if self.response_len < self.task_spec.answer_len:
@@ -308,10 +315,11 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
                            ProblemIterator(task, cfg.batch_size, stream(_RL_DATA)), cfg.steps, ref, ref)
         final_params, preempted, summary["resumed_from"] = result.state.params, result.preempted, result.resumed_from
     elif cfg.method in ("dpo", "ppo-rlhf") and not preempted:
+        all_pairs = cfg.method == "ppo-rlhf" and cfg.rm_all_pairs
         pairs = preference_pairs(model, ref, task, stream(_PAIRS), cfg.pair_prompts, cfg.group_size,
-                                 cfg.response_len)
+                                 cfg.response_len, all_pairs=all_pairs)
         summary["pairs"] = int(len(pairs["chosen"]))
-        _log(f"preference pairs: {summary['pairs']} of {cfg.pair_prompts} prompts have a right and a wrong sample")
+        _log(f"preference pairs: {summary['pairs']} from {cfg.pair_prompts} prompts' groups of {cfg.group_size}")
         if summary["pairs"] < cfg.batch_size:
             raise ValueError(f"only {summary['pairs']} preference pairs for batch_size={cfg.batch_size}: raise "
                              f"pair_prompts={cfg.pair_prompts} or group_size={cfg.group_size}, or lower batch_size")
@@ -324,11 +332,17 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
         else:
             rm_state = create_train_state(init_reward_params(_copy(ref), cfg.d_model), _adam(cfg.rm_lr),
                                           stream(_RM_KEY))
-            rm = run_stage("reward_model", _jit_step("reward_model", model_cfg, task, None), rm_state, data,
+            rm_batch = cfg.batch_size if cfg.rm_batch_size is None else min(cfg.rm_batch_size, summary["pairs"])
+            rm_data = ArrayIterator(pairs, rm_batch, seed=cfg.seed)
+            rm = run_stage("reward_model", _jit_step("reward_model", model_cfg, task, None), rm_state, rm_data,
                            cfg.rm_steps)
-            # Held-out pairs (fresh prompts): how well the learned reward tracks the verifier it stands for.
+            # How well the learned reward tracks the verifier it stands for: pairs of fresh prompts that no
+            # training pair shares.
             heldout = preference_pairs(model, ref, task, stream(_RM_EVAL), cfg.eval_problems, cfg.group_size,
-                                       cfg.response_len)
+                                       cfg.response_len, all_pairs=cfg.rm_all_pairs)
+            seen = {p.tobytes() for p in pairs["chosen"][:, :task.prompt_len]}
+            fresh = np.array([p.tobytes() not in seen for p in heldout["chosen"][:, :task.prompt_len]], bool)
+            heldout = {k: v[fresh] for k, v in heldout.items()}
             summary["reward_model"] = {"train_pairs": summary["pairs"], "heldout_pairs": int(len(heldout["chosen"])),
                                        "heldout_accuracy": pair_accuracy(model, rm.state.params, heldout)
                                        if len(heldout["chosen"]) else None}

@@ -42,7 +42,7 @@ def test_trainer_registered():
 
 
 def test_mqar_smoke(tmp_path):
-    acc = _run("mqar", tmp_path)["accuracy"]
+    acc = _run_with_claims("mqar", tmp_path)["accuracy"]
     assert set(acc) == {"attention"} and 0 <= acc["attention"]["16"]["16"] <= 1
 
 
@@ -61,8 +61,8 @@ def test_mqar_reports_the_best_learning_rate_of_its_sweep(tmp_path):
 
 
 def test_selective_copying_and_induction_smoke(tmp_path):
-    assert 0 <= _run("selective-copying", tmp_path)["accuracy"]["attention"] <= 1
-    acc = _run("induction-heads", tmp_path)["accuracy"]["attention"]
+    assert 0 <= _run_with_claims("selective-copying", tmp_path)["accuracy"]["attention"] <= 1
+    acc = _run_with_claims("induction-heads", tmp_path)["accuracy"]["attention"]
     assert set(acc) == {"8", "16"} and all(0 <= a <= 1 for a in acc.values())
 
 

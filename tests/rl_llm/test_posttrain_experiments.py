@@ -3,7 +3,7 @@
 import math
 
 from jaxlab.context import RunContext
-from jaxlab.registry import get_experiment
+from jaxlab.registry import Claim, get_experiment
 
 
 def _run(name, tmp_path, **overrides):
@@ -14,6 +14,7 @@ def _run(name, tmp_path, **overrides):
     ctx = RunContext(name, tmp_path, quick=True, show_progress=False)
     result = exp.fn(cfg, ctx)
     assert ctx.figure_path.exists()
+    assert result.claims and all(isinstance(c, Claim) for c in result.claims)
     return result
 
 
@@ -27,8 +28,9 @@ def test_grpo_reasoning_smoke(tmp_path):
 
 
 def test_posttrain_compare_smoke(tmp_path):
-    result = _run("posttrain-compare", tmp_path, methods=("sft", "dpo"), num_digits=1, d_model=32, num_layers=1,
-                  sft_steps=30, steps=3, batch_size=4, group_size=4, pair_prompts=64, eval_problems=32)
+    result = _run("posttrain-compare", tmp_path, methods=("sft", "dpo", "ppo-rlhf"), num_digits=1, d_model=32,
+                  num_layers=1, sft_steps=30, steps=3, rm_steps=3, batch_size=4, group_size=4, pair_prompts=64,
+                  eval_problems=32)
     methods = result.metrics["methods"]
-    assert list(methods) == ["sft", "dpo"] and abs(methods["sft"]["kl_to_ref"]) < 1e-4
+    assert list(methods) == ["sft", "dpo", "ppo-rlhf"] and abs(methods["sft"]["kl_to_ref"]) < 1e-4
     assert all(0 <= r["accuracy"] <= 1 and math.isfinite(r["kl_to_ref"]) for r in methods.values())
