@@ -58,7 +58,7 @@ class GRPOReasoningConfig:
 
 @register_experiment("grpo-reasoning", description="GRPO from an SFT start: accuracy and length vs RL steps",
                      paper="DeepSeek-AI 2025, DeepSeek-R1 (arXiv:2501.12948), Figures 2-3; Shao et al. 2024 (GRPO)",
-                     quick=GRPOReasoningConfig(steps=150))
+                     quick=GRPOReasoningConfig())
 def grpo_reasoning(cfg: GRPOReasoningConfig, ctx: RunContext) -> ExperimentResult:
     run = posttrain(run_config(cfg, "grpo", seed=ctx.seed, checkpoint_every=max(cfg.steps, cfg.sft_steps)),
                     ctx.out_dir / "grpo-reasoning-runs")

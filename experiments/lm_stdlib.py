@@ -68,7 +68,7 @@ class LMStdlibConfig:
                            "small-scale byte-level analogue",
                      quick=LMStdlibConfig(steps=500, batch_size=16, seq_len=128, d_model=64, num_layers=2,
                                           lr=5e-3, warmup_steps=50, eval_every=100, eval_batches=4,
-                                          max_documents=300))
+                                          max_documents=None))
 def lm_stdlib(cfg: LMStdlibConfig, ctx: RunContext) -> ExperimentResult:
     curves, summaries = {}, {}
     for mixer in ctx.progress(cfg.mixers, desc="mixers"):
