@@ -74,6 +74,7 @@ class MQARConfig:
 
 @register_experiment("mqar", description="MQAR accuracy vs width: attention, linear attention, GAU, Mamba, Mamba-2",
                      paper="Arora et al. 2023, Zoology: Measuring and Improving Recall in Efficient LMs, Figure 2",
+                     full_needs_gpu=True,
                      quick=MQARConfig(mixers=("attention", "mamba2"), widths=(64, 128), seq_lens=(64,), kv_pairs=(4,),
                                       vocab_size=256, steps=300, batch_size=16, lrs=(1e-2,), eval_batches=2))
 def mqar_experiment(cfg: MQARConfig, ctx: RunContext) -> ExperimentResult:

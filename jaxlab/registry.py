@@ -130,6 +130,8 @@ class Experiment:
     paper: str
     fn: Callable[..., ExperimentResult]
     quick: Any
+    full_needs_gpu: bool = False
+    """The full size takes hours on a CPU: run it on a GPU (the report says so when it is missing)."""
 
     @property
     def config_cls(self) -> type:
@@ -159,18 +161,19 @@ def _check_name(name: str, table: dict, kind: str, fn: Callable) -> None:
         raise RegistryError(f"{kind} {name!r} is registered twice: {table[name].fn} and {fn}")
 
 
-def register_experiment(name: str, *, description: str, paper: str, quick: Any):
+def register_experiment(name: str, *, description: str, paper: str, quick: Any, full_needs_gpu: bool = False):
     """Register ``fn(cfg, ctx) -> ExperimentResult`` under ``name``.
 
     ``quick`` is an instance of the experiment's frozen config dataclass sized for
     ``jaxlab reproduce --quick`` (sized so that its claims hold, the whole set in under 20 minutes on 2 CPU cores).
+    ``full_needs_gpu`` marks experiments whose full size takes hours on a CPU.
     """
     if not dataclasses.is_dataclass(quick) or isinstance(quick, type):
         raise TypeError(f"{name}: quick= must be a dataclass instance, got {quick!r}")
 
     def decorator(fn):
         _check_name(name, _EXPERIMENTS, "experiment", fn)
-        _EXPERIMENTS[name] = Experiment(name, description, paper, fn, quick)
+        _EXPERIMENTS[name] = Experiment(name, description, paper, fn, quick, full_needs_gpu)
         return fn
 
     return decorator

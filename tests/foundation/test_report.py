@@ -66,3 +66,16 @@ def test_json_round_trip_and_report_keeps_earlier_experiments(tmp_path):
     assert "Not run at this size in this folder:" in report and "`zero-memory`" in report
     saved = json.loads((tmp_path / "ssm-hippo.json").read_text())
     assert saved["claims"] and saved["reproduces"] == all(c["holds"] for c in saved["claims"])
+
+
+def test_full_size_report_names_the_missing_experiments_that_need_a_gpu(tmp_path):
+    from jaxlab.registry import experiment_names, get_experiment
+
+    records = [_record("good", (Claim("a >= 1", True, "a = 2"),), quick=False)]
+    gpu = [n for n in experiment_names() if get_experiment(n).full_needs_gpu]
+    assert gpu, "some registered experiment must be marked as needing a GPU at full size"
+    full = write_report(records, tmp_path, quick=False, not_run=["mqar", "zero-memory"], needs_gpu=["mqar"]).read_text()
+    assert "These need a GPU at full size (each takes hours on 2 CPU cores): `mqar`." in full
+    assert "Command: `jaxlab reproduce mqar zero-memory --out" in full
+    quick = write_report(records, tmp_path, quick=True, not_run=["mqar"], needs_gpu=["mqar"]).read_text()
+    assert "need a GPU" not in quick and "Command: `jaxlab reproduce mqar --quick --out" in quick
