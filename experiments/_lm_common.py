@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlab.models.lm import LM, LMConfig
+from jaxlab.models.lm import LM, LMConfig, weight_decay_mask
 from jaxlab.xla_options import FAST_COMPILE
 
 
@@ -33,7 +33,8 @@ class TrainSpec:
         schedule = optax.warmup_cosine_decay_schedule(0.0, self.lr, warmup, max(self.steps, warmup + 1),
                                                       end_value=0.1 * self.lr)
         return optax.chain(optax.clip_by_global_norm(1.0),
-                           optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=self.weight_decay))
+                           optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=self.weight_decay,
+                                       mask=weight_decay_mask))
 
 
 def masked_loss(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:

@@ -60,7 +60,7 @@ class InductionHeadsConfig:
                            "Section 4.1.2, Table 2",
                      full_needs_gpu=True,
                      quick=InductionHeadsConfig(mixers=("mamba", "attention"), train_len=64, test_lens=(64, 128, 256, 512),
-                                                d_model=64, steps=1200, batch_size=16, lr=3e-3, eval_batches=16))
+                                                d_model=64, steps=800, batch_size=32, lr=3e-3, eval_batches=16))
 def induction_heads_experiment(cfg: InductionHeadsConfig, ctx: RunContext) -> ExperimentResult:
     make = lambda L: functools.partial(induction_heads, batch=cfg.batch_size, seq_len=L,  # noqa: E731
                                        vocab_size=cfg.vocab_size)

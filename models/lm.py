@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -40,7 +41,8 @@ from jaxlab.models.moe import GATES, MoE
 from jaxlab.models.remat import remat_module, validate_remat
 from jaxlab.models.ssm_mixers import S4D, S5, Mamba, Mamba2
 
-__all__ = ["FFNS", "LM", "LMCache", "LMConfig", "MIXERS", "generate", "lm_loss", "make_mixer", "next_token_loss"]
+__all__ = ["FFNS", "LM", "LMCache", "LMConfig", "MIXERS", "NO_DECAY_PARAMS", "generate", "lm_loss", "make_mixer",
+           "next_token_loss", "weight_decay_mask"]
 
 MIXERS = ("attention", "sliding", "linear", "gau", "s4d", "s5", "mamba", "mamba2")
 FFNS = ("swiglu", "gelu", "moe")
@@ -335,6 +337,23 @@ class LM(nn.Module):
 
 
 # ---- losses -----------------------------------------------------------------------------------------
+NO_DECAY_PARAMS = frozenset({"A_log", "log_A_real", "A_imag", "Lambda_re", "Lambda_im", "log_dt", "dt_bias", "D", "B"})
+"""Parameters of the state-space dynamics, kept out of weight decay whatever their rank: decay would pull
+``A`` and ``dt`` towards fixed values and shorten or lengthen the memory (Mamba trains ``A_log``, ``D`` and
+``dt_bias`` without it; S4 trains ``A``, ``B`` and ``dt`` without it). ``B`` is the S4D/S5 input matrix; every
+other ``B`` of the models is an activation, not a parameter."""
+
+
+def weight_decay_mask(params) -> Any:
+    """The pytree of bools saying which leaves of ``params`` get weight decay (``optax.adamw(mask=...)``):
+    matrices and embeddings, not vectors (norm scales, biases) nor :data:`NO_DECAY_PARAMS`."""
+    def decays(path, leaf) -> bool:
+        name = getattr(path[-1], "key", getattr(path[-1], "name", None))
+        return leaf.ndim >= 2 and name not in NO_DECAY_PARAMS
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
 def next_token_loss(logits, tokens, segment_ids=None):
     """Mean cross-entropy of predicting ``tokens[:, t+1]`` from position t; targets across a segment
     boundary (the first token of the next packed document) are excluded. Returns (loss, accuracy)."""

@@ -34,7 +34,7 @@ import optax
 from jaxlab.loop import LoopConfig, fit
 from jaxlab.metrics import to_jsonable
 from jaxlab.models.corpus import PAD_ID, VOCAB_SIZE, PackedIterator, decode, encode, load_corpus
-from jaxlab.models.lm import LM, MIXERS, LMConfig, generate
+from jaxlab.models.lm import LM, MIXERS, LMConfig, generate, weight_decay_mask
 from jaxlab.models.packing import pack_documents, packing_stats, padded_efficiency
 from jaxlab.models.remat import validate_remat
 from jaxlab.train_state import create_train_state, jit_train_step, make_train_step
@@ -74,7 +74,7 @@ class LMTrainConfig:
     min_lr_ratio: float = 0.1
     """Final learning rate of the cosine decay, as a fraction of lr."""
     weight_decay: float = 0.1
-    """AdamW decoupled weight decay (matrices only; not norms or biases)."""
+    """AdamW decoupled weight decay (matrices only; not norms, biases or the SSM dynamics)."""
     clip_norm: float = 1.0
     """Global gradient-norm clipping threshold."""
     eval_every: int = 250
@@ -137,13 +137,13 @@ class LMTrainConfig:
 
 def make_optimizer(cfg: LMTrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Clip by global norm, then AdamW (beta2 0.95) under linear warmup + cosine decay; weight decay
-    on matrices only. Returns ``(tx, schedule)``."""
+    on matrices only, not on the SSM dynamics (:func:`jaxlab.models.lm.weight_decay_mask`). Returns
+    ``(tx, schedule)``."""
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps, decay_steps=cfg.steps,
         end_value=cfg.lr * cfg.min_lr_ratio)
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                     optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay, mask=decay_mask))
+                     optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay, mask=weight_decay_mask))
     return tx, schedule
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxlab.models.lm import LM, MIXERS, LMConfig, generate
+from jaxlab.models.lm import LM, MIXERS, LMConfig, generate, weight_decay_mask
 from jaxlab.xla_options import FAST_COMPILE
 
 V = 32
@@ -167,3 +167,28 @@ def test_config_is_frozen_and_derives_sizes():
     model = LM(cfg)
     with pytest.raises(ValueError, match="max_len"):
         model.init_cache(1, cfg.max_len + 1)
+
+
+@pytest.mark.parametrize("mixer", ["mamba", "s4d", "attention"])
+def test_weight_decay_spares_vectors_and_ssm_dynamics_and_decays_matrices(mixer):
+    cfg = LMConfig(vocab_size=16, d_model=32, num_layers=1, num_heads=2, mixer=mixer, max_len=16, d_state=4,
+                   ssm_head_dim=8, chunk_size=8)
+    params = jax.eval_shape(lambda: LM(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))["params"]
+    mask = weight_decay_mask(params)
+    named = {jax.tree_util.keystr(path): (leaf, decays) for (path, leaf), decays in
+             zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(mask))}
+    for path, (leaf, decays) in named.items():
+        if leaf.ndim < 2:  # norm scales, biases, D, dt_bias, log_dt
+            assert not decays, path
+        if path.split("'")[-2] in ("embedding", "kernel"):
+            assert decays, path
+    spared = {path.split("'")[-2] for path, (leaf, d) in named.items() if leaf.ndim >= 2 and not d}
+    assert spared == {"mamba": {"A_log"}, "s4d": {"log_A_real", "A_imag", "B"}, "attention": set()}[mixer]
+    # AdamW with this mask leaves a spared parameter where it was when its gradient is zero.
+    real = LM(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    tx = optax.adamw(1e-2, weight_decay=1.0, mask=weight_decay_mask)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, real), tx.init(real), real)
+    for (path, u), p, decays in zip(jax.tree_util.tree_leaves_with_path(updates), jax.tree_util.tree_leaves(real),
+                                    jax.tree_util.tree_leaves(mask)):
+        moved = bool(jnp.any(u != 0))
+        assert moved == (decays and bool(jnp.any(p != 0))), jax.tree_util.keystr(path)
