@@ -124,8 +124,8 @@ def write_report(records: list[RunRecord], out_dir: pathlib.Path, *, quick: bool
                  not_run: Sequence[str] = (), needs_gpu: Sequence[str] = ()) -> pathlib.Path:
     """Write ``REPORT.md``: a table of every experiment with whether its paper's claims hold, then one
     section per figure with its picture, the claims checked, and our numbers beside the paper's.
-    ``not_run`` names registered experiments absent from the folder; the report gives the command, and says
-    which of them (``needs_gpu``) take hours on a CPU at full size."""
+    ``not_run`` names registered experiments absent from the folder; the report gives the command, and in
+    a full-size report says which of them (``needs_gpu``, a subset of ``not_run``) take hours on a CPU."""
     total = sum(r.runtime_s for r in records)
     lines = [
         "# jaxlab reproduction report",
@@ -150,10 +150,9 @@ def write_report(records: list[RunRecord], out_dir: pathlib.Path, *, quick: bool
         size = " --quick" if quick else ""
         lines += ["", f"Not run at this size in this folder: {', '.join(f'`{n}`' for n in not_run)}. "
                   f"Command: `jaxlab reproduce {' '.join(not_run)}{size} --out {out_dir}`."]
-        gpu = [n for n in not_run if n in set(needs_gpu)]
-        if gpu and not quick:
+        if needs_gpu and not quick:
             lines[-1] += (" These need a GPU at full size (each takes hours on 2 CPU cores): "
-                          + ", ".join(f"`{n}`" for n in gpu) + ".")
+                          + ", ".join(f"`{n}`" for n in needs_gpu) + ".")
     for r in records:
         lines += ["", f"## {r.name}", "", f"*{r.description}* — reproduces {r.paper}.", ""]
         if r.error is not None:
@@ -208,5 +207,6 @@ def reproduce(runs: list[tuple[Experiment, Any]], out_dir: pathlib.Path, *, quic
     earlier = earlier_records(out_dir, quick=quick, exclude={r.name for r in records})
     everything = sorted(records + earlier, key=lambda r: r.name)
     not_run = sorted(set(experiment_names()) - {r.name for r in everything})
-    needs_gpu = [n for n in not_run if get_experiment(n).full_needs_gpu]
+    # Looking the flag up imports each missing experiment's module: only a full-size report uses it.
+    needs_gpu = [] if quick else [n for n in not_run if get_experiment(n).full_needs_gpu]
     return records, write_report(everything, out_dir, quick=quick, not_run=not_run, needs_gpu=needs_gpu)

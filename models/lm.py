@@ -336,7 +336,7 @@ class LM(nn.Module):
         return LMCache(layers, jnp.zeros((), jnp.int32))
 
 
-# ---- losses -----------------------------------------------------------------------------------------
+# ---- optimisation -----------------------------------------------------------------------------------
 NO_DECAY_PARAMS = frozenset({"A_log", "log_A_real", "A_imag", "Lambda_re", "Lambda_im", "log_dt", "dt_bias", "D", "B"})
 """Parameters of the state-space dynamics, kept out of weight decay whatever their rank: decay would pull
 ``A`` and ``dt`` towards fixed values and shorten or lengthen the memory (Mamba trains ``A_log``, ``D`` and
@@ -354,6 +354,7 @@ def weight_decay_mask(params) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+# ---- losses -----------------------------------------------------------------------------------------
 def next_token_loss(logits, tokens, segment_ids=None):
     """Mean cross-entropy of predicting ``tokens[:, t+1]`` from position t; targets across a segment
     boundary (the first token of the next packed document) are excluded. Returns (loss, accuracy)."""
