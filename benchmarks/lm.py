@@ -53,15 +53,16 @@ def _step_fn(model_cfg, steps_hint: int = 1000):
     import jax
     import jax.numpy as jnp
 
-    from jaxlab.models.lm import LM
-    from jaxlab.models.lm_training import LMTrainConfig, make_loss_fn, make_optimizer
+    from jaxlab.models.lm import LM, NO_DECAY_PARAMS
+    from jaxlab.models.lm_training import LMTrainConfig, make_loss_fn
+    from jaxlab.optim import make_optimizer
     from jaxlab.train_state import create_train_state, jit_train_step, make_train_step
 
     model = LM(model_cfg)
-    tx, _ = make_optimizer(LMTrainConfig(steps=steps_hint, warmup_steps=10))
+    tx = make_optimizer(LMTrainConfig(steps=steps_hint, warmup_steps=10).optimizer_config(), no_decay=NO_DECAY_PARAMS)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
     state = create_train_state(params, tx, jax.random.PRNGKey(1))
-    return jit_train_step(make_train_step(make_loss_fn(model), has_aux=True)), state
+    return jit_train_step(make_train_step(make_loss_fn(model), tx)), state
 
 
 def _time_steps(step, state, batches, repeats: int):
@@ -84,11 +85,13 @@ def _batch(tokens, segment_ids=None):
     import numpy as np
 
     from jaxlab.models.layers import positions_from_segments
-    from jaxlab.models.packing import loss_mask_from_segments
+    from jaxlab.models.packing import target_mask_from_segments
 
     seg = np.ones_like(tokens) if segment_ids is None else segment_ids
-    return {"tokens": tokens.astype(np.int32), "segment_ids": seg.astype(np.int32),
-            "positions": np.asarray(positions_from_segments(seg)), "loss_mask": loss_mask_from_segments(seg)}
+    tokens = tokens.astype(np.int32)
+    targets = np.concatenate([tokens[:, 1:], np.zeros_like(tokens[:, :1])], axis=1)  # [B, L]
+    return {"inputs": tokens, "targets": targets, "mask": target_mask_from_segments(seg),
+            "segment_ids": seg.astype(np.int32), "positions": np.asarray(positions_from_segments(seg))}
 
 
 def bench_mixers(mixers, repeats: int) -> list[dict]:
@@ -170,12 +173,12 @@ def bench_mfu(repeats: int, model: dict = GPU_MODEL) -> dict:
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), None)
     rng = np.random.default_rng(0)
-    unpacked = [{"tokens": rng.integers(0, V, (B, L)).astype(np.int32), "loss_mask": np.ones((B, L), np.int32)}
+    unpacked = [{k: v for k, v in _batch(rng.integers(0, V, (B, L))).items() if k in ("inputs", "targets", "mask")}
                 for _ in range(2)]
     # Packed rows of documents of GPT-2-like lengths (geometric, mean L / 4), as a packed corpus gives.
     docs = [rng.integers(0, V, 1 + rng.geometric(4 / L)).astype(np.int32) for _ in range(16 * B)]
     rows = pack_documents(docs, L)
-    packed = [_batch(rows["tokens"][i * B:(i + 1) * B], rows["segment_ids"][i * B:(i + 1) * B]) for i in range(2)]
+    packed = [_batch(rows["inputs"][i * B:(i + 1) * B], rows["segment_ids"][i * B:(i + 1) * B]) for i in range(2)]
     result = {"device": kind, "peak_tflops": peak, "model": g, "runs": []}
     for layout, impl, batches in (("one document per row", "cudnn", unpacked),
                                   ("one document per row", "pallas", unpacked),

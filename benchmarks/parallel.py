@@ -52,12 +52,12 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
-    from flax.training.train_state import TrainState
 
-    from jaxlab.parallel import make_mesh, make_train_step, shard_train_state
+    from jaxlab.optim import OptimizerConfig, make_optimizer
+    from jaxlab.parallel import make_mesh, shard_train_state
     from jaxlab.parallel.collectives import hlo_collectives, jaxpr_collectives, zero_comm_bytes
     from jaxlab.parallel.memory import compiled_memory
+    from jaxlab.train_state import create_train_state, make_train_step, step_key
 
     width, depth, batch = (256, 4, 64) if args.quick else (512, 6, 128)
     iters, repeats = (5, 3) if args.quick else (10, 5)
@@ -70,15 +70,18 @@ def main(argv=None) -> int:
     x = rng.normal(size=(batch, width)).astype(np.float32)
     data = (x, np.tanh(x @ rng.normal(size=(width, width)).astype(np.float32)))
 
-    def loss_fn(p, b):
+    def loss_fn(p, b, key):
         h, y = b  # [B, W]
         for i in range(depth):
             h = jnp.tanh(h @ p[f"w{i}"] + p[f"b{i}"])
-        return jnp.mean((h - y) ** 2)
+        return jnp.mean((h - y) ** 2), {}
 
-    fresh = jax.device_get(jax.jit(lambda p: TrainState.create(apply_fn=None, params=p,
-                                                              tx=optax.adamw(1e-3)))(params))
+    # AdamW without global-norm clipping: the shard_map ZeRO programs update 1/N shards, where a
+    # global norm is not at hand (jit would handle it)
+    optimizer = make_optimizer(OptimizerConfig(lr=1e-3, weight_decay=0.01, clip_norm=0.0))
+    fresh = jax.device_get(jax.jit(lambda p: create_train_state(p, optimizer, jax.random.PRNGKey(0)))(params))
     mesh = make_mesh(data=n)
+
     def by_kind(ops):
         out = {}
         for op in ops or ():
@@ -88,26 +91,28 @@ def main(argv=None) -> int:
     rows, runs = [], []
     for impl, strategy, allreduce in RUNS:
         state = shard_train_state(fresh, mesh, strategy)
-        step = make_train_step(loss_fn, mesh, strategy, impl=impl, allreduce=allreduce)
-        compiled = step.lower(state, data).compile()
-        written = (jaxpr_collectives(jax.make_jaxpr(step.jitted(state))(state, data), dict(mesh.shape))
+        key = step_key(state)  # timing: one key for every step
+        step = make_train_step(loss_fn, optimizer, mesh=mesh, strategy=strategy, impl=impl,
+                               allreduce=allreduce)
+        compiled = step.lower(state, data, key).compile()
+        written = (jaxpr_collectives(jax.make_jaxpr(step.jitted(state))(state, data, key), dict(mesh.shape))
                    if impl == "shard_map" else None)
         rows.append({"impl": impl, "strategy": strategy, "allreduce": allreduce,
                      "sent_bytes_compiled": by_kind(hlo_collectives(compiled.as_text(), n)),
                      "sent_bytes_written": by_kind(written) if written is not None else None,
                      "memory": compiled_memory(compiled), "times": []})
-        runs.append([step, state])
+        runs.append([step, state, key])
         for _ in range(2):  # warm up
-            runs[-1][1], metrics = step(runs[-1][1], data)
+            runs[-1][1], metrics = step(runs[-1][1], data, key)
         jax.block_until_ready(metrics)
 
     # Round-robin timing: every repeat times each run once, so drifts in machine load hit all alike.
     for _ in range(repeats):
         for row, run in zip(rows, runs):
-            step, state = run
+            step, state, key = run
             t0 = time.perf_counter()
             for _ in range(iters):
-                state, metrics = step(state, data)
+                state, metrics = step(state, data, key)
             jax.block_until_ready((state, metrics))
             row["times"].append((time.perf_counter() - t0) / iters)
             run[1] = state

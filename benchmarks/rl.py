@@ -6,8 +6,8 @@ Sections, all in one run on one backend (times after compilation; compile time r
 
 * ``ppo``: PPO on CartPole-v1 at PureJaxRL's defaults (4 envs x 128 steps, 4 epochs x 4 minibatches,
   5e5 steps, one seed) as one ``jax.jit(train)`` (the public API's call, as PureJaxRL times it; the
-  ``scaling`` section runs the vmapped, chunked path of the trainer), env steps/s against the reference figure of
-  PureJaxRL's ``ppo.py`` on a 2-core CPU (about 1e5 steps/s).
+  ``scaling`` section runs the vmapped, chunked path of ``jaxlab.rl.train``), env steps/s against the
+  reference figure of PureJaxRL's ``ppo.py`` on a 2-core CPU (about 1e5 steps/s).
 * ``purejaxrl`` (with ``--purejaxrl FILE``): PureJaxRL's own ``ppo.py`` timed in the same process,
   alternating run by run with ours, at the same settings. ``FILE`` is a copy of that script (not part of
   jaxlab) defining ``make_train(config)`` and a ``CONFIG`` dict of its defaults; PureJaxRL targets gymnax
@@ -168,7 +168,7 @@ def bench_drivers(cfg, key, updates: int, repeats: int) -> dict:
 
 
 def bench_algorithms(total: dict[str, int], key, repeats: int) -> list[dict]:
-    from jaxlab.experiments.rl_train import ALGORITHMS, algorithm_config
+    from jaxlab.rl.train import ALGORITHMS, algorithm_config
 
     rows = []
     for name, (module, config_cls) in ALGORITHMS.items():

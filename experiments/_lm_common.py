@@ -1,9 +1,10 @@
 """Shared helpers of the LM experiments: train an :class:`LM` on a synthetic task in one compiled program.
 
 ``train_and_evaluate`` draws a fresh batch every step from ``task(key) -> {"inputs", "targets", "mask"}``
-(see :mod:`jaxlab.models.synthetic`), trains with AdamW under warmup + cosine decay inside one
-``lax.scan``, then scores accuracy on fresh batches (optionally of other lengths, for extrapolation).
-One compile per model configuration; the whole run is a pure function of the key.
+(see :mod:`jaxlab.models.synthetic`), trains with the spine's step (:func:`jaxlab.train_state.make_train_step`
+on the LM's :func:`~jaxlab.models.lm.next_token_loss`, AdamW from :func:`jaxlab.optim.make_optimizer` under
+warmup + cosine decay) inside one ``lax.scan``, then scores accuracy on fresh batches (optionally of other
+lengths, for extrapolation). One compile per model configuration; the whole run is a pure function of the key.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlab.models.lm import LM, LMConfig, weight_decay_mask
+from jaxlab.models.lm import LM, NO_DECAY_PARAMS, LMConfig, next_token_loss
+from jaxlab.optim import OptimizerConfig, make_optimizer
+from jaxlab.train_state import create_train_state, make_train_step
 from jaxlab.xla_options import FAST_COMPILE
 
 
@@ -29,22 +32,11 @@ class TrainSpec:
     weight_decay: float = 0.1
 
     def optimizer(self) -> optax.GradientTransformation:
+        """AdamW (beta2 0.98) after clipping at 1, warmup then cosine decay to a tenth of ``lr``."""
         warmup = min(self.warmup, max(self.steps - 1, 0))
-        schedule = optax.warmup_cosine_decay_schedule(0.0, self.lr, warmup, max(self.steps, warmup + 1),
-                                                      end_value=0.1 * self.lr)
-        return optax.chain(optax.clip_by_global_norm(1.0),
-                           optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=self.weight_decay,
-                                       mask=weight_decay_mask))
-
-
-def masked_loss(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """(mean cross-entropy, accuracy) over the masked positions; logits [B, L, V] aligned with targets."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, L, V]
-    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]  # [B, L]
-    mask = batch["mask"].astype(jnp.float32)
-    count = jnp.maximum(mask.sum(), 1.0)
-    correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
-    return jnp.sum(nll * mask) / count, jnp.sum(correct * mask) / count
+        cfg = OptimizerConfig(lr=self.lr, warmup_steps=warmup, decay_steps=max(self.steps, warmup + 1),
+                              min_lr_ratio=0.1, b2=0.98, weight_decay=self.weight_decay, clip_norm=1.0)
+        return make_optimizer(cfg, no_decay=NO_DECAY_PARAMS)
 
 
 def train_and_evaluate(cfg: LMConfig, task: Callable[[jax.Array], dict], spec: TrainSpec, key: jax.Array, *,
@@ -63,27 +55,27 @@ def train_and_evaluate(cfg: LMConfig, task: Callable[[jax.Array], dict], spec: T
         def one(_, kk):
             batch = make(kk)
             logits, _ = model.apply({"params": params}, batch["inputs"])
-            return None, masked_loss(logits, batch)[1]
+            return None, next_token_loss(logits, batch["targets"], batch["mask"])[1]["accuracy"]
 
         return jnp.mean(jax.lax.scan(one, None, jax.random.split(k, eval_batches))[1])
+
+    def loss_fn(params, batch, key):
+        logits, aux = model.apply({"params": params}, batch["inputs"])
+        ce, metrics = next_token_loss(logits, batch["targets"], batch["mask"])
+        return ce + aux["aux_loss"], metrics
+
+    train_step = make_train_step(loss_fn, tx)
 
     def run(key):
         k_init, k_data, k_eval = jax.random.split(key, 3)
         params = model.init(k_init, task(k_data)["inputs"])["params"]
 
-        def step(carry, i):
-            params, opt_state = carry
-            batch = task(jax.random.fold_in(k_data, i))
+        def step(state, i):
+            state, metrics = train_step(state, task(jax.random.fold_in(k_data, i)), None)
+            return state, metrics["loss"]
 
-            def loss_fn(p):
-                logits, aux = model.apply({"params": p}, batch["inputs"])
-                return masked_loss(logits, batch)[0] + aux["aux_loss"]
-
-            loss, grads = jax.value_and_grad(loss_fn)(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss
-
-        (params, _), losses = jax.lax.scan(step, (params, tx.init(params)), jnp.arange(spec.steps))
+        state, losses = jax.lax.scan(step, create_train_state(params, tx, k_data), jnp.arange(spec.steps))
+        params = state.params
         acc = accuracy(params, task, k_eval)
         extra = jnp.stack([accuracy(params, make, jax.random.fold_in(k_eval, j + 1))
                            for j, make in enumerate(eval_tasks)]) if eval_tasks else jnp.zeros(0)

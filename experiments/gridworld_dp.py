@@ -21,9 +21,9 @@ import numpy as np  # noqa: E402
 
 from jaxlab.context import RunContext  # noqa: E402
 from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment  # noqa: E402
-from jaxlab.rl.envs import ACTION_NAMES, book_grid_world  # noqa: E402
-from jaxlab.rl.gridworld_plot import plot_grid_worlds  # noqa: E402
-from jaxlab.rl.tabular import dp_history, policy_evaluation, value_iteration  # noqa: E402
+from jaxlab.rl.tabular.dynamic_programming import dp_history, policy_evaluation, value_iteration  # noqa: E402
+from jaxlab.rl.tabular.gridworld import ACTION_NAMES, book_grid_world  # noqa: E402
+from jaxlab.rl.tabular.plot import plot_grid_worlds  # noqa: E402
 
 BOOK_SOURCE = "Zhao, Mathematical Foundations of RL (2025), Fig. 3.4(a)"
 

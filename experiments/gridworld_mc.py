@@ -24,11 +24,15 @@ import numpy as np  # noqa: E402
 
 from jaxlab.context import RunContext  # noqa: E402
 from jaxlab.registry import Claim, ExperimentResult, register_experiment  # noqa: E402
-from jaxlab.rl.envs import book_grid_world  # noqa: E402
-from jaxlab.rl.gridworld_plot import plot_grid_world  # noqa: E402
-from jaxlab.rl.monte_carlo import MCConfig, MCResult, mc_epsilon_greedy  # noqa: E402
-from jaxlab.rl.tabular import epsilon_greedy_optimum, policy_evaluation, value_iteration  # noqa: E402
-from jaxlab.rl.tabular_common import greedy_policy  # noqa: E402
+from jaxlab.rl.tabular.common import greedy_policy  # noqa: E402
+from jaxlab.rl.tabular.dynamic_programming import (  # noqa: E402
+    epsilon_greedy_optimum,
+    policy_evaluation,
+    value_iteration,
+)
+from jaxlab.rl.tabular.gridworld import book_grid_world  # noqa: E402
+from jaxlab.rl.tabular.monte_carlo import MCConfig, MCResult, mc_epsilon_greedy  # noqa: E402
+from jaxlab.rl.tabular.plot import plot_grid_world  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,11 +23,11 @@ import numpy as np  # noqa: E402
 
 from jaxlab.context import RunContext  # noqa: E402
 from jaxlab.registry import Claim, ExperimentResult, register_experiment  # noqa: E402
-from jaxlab.rl.envs import book_episodic_grid_world  # noqa: E402
-from jaxlab.rl.gridworld_plot import plot_grid_world  # noqa: E402
-from jaxlab.rl.tabular import policy_evaluation, value_iteration  # noqa: E402
-from jaxlab.rl.tabular_common import greedy_policy, uniform_policy  # noqa: E402
-from jaxlab.rl.td import TDConfig, td_control  # noqa: E402
+from jaxlab.rl.tabular.common import greedy_policy, uniform_policy  # noqa: E402
+from jaxlab.rl.tabular.dynamic_programming import policy_evaluation, value_iteration  # noqa: E402
+from jaxlab.rl.tabular.gridworld import book_episodic_grid_world  # noqa: E402
+from jaxlab.rl.tabular.plot import plot_grid_world  # noqa: E402
+from jaxlab.rl.tabular.td import TDConfig, td_control  # noqa: E402
 
 SHORTEST_PATH = 11  # steps from (row 1, col 1) to the target (row 4, col 3) around the forbidden cells
 

@@ -12,8 +12,8 @@ and optimizer state are the same for every policy), then time the step. Policies
 * ``every-k``: Chen et al.'s segment strategy: only the inputs of segments of k blocks are stored and
   a whole segment is recomputed at once; k ~ sqrt(depth) gives O(sqrt(n)) memory for one extra forward.
 
-The blocks run under ``nn.scan`` (a loop over stacked layer parameters, as large-model codebases
-build deep stacks), each scanned step one checkpointed segment. The loop is what makes the backward
+The blocks run under ``nn.scan`` (``LMConfig(scan_layers=True)``: a loop over stacked layer parameters,
+as large-model codebases build deep stacks), each scanned step one checkpointed segment. The loop is what makes the backward
 pass recompute one segment at a time: with the blocks unrolled in Python, XLA:CPU's scheduler is free
 to hoist every segment's recomputation ahead of the backward pass, and did here (2-layer MLP stack of
 16 checkpointed blocks: the same 209 MiB with and without ``jax.checkpoint``; under ``lax.scan`` 86 MiB
@@ -26,7 +26,6 @@ import dataclasses
 import math
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -37,59 +36,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from jaxlab.context import RunContext  # noqa: E402
 from jaxlab.experiments._lm_common import plot_lines  # noqa: E402
-from jaxlab.models.layers import RMSNorm, default_positions, embed_init  # noqa: E402
-from jaxlab.models.lm import Block, LMConfig, next_token_loss  # noqa: E402
-from jaxlab.models.remat import remat_policy  # noqa: E402
+from jaxlab.models.lm import LM, LMConfig, next_token_loss, shifted_targets  # noqa: E402
 from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment  # noqa: E402
 
 
-class _Segment(nn.Module):
-    """Consecutive blocks (one per entry of ``mixers``): one step of the scan, checkpointed as one unit."""
-
-    cfg: LMConfig
-    mixers: tuple[str, ...]
-
-    @nn.compact
-    def __call__(self, x, positions):
-        for i, mixer in enumerate(self.mixers):
-            x, _, _ = Block(self.cfg, mixer, name=f"block_{i}")(x, positions)
-        return x, None  # (carry, per-step output) as nn.scan expects
-
-
-class ScannedRematLM(nn.Module):
-    """The :class:`LM` forward (tied embeddings, one mixer, no MoE) with its blocks in ``nn.scan``:
-    ``num_layers / every`` steps of ``every`` blocks each, every step checkpointed under ``policy``
-    ("none": no checkpoint, "full": nothing saved, "dots": matmul outputs saved)."""
-
-    cfg: LMConfig
-    every: int = 1
-    policy: str = "none"
-
-    @nn.compact
-    def __call__(self, tokens):
-        cfg = self.cfg
-        if cfg.num_layers % self.every:
-            raise ValueError(f"num_layers={cfg.num_layers} must be divisible by every={self.every}")
-        if set(cfg.layer_mixers) != {cfg.mixer}:
-            raise ValueError(f"layer mixers {cfg.layer_mixers} must all be mixer={cfg.mixer!r}: scanned blocks share one")
-        embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=embed_init, dtype=cfg.compute_dtype)
-        x = embed(tokens)  # [B, L, d]
-        positions = default_positions(*tokens.shape)  # [B, L]
-        segment = _Segment
-        if self.policy != "none":  # inside scan, the loop already keeps XLA from merging the recomputation
-            segment = nn.remat(_Segment, policy=remat_policy(self.policy), prevent_cse=False)
-        stack = nn.scan(segment, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=nn.broadcast, length=cfg.num_layers // self.every)
-        x, _ = stack(cfg, (cfg.mixer,) * self.every, name="segments")(x, positions)  # [B, L, d]
-        x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype)(x)
-        return embed.attend(x).astype(jnp.float32), {}  # [B, L, V]
-
-
-def policy_model(cfg: LMConfig, policy: str) -> nn.Module:
-    """The model for a policy name: "none" | "full" | "dots" | "every-k" (k blocks per checkpoint)."""
+def policy_model(cfg: LMConfig, policy: str) -> LM:
+    """The LM with its blocks scanned (``scan_layers=True``) under a policy name: "none" (no checkpoint),
+    "full" (each block keeps only its input), "dots" (matmul outputs saved) or "every-k" (Chen et al.'s
+    segments: one scanned step of k blocks checkpointed as a unit, i.e. ``mixer_pattern`` of k copies)."""
+    if set(cfg.layer_mixers) != {cfg.mixer}:
+        raise ValueError(f"layer mixers {cfg.layer_mixers} must all be mixer={cfg.mixer!r}: the policies regroup them")
     if policy.startswith("every-"):
-        return ScannedRematLM(cfg, every=int(policy.split("-", 1)[1]), policy="full")
-    return ScannedRematLM(cfg, every=1, policy=policy)
+        every = int(policy.split("-", 1)[1])
+        if cfg.num_layers % every:
+            raise ValueError(f"num_layers={cfg.num_layers} must be divisible by every={every}")
+        return LM(dataclasses.replace(cfg, scan_layers=True, remat="full", mixer_pattern=(cfg.mixer,) * every))
+    return LM(dataclasses.replace(cfg, scan_layers=True, remat=policy))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +93,7 @@ def measure(cfg: LMConfig, policy: str, batch: int, seq_len: int, repeats: int, 
     params = jax.jit(model.init)(key, tokens)["params"]
 
     def loss(params, tokens):
-        return next_token_loss(model.apply({"params": params}, tokens)[0], tokens)[0]
+        return next_token_loss(model.apply({"params": params}, tokens)[0][:, :-1], *shifted_targets(tokens))[0]
 
     compiled = jax.jit(jax.value_and_grad(loss)).lower(params, tokens).compile()
     memory = compiled.memory_analysis()

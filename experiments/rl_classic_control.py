@@ -25,10 +25,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from jaxlab.context import RunContext  # noqa: E402
-from jaxlab.experiments.rl_train import (ALGORITHMS, algorithm_config, final_return, plot_curves,  # noqa: E402
-                                         train_in_chunks)
 from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment  # noqa: E402
 from jaxlab.rl.off_policy import OffPolicyConfig  # noqa: E402
+from jaxlab.rl.train import (ALGORITHMS, algorithm_config, final_return, init_states, plot_curves,  # noqa: E402
+                             train_in_chunks)
 
 STANDARD_TIMESTEPS = {"CartPole-v1": 500_000, "Acrobot-v1": 500_000, "Pendulum-v1": 200_000}
 """Environment steps per seed of a full run."""
@@ -123,12 +123,10 @@ def rl_classic_control(cfg: ClassicControlConfig, ctx: RunContext) -> Experiment
     by_time: dict[str, dict] = {env: {} for env in envs}
 
     def train_run(i: int, run: str):
-        algo = run.partition("/")[0]
-        train = ALGORITHMS[algo][0].make_train(cfg.run_config(run))
-        keys = jax.random.split(jax.random.fold_in(ctx.key, i), cfg.seeds)
-        states = jax.jit(jax.vmap(train.init))(keys)
-        _, metrics, timing = train_in_chunks(train, states, num_chunks=cfg.chunks, fast_compile=cfg.fast_compile)
-        return train.num_updates, metrics, timing
+        config = cfg.run_config(run)
+        states = init_states(config, jax.random.split(jax.random.fold_in(ctx.key, i), cfg.seeds), cfg.fast_compile)
+        _, metrics, timing = train_in_chunks(config, states, num_chunks=cfg.chunks, fast_compile=cfg.fast_compile)
+        return config.num_updates, metrics, timing
 
     # Off-policy runs (a gradient step per few env steps: the slowest) start first, so that the last run to
     # finish is a short one.

@@ -26,11 +26,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from jaxlab.context import RunContext  # noqa: E402
-from jaxlab.experiments.rl_train import train_in_chunks  # noqa: E402
 from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment  # noqa: E402
 from jaxlab.rl import ppo  # noqa: E402
 from jaxlab.rl.on_policy import ActorCritic  # noqa: E402
 from jaxlab.rl.rollout import env_reset, env_step  # noqa: E402
+from jaxlab.rl.train import init_states, train_in_chunks  # noqa: E402
 from jaxlab.rl.wrappers import make_vec_env  # noqa: E402
 
 __all__ = ["ThroughputConfig", "measure_python_loop", "measure_throughput"]
@@ -41,14 +41,13 @@ def measure_throughput(cfg: ppo.PPOConfig, seeds: int, key: jax.Array, repeats: 
     """Compile and time the updates of ``make_train(cfg)`` for ``seeds`` seeds at once (one jitted, vmapped
     ``lax.scan`` over the whole run, as ``train_in_chunks`` runs it; initialisation is not timed). Returns
     compile seconds, the best run's seconds and env steps per second summed over seeds."""
-    train = ppo.make_train(cfg)
-    states = jax.block_until_ready(jax.jit(jax.vmap(train.init))(jax.random.split(key, seeds)))
+    states = jax.block_until_ready(init_states(cfg, jax.random.split(key, seeds), fast_compile))
     compile_s, best = 0.0, float("inf")
-    for _ in range(repeats):  # train_in_chunks keeps the compiled program: only the first run compiles
-        _, _, timing = train_in_chunks(train, states, num_chunks=1, fast_compile=fast_compile)
+    for _ in range(repeats):  # the compiled program is cached (compiled_chunk): only the first run compiles
+        _, _, timing = train_in_chunks(cfg, states, num_chunks=1, fast_compile=fast_compile)
         compile_s = compile_s or timing.compile_s
         best = min(best, timing.run_s)
-    steps = train.num_updates * cfg.steps_per_update * seeds
+    steps = cfg.num_updates * cfg.steps_per_update * seeds
     return {"compile_s": compile_s, "run_s": best, "env_steps": steps, "steps_per_s": steps / best}
 
 

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 from jaxlab.context import RunContext  # noqa: E402
 from jaxlab.registry import Claim, ExperimentResult, register_experiment  # noqa: E402
-from jaxlab.rl.stochastic_approximation import (  # noqa: E402
+from jaxlab.rl.tabular.stochastic_approximation import (  # noqa: E402
     mean_estimation,
     mean_estimation_gradient_descent,
     robbins_monro,

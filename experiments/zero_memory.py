@@ -1,13 +1,14 @@
 """``zero-memory``: per-device memory of DDP and ZeRO-1/2/3 against the device count
 (Rajbhandari et al. 2020, ZeRO, Figure 1 and Sec. 5).
 
-A small decoder-only Transformer LM (flax.linen built-ins) with fp32 AdamW is laid out by each
-strategy on 1..N devices and the bytes that actually sit on device 0 are measured from the
-arrays' shards (``memory_report``); gradients, which only live inside the step, are counted
-from the strategy's gradient layout. Next to them: the ZeRO formula for the same model
+A small decoder-only Transformer LM (flax.linen built-ins) with fp32 AdamW (``make_optimizer``) is
+laid out by each strategy on 1..N devices and the bytes that actually sit on device 0 are measured
+from the arrays' shards (``memory_report``); gradients, which only live inside the step, are
+counted from the strategy's gradient layout. Next to them: the ZeRO formula for the same model
 (fp32 AdamW is 4 + 4 + 8 bytes per parameter), and for the largest mesh XLA's own memory
-analysis of each compiled training step (arguments + temporaries, i.e. including the
-transient gradients and, for ZeRO-3, the gathered parameters).
+analysis of each compiled training step (the spine's ``make_train_step(..., mesh=, strategy=)``;
+arguments + temporaries, i.e. including the transient gradients and, for ZeRO-3, the gathered
+parameters).
 
 The paper's worked example (7.5B parameters, 64 GPUs, mixed-precision Adam, K = 12) and the
 7B x 16 bytes = 112 GB figure are computed by ``zero_memory_bytes``.
@@ -109,18 +110,19 @@ def measure(cfg: ZeroMemoryConfig) -> dict:
     """Per-device bytes on device 0 for every strategy and device count (needs the devices)."""
     import jax
     import optax
-    from flax.training.train_state import TrainState
 
-    from jaxlab.parallel import make_mesh, make_train_step, memory_report, shard_train_state
+    from jaxlab.optim import OptimizerConfig, make_optimizer
+    from jaxlab.parallel import make_mesh, memory_report, shard_train_state
     from jaxlab.parallel.memory import compiled_memory
+    from jaxlab.train_state import create_train_state, make_train_step, step_key
 
     model = _model(cfg)
     tokens = np.zeros((max(cfg.device_counts), cfg.seq_len), np.int32)  # [B, L], B = N_max
-    tx = optax.adamw(1e-3)
+    optimizer = make_optimizer(OptimizerConfig(lr=1e-3, weight_decay=0.01))  # AdamW: 2 fp32 moments
 
     def create(key):
-        return TrainState.create(apply_fn=model.apply, params=model.init(key, tokens[:1])["params"],
-                                 tx=tx)
+        return create_train_state(model.init(key, tokens[:1])["params"], optimizer, key,
+                                  apply_fn=model.apply)
 
     # Bytes do not depend on values: zeros of the right shapes, placed straight from the host,
     # spare compiling the initialisers and any device-to-device resharding.
@@ -133,17 +135,18 @@ def measure(cfg: ZeroMemoryConfig) -> dict:
             rep = memory_report(shard_train_state(state, mesh, strategy))
             rows.append({"devices": n, **rep.as_dict()})
 
-    def loss_fn(params, batch):
+    def loss_fn(params, batch, key):
         logits = model.apply({"params": params}, batch)  # [B, L, V]
-        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], batch[:, 1:]).mean()
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], batch[:, 1:]).mean()
+        return loss, {}
 
     compiled = {}
     if cfg.compile_steps:
         mesh = make_mesh(data=max(cfg.device_counts))
         for strategy in STRATEGIES:
             sharded = shard_train_state(state, mesh, strategy)
-            step = make_train_step(loss_fn, mesh, strategy)
-            compiled[strategy] = compiled_memory(step.lower(sharded, tokens).compile())
+            step = make_train_step(loss_fn, optimizer, mesh=mesh, strategy=strategy)
+            compiled[strategy] = compiled_memory(step.lower(sharded, tokens, step_key(sharded)).compile())
     return {"num_params": int(num_params), "rows": rows, "compiled": compiled,
             "backend": jax.default_backend(), "device_count": jax.device_count()}
 

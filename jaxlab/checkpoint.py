@@ -17,17 +17,23 @@ orbax's internal errors or a silently reshaped array.
 from __future__ import annotations
 
 import pathlib
+import shutil
+import warnings
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["CheckpointError", "Checkpointer"]
+__all__ = ["CheckpointError", "Checkpointer", "CorruptCheckpointError"]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read, or does not fit the state it is restored into."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint whose files cannot be read (truncated, overwritten, partly deleted)."""
 
 
 def _abstract(tree: Any) -> Any:
@@ -118,16 +124,47 @@ class Checkpointer:
         try:
             stored = self._manager.item_metadata(step)["state"]
         except Exception as e:
-            raise CheckpointError(f"corrupt checkpoint at {path}: cannot read metadata ({e})") from e
+            raise CorruptCheckpointError(f"corrupt checkpoint at {path}: cannot read metadata ({e})") from e
         if stored is None:
-            raise CheckpointError(f"corrupt checkpoint at {path}: the 'state' item has no metadata")
+            raise CorruptCheckpointError(f"corrupt checkpoint at {path}: the 'state' item has no metadata")
         self._check_compatible(getattr(stored, "tree", stored), abstract, path)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
         try:
             restored = self._manager.restore(step, args=args)
         except Exception as e:
-            raise CheckpointError(f"corrupt checkpoint at {path}: {type(e).__name__}: {e}") from e
+            raise CorruptCheckpointError(f"corrupt checkpoint at {path}: {type(e).__name__}: {e}") from e
         return restored["state"], dict(restored["data"] or {})
+
+    def restore_latest_valid(self, target: Any) -> tuple[int, Any, dict] | None:
+        """Restore the newest checkpoint that reads back: ``(step, state, data_state)``, or None when
+        there is none.
+
+        A corrupt checkpoint (unreadable files) is moved aside to ``<directory>.corrupt/<step>`` with a
+        one-line warning naming it and the step resumed from instead, and the next older one is tried.
+        A checkpoint that reads but does not fit ``target`` is a configuration error and raises.
+        """
+        for step in reversed(self.all_steps()):
+            try:
+                state, data = self.restore(target, step)
+            except CorruptCheckpointError as e:
+                older = [s for s in self.all_steps() if s < step]
+                self._quarantine(step)
+                warnings.warn(f"checkpoint {self.directory / str(step)} is corrupt ({str(e).splitlines()[0][:160]}); "
+                              f"moved to {self.directory}.corrupt/{step}; "
+                              + (f"resuming from step {older[-1]}" if older else "no older checkpoint: starting afresh"),
+                              RuntimeWarning, stacklevel=2)
+                continue
+            return step, state, data
+        return None
+
+    def _quarantine(self, step: int) -> None:
+        aside = pathlib.Path(f"{self.directory}.corrupt")
+        aside.mkdir(parents=True, exist_ok=True)
+        target = aside / str(step)
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(str(self.directory / str(step)), str(target))
+        self._manager.reload()
 
     @staticmethod
     def _check_compatible(stored: Any, abstract: Any, path: pathlib.Path) -> None:

@@ -235,6 +235,18 @@ def _configure_cpu_dispatch() -> None:
     jax.config.update("jax_cpu_enable_async_dispatch", keep)
 
 
+_RUN_FAILURES = ("NonFiniteError", "CheckpointError", "CorruptCheckpointError")
+
+
+def _is_run_failure(e: BaseException) -> bool:
+    """A run that stopped for a reason its message explains in full (a non-finite loss, an unusable
+    checkpoint, an unwritable output folder): reported in one line, exit status 1, no traceback.
+    (Matched by name so the CLI does not import JAX to define its error handling.)"""
+    if isinstance(e, OSError) and "output folder" in str(e):
+        return True
+    return any(c.__name__ in _RUN_FAILURES and c.__module__.startswith("jaxlab.") for c in type(e).__mro__)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from jaxlab import __version__
     from jaxlab.registry import RegistryError
@@ -267,6 +279,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CLIError, RegistryError) as e:
         print(f"jaxlab: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if not _is_run_failure(e):
+            raise
+        print(f"jaxlab: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("jaxlab: interrupted", file=sys.stderr)
         return 130

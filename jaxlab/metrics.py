@@ -59,11 +59,17 @@ class MetricsWriter:
       path: the JSONL file (created with its parent folders; appended to on resume).
       tensorboard_dir: if given, scalars are also written there with tensorboardX
         (``pip install jaxlab[tensorboard]``).
+      keep_through: drop the file's records of later steps first (a run resumed from the checkpoint of
+        step ``keep_through`` rewrites what it logged after that checkpoint; 0 starts the file afresh).
     """
 
-    def __init__(self, path: str | pathlib.Path, *, tensorboard_dir: str | pathlib.Path | None = None):
+    def __init__(self, path: str | pathlib.Path, *, tensorboard_dir: str | pathlib.Path | None = None,
+                 keep_through: int | None = None):
         self.path = pathlib.Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_through is not None and self.path.exists():
+            kept = [r for r in self.read(self.path) if int(r.get("step", 0)) <= keep_through]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         self._file = self.path.open("a", encoding="utf-8")
         self._tb = None
         if tensorboard_dir is not None:

@@ -1,4 +1,4 @@
-"""Decoder-only language model with a pluggable token mixer and feed-forward, and its sampler.
+"""Decoder-only language model with a pluggable token mixer and feed-forward.
 
 Pre-norm residual blocks (GPT-2/LLaMA layout)::
 
@@ -9,23 +9,21 @@ Pre-norm residual blocks (GPT-2/LLaMA layout)::
 Every mixer has one interface, ``mixer(x, positions, segment_ids, state) -> (y, state)``: with
 ``state=None`` it runs a whole (possibly packed) sequence; with a state from ``init_state`` it
 continues from it and returns the new state (KV cache for attention, recurrent state for the linear
-mixers and SSMs), which is how :func:`generate` decodes. ``segment_ids`` make a packed row behave
-like separate documents: attention masks across segments, recurrent mixers reset their state at
-segment starts, and positions restart at 0 in each segment unless given. ``mixer_pattern`` builds
+mixers and SSMs), which is how :func:`jaxlab.models.sampling.sample` decodes. ``segment_ids`` make a
+packed row behave like separate documents: attention masks across segments, recurrent mixers reset their
+state at segment starts, and positions restart at 0 in each segment unless given. ``mixer_pattern`` builds
 hybrid stacks (a different mixer per layer, e.g. Mamba layers with an attention layer every fourth).
 
     cfg = LMConfig(vocab_size=256, d_model=128, num_layers=2, num_heads=4, mixer="mamba2")
     model = LM(cfg)
     params = model.init(key, tokens)["params"]
     logits, aux = model.apply({"params": params}, tokens)
-    out = generate(model, params, prompt, max_new_tokens=32, key=key)
+    out = sample(model, params, prompt, key, max_new_tokens=32)   # jaxlab.models.sampling
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -41,8 +39,9 @@ from jaxlab.models.moe import GATES, MoE
 from jaxlab.models.remat import remat_module, validate_remat
 from jaxlab.models.ssm_mixers import S4D, S5, Mamba, Mamba2
 
-__all__ = ["FFNS", "LM", "LMCache", "LMConfig", "MIXERS", "NO_DECAY_PARAMS", "generate", "lm_loss", "make_mixer",
-           "next_token_loss", "weight_decay_mask"]
+__all__ = ["FFNS", "LM", "LMCache", "LMConfig", "MIXERS", "NO_DECAY_PARAMS", "cross_entropy_sums", "lm_loss",
+           "make_mixer", "next_token_loss", "scan_to_unrolled", "shifted_targets", "token_logprobs",
+           "unrolled_to_scan"]
 
 MIXERS = ("attention", "sliding", "linear", "gau", "s4d", "s5", "mamba", "mamba2")
 FFNS = ("swiglu", "gelu", "moe")
@@ -69,6 +68,10 @@ class LMConfig:
     """Routed experts per token (MoE)."""
     remat: str | tuple[str, ...] = "none"
     """"none" | "full" | "dots" | "offload" | a tuple of names from ``remat.CHECKPOINT_NAMES``."""
+    scan_layers: bool = False
+    """Run the blocks as one ``nn.scan`` over parameters stacked on a leading layer axis (MaxText's layout):
+    one compiled block instead of ``num_layers``, and under ``remat`` the backward pass recomputes one
+    scanned step at a time. With a ``mixer_pattern`` one scanned step is one repetition of the pattern."""
     attention_impl: str = "auto"
     qk_norm: bool = False
     tie_embeddings: bool = True
@@ -149,6 +152,10 @@ class LMConfig:
             raise ValueError(f"attention_impl={self.attention_impl!r} must be one of {IMPLEMENTATIONS}")
         if self.load_balance_coef < 0 or self.router_z_coef < 0:
             raise ValueError(f"{self.load_balance_coef=} and {self.router_z_coef=} must be >= 0")
+        if self.scan_layers and self.num_layers % self.group_size:
+            raise ValueError(f"scan_layers=True scans whole repetitions of mixer_pattern={self.mixer_pattern}: "
+                             f"num_layers={self.num_layers} must be a multiple of {self.group_size} "
+                             f"(or use scan_layers=False)")
         validate_remat(self.remat)
         resolve_dtype(self.dtype, "dtype")
         resolve_dtype(self.param_dtype, "param_dtype")
@@ -159,6 +166,11 @@ class LMConfig:
         """The mixer of every layer."""
         pattern = self.mixer_pattern or (self.mixer,)
         return tuple(pattern[i % len(pattern)] for i in range(self.num_layers))
+
+    @property
+    def group_size(self) -> int:
+        """Blocks per scanned step: the length of ``mixer_pattern`` (1 without one)."""
+        return len(self.mixer_pattern) if self.mixer_pattern else 1
 
     @property
     def kv_heads(self) -> int:
@@ -243,9 +255,60 @@ class Block(nn.Module):
         return x, state, aux
 
 
+class BlockGroup(nn.Module):
+    """``len(mixers)`` consecutive blocks: one step of the scanned stack (``LMConfig.scan_layers``).
+
+    ``__call__(x, positions, segment_ids, states) -> (x, (states, aux))`` in ``nn.scan``'s (carry, output) form;
+    ``states`` is a tuple with one mixer state per block (None when training)."""
+
+    cfg: LMConfig
+    mixers: tuple[str, ...]
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, states):
+        new_states, auxes = [], []
+        for j, mixer in enumerate(self.mixers):
+            x, state, aux = Block(self.cfg, mixer, name=f"block_{j}")(
+                x, positions, segment_ids, None if states is None else states[j])
+            new_states.append(state)
+            auxes.append(aux)
+        return x, (tuple(new_states), jax.tree.map(lambda *a: jnp.stack(a), *auxes))  # aux leaves [P, ...]
+
+
+def scanned_blocks(cfg: LMConfig, name: str = "blocks") -> nn.Module:
+    """The scanned stack: ``num_layers / group_size`` steps of :class:`BlockGroup`, parameters stacked on a
+    leading axis, each step checkpointed under ``cfg.remat``; positions and segment ids broadcast, mixer
+    states (decoding) scanned over their leading axis."""
+    group = remat_module(BlockGroup, cfg.remat)
+    stack = nn.scan(group, variable_axes={"params": 0}, split_rngs={"params": True},
+                    in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers // cfg.group_size)
+    return stack(cfg, cfg.layer_mixers[:cfg.group_size], name=name)
+
+
+def scan_to_unrolled(params: dict, cfg: LMConfig) -> dict:
+    """Parameters of a ``scan_layers=True`` model in the unrolled layout (``block_{i}``, layer i = g P + j)."""
+    params = dict(params)
+    stacked = params.pop("blocks")
+    for g in range(cfg.num_layers // cfg.group_size):
+        for j in range(cfg.group_size):
+            params[f"block_{g * cfg.group_size + j}"] = jax.tree.map(lambda x: x[g], stacked[f"block_{j}"])
+    return params
+
+
+def unrolled_to_scan(params: dict, cfg: LMConfig) -> dict:
+    """The inverse of :func:`scan_to_unrolled`: ``block_{i}`` stacked into ``blocks/block_{j}`` [G, ...]."""
+    params = dict(params)
+    P = cfg.group_size
+    layers = [params.pop(f"block_{i}") for i in range(cfg.num_layers)]
+    params["blocks"] = {f"block_{j}": jax.tree.map(lambda *x: jnp.stack(x), *layers[j::P])  # [G, ...]
+                        for j in range(P)}
+    return params
+
+
 @struct.dataclass
 class LMCache:
-    """Decoding state of :class:`LM`: one mixer state per layer and the stream position ``index``."""
+    """Decoding state of :class:`LM`: one mixer state per layer (with ``scan_layers``: one per position in
+    the mixer pattern, stacked over the scanned steps) and the stream position ``index``."""
 
     layers: tuple
     index: jax.Array
@@ -265,8 +328,11 @@ class LM(nn.Module):
         cfg = self.cfg
         self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=embed_init, dtype=cfg.compute_dtype,
                               param_dtype=cfg.params_dtype)
-        block = remat_module(Block, cfg.remat)
-        self.blocks = [block(cfg, mixer, name=f"block_{i}") for i, mixer in enumerate(cfg.layer_mixers)]
+        if cfg.scan_layers:
+            self.blocks = scanned_blocks(cfg)
+        else:
+            block = remat_module(Block, cfg.remat)
+            self.blocks = [block(cfg, mixer, name=f"block_{i}") for i, mixer in enumerate(cfg.layer_mixers)]
         self.final_norm = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype)
         if not cfg.tie_embeddings:
             self.head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
@@ -282,11 +348,16 @@ class LM(nn.Module):
         # perturb: adds a zero "perturbations" variable when that collection is passed, so gradients with
         # respect to the embedded inputs (e.g. causality checks) come from jax.grad on it.
         x = self.perturb("embedded", self.embed(tokens))  # [B, L, d]
-        new_states, auxes = [], []
-        for i, block in enumerate(self.blocks):
-            x, state, aux = block(x, positions, segment_ids, None if states is None else states[i])
-            new_states.append(state)
-            auxes.append(aux)
+        if self.cfg.scan_layers:  # states: one per group position, stacked over groups [G, ...]
+            x, (new_states, aux) = self.blocks(x, positions, segment_ids, states)
+            auxes = [jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[i], aux)  # [G, P, ...] -> layer i
+                     for i in range(self.cfg.num_layers)]
+        else:
+            new_states, auxes = [], []
+            for i, block in enumerate(self.blocks):
+                x, state, aux = block(x, positions, segment_ids, None if states is None else states[i])
+                new_states.append(state)
+                auxes.append(aux)
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.head(x)
         return logits.astype(jnp.float32), tuple(new_states), self._collect_aux(auxes)
@@ -333,101 +404,69 @@ class LM(nn.Module):
             raise ValueError(f"max_len={max_len} must be in [1, cfg.max_len={cfg.max_len}]")
         layers = tuple(make_mixer(cfg, mixer, parent=None).init_state(batch, max_len, cfg.d_model)
                        for mixer in cfg.layer_mixers)
+        if cfg.scan_layers:  # one state per group position, stacked over the groups like the parameters
+            P = cfg.group_size
+            layers = tuple(jax.tree.map(lambda *x: jnp.stack(x), *layers[j::P]) for j in range(P))
         return LMCache(layers, jnp.zeros((), jnp.int32))
 
 
 # ---- optimisation -----------------------------------------------------------------------------------
-NO_DECAY_PARAMS = frozenset({"A_log", "log_A_real", "A_imag", "Lambda_re", "Lambda_im", "log_dt", "dt_bias", "D", "B"})
-"""Parameters of the state-space dynamics, kept out of weight decay whatever their rank: decay would pull
-``A`` and ``dt`` towards fixed values and shorten or lengthen the memory (Mamba trains ``A_log``, ``D`` and
-``dt_bias`` without it; S4 trains ``A``, ``B`` and ``dt`` without it). ``B`` is the S4D/S5 input matrix; every
-other ``B`` of the models is an activation, not a parameter."""
-
-
-def weight_decay_mask(params) -> Any:
-    """The pytree of bools saying which leaves of ``params`` get weight decay (``optax.adamw(mask=...)``):
-    matrices and embeddings, not vectors (norm scales, biases) nor :data:`NO_DECAY_PARAMS`."""
-    def decays(path, leaf) -> bool:
-        name = getattr(path[-1], "key", getattr(path[-1], "name", None))
-        return leaf.ndim >= 2 and name not in NO_DECAY_PARAMS
-
-    return jax.tree_util.tree_map_with_path(decays, params)
+NO_DECAY_PARAMS = frozenset({"bias", "scale", "conv_b", "rel_bias", "gamma", "beta",
+                             "A_log", "log_A_real", "A_imag", "Lambda_re", "Lambda_im", "log_dt", "dt_bias", "D", "B"})
+"""Parameter names AdamW leaves undecayed (``jaxlab.optim.make_optimizer(cfg, no_decay=NO_DECAY_PARAMS)``):
+biases and norm scales, GAU's per-dimension scales and offsets (``gamma``, ``beta``) and relative-position
+bias, and the state-space dynamics, whatever their rank: decay would pull ``A`` and ``dt`` towards fixed
+values and shorten or lengthen the memory (Mamba trains ``A_log``, ``D`` and ``dt_bias`` without it; S4
+trains ``A``, ``B`` and ``dt`` without it). ``B`` is the S4D/S5 input matrix; every other ``B`` of the models
+is an activation, not a parameter. Everything else decays: projections (``kernel``), the embedding, the
+MoE router and experts, the Mamba convolution, the S4D/S5 output matrix ``C``."""
 
 
 # ---- losses -----------------------------------------------------------------------------------------
-def next_token_loss(logits, tokens, segment_ids=None):
-    """Mean cross-entropy of predicting ``tokens[:, t+1]`` from position t; targets across a segment
-    boundary (the first token of the next packed document) are excluded. Returns (loss, accuracy)."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)  # [B, L-1, V]
+def token_logprobs(logits, targets):
+    """``log p(targets[b, t] | logits[b, t])`` in fp32: [B, L, V], [B, L] -> [B, L] (targets aligned with logits)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, L, V]
+    return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]  # [B, L]
+
+
+def cross_entropy_sums(logits, targets, mask):
+    """``(nll_sum, correct_sum, count)`` of predicting ``targets`` from ``logits`` where ``mask`` is set.
+
+    The one mask convention of jaxlab's LM losses: ``logits [B, L, V]``, ``targets [B, L]`` and
+    ``mask [B, L]`` are aligned (position t's logits predict ``targets[:, t]``, weighted by ``mask[:, t]``).
+    Sums (fp32) rather than means, so evaluation over several batches weighs every target once.
+    """
+    if logits.shape[:-1] != targets.shape or targets.shape != mask.shape:
+        raise ValueError(f"logits {logits.shape[:-1]} + (V,), targets {targets.shape} and mask {mask.shape} "
+                         f"must be aligned [B, L]")
+    nll = -token_logprobs(logits, targets)  # [B, L]
+    mask = mask.astype(jnp.float32)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)  # [B, L]
+    return jnp.sum(nll * mask), jnp.sum(correct * mask), jnp.sum(mask)
+
+
+def next_token_loss(logits, targets, mask):
+    """Mean cross-entropy over the masked targets (aligned with ``logits``; see :func:`cross_entropy_sums`).
+    Returns ``(loss, {"accuracy", "targets"})``; no targets gives loss 0, not NaN."""
+    nll, correct, count = cross_entropy_sums(logits, targets, mask)
+    count = jnp.maximum(count, 1.0)
+    return nll / count, {"accuracy": correct / count, "targets": count}
+
+
+def shifted_targets(tokens, segment_ids=None):
+    """Targets and mask of a token row for :func:`next_token_loss`: ``logits[:, :-1]`` predict
+    ``tokens[:, 1:]``; a target in another segment than its position (the first token of the next packed
+    document) is masked. Returns ``(targets [B, L-1], mask [B, L-1])``."""
     targets = tokens[:, 1:]
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, L-1]
-    mask = jnp.ones_like(nll) if segment_ids is None else (segment_ids[:, 1:] == segment_ids[:, :-1]).astype(nll.dtype)
-    denom = jnp.maximum(jnp.sum(mask), 1.0)
-    acc = jnp.sum((jnp.argmax(logp, axis=-1) == targets) * mask) / denom
-    return jnp.sum(nll * mask) / denom, acc
+    if segment_ids is None:
+        return targets, jnp.ones(targets.shape, jnp.float32)
+    return targets, (segment_ids[:, 1:] == segment_ids[:, :-1]).astype(jnp.float32)
 
 
 def lm_loss(model: LM, params, tokens, segment_ids=None):
-    """Next-token cross-entropy plus the weighted auxiliary losses: (loss, metrics)."""
+    """Next-token cross-entropy of a token row plus the weighted auxiliary losses: ``(loss, metrics)``."""
     logits, aux = model.apply({"params": params}, tokens, segment_ids=segment_ids)
-    ce, acc = next_token_loss(logits, tokens, segment_ids)
+    targets, mask = shifted_targets(tokens, segment_ids)
+    ce, metrics = next_token_loss(logits[:, :-1], targets, mask)
     loss = ce + aux["aux_loss"]
-    return loss, {"cross_entropy": ce, "accuracy": acc, "aux_loss": aux["aux_loss"]}
-
-
-# ---- sampling ---------------------------------------------------------------------------------------
-def _sample(logits, key, temperature, top_k: int | None):
-    """One token per row from logits [B, V]: softmax(logits / T) within the top k, argmax when T = 0."""
-    logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    if top_k is not None:
-        kth = jax.lax.top_k(scaled, top_k)[0][..., -1:]  # [B, 1]
-        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
-    sampled = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
-
-
-@functools.lru_cache(maxsize=64)
-def _generate_fn(cfg: LMConfig, batch: int, prompt_len: int, max_new_tokens: int, top_k: int | None):
-    """The jitted sampler for one shape; temperature is a traced argument (0 = greedy, no recompile)."""
-    model = LM(cfg)
-
-    def run(params, prompt, key, temperature):
-        cache = model.init_cache(batch, prompt_len + max_new_tokens)
-        logits, cache = model.apply({"params": params}, prompt, cache, method=LM.decode)  # prefill
-        first = _sample(logits[:, -1], jax.random.fold_in(key, 0), temperature, top_k)
-
-        def step(carry, i):
-            token, cache = carry
-            logits, cache = model.apply({"params": params}, token[:, None], cache, method=LM.decode)
-            nxt = _sample(logits[:, 0], jax.random.fold_in(key, i), temperature, top_k)
-            return (nxt, cache), token
-
-        (last, _), tokens = jax.lax.scan(step, (first, cache), jnp.arange(1, max_new_tokens))
-        return jnp.concatenate([prompt, tokens.T, last[:, None]], axis=1)
-
-    return jax.jit(run)
-
-
-def generate(model: LM, params, prompt, max_new_tokens: int, key, temperature: float = 1.0,
-             top_k: int | None = None):
-    """Sample ``max_new_tokens`` continuations of prompt [B, Lp]; returns [B, Lp + max_new_tokens].
-
-    Prefills the cache with the prompt in one call, then decodes one token per step in a jitted
-    ``lax.scan`` (constant memory per token for the recurrent mixers, a KV cache for attention).
-    ``temperature=0`` is greedy decoding; ``top_k`` keeps only the k most likely tokens.
-    """
-    cfg = model.cfg
-    if getattr(prompt, "ndim", None) != 2 or prompt.shape[1] < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer):
-        raise ValueError(f"prompt must be a non-empty int array [B, Lp], got {getattr(prompt, 'shape', prompt)}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
-    if prompt.shape[1] + max_new_tokens > cfg.max_len:
-        raise ValueError(f"prompt length {prompt.shape[1]} + {max_new_tokens=} exceeds max_len={cfg.max_len}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature={temperature!r} must be >= 0")
-    if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
-        raise ValueError(f"top_k={top_k!r} must be None or in [1, vocab_size={cfg.vocab_size}]")
-    fn = _generate_fn(cfg, prompt.shape[0], prompt.shape[1], max_new_tokens, top_k)
-    return fn(params, jnp.asarray(prompt, jnp.int32), key, jnp.float32(temperature))
+    return loss, {"cross_entropy": ce, "accuracy": metrics["accuracy"], "aux_loss": aux["aux_loss"]}

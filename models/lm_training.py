@@ -7,10 +7,13 @@ The driver is the foundation's loop (:func:`jaxlab.loop.fit`) around
 
 * data: :func:`~jaxlab.models.corpus.load_corpus` (the Python standard library by default) packed by
   :class:`~jaxlab.models.corpus.PackedIterator` into ``[B, L]`` rows with ``segment_ids``,
-  ``positions`` and a ``loss_mask`` (no padding; no target crosses a document boundary);
-* the step: :func:`packed_loss` (mean next-token cross-entropy over the masked targets) through
-  :func:`jaxlab.train_state.make_train_step`, AdamW with linear warmup and cosine decay
-  (:func:`make_optimizer`) after global-norm clipping; bf16 compute with fp32 parameters on request;
+  ``positions``, ``targets`` and their ``mask`` (the one LM batch schema; no padding, no target crosses a
+  document boundary);
+* the step: the LM's :func:`~jaxlab.models.lm.next_token_loss` over the masked targets, through
+  the spine's :func:`jaxlab.train_state.make_train_step`, with the spine's optimizer
+  (:func:`jaxlab.optim.make_optimizer`: AdamW after global-norm clipping, linear warmup and cosine
+  decay, no weight decay on :data:`~jaxlab.models.lm.NO_DECAY_PARAMS`); bf16 compute with fp32
+  parameters on request;
 * evaluation: validation loss and bits per byte (:func:`make_eval_fn`; a token is a byte, so
   bpb = nats / ln 2), and text samples (:func:`sample_text`) printed and logged to ``samples.jsonl``.
 
@@ -29,17 +32,19 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxlab.loop import LoopConfig, fit
 from jaxlab.metrics import to_jsonable
 from jaxlab.models.corpus import PAD_ID, VOCAB_SIZE, PackedIterator, decode, encode, load_corpus
-from jaxlab.models.lm import LM, MIXERS, LMConfig, generate, weight_decay_mask
+from jaxlab.models.lm import LM, MIXERS, NO_DECAY_PARAMS, LMConfig, cross_entropy_sums, next_token_loss
 from jaxlab.models.packing import pack_documents, packing_stats, padded_efficiency
 from jaxlab.models.remat import validate_remat
+from jaxlab.models.sampling import sample
+from jaxlab.optim import OptimizerConfig, lr_schedule, make_optimizer
 from jaxlab.train_state import create_train_state, jit_train_step, make_train_step
+from jaxlab.validation import check_positive
 
-__all__ = ["LMTrainConfig", "eval_batches", "make_eval_fn", "make_optimizer", "packed_loss", "sample_text",
+__all__ = ["LMTrainConfig", "eval_batches", "make_eval_fn", "make_loss_fn", "sample_text",
            "train_lm"]
 
 
@@ -69,8 +74,8 @@ class LMTrainConfig:
     """Activation checkpointing: none | full | dots | offload."""
     lr: float = 3e-3
     """Peak learning rate (after warmup)."""
-    warmup_steps: int = 100
-    """Linear warmup steps from 0 to lr."""
+    warmup_steps: int | None = None
+    """Linear warmup steps from 0 to lr (None: a tenth of the steps, at most 100)."""
     min_lr_ratio: float = 0.1
     """Final learning rate of the cosine decay, as a fraction of lr."""
     weight_decay: float = 0.1
@@ -103,18 +108,16 @@ class LMTrainConfig:
     """Continue from the latest checkpoint in the output folder when there is one."""
     progress: bool = True
     """Show a progress bar."""
+    skip_nonfinite: bool = False
+    """Skip steps with a non-finite loss or gradient (counted in the metrics) instead of stopping the run."""
 
     def __post_init__(self):
         if self.mixer not in MIXERS:
             raise ValueError(f"mixer={self.mixer!r} must be one of {MIXERS}")
-        positive = ("steps", "batch_size", "d_model", "num_layers", "num_heads", "eval_every", "eval_batches",
-                    "sample_tokens", "log_every", "checkpoint_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len={self.seq_len!r} must be >= 2")
-        if not 0 <= self.warmup_steps < self.steps:
+        check_positive(self, "steps", "batch_size", "d_model", "num_layers", "num_heads", "eval_every",
+                       "eval_batches", "sample_tokens", "log_every", "checkpoint_every")
+        check_positive(self, "seq_len", minimum=2)
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps!r} must be in [0, steps={self.steps})")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
@@ -128,6 +131,13 @@ class LMTrainConfig:
             raise ValueError("sample_prompt must be non-empty")
         self.model_config()  # validates the model fields (d_model vs num_heads, ...)
 
+    def optimizer_config(self) -> OptimizerConfig:
+        """AdamW (beta2 0.95) after clipping, linear warmup then cosine decay to ``lr * min_lr_ratio``."""
+        warmup = min(100, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
+        return OptimizerConfig(lr=self.lr, algorithm="adamw", warmup_steps=warmup, decay_steps=self.steps,
+                               min_lr_ratio=self.min_lr_ratio, b2=0.95, weight_decay=self.weight_decay,
+                               clip_norm=self.clip_norm)
+
     def model_config(self) -> LMConfig:
         max_len = max(self.seq_len, len(encode(self.sample_prompt)) + self.sample_tokens)
         return LMConfig(vocab_size=VOCAB_SIZE, d_model=self.d_model, num_layers=self.num_layers,
@@ -135,36 +145,10 @@ class LMTrainConfig:
                         dtype=self.dtype, param_dtype="float32")
 
 
-def make_optimizer(cfg: LMTrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Clip by global norm, then AdamW (beta2 0.95) under linear warmup + cosine decay; weight decay
-    on matrices only, not on the SSM dynamics (:func:`jaxlab.models.lm.weight_decay_mask`). Returns
-    ``(tx, schedule)``."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps, decay_steps=cfg.steps,
-        end_value=cfg.lr * cfg.min_lr_ratio)
-    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
-                     optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay, mask=weight_decay_mask))
-    return tx, schedule
-
-
-def packed_loss(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Next-token cross-entropy over the targets of a packed batch.
-
-    ``logits`` [B, L, V] (position t predicts ``tokens[:, t + 1]``), ``batch["loss_mask"]`` [B, L].
-    Returns ``(nll_sum, correct, count)`` (sums over the masked targets, fp32).
-    """
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)  # [B, L-1, V]
-    targets = batch["tokens"][:, 1:]  # [B, L-1]
-    mask = batch["loss_mask"][:, :-1].astype(jnp.float32)  # [B, L-1]
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, L-1]
-    correct = (jnp.argmax(logp, axis=-1) == targets).astype(jnp.float32)
-    return jnp.sum(nll * mask), jnp.sum(correct * mask), jnp.sum(mask)
-
-
 def _apply(model: LM, params, batch):
     """Logits of a batch; ``segment_ids``/``positions`` are optional (absent: one document per row,
     which lets attention use kernels without segment masks, e.g. cuDNN's)."""
-    return model.apply({"params": params}, batch["tokens"], segment_ids=batch.get("segment_ids"),
+    return model.apply({"params": params}, batch["inputs"], segment_ids=batch.get("segment_ids"),
                        positions=batch.get("positions"))
 
 
@@ -174,10 +158,8 @@ def make_loss_fn(model: LM):
     def loss_fn(params, batch, key):
         del key  # the model has no dropout; the step key stays part of the state for extensions
         logits, aux = _apply(model, params, batch)
-        nll, correct, count = packed_loss(logits, batch)
-        count = jnp.maximum(count, 1.0)
-        ce = nll / count
-        return ce + aux["aux_loss"], {"cross_entropy": ce, "accuracy": correct / count, "targets": count}
+        ce, metrics = next_token_loss(logits, batch["targets"], batch["mask"])
+        return ce + aux["aux_loss"], {"cross_entropy": ce, **metrics}
 
     return loss_fn
 
@@ -187,7 +169,7 @@ def eval_batches(docs, batch_size: int, seq_len: int, max_batches: int) -> list[
     empty rows): a fixed validation set."""
     rows = pack_documents(docs, seq_len, pad_id=PAD_ID)
     rows = {k: v[:max_batches * batch_size] for k, v in rows.items()}
-    n = -(-len(rows["tokens"]) // batch_size) * batch_size
+    n = -(-len(rows["inputs"]) // batch_size) * batch_size
     rows = {k: np.concatenate([v, np.zeros((n - len(v), seq_len), v.dtype)]) for k, v in rows.items()}
     return [{k: v[i:i + batch_size] for k, v in rows.items()} for i in range(0, n, batch_size)]
 
@@ -197,7 +179,7 @@ def make_eval_fn(model: LM, batches: list[dict]):
 
     @jax.jit
     def sums(params, batch):
-        return packed_loss(_apply(model, params, batch)[0], batch)
+        return cross_entropy_sums(_apply(model, params, batch)[0], batch["targets"], batch["mask"])
 
     def eval_fn(params) -> dict[str, float]:
         totals = np.zeros(3)
@@ -214,7 +196,7 @@ def sample_text(model: LM, params, prompt: str, max_new_tokens: int, key: jax.Ar
                 temperature: float = 0.8) -> str:
     """Continue ``prompt`` by ``max_new_tokens`` bytes; returns prompt + continuation as text."""
     tokens = jnp.asarray(encode(prompt), jnp.int32)[None]
-    out = generate(model, params, tokens, max_new_tokens, key, temperature=temperature)
+    out = sample(model, params, tokens, key, max_new_tokens, temperature=temperature).tokens
     return decode(np.asarray(out[0]))
 
 
@@ -240,13 +222,14 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | pathlib.Path) -> dict:
     model = LM(model_cfg)
     key = jax.random.PRNGKey(cfg.seed)
     data = PackedIterator(corpus.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
-    tx, schedule = make_optimizer(cfg)
+    opt_cfg = cfg.optimizer_config()
+    tx, schedule = make_optimizer(opt_cfg, no_decay=NO_DECAY_PARAMS), lr_schedule(opt_cfg)
     dummy = jnp.zeros((1, cfg.seq_len), jnp.int32)
     params = jax.jit(model.init)(jax.random.fold_in(key, 0), dummy)["params"]
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     _log(f"model: {cfg.mixer}, {cfg.num_layers} layers, d_model={cfg.d_model}, {num_params:,} parameters")
     state = create_train_state(params, tx, jax.random.fold_in(key, 1))
-    base_step = make_train_step(make_loss_fn(model), has_aux=True)
+    base_step = make_train_step(make_loss_fn(model), tx)
 
     def train_step(state, batch, key):
         lr = schedule(state.step)
@@ -273,7 +256,7 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | pathlib.Path) -> dict:
                 f.write(json.dumps({"step": step, "text": text}) + "\n")
 
     loop = LoopConfig(num_steps=cfg.steps, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                      resume=cfg.resume, progress=cfg.progress)
+                      resume=cfg.resume, progress=cfg.progress, skip_nonfinite=cfg.skip_nonfinite)
     start = time.perf_counter()
     result = fit(jit_train_step(train_step), state, data, loop, out_dir, eval_fn=eval_fn,
                  eval_every=cfg.eval_every, on_step=on_step)
@@ -285,7 +268,7 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | pathlib.Path) -> dict:
     step = int(result.state.step)
     summary = {"step": step, "resumed_from": result.resumed_from, "preempted": result.preempted,
                "val_loss": last_eval.get("loss"), "val_bpb": last_eval.get("bpb"), "num_params": num_params,
-               "packing_efficiency": packed, "padded_efficiency": padded, "seconds": elapsed,
+               "skipped_nonfinite": result.skipped_nonfinite, "packing_efficiency": packed, "padded_efficiency": padded, "seconds": elapsed,
                "train_documents": len(corpus.train), "skipped": corpus.skipped}
     (out_dir / "summary.json").write_text(json.dumps(to_jsonable(summary), indent=2))
     if summary["val_bpb"] is not None:

@@ -1,13 +1,17 @@
 """Sequence packing: variable-length documents in fixed ``[B, L]`` rows with no compute spent on padding.
 
-A packed batch is a dict of four int32/bool arrays of shape ``[B, L]``::
+A packed batch is a dict of int32/bool arrays of shape ``[B, L]`` in the one batch schema of every LM
+task (the synthetic tasks of :mod:`jaxlab.models.synthetic` use the same first three keys)::
 
-    tokens       token ids (``pad_id`` in unused slots)
+    inputs       token ids fed to the model (``pad_id`` in unused slots)
+    targets      the token each position predicts: ``inputs[:, t + 1]`` (``pad_id`` at t = L - 1)
+    mask         True where ``targets[:, t]`` is a real target, aligned with ``targets``: t and t + 1
+                 lie in the same piece. The first token of a piece is never a target, so no
+                 prediction crosses a document boundary, and padding never contributes.
     segment_ids  1, 2, 3, ... per document piece within a row; 0 marks padding
     positions    position of each token inside its piece (0 at every piece start)
-    loss_mask    True where the prediction made at t (of ``tokens[:, t + 1]``) is a real target:
-                 t and t + 1 lie in the same piece. The first token of a piece is never a target,
-                 so no prediction crosses a document boundary, and padding never contributes.
+
+The loss is :func:`jaxlab.models.lm.next_token_loss(logits, batch["targets"], batch["mask"])`.
 
 :class:`jaxlab.models.lm.LM` takes ``segment_ids`` and ``positions`` directly: attention masks across
 segments and the recurrent mixers reset their state at segment starts, so a packed row computes
@@ -35,8 +39,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["PackingStats", "StreamPacker", "loss_mask_from_segments", "pack_documents", "pad_documents",
-           "packing_stats", "padded_efficiency", "split_long"]
+__all__ = ["PackingStats", "StreamPacker", "pack_documents", "pad_documents", "packing_stats", "padded_efficiency",
+           "split_long", "target_mask_from_segments"]
 
 STRATEGIES = ("stream", "best_fit")
 
@@ -46,7 +50,7 @@ def _check_seq_len(seq_len: int) -> None:
         raise ValueError(f"seq_len={seq_len!r} must be an int >= 2")
 
 
-def loss_mask_from_segments(segment_ids: np.ndarray) -> np.ndarray:
+def target_mask_from_segments(segment_ids: np.ndarray) -> np.ndarray:
     """bool [B, L]: True at t when t and t + 1 are in the same (non-padding) segment; False at t = L-1."""
     seg = np.asarray(segment_ids)
     same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] != 0)  # [B, L-1]
@@ -54,14 +58,17 @@ def loss_mask_from_segments(segment_ids: np.ndarray) -> np.ndarray:
 
 
 def _empty_rows(num_rows: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-    return {"tokens": np.full((num_rows, seq_len), pad_id, np.int32),
+    return {"inputs": np.full((num_rows, seq_len), pad_id, np.int32),
             "segment_ids": np.zeros((num_rows, seq_len), np.int32),
             "positions": np.zeros((num_rows, seq_len), np.int32)}
 
 
-def _finish(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    rows["loss_mask"] = loss_mask_from_segments(rows["segment_ids"])
-    return rows
+def _finish(rows: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+    """Add ``targets`` (inputs shifted left by one, ``pad_id`` last) and their ``mask``."""
+    inputs = rows["inputs"]
+    targets = np.concatenate([inputs[:, 1:], np.full_like(inputs[:, :1], pad_id)], axis=1)  # [B, L]
+    return {"inputs": inputs, "targets": targets, "mask": target_mask_from_segments(rows["segment_ids"]),
+            "segment_ids": rows["segment_ids"], "positions": rows["positions"]}
 
 
 class StreamPacker:
@@ -119,13 +126,13 @@ class StreamPacker:
                 n = min(len(doc) - self.offset, self.seq_len - t)
                 if n > 0:
                     seg += 1
-                    rows["tokens"][r, t:t + n] = doc[self.offset:self.offset + n]
+                    rows["inputs"][r, t:t + n] = doc[self.offset:self.offset + n]
                     rows["segment_ids"][r, t:t + n] = seg
                     rows["positions"][r, t:t + n] = np.arange(n)
                     t, self.offset = t + n, self.offset + n
                 if self.offset >= len(doc):
                     self.index, self.offset = self.index + 1, 0
-        return _finish({k: v[:used] for k, v in rows.items()})
+        return _finish({k: v[:used] for k, v in rows.items()}, self.pad_id)
 
 
 def split_long(docs: Sequence[np.ndarray], max_len: int) -> list[np.ndarray]:
@@ -168,11 +175,11 @@ def pack_documents(docs: Sequence[np.ndarray], seq_len: int, *, strategy: str = 
     for row, i in sorted(placement):  # within a row, pieces in their original order
         n, t = len(pieces[i]), filled[row]
         counts[row] += 1
-        rows["tokens"][row, t:t + n] = pieces[i]
+        rows["inputs"][row, t:t + n] = pieces[i]
         rows["segment_ids"][row, t:t + n] = counts[row]
         rows["positions"][row, t:t + n] = np.arange(n)
         filled[row] += n
-    return _finish(rows)
+    return _finish(rows, pad_id)
 
 
 def pad_documents(docs: Sequence[np.ndarray], *, pad_id: int = 0, length: int | None = None) -> dict[str, np.ndarray]:
@@ -183,10 +190,10 @@ def pad_documents(docs: Sequence[np.ndarray], *, pad_id: int = 0, length: int | 
         raise ValueError(f"need non-empty docs no longer than {length=}, got lengths {[len(d) for d in docs][:8]}")
     rows = _empty_rows(len(docs), length, pad_id)
     for r, d in enumerate(docs):
-        rows["tokens"][r, :len(d)] = d
+        rows["inputs"][r, :len(d)] = d
         rows["segment_ids"][r, :len(d)] = 1
         rows["positions"][r, :len(d)] = np.arange(len(d))
-    return _finish(rows)
+    return _finish(rows, pad_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +203,7 @@ class PackingStats:
     real_tokens: int
     slots: int
     targets: int
-    """Positions with a loss (``loss_mask``)."""
+    """Positions with a loss (``mask``)."""
 
     @property
     def efficiency(self) -> float:
@@ -213,7 +220,7 @@ def packing_stats(rows: dict[str, np.ndarray]) -> PackingStats:
     """Real tokens, slots and targets of packed (or padded) rows."""
     seg = np.asarray(rows["segment_ids"])
     return PackingStats(real_tokens=int((seg != 0).sum()), slots=int(seg.size),
-                        targets=int(np.asarray(rows["loss_mask"]).sum()))
+                        targets=int(np.asarray(rows["mask"]).sum()))
 
 
 def padded_efficiency(lengths: Sequence[int], batch_size: int, seq_len: int) -> PackingStats:

@@ -11,8 +11,9 @@ strategy, with identical values:
 
 ``target`` describes the result: a ``ShardedTrainState`` whose leaves are arrays or
 ``jax.ShapeDtypeStruct``s carrying the wanted shardings (``abstract_train_state`` builds one
-without allocating). Only the arrays (``step``, ``params``, ``opt_state``) are stored; the
-optimizer ``tx`` and ``apply_fn`` come from the target.
+without allocating). Only the arrays (``step``, ``params``, ``opt_state`` and the base ``key`` of
+the spine's ``TrainState``) are stored; the optimizer ``tx`` and ``apply_fn`` come from the target,
+so a restored state trains on with ``make_train_step(loss_fn, target.tx, mesh=..., strategy=...)``.
 
 Saving is synchronous here (orbax's ``CheckpointManager`` saves asynchronously by default;
 this module waits for completion so a checkpoint is complete when the call returns).

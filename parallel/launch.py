@@ -1,18 +1,20 @@
 """``jaxlab launch``: start N processes joined by ``jax.distributed`` (the torchrun of jaxlab).
 
-    jaxlab launch --nproc 2 -- train mlp --steps 100             # 2 local processes
-    jaxlab launch --nproc 2 --cpu-devices 4 -- python my_script.py  # 2 x 4 simulated CPU devices
+    jaxlab launch --nproc 2 -- train.py --steps 100                 # 2 local processes
+    jaxlab launch --nproc 2 --cpu-devices 4 -- python train.py       # 2 x 4 simulated CPU devices
     # the same job on two hosts (one process per host, JAX's usual layout):
-    host0$ jaxlab launch --nproc 2 --coordinator host0:1234 --process-id 0 -- train mlp
-    host1$ jaxlab launch --nproc 2 --coordinator host0:1234 --process-id 1 -- train mlp
+    host0$ jaxlab launch --nproc 2 --coordinator host0:1234 --process-id 0 -- train.py
+    host1$ jaxlab launch --nproc 2 --coordinator host0:1234 --process-id 1 -- train.py
 
-The command after ``--`` is a jaxlab command (``train mlp ...``; a leading ``jaxlab`` is
+The command after ``--`` is a jaxlab command (``run zero-memory ...``; a leading ``jaxlab`` is
 optional), a Python script (``script.py ...``) or ``python ...`` (run with this interpreter).
 Each child gets ``JAXLAB_COORDINATOR``, ``JAXLAB_NUM_PROCESSES`` and ``JAXLAB_PROCESS_ID``;
 programs call ``maybe_initialize_distributed()`` first thing, which joins the job when those
 are set and does nothing otherwise, so one command line serves 1 or N processes. After that,
 ``jax.devices()`` lists every process's devices, a mesh from ``make_mesh`` spans them all, and
-the train step, metrics and orbax checkpoints are the same program as in one process.
+the train step (``make_train_step(loss_fn, optimizer, mesh=mesh, strategy=...)``, called with the
+same global batch and ``step_key(state)`` in every process), its metrics and the orbax checkpoints
+are the same program as in one process.
 
 If a child fails, the others are stopped and its exit code is returned. Usage errors exit
 with status 2 (``SystemExit``, as argparse does).
@@ -75,7 +77,7 @@ def maybe_initialize_distributed() -> bool:
 def child_command(command: list[str]) -> list[str]:
     """The argv a child runs for the command given after ``--``."""
     if not command:
-        raise ValueError("no command after '--'; e.g. jaxlab launch --nproc 2 -- train mlp")
+        raise ValueError("no command after '--'; e.g. jaxlab launch --nproc 2 -- python train.py")
     head, rest = command[0], command[1:]
     if head in ("python", "python3", sys.executable):
         return [sys.executable, *rest]
@@ -157,7 +159,7 @@ def main(argv: list[str]) -> int:
     if ":" not in coordinator:
         parser.error(f"--coordinator={coordinator!r} must be HOST:PORT")
     if not argv[split + 1:]:
-        parser.error("no command after '--'; e.g. jaxlab launch --nproc 2 -- train mlp")
+        parser.error("no command after '--'; e.g. jaxlab launch --nproc 2 -- python train.py")
     command = child_command(argv[split + 1:])
     ids = range(args.nproc) if args.process_id is None else [args.process_id]
 

@@ -14,11 +14,22 @@ i's batch shard (the loss is a mean, so the global gradient is ``sum_i g_i / N``
            it and, as its custom VJP, reduce-scatters the cotangent, so the gradient arrives
            already sharded; the update never leaves the shard
 
-The gradient of a parameter replicated over ``data`` would come back from ``jax.grad``
-already summed over devices (shard_map's typing inserts the ``psum`` when a replicated value
-meets per-device data), so parameters are first cast to per-device values with
-``lax.pcast(..., to="varying")`` and the reduction is written out. Leaves that ZeRO does not
-split (no dimension divisible by N) are treated as under DDP.
+The loss, its gradient and the microbatch loop are the spine's ``loss_and_grads`` run on the
+device's rows (``grad_accum=K``: K microbatches of ``B / (N K)`` rows each, accumulated locally
+before the one reduction), and the update is the spine's ``apply_update`` run on the device's
+slice. Every device gets the step's key unchanged, so a loss that draws noise shaped like its local
+rows draws the same noise on every device (fold ``lax.axis_index("data")`` into the key inside
+the loss for independent draws). The loss and its metrics are averaged over ``data``
+(``pmean``); ``apply_update`` decides to skip a non-finite update from the loss and the norm of the
+gradient it is given, which on a shard is partial, so it is handed a loss that is NaN whenever the
+global norm is not finite: every device takes the same decision.
+
+The program is written per device throughout (``shard_map(check_vma=False)``): ``jax.grad`` of a
+device's loss is that device's ``g_i`` and every reduction is written out. (With shard_map's
+replication typing, the gradient of a replicated parameter would come back already summed, and
+the spine's microbatch scan and skip decision, written for one device, would mix replicated and
+per-device types.) Leaves that ZeRO does not split (no dimension divisible by N) are treated as
+under DDP.
 
 The optimizer runs on shards, so under ZeRO it must act elementwise (SGD, Adam, AdamW, ...);
 transforms that reduce over a tensor (``clip_by_global_norm``, Adafactor) would see only a
@@ -45,7 +56,8 @@ from jax.sharding import PartitionSpec as P
 from jaxlab.parallel.collectives import ring_allreduce
 from jaxlab.parallel.mesh import DATA, MODEL, data_size
 from jaxlab.parallel.strategies import ShardedTrainState, Strategy, state_specs, zero_dim
-from jaxlab.parallel.train_step import GATHERED, regather_policy, scalar_loss
+from jaxlab.parallel.train_step import GATHERED, regather_policy
+from jaxlab.train_state import LossFn, apply_update, loss_and_grads
 
 __all__ = ["check_elementwise", "gather_param", "shard_map_step"]
 
@@ -60,15 +72,15 @@ def gather_param(shard: jax.Array, dim: int | None) -> jax.Array:
     """ZeRO-3: the whole parameter from this device's shard (``all_gather`` over ``data``).
 
     Backward: the cotangents of all devices are summed and each keeps its own slice
-    (``psum_scatter``). ``dim=None`` marks a replicated leaf: forward is a cast to a per-device
-    value, backward a ``psum``.
+    (``psum_scatter``). ``dim=None`` marks a replicated leaf: forward is the identity, backward
+    a ``psum``.
     """
     return _gather_fwd(shard, dim)[0]
 
 
 def _gather_fwd(shard, dim):
     if dim is None:
-        return lax.pcast(shard, DATA, to="varying"), None
+        return shard, None
     return lax.all_gather(shard, DATA, axis=dim, tiled=True), None
 
 
@@ -115,9 +127,10 @@ def _manual(spec: P) -> P:
     return P(*(DATA if a == DATA else None for a in spec))
 
 
-def shard_map_step(loss_fn: Callable, mesh: Mesh, strategy: Strategy, state: ShardedTrainState,
-                   *, regather: bool = True, allreduce: str = "psum") -> Callable:
-    """``step(state, batch) -> (state, metrics)`` as one ``jax.shard_map`` over ``data``.
+def shard_map_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh,
+                   strategy: Strategy, state: ShardedTrainState, *, grad_accum: int = 1,
+                   regather: bool = True, allreduce: str = "psum") -> Callable:
+    """``step(state, batch, key) -> (state, metrics)`` as one ``jax.shard_map`` over ``data``.
 
     Built for ``state``'s structure; wrap in ``jax.jit`` with the strategy's shardings
     (``TrainStep`` does).
@@ -126,28 +139,28 @@ def shard_map_step(loss_fn: Callable, mesh: Mesh, strategy: Strategy, state: Sha
     leaves, treedef = jax.tree.flatten(state.params)
     dims = [zero_dim(x.shape, mesh) for x in leaves]
     if strategy.shard_optimizer:
-        check_elementwise(state.tx, state.params, state.opt_state)
+        check_elementwise(optimizer, state.params, state.opt_state)
     specs = jax.tree.map(_manual, state_specs(state, mesh, strategy),
                          is_leaf=lambda x: isinstance(x, P))
     reduce = functools.partial(ring_allreduce, axis_name=DATA) if allreduce == "ring" else \
         functools.partial(lax.psum, axis_name=DATA)
 
-    def local_loss(param_leaves, batch):
-        return scalar_loss(loss_fn(jax.tree.unflatten(treedef, param_leaves), batch))
+    def local_loss(param_leaves, batch, key):
+        return loss_fn(jax.tree.unflatten(treedef, param_leaves), batch, key)
 
-    def zero3_grads(param_leaves, batch):
-        def loss_of(shards):
+    def zero3_grads(param_leaves, batch, key):
+        def loss_of(shards, batch, key):
             whole = [checkpoint_name(gather_param(p, d), GATHERED) for p, d in zip(shards, dims)]
-            return local_loss(whole, batch)
+            return local_loss(whole, batch, key)
 
         if regather:
             loss_of = jax.checkpoint(loss_of, policy=regather_policy())
-        loss, grads = jax.value_and_grad(loss_of)(param_leaves)  # reduce-scattered sums
-        return loss, [g / n for g in grads]
+        # gather_param's VJP reduce-scatters: the gradients arrive as sums over devices
+        loss, aux, grads = loss_and_grads(loss_of, param_leaves, batch, key, grad_accum)
+        return loss, aux, [g / n for g in grads]
 
-    def data_parallel_grads(param_leaves, batch):
-        per_device = [lax.pcast(p, DATA, to="varying") for p in param_leaves]
-        loss, local = jax.value_and_grad(local_loss)(per_device, batch)  # g_i
+    def data_parallel_grads(param_leaves, batch, key):
+        loss, aux, local = loss_and_grads(local_loss, param_leaves, batch, key, grad_accum)  # g_i
         if strategy.shard_gradients:  # ZeRO-2: reduce-scatter
             grads = [lax.psum(g, DATA) if d is None else
                      lax.psum_scatter(g, DATA, scatter_dimension=d, tiled=True)
@@ -155,7 +168,7 @@ def shard_map_step(loss_fn: Callable, mesh: Mesh, strategy: Strategy, state: Sha
         else:  # DDP / ZeRO-1: all-reduce, then ZeRO-1 keeps its slice
             grads = [_local_slice(g, d) if strategy.shard_optimizer else g
                      for g, d in zip(reduce(local), dims)]
-        return loss, [g / n for g in grads]
+        return loss, aux, [g / n for g in grads]
 
     def global_norm(grads):
         """sqrt(sum g^2): shards' partial sums are added over devices, whole leaves counted once."""
@@ -165,32 +178,32 @@ def shard_map_step(loss_fn: Callable, mesh: Mesh, strategy: Strategy, state: Sha
         whole = sum((q for q, s in zip(sq, split) if not s), jnp.float32(0))
         return jnp.sqrt(lax.psum(partial, DATA) + whole)
 
-    # ZeRO-1/2 params leave replicated: the all-gather's result is the same on every device
-    # (typed invariant, except in the ring program, which opts out of the typing below).
-    gathered_type = "varying" if allreduce == "ring" else "invarying"
-
-    def local_step(state: ShardedTrainState, batch: Any):
+    def local_step(state: ShardedTrainState, batch: Any, key: jax.Array):
         params = jax.tree.leaves(state.params)
         if strategy.shard_parameters:
-            loss, grads = zero3_grads(params, batch)
+            loss, aux, grads = zero3_grads(params, batch, key)
             own = params
         else:
-            loss, grads = data_parallel_grads(params, batch)
+            loss, aux, grads = data_parallel_grads(params, batch, key)
             own = [_local_slice(p, d) if strategy.shard_optimizer else p
                    for p, d in zip(params, dims)]
-        grads_tree, own_tree = jax.tree.unflatten(treedef, grads), jax.tree.unflatten(treedef, own)
-        updates, opt_state = state.tx.update(grads_tree, state.opt_state, own_tree)
-        new_own = jax.tree.leaves(optax.apply_updates(own_tree, updates))
+        loss, aux = lax.pmean((loss, aux), DATA)  # global-batch means (equal shards)
+        grad_norm = global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # apply_update sees only this device's part of the gradient: a NaN loss whenever the global
+        # norm is not finite makes every device skip alike.
+        local = state.replace(params=jax.tree.unflatten(treedef, own))
+        local, _ = apply_update(local, jax.tree.unflatten(treedef, grads), optimizer,
+                                jnp.where(finite, loss, jnp.nan))
+        new_own = jax.tree.leaves(local.params)
         if strategy.shard_optimizer and not strategy.shard_parameters:  # ZeRO-1/2: reassemble
-            new_own = [p if d is None else
-                       lax.all_gather(p, DATA, axis=d, tiled=True, to=gathered_type)
+            new_own = [p if d is None else lax.all_gather(p, DATA, axis=d, tiled=True)
                        for p, d in zip(new_own, dims)]
-        new_state = state.replace(step=state.step + 1, params=jax.tree.unflatten(treedef, new_own),
-                                  opt_state=opt_state)
-        return new_state, {"loss": lax.pmean(loss, DATA), "grad_norm": global_norm(grads)}
+        new_state = local.replace(params=jax.tree.unflatten(treedef, new_own))
+        metrics = {"loss": loss, "grad_norm": grad_norm,
+                   "nonfinite": (~finite).astype(jnp.int32), **aux}
+        return new_state, metrics
 
     manual = {DATA} if MODEL in mesh.axis_names else frozenset()
-    # The ring result is equal on every device but typed "varying" (ppermute), so that path
-    # opts out of shard_map's replication typing; gradients stay per-device there as well.
-    return jax.shard_map(local_step, mesh=mesh, in_specs=(specs, P(DATA)), out_specs=(specs, P()),
-                         axis_names=manual, check_vma=allreduce != "ring")
+    return jax.shard_map(local_step, mesh=mesh, in_specs=(specs, P(DATA), P()),
+                         out_specs=(specs, P()), axis_names=manual, check_vma=False)

@@ -16,9 +16,10 @@ remaining dimension divisible by the data size split over ``data``. Leaves with 
 dimension (scalars such as Adam's step count, odd-sized biases) stay replicated; ``memory_report``
 counts them as they are, so the measured 1/N is exact only for divisible shapes.
 
-``shard_train_state`` turns a flax ``TrainState`` (or a subclass) into a ``ShardedTrainState``
-(the same class plus a static ``strategy`` field) whose arrays are placed with these shardings;
-fields other than ``params`` and ``opt_state`` (the step, a PRNG key) are replicated.
+``shard_train_state`` turns a flax ``TrainState`` (or a subclass, such as the spine's
+``jaxlab.train_state.TrainState``) into a ``ShardedTrainState`` (the same class plus a static
+``strategy`` field) whose arrays are placed with these shardings; fields other than ``params`` and
+``opt_state`` (the step, the base PRNG key) are replicated.
 """
 
 from __future__ import annotations
@@ -100,8 +101,9 @@ def get_strategy(strategy: str | Strategy) -> Strategy:
 class ShardedTrainState(train_state.TrainState):
     """A flax ``TrainState`` that also records (statically) the strategy its arrays are laid out by.
 
-    Subclasses of ``TrainState`` with more fields (e.g. a PRNG key) get a subclass of their own
-    with the same extra ``strategy`` field (``sharded_state_type``); their extra fields are
+    Subclasses of ``TrainState`` with more fields (the spine's ``jaxlab.train_state.TrainState``
+    and its base key) get a class of their own deriving from both (``sharded_state_type``), so a
+    sharded state is an instance of its own class and of this one; their extra fields are
     replicated.
     """
 
@@ -112,13 +114,14 @@ _SHARDED_TYPES: dict[type, type] = {train_state.TrainState: ShardedTrainState}
 
 
 def sharded_state_type(cls: type) -> type:
-    """``cls`` plus a static ``strategy`` field (``cls`` itself when it already has one)."""
+    """``cls`` and ``ShardedTrainState`` in one class (``cls`` itself when it already has a
+    ``strategy`` field)."""
     if not (isinstance(cls, type) and issubclass(cls, train_state.TrainState)):
         raise ValueError(f"state must be a flax TrainState, got {cls.__name__}")
     if any(f.name == "strategy" for f in dataclasses.fields(cls)):
         return cls
     if cls not in _SHARDED_TYPES:
-        _SHARDED_TYPES[cls] = type(f"Sharded{cls.__name__}", (cls,), {
+        _SHARDED_TYPES[cls] = type(f"Sharded{cls.__name__}", (cls, ShardedTrainState), {
             "__annotations__": {"strategy": str},
             "strategy": struct.field(pytree_node=False, default="ddp"),
             "__module__": cls.__module__,

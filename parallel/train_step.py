@@ -1,9 +1,16 @@
-"""One training step under a data-parallel strategy, compiled as a single SPMD program.
+"""The training spine's step under a data-parallel strategy, compiled as a single SPMD program.
 
-``make_train_step(loss_fn, mesh, strategy)`` returns a ``TrainStep``: calling it runs a
-``jax.jit`` program whose ``in_shardings``/``out_shardings`` are the strategy's layouts of the
-state (see ``jaxlab.parallel.strategies``) and whose input state buffers are donated, so the
-new state reuses the old one's memory. Two implementations, identical in result:
+``jaxlab.train_state.make_train_step(loss_fn, optimizer, mesh=mesh, strategy=strategy)`` lands here
+(``sharded_train_step``) and returns a ``TrainStep`` with the spine's contract,
+
+    state = shard_train_state(create_train_state(params, optimizer, key), mesh, strategy)
+    state, metrics = step(state, batch, step_key(state))    # loss_fn(params, batch, key) -> (loss, metrics)
+
+and calling it runs a ``jax.jit`` program whose ``in_shardings``/``out_shardings`` are the strategy's
+layouts of the state (see ``jaxlab.parallel.strategies``) and whose input state buffers are donated,
+so the new state reuses the old one's memory. The loss, its gradient and the microbatch loop are the
+spine's ``loss_and_grads``, the guarded update its ``apply_update``: a sharded step never applies a
+non-finite update either. Two implementations, identical in result:
 
 * ``impl="jit"`` (default): the strategy is stated only as shardings, and the XLA partitioner
   (GSPMD/Shardy) inserts the collectives:
@@ -28,6 +35,10 @@ copies when memory is no concern (XLA:CPU merges the two all-gathers).
 
 The gradient of the global-batch mean loss is the mean of the per-shard gradients; this holds
 when ``loss_fn`` is a mean over the batch (the usual case) and every shard has ``B / N`` rows.
+With ``grad_accum=K`` each device runs its ``B / N`` rows as K microbatches of ``B / (N K)`` rows
+(global microbatch ``i`` is rows ``[i B/(NK), (i+1) B/(NK))`` of every device's block, and draws
+``fold_in(key, i)``), so no row crosses devices; for a mean loss the gradient is the same as
+unsharded accumulation over contiguous microbatches, up to summation order.
 """
 
 from __future__ import annotations
@@ -41,10 +52,11 @@ import optax
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
-from jaxlab.parallel.mesh import batch_sharding, check_batch, replicated, shard_batch
+from jaxlab.parallel.mesh import batch_sharding, check_batch, data_size, replicated, shard_batch
 from jaxlab.parallel.strategies import (
     ShardedTrainState,
     Strategy,
+    _place_global,
     compute_specs,
     get_strategy,
     gradient_specs,
@@ -52,23 +64,15 @@ from jaxlab.parallel.strategies import (
     state_shardings,
     to_shardings,
 )
+from jaxlab.train_state import LossFn, apply_update, loss_and_grads
 
-__all__ = ["GATHERED", "TrainStep", "make_train_step", "regather_policy"]
-
-LossFn = Callable[[Any, Any], jax.Array]
+__all__ = ["GATHERED", "IMPLS", "TrainStep", "regather_policy", "sharded_train_step"]
 
 GATHERED = "zero3_gathered_params"
 """``checkpoint_name`` of ZeRO-3's gathered parameters (not saved for the backward pass)."""
 
 IMPLS = ("jit", "shard_map")
-
-
-def scalar_loss(loss: jax.Array) -> jax.Array:
-    """Raise when ``loss_fn`` did not return a scalar (a common slip: per-example losses)."""
-    if jnp.ndim(loss) != 0:
-        raise ValueError(f"loss_fn must return a scalar, got shape {jnp.shape(loss)}")
-    return loss
-
+ALLREDUCES = ("psum", "ring")
 
 # Primitives whose outputs are gathered parameters: shard_map's all_gather, and under jit the
 # sharding constraint that makes XLA all-gather.
@@ -91,25 +95,29 @@ def regather_policy() -> Callable[..., bool]:
 
 
 class TrainStep:
-    """A compiled ``step(state, batch) -> (new_state, metrics)`` for one mesh and strategy.
+    """A compiled ``step(state, batch, key) -> (new_state, metrics)`` for one mesh and strategy.
 
-    ``metrics`` holds the global-batch ``loss`` and the global gradient norm ``grad_norm``.
-    ``batch`` is the global batch (in a multi-process run every process passes the same one,
-    or global arrays from ``shard_batch(..., process_local=True)``).
+    ``metrics`` holds the global-batch ``loss``, the global gradient norm ``grad_norm``,
+    ``nonfinite`` (1 when the update was skipped) and the loss function's own metrics, averaged
+    over the global batch. ``batch`` is the global batch (in a multi-process run every process
+    passes the same one, or global arrays from ``shard_batch(..., process_local=True)``); ``key``
+    is the step's key (``step_key(state)``), the same on every device.
     The program is built on the first call for a given state structure (the shardings depend
-    on the leaves' shapes) and cached. ``lower(state, batch)`` exposes it for inspection,
-    e.g. ``step.lower(state, batch).compile().as_text()``.
+    on the leaves' shapes) and cached. ``lower(state, batch, key)`` exposes it for inspection,
+    e.g. ``step.lower(state, batch, key).compile().as_text()``.
     """
 
-    def __init__(self, loss_fn: LossFn, mesh: Mesh, strategy: Strategy, *, impl: str,
-                 donate: bool, regather: bool, allreduce: str):
-        self.loss_fn, self.mesh, self.strategy = loss_fn, mesh, strategy
-        self.impl, self.donate, self.regather, self.allreduce = impl, donate, regather, allreduce
+    def __init__(self, loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh,
+                 strategy: Strategy, *, grad_accum: int, impl: str, donate: bool, regather: bool,
+                 allreduce: str):
+        self.loss_fn, self.optimizer, self.mesh, self.strategy = loss_fn, optimizer, mesh, strategy
+        self.grad_accum, self.impl, self.donate = grad_accum, impl, donate
+        self.regather, self.allreduce = regather, allreduce
         self._cache: dict[Any, Callable] = {}
 
     def __repr__(self) -> str:
         return (f"TrainStep(strategy={self.strategy.name!r}, impl={self.impl!r}, "
-                f"mesh={dict(self.mesh.shape)})")
+                f"grad_accum={self.grad_accum}, mesh={dict(self.mesh.shape)})")
 
     def _check(self, state: Any, batch: Any) -> None:
         if not is_sharded_state(state):
@@ -119,54 +127,74 @@ class TrainStep:
             raise ValueError(f"state is sharded for strategy={state.strategy!r} but the step runs "
                              f"{self.strategy.name!r}; reshard it with shard_train_state(state, "
                              f"mesh, {self.strategy.name!r})")
+        if state.tx is not self.optimizer:
+            raise ValueError("state.tx is not the optimizer this step was built with; create the state "
+                             "with create_train_state(params, optimizer, key) from the same optax object "
+                             "that make_train_step(loss_fn, optimizer, ...) gets")
         mesh = getattr(jax.tree.leaves(state.params)[0].sharding, "mesh", None)
         if mesh is not None and mesh != self.mesh:
             raise ValueError(f"state lives on mesh {dict(mesh.shape)} (devices "
                              f"{[d.id for d in mesh.devices.flat]}) but the step was built for "
                              f"{dict(self.mesh.shape)} (devices {[d.id for d in self.mesh.devices.flat]})")
         check_batch(batch, self.mesh)
+        n, k = data_size(self.mesh), self.grad_accum
+        for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
+            rows = jnp.shape(leaf)[0]
+            if (rows // n) % k:
+                raise ValueError(f"grad_accum={k} must divide the rows each device gets: batch leaf "
+                                 f"{jax.tree_util.keystr(path) or 'batch'} has {rows} rows, {rows // n} "
+                                 f"per device on the data axis of size {n}")
 
     def jitted(self, state: ShardedTrainState) -> Callable:
-        """The ``jax.jit``-compiled step for ``state``'s structure."""
+        """The ``jax.jit``-compiled ``step(state, batch, key)`` for ``state``'s structure."""
         key = (jax.tree.structure(state),
                tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(state)))
         if key not in self._cache:
             shardings = state_shardings(state, self.mesh, self.strategy)
             if self.impl == "jit":
-                fn = _gspmd_step(self.loss_fn, self.mesh, self.strategy, state, self.regather)
+                fn = _gspmd_step(self.loss_fn, self.optimizer, self.mesh, self.strategy, state,
+                                 grad_accum=self.grad_accum, regather=self.regather)
             else:
                 from jaxlab.parallel.shard_map_step import shard_map_step
 
-                fn = shard_map_step(self.loss_fn, self.mesh, self.strategy, state,
-                                    regather=self.regather, allreduce=self.allreduce)
+                fn = shard_map_step(self.loss_fn, self.optimizer, self.mesh, self.strategy, state,
+                                    grad_accum=self.grad_accum, regather=self.regather,
+                                    allreduce=self.allreduce)
             self._cache[key] = jax.jit(
                 fn,
-                in_shardings=(shardings, batch_sharding(self.mesh)),
+                in_shardings=(shardings, batch_sharding(self.mesh), replicated(self.mesh)),
                 out_shardings=(shardings, replicated(self.mesh)),
                 donate_argnums=(0,) if self.donate else (),
             )
         return self._cache[key]
 
-    def lower(self, state: ShardedTrainState, batch: Any):
+    def lower(self, state: ShardedTrainState, batch: Any, key: jax.Array):
         self._check(state, batch)
-        return self.jitted(state).lower(state, batch)
+        return self.jitted(state).lower(state, batch, key)
 
-    def __call__(self, state: ShardedTrainState, batch: Any) -> tuple[ShardedTrainState, dict]:
+    def __call__(self, state: ShardedTrainState, batch: Any,
+                 key: jax.Array) -> tuple[ShardedTrainState, dict]:
         self._check(state, batch)
-        if jax.process_count() > 1:  # host arrays: every process passes the same global batch
+        if jax.process_count() > 1:  # host arrays: every process passes the same global batch and key
             batch = shard_batch(batch, self.mesh)
-        return self.jitted(state)(state, batch)
+            if not (isinstance(key, jax.Array) and not key.is_fully_addressable):
+                key = _place_global(key, replicated(self.mesh))
+        return self.jitted(state)(state, batch, key)
 
 
-def make_train_step(loss_fn: LossFn, mesh: Mesh, strategy: str | Strategy = "ddp", *,
-                    impl: str = "jit", donate: bool = True, regather: bool = True,
-                    allreduce: str = "psum") -> TrainStep:
-    """Build the training step of ``strategy`` on ``mesh``.
+def sharded_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh,
+                       strategy: str | Strategy = "ddp", *, grad_accum: int = 1, impl: str = "jit",
+                       donate: bool = True, regather: bool = True, allreduce: str = "psum") -> TrainStep:
+    """The training step of ``strategy`` on ``mesh`` (what ``make_train_step(..., mesh=)`` returns).
 
     Args:
-      loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss over the batch it is given.
+      loss_fn: ``loss_fn(params, batch, key) -> (loss, metrics)``, the mean loss over the rows it
+        is given and a dict of scalar metrics (means over those rows).
+      optimizer: the ``optax`` transformation; the state's ``tx`` must be this very object.
       mesh: from ``make_mesh``; the batch is split over its ``data`` axis.
       strategy: ``"ddp" | "zero1" | "zero2" | "zero3"`` (or a ``Strategy``).
+      grad_accum: microbatches per step, run one after another on every device; it must divide
+        the rows each device gets (``B / N``).
       impl: ``"jit"`` (shardings + XLA partitioner) or ``"shard_map"`` (explicit collectives).
       donate: donate the input state's buffers to the output state.
       regather: ZeRO-3 re-gathers parameters in the backward pass rather than saving them.
@@ -174,40 +202,61 @@ def make_train_step(loss_fn: LossFn, mesh: Mesh, strategy: str | Strategy = "ddp
         all-reduce of the shard_map DDP and ZeRO-1 programs.
     """
     s = get_strategy(strategy)
+    if not callable(loss_fn):
+        raise ValueError(f"loss_fn={loss_fn!r} must be callable as loss_fn(params, batch, key)")
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise ValueError(f"optimizer={optimizer!r} must be an optax GradientTransformation")
+    if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
+        raise ValueError(f"grad_accum={grad_accum!r} must be an int >= 1")
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} must be one of {IMPLS}")
-    if allreduce not in ("psum", "ring"):
-        raise ValueError(f"allreduce={allreduce!r} must be 'psum' or 'ring'")
+    if allreduce not in ALLREDUCES:
+        raise ValueError(f"allreduce={allreduce!r} must be one of {ALLREDUCES}")
     if allreduce == "ring" and impl != "shard_map":
         raise ValueError("allreduce='ring' needs impl='shard_map' (under jit XLA picks the algorithm)")
-    if not callable(loss_fn):
-        raise ValueError(f"loss_fn={loss_fn!r} must be callable as loss_fn(params, batch)")
-    return TrainStep(loss_fn, mesh, s, impl=impl, donate=donate, regather=regather,
-                     allreduce=allreduce)
+    return TrainStep(loss_fn, optimizer, mesh, s, grad_accum=grad_accum, impl=impl, donate=donate,
+                     regather=regather, allreduce=allreduce)
 
 
-def _gspmd_step(loss_fn: LossFn, mesh: Mesh, strategy: Strategy, state: ShardedTrainState,
+def _device_local_microbatches(batch: Any, n: int, k: int) -> Any:
+    """Reorder rows so that contiguous microbatch ``i`` of ``K`` is rows ``[i m, (i+1) m)`` of every
+    device's block of ``b = B / N`` rows (``m = b / K``): ``[B, ...] -> [K, N, m, ...] -> [B, ...]``."""
+
+    def reorder(x):
+        blocks = x.reshape(n, k, x.shape[0] // (n * k), *x.shape[1:])  # [N, K, m, ...]
+        return jnp.swapaxes(blocks, 0, 1).reshape(x.shape)  # [K * N * m, ...]
+
+    return jax.tree.map(reorder, batch)
+
+
+def _gspmd_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh: Mesh,
+                strategy: Strategy, state: ShardedTrainState, *, grad_accum: int,
                 regather: bool) -> Callable:
-    """The strategy as sharding constraints on an ordinary (global-view) training step."""
+    """The strategy as sharding constraints on the spine's (global-view) training step."""
     grad_shardings = to_shardings(gradient_specs(state.params, mesh, strategy), mesh)
     use_shardings = to_shardings(compute_specs(state.params, mesh), mesh)
+    rows = batch_sharding(mesh)
 
-    def loss_of(params, batch):
+    def loss_of(params, batch, key):
         if strategy.shard_parameters:  # ZeRO-3: all-gather each parameter where it is used
             params = jax.lax.with_sharding_constraint(params, use_shardings)
             params = jax.tree.map(lambda p: checkpoint_name(p, GATHERED), params)
-        return scalar_loss(loss_fn(params, batch))
+        if grad_accum > 1:  # every microbatch is spread over all devices
+            batch = jax.lax.with_sharding_constraint(batch, rows)
+        return loss_fn(params, batch, key)
 
     if strategy.shard_parameters and regather:
         loss_of = jax.checkpoint(loss_of, policy=regather_policy())
 
-    def step(state: ShardedTrainState, batch: Any):
-        loss, grads = jax.value_and_grad(loss_of)(state.params, batch)
+    def step(state: ShardedTrainState, batch: Any, key: jax.Array):
+        if grad_accum > 1:
+            batch = _device_local_microbatches(batch, data_size(mesh), grad_accum)
+        loss, aux, grads = loss_and_grads(loss_of, state.params, batch, key, grad_accum)
         # DDP / ZeRO-1: every device holds the whole reduced gradient (all-reduce);
         # ZeRO-2 / ZeRO-3: each holds its shard (reduce-scatter).
         grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
         # The optimizer runs where its state lives; under ZeRO-1/2 out_shardings all-gather params.
-        new_state = state.apply_gradients(grads=grads)
-        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        state, metrics = apply_update(state, grads, optimizer, loss)
+        return state, {"loss": loss, **metrics, **aux}
 
     return step

@@ -1,1 +1,2 @@
-"""Reinforcement learning, jit-compiled end to end: tabular curriculum, deep RL on gymnax, LLM post-training."""
+"""Reinforcement learning, jit-compiled end to end: the tabular curriculum (``jaxlab.rl.tabular``), deep RL
+on gymnax (the modules of this package) and LLM post-training (``jaxlab.rl.llm``)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from jaxlab.rl.core import Train, make_optimizer, require
+from jaxlab.rl.core import Train, require
 from jaxlab.rl.on_policy import (ActorCritic, OnPolicyConfig, make_on_policy_train, n_step_estimator,
                                  policy_gradient_learn)
 
@@ -48,7 +48,7 @@ class A2CConfig(OnPolicyConfig):
 def make_train(cfg: A2CConfig) -> Train:
     """``train(key) -> {"state", "metrics"}`` for A2C; jit- and vmap-able."""
     ac = ActorCritic.from_config(cfg, cfg.action_spec)
-    optimizer = make_optimizer(cfg.learning_rate, cfg.max_grad_norm)
+    optimizer = cfg.optimizer()
     learn = policy_gradient_learn(ac, optimizer, ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef,
                                   normalize=cfg.normalize_advantages)
     return make_on_policy_train(cfg, ac, init_opt=optimizer.init, learn=learn,

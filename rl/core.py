@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxlab.optim import OptimizerConfig, make_optimizer
 from jaxlab.rl.networks import ACTIVATIONS
 from jaxlab.rl.wrappers import ActionSpec, check_action_space, make_env
 
-__all__ = ["RLConfig", "Train", "linear_schedule", "make_optimizer", "require", "step_key"]
+__all__ = ["RLConfig", "Train", "require"]
 
 
 def require(condition: bool, message: str) -> None:
@@ -91,17 +92,15 @@ class RLConfig:
     def action_spec(self) -> ActionSpec:
         return ActionSpec.from_env(*self.make_env())
 
-
-def make_optimizer(learning_rate: float | optax.Schedule, max_grad_norm: float, eps: float = 1e-5,
-                   ) -> optax.GradientTransformation:
-    """Adam after global-norm clipping (skipped when ``max_grad_norm == 0``); ``eps=1e-5`` as in PPO codebases."""
-    adam = optax.adam(learning_rate, eps=eps)
-    return optax.chain(optax.clip_by_global_norm(max_grad_norm), adam) if max_grad_norm > 0 else adam
-
-
-def linear_schedule(learning_rate: float, total_steps: int) -> optax.Schedule:
-    """``learning_rate`` decaying linearly to 0 over ``total_steps`` optimizer steps."""
-    return optax.linear_schedule(learning_rate, 0.0, max(total_steps, 1))
+    def optimizer(self, learning_rate: float | None = None, anneal_steps: int | None = None,
+                  ) -> optax.GradientTransformation:
+        """Adam (``eps=1e-5`` as in PPO codebases) after global-norm clipping at ``max_grad_norm`` (0: none),
+        from the spine's factory; ``learning_rate`` defaults to the config's, and ``anneal_steps`` decays
+        it linearly to 0 over that many optimizer steps."""
+        lr = self.learning_rate if learning_rate is None else learning_rate
+        return make_optimizer(OptimizerConfig(lr=lr, algorithm="adam", b2=0.999, eps=1e-5,
+                                              clip_norm=self.max_grad_norm, decay_steps=anneal_steps,
+                                              schedule="linear", min_lr_ratio=0.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,8 +137,3 @@ class Train:
     def __call__(self, key: jax.Array) -> dict[str, Any]:
         state, metrics = self.run(self.init(key), self.num_updates)
         return {"state": state, "metrics": metrics}
-
-
-def step_key(state: Any) -> jax.Array:
-    """The key of the update ``state.step``: ``fold_in(state.key, state.step)``."""
-    return jax.random.fold_in(state.key, state.step)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jaxlab.rl.core import Train, make_optimizer, require
+from jaxlab.rl.core import Train, require
 from jaxlab.rl.networks import ContinuousQ, DeterministicActor, polyak_update
 from jaxlab.rl.off_policy import Agent, OffPolicyConfig, make_off_policy_train
 from jaxlab.rl.policies import scale_action, unscale_action
@@ -91,8 +91,8 @@ def make_agent(cfg: DDPGConfig) -> Agent:
     low, high = spec.bounds()
     actor = DeterministicActor(spec.dim, cfg.hidden_sizes, cfg.activation)
     critic = ContinuousQ(cfg.num_critics, cfg.hidden_sizes, cfg.activation)
-    actor_opt = make_optimizer(cfg.actor_learning_rate, cfg.max_grad_norm)
-    critic_opt = make_optimizer(cfg.learning_rate, cfg.max_grad_norm)
+    actor_opt = cfg.optimizer(cfg.actor_learning_rate)
+    critic_opt = cfg.optimizer()
 
     def flat(action):  # [B, *A] -> [B, A]
         return action.reshape(action.shape[0], -1)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jaxlab.rl.core import Train, linear_schedule, make_optimizer, require
+from jaxlab.rl.core import Train, require
 from jaxlab.rl.losses import huber, q_learning_target
 from jaxlab.rl.networks import QNetwork, polyak_update
 from jaxlab.rl.off_policy import Agent, OffPolicyConfig, make_off_policy_train
@@ -100,8 +100,7 @@ def epsilon_schedule(cfg: DQNConfig, env_steps: jax.Array) -> jax.Array:
 def make_agent(cfg: DQNConfig) -> Agent:
     q = QNetwork(cfg.action_spec.num_actions, cfg.hidden_sizes, cfg.activation, cfg.layer_norm)
     steps_per_update = cfg.steps_per_update
-    optimizer = make_optimizer(linear_schedule(cfg.learning_rate, cfg.learning_updates * cfg.gradient_steps)
-                               if cfg.anneal_lr else cfg.learning_rate, cfg.max_grad_norm)
+    optimizer = cfg.optimizer(anneal_steps=cfg.learning_updates * cfg.gradient_steps if cfg.anneal_lr else None)
 
     def init(key, obs, action):
         params = q.init(key, obs)

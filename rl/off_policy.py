@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxlab.rl.core import RLConfig, Train, require, step_key
+from jaxlab.rl.core import RLConfig, Train, require
+from jaxlab.train_state import step_key
 from jaxlab.rl.replay import ReplayState, UniformReplay
 from jaxlab.rl.rollout import EnvCarry, env_reset, episode_metrics, rollout
 from jaxlab.rl.wrappers import ActionSpec, make_vec_env

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxlab.rl import policies
-from jaxlab.rl.core import RLConfig, Train, require, step_key
+from jaxlab.rl.core import RLConfig, Train, require
+from jaxlab.train_state import step_key
 from jaxlab.rl.losses import normalize_advantages, policy_gradient_loss, value_loss
 from jaxlab.rl.networks import Critic, DiscreteActor, GaussianActor
 from jaxlab.rl.returns import gae, n_step_returns

@@ -20,7 +20,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxlab.rl.core import Train, linear_schedule, make_optimizer, require
+from jaxlab.rl.core import Train, require
 from jaxlab.rl.losses import normalize_advantages, ppo_clip_loss, value_loss
 from jaxlab.rl.on_policy import ActorCritic, Batch, OnPolicyConfig, gae_estimator, make_on_policy_train, minibatches
 
@@ -67,9 +67,8 @@ class PPOConfig(OnPolicyConfig):
 def make_train(cfg: PPOConfig) -> Train:
     """``train(key) -> {"state", "metrics"}`` for PPO; jit- and vmap-able."""
     ac = ActorCritic.from_config(cfg, cfg.action_spec)
-    lr = (linear_schedule(cfg.learning_rate, cfg.num_updates * cfg.num_epochs * cfg.num_minibatches)
-          if cfg.anneal_lr else cfg.learning_rate)
-    optimizer = make_optimizer(lr, cfg.max_grad_norm)
+    optimizer = cfg.optimizer(anneal_steps=cfg.num_updates * cfg.num_epochs * cfg.num_minibatches
+                              if cfg.anneal_lr else None)
 
     def loss_fn(params, mb: Batch):
         dist = ac.policy(params["actor"], mb.obs)

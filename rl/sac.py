@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jaxlab.rl.core import Train, make_optimizer, require
+from jaxlab.rl.core import Train, require
 from jaxlab.rl.networks import ContinuousQ, GaussianActor, polyak_update
 from jaxlab.rl.off_policy import Agent, OffPolicyConfig, make_off_policy_train
 from jaxlab.rl.policies import scale_action, tanh_gaussian, unscale_action
@@ -82,7 +82,7 @@ def make_agent(cfg: SACConfig) -> Agent:
     low, high = spec.bounds()
     actor = GaussianActor(spec.dim, cfg.hidden_sizes, cfg.activation, state_dependent_std=True)
     critic = ContinuousQ(2, cfg.hidden_sizes, cfg.activation)
-    opt = make_optimizer(cfg.learning_rate, cfg.max_grad_norm)
+    opt = cfg.optimizer()
     target_entropy = -cfg.target_entropy_scale * spec.dim
 
     def policy(actor_params, obs):

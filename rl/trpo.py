@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from jaxlab.rl.core import Train, make_optimizer, require
+from jaxlab.rl.core import Train, require
 from jaxlab.rl.losses import normalize_advantages, value_loss
 from jaxlab.rl.on_policy import ActorCritic, Batch, OnPolicyConfig, gae_estimator, make_on_policy_train, minibatches
 
@@ -99,7 +99,7 @@ def conjugate_gradient(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, i
 def make_train(cfg: TRPOConfig) -> Train:
     """``train(key) -> {"state", "metrics"}`` for TRPO; jit- and vmap-able."""
     ac = ActorCritic.from_config(cfg, cfg.action_spec)
-    critic_opt = make_optimizer(cfg.learning_rate, cfg.max_grad_norm)
+    critic_opt = cfg.optimizer()
 
     def critic_step(carry, mb: Batch):
         critic_params, opt_state = carry

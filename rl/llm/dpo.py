@@ -16,11 +16,12 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxlab.models.lm import LM, LMConfig
+from jaxlab.models.sampling import response_logprobs, sample
 from jaxlab.rl.llm.losses import dpo_loss, masked_sum
-from jaxlab.rl.llm.sampling import response_logprobs, rollout
-from jaxlab.rl.llm.task import Task, is_correct
+from jaxlab.rl.llm.task import EOS, PAD, Task, is_correct
 from jaxlab.train_state import make_train_step
 
 __all__ = ["make_dpo_step", "pair_logprobs", "preference_pairs"]
@@ -43,7 +44,7 @@ def _pairs_fn(cfg: LMConfig, task: Task, chunk: int, group_size: int, max_new_to
     def run(params, key):
         prompts, answers = task.sample(jax.random.fold_in(key, 0), chunk)
         prompts, answers = jnp.repeat(prompts, group_size, axis=0), jnp.repeat(answers, group_size, axis=0)
-        roll = rollout(model, params, prompts, jax.random.fold_in(key, 1), max_new_tokens, 1.0)
+        roll = sample(model, params, prompts, jax.random.fold_in(key, 1), max_new_tokens, eos_id=EOS, pad_id=PAD)
         correct = is_correct(roll.response, answers).reshape(chunk, G) > 0  # [n, G]
         logps = masked_sum(response_logprobs(model, params, roll.tokens, task.prompt_len), roll.mask, axis=1)
         if all_pairs:  # every (right i, wrong j) of a group: n * G * G candidates, [n * G * G]
@@ -85,8 +86,12 @@ def preference_pairs(model: LM, ref_params, task: Task, key: jax.Array, num_prom
     return pairs if all_pairs else {k: v[:num_prompts] for k, v in pairs.items()}
 
 
-def make_dpo_step(model: LM, prompt_len: int, beta: float, loss_type: str, nll_coef: float = 0.0):
+def make_dpo_step(model: LM, optimizer: optax.GradientTransformation, prompt_len: int, beta: float,
+                  loss_type: str, nll_coef: float = 0.0):
     """``train_step(state, pairs_batch, key) -> (state, metrics)`` minimising the DPO loss.
+
+    The reference enters through the batch: its sequence log-probabilities ``ref_chosen``/``ref_rejected``
+    are part of every pair (computed once by :func:`preference_pairs`).
 
     ``nll_coef > 0`` adds the chosen responses' negative log-likelihood per token, ``DPO + alpha NLL``
     (Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 3): plain DPO can lower the
@@ -105,4 +110,4 @@ def make_dpo_step(model: LM, prompt_len: int, beta: float, loss_type: str, nll_c
         nll = -jnp.mean(pi_chosen / chosen_len)
         return loss + nll_coef * nll, {**metrics, "dpo_loss": loss, "chosen_nll": nll}
 
-    return make_train_step(loss_fn, has_aux=True)
+    return make_train_step(loss_fn, optimizer)

@@ -8,27 +8,34 @@ One step, all inside one jitted program:
 2. reward them with the verifier (exact match, plus an optional format and length reward);
 3. advantages relative to the group (:func:`~jaxlab.rl.llm.losses.grpo_advantages`; no critic);
 4. ``ppo_epochs`` gradient steps on :func:`~jaxlab.rl.llm.losses.grpo_loss` (clipped ratio against the
-   sampling policy, ``k3`` KL to the frozen reference).
+   sampling policy, ``k3`` KL to the frozen reference), each the training spine's
+   :func:`~jaxlab.train_state.loss_and_grads` and :func:`~jaxlab.train_state.apply_update` in a ``lax.scan``
+   (:func:`update_epochs`).
 
-    step = jax.jit(make_grpo_step(model, task, GRPOSpec(group_size=8)), donate_argnums=0)
-    state, metrics = step(state, {"prompts": [N, Lp], "answers": [N, Ra]}, key, ref_params)
+    step = jit_train_step(make_grpo_step(model, task, GRPOSpec(group_size=8), optimizer))
+    state, metrics = step(state, {"prompts": [N, Lp], "answers": [N, Ra], "ref_params": ref_params}, key)
+
+The frozen reference policy travels in the batch (``batch["ref_params"]``, added by the stage's data
+iterator, :class:`jaxlab.rl.llm.posttrain.WithFrozen`), so the step has the spine's signature and the
+reference is an input of the compiled program, not a constant baked into it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from jaxlab.models.lm import LM
+from jaxlab.models.sampling import response_logprobs, sample
 from jaxlab.rl.llm.losses import (AGGREGATIONS, grpo_advantages, grpo_loss, kimi_length_reward, masked_mean,
                                   sequence_kl)
-from jaxlab.rl.llm.sampling import response_logprobs, rollout
-from jaxlab.rl.llm.task import Task, is_correct, response_lengths
-from jaxlab.train_state import TrainState
+from jaxlab.rl.llm.task import EOS, PAD, Task, is_correct, response_lengths
+from jaxlab.train_state import LossFn, TrainState, apply_update, loss_and_grads
 
 __all__ = ["GRPOSpec", "make_grpo_step", "update_epochs"]
 
@@ -61,49 +68,62 @@ class GRPOSpec:
                              f"{self.temperature=}")
 
 
-def update_epochs(state: TrainState, loss_fn: Callable, epochs: int) -> tuple[TrainState, dict]:
-    """``epochs`` optimizer steps of ``loss_fn(params) -> (loss, metrics)`` on one batch of experience.
+def update_epochs(state: TrainState, loss_fn: LossFn, batch: Any, key: jax.Array,
+                  optimizer: optax.GradientTransformation, epochs: int) -> tuple[TrainState, dict]:
+    """``epochs`` optimizer steps of ``loss_fn(params, batch, key) -> (loss, metrics)`` on one batch of
+    experience: the spine's ``loss_and_grads`` and ``apply_update`` (which skips a non-finite update) in a
+    ``lax.scan``; epoch ``e`` gets ``fold_in(key, e)``.
 
     ``state.step`` advances by one (it counts loop steps, the key schedule and checkpoints depend on it);
-    the metrics are those of the first epoch (before any update: ratio 1, the on-policy loss)."""
+    the metrics are those of the first epoch (before any update: ratio 1, the on-policy loss), with
+    ``nonfinite`` the number of epochs whose update was skipped."""
     step = state.step
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def one(state, _):
-        (loss, metrics), grads = grad_fn(state.params)
-        return state.apply_gradients(grads=grads), {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
+    def one(state, e):
+        loss, metrics, grads = loss_and_grads(loss_fn, state.params, batch, jax.random.fold_in(key, e))
+        state, update = apply_update(state, grads, optimizer, loss)
+        return state, {"loss": loss, **update, **metrics}
 
-    state, history = jax.lax.scan(one, state, None, length=epochs)
-    return state.replace(step=step + 1), jax.tree.map(lambda x: x[0], history)
+    state, history = jax.lax.scan(one, state, jnp.arange(epochs))
+    metrics = jax.tree.map(lambda x: x[0], history)
+    metrics["nonfinite"] = jnp.sum(history["nonfinite"])
+    return state.replace(step=step + 1), metrics
 
 
-def make_grpo_step(model: LM, task: Task, spec: GRPOSpec) -> Callable:
-    """``train_step(state, batch, key, ref_params) -> (state, metrics)``; ``state.params`` is the policy."""
+def make_grpo_step(model: LM, task: Task, spec: GRPOSpec, optimizer: optax.GradientTransformation) -> Callable:
+    """``train_step(state, batch, key) -> (state, metrics)``; ``state.params`` is the policy and
+    ``batch = {"prompts" [N, Lp], "answers" [N, Ra], "ref_params"}`` (the frozen reference policy).
+
+    The responses are drawn with ``key``; the update epochs with ``split(key)[1]``. The ratio's old
+    log-probabilities are the sampling policy's own (``Sample.model_logps``, temperature 1, unfiltered)."""
     Lp, G = task.prompt_len, spec.group_size
 
-    def train_step(state: TrainState, batch: dict, key: jax.Array, ref_params):
+    def loss_fn(params, exp: dict, key: jax.Array):
+        del key
+        logp = response_logprobs(model, params, exp["tokens"], Lp)
+        return grpo_loss(logp, exp["old_logp"], exp["ref_logp"], exp["advantages"], exp["mask"],
+                         clip_eps=spec.clip_eps, beta=spec.beta, aggregation=spec.aggregation)
+
+    def train_step(state: TrainState, batch: dict, key: jax.Array):
         prompts = jnp.repeat(batch["prompts"], G, axis=0)  # [N * G, Lp], groups contiguous
         answers = jnp.repeat(batch["answers"], G, axis=0)  # [N * G, Ra]
-        roll = rollout(model, state.params, prompts, key, spec.max_new_tokens, spec.temperature)
+        roll = sample(model, state.params, prompts, key, spec.max_new_tokens, temperature=spec.temperature,
+                      eos_id=EOS, pad_id=PAD)
         correct = is_correct(roll.response, answers)  # [N * G]
         lengths = response_lengths(roll.response)
         rewards = task.rewards(roll.response, answers, spec.format_weight)
         if spec.length_penalty:
             rewards = rewards + spec.length_penalty * kimi_length_reward(lengths, correct, G)
         advantages = grpo_advantages(rewards, G, scale=spec.scale_rewards)  # [N * G]
-        ref_logp = response_logprobs(model, ref_params, roll.tokens, Lp)  # [N * G, R]
-
-        def loss_fn(params):
-            logp = response_logprobs(model, params, roll.tokens, Lp)
-            return grpo_loss(logp, roll.logps, ref_logp, advantages, roll.mask, clip_eps=spec.clip_eps,
-                             beta=spec.beta, aggregation=spec.aggregation)
-
-        state, metrics = update_epochs(state, loss_fn, spec.ppo_epochs)
+        ref_logp = response_logprobs(model, batch["ref_params"], roll.tokens, Lp)  # [N * G, R]
+        exp = {"tokens": roll.tokens, "old_logp": roll.model_logps, "ref_logp": ref_logp, "advantages": advantages,
+               "mask": roll.mask}
+        state, metrics = update_epochs(state, loss_fn, exp, jax.random.split(key)[1], optimizer, spec.ppo_epochs)
         solved = jnp.mean(correct.reshape(-1, G), axis=1)  # [N]
         metrics.update(reward=jnp.mean(rewards), accuracy=jnp.mean(correct), response_length=jnp.mean(lengths),
-                       seq_kl=sequence_kl(roll.logps, ref_logp, roll.mask),
+                       seq_kl=sequence_kl(roll.model_logps, ref_logp, roll.mask),
                        mixed_groups=jnp.mean(((solved > 0) & (solved < 1)).astype(jnp.float32)),
-                       entropy_proxy=-masked_mean(roll.logps, roll.mask))
+                       entropy_proxy=-masked_mean(roll.model_logps, roll.mask))
         return state, metrics
 
     return train_step

@@ -3,7 +3,8 @@
 Shapes: ``B`` sequences, ``T`` response tokens, ``V`` vocabulary; masks are 1 on response tokens
 (up to and including EOS) and 0 on padding, and nothing under ``mask = 0`` reaches a loss or a gradient.
 
-* :func:`sequence_logprobs` - ``log pi(y | x)`` as the masked sum of token log-probabilities.
+* :func:`sequence_logprobs` - ``log pi(y | x)`` as the masked sum of the LM's token log-probabilities
+  (:func:`jaxlab.models.lm.token_logprobs`).
 * :func:`dpo_loss` - DPO (Rafailov et al. 2023, eq. 7) and its IPO (Azar et al. 2023) and hinge
   (SLiC, Zhao et al. 2023) variants on the implicit reward ``beta log pi / pi_ref``.
 * :func:`grpo_advantages` / :func:`grpo_loss` - GRPO (Shao et al. 2024, DeepSeekMath eq. 3): group-relative
@@ -19,11 +20,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxlab.models.lm import token_logprobs
 from jaxlab.rl.losses import value_loss
 
 __all__ = ["AGGREGATIONS", "DPO_LOSSES", "dpo_loss", "grpo_advantages", "grpo_loss", "kimi_length_reward",
            "masked_mean", "masked_value_loss", "masked_whiten", "reward_model_loss", "sequence_kl",
-           "sequence_logprobs", "token_logprobs"]
+           "sequence_logprobs"]
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 AGGREGATIONS = ("token-mean", "sequence-mean", "constant-norm")
@@ -36,20 +38,15 @@ def _check_same_shape(**arrays) -> None:
         raise ValueError(f"shapes must match, got {shapes}")
 
 
-def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """``log softmax(logits)[b, t, tokens[b, t]]`` in fp32: logits [B, T, V], tokens int [B, T] -> [B, T]."""
-    if logits.ndim != 3 or tokens.shape != logits.shape[:2]:
-        raise ValueError(f"need logits [B, T, V] and tokens [B, T], got {logits.shape} and {tokens.shape}")
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, T, V]
-    return jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]  # [B, T]
-
-
 def sequence_logprobs(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> jax.Array:
-    """``sum_t mask[b, t] log softmax(logits[b, t])[tokens[b, t]]`` -> [B].
+    """``sum_t mask[b, t] log softmax(logits[b, t])[tokens[b, t]]`` -> [B], on the LM's own
+    :func:`~jaxlab.models.lm.token_logprobs`.
 
     ``logits[:, t]`` scores ``tokens[:, t]`` (the caller shifts: for an LM run on ``x``, pass
     ``logits[:, :-1]`` with ``x[:, 1:]``). Masked positions contribute exactly 0, whatever their logits.
     """
+    if logits.ndim != 3 or tokens.shape != logits.shape[:2]:
+        raise ValueError(f"need logits [B, T, V] and tokens [B, T], got {logits.shape} and {tokens.shape}")
     if mask.shape != tokens.shape:
         raise ValueError(f"mask shape {mask.shape} must equal tokens shape {tokens.shape}")
     return masked_sum(token_logprobs(logits, tokens), mask, axis=-1)

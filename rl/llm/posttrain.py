@@ -11,6 +11,16 @@ are drawn from the step index (:class:`ProblemIterator`), preference pairs are r
 and every key is a ``fold_in`` of ``PRNGKey(seed)``. Evaluation (a fixed problem set) reports the
 verifier's accuracy of sampled (temperature 1) and greedy answers, the mean response length and the
 sequence-level KL to the reference, ``E_pi[log pi(y|x) - log pi_ref(y|x)]``.
+
+Every stage is the training spine unchanged: each method's step is ``train_step(state, batch, key)``
+(:func:`jaxlab.train_state.make_train_step`, or the spine's ``loss_and_grads`` and ``apply_update`` in a
+``lax.scan`` for the several epochs of GRPO and PPO), passed to ``fit`` as it is, and every stage's
+optimizer is :func:`jaxlab.optim.make_optimizer` of :func:`stage_optimizer_config` (clip the global norm
+to 1, then Adam with ``b2 = 0.999``, ``eps = 1e-8`` at a constant learning rate). The frozen parameters a step
+reads (the SFT reference of GRPO and PPO-RLHF, PPO's reward model) travel in its batch: the stage's data
+iterator adds them (:class:`WithFrozen`). They are inputs of the compiled step rather than constants
+closed over (which would bake them into the program), and the loop checkpoints only the train state and
+the data position, never a batch, so they cost nothing on disk.
 """
 
 from __future__ import annotations
@@ -24,24 +34,24 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from jaxlab.loop import ArrayIterator, LoopConfig, fit
+from jaxlab.loop import ArrayIterator, DataIterator, LoopConfig, fit
 from jaxlab.metrics import to_jsonable
 from jaxlab.models.lm import LM, LMConfig
+from jaxlab.models.sampling import response_logprobs, sample
+from jaxlab.optim import OptimizerConfig, make_optimizer
 from jaxlab.rl.llm.dpo import make_dpo_step, preference_pairs
 from jaxlab.rl.llm.grpo import GRPOSpec, make_grpo_step
-from jaxlab.rl.core import make_optimizer
 from jaxlab.rl.llm.losses import AGGREGATIONS, DPO_LOSSES, sequence_kl
 from jaxlab.rl.llm.ppo_rlhf import PPOSpec, make_ppo_rlhf_step
 from jaxlab.rl.llm.reward_model import init_reward_params, make_reward_model_step, pair_accuracy
-from jaxlab.rl.llm.sampling import response_logprobs, rollout
 from jaxlab.rl.llm.sft import make_sft_step
-from jaxlab.rl.llm.task import TASKS, VOCAB_SIZE, Task, format_ok, is_correct, response_lengths
+from jaxlab.rl.llm.task import EOS, PAD, TASKS, VOCAB_SIZE, Task, format_ok, is_correct, response_lengths
 from jaxlab.train_state import create_train_state
 from jaxlab.xla_options import FAST_COMPILE
 
-__all__ = ["METHODS", "PostTrainConfig", "ProblemIterator", "evaluate_policy", "posttrain"]
+__all__ = ["METHODS", "PostTrainConfig", "ProblemIterator", "WithFrozen", "evaluate_policy", "posttrain",
+           "stage_optimizer_config"]
 
 METHODS = ("sft", "dpo", "ppo-rlhf", "grpo")
 # Key streams: every key of a run is fold_in(PRNGKey(seed), stream).
@@ -62,7 +72,8 @@ class PostTrainConfig:
     num_layers: int = 2
     num_heads: int = 4
     sft_steps: int = 200
-    """Steps of the SFT stage (kept short: a low but non-zero accuracy leaves room for RL)."""
+    """Steps of the SFT stage (kept short: a low but non-zero accuracy leaves room for RL; 0: no SFT, the
+    method starts from the initial model, which is then also the reference)."""
     sft_batch_size: int = 64
     sft_lr: float = 3e-3
     steps: int = 100
@@ -121,13 +132,17 @@ class PostTrainConfig:
     resume: bool = True
     """Continue from the latest checkpoints in the output folder."""
     progress: bool = True
+    skip_nonfinite: bool = False
+    """Skip steps with a non-finite loss or gradient (counted in the metrics) instead of stopping the run."""
 
     def __post_init__(self):
         choices = {"method": METHODS, "task": TASKS, "aggregation": AGGREGATIONS, "dpo_loss": DPO_LOSSES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")
-        positive = ("num_digits", "d_model", "num_layers", "num_heads", "sft_steps", "sft_batch_size", "steps",
+        if isinstance(self.sft_steps, bool) or not isinstance(self.sft_steps, int) or self.sft_steps < 0:
+            raise ValueError(f"sft_steps={self.sft_steps!r} must be an int >= 0")
+        positive = ("num_digits", "d_model", "num_layers", "num_heads", "sft_batch_size", "steps",
                     "batch_size", "ppo_epochs", "pair_prompts", "rm_steps", "eval_problems", "eval_every",
                     "log_every", "checkpoint_every")
         for name in positive:
@@ -199,26 +214,51 @@ class ProblemIterator:
         self.index = int(state["index"])
 
 
+class WithFrozen:
+    """The batches of ``data`` with frozen parameters added, ``{**next(data), **frozen}``: how the reference
+    policy and the reward model reach a ``train_step(state, batch, key)``. The position is ``data``'s (the
+    frozen parameters are not part of the iterator state)."""
+
+    def __init__(self, data: DataIterator, **frozen):
+        self.data, self.frozen = data, frozen
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return {**next(self.data), **self.frozen}
+
+    def get_state(self) -> dict:
+        return self.data.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.data.set_state(state)
+
+
 # ---- cached compiled pieces (one compile per configuration and shape, reused across runs) ------------
 @functools.lru_cache(maxsize=16)
 def _problem_fn(task: Task, n: int):
     return jax.jit(lambda key: task.sample(key, n))
 
 
-@functools.lru_cache(maxsize=16)
-def _adam(lr: float) -> optax.GradientTransformation:
-    """Clip by global norm 1, then Adam with optax's default eps (one object per lr, so jitted steps hit
-    their cache)."""
-    return make_optimizer(lr, max_grad_norm=1.0, eps=1e-8)
+def stage_optimizer_config(lr: float) -> OptimizerConfig:
+    """The optimizer of every stage: clip the global gradient norm to 1, then Adam (b1 0.9, b2 0.999,
+    eps 1e-8) at the constant learning rate ``lr``."""
+    return OptimizerConfig(lr=lr, algorithm="adam", b2=0.999, eps=1e-8, clip_norm=1.0)
+
+
+# One optimizer object per configuration: a train state holds its optimizer as static data, so jitted
+# steps hit their cache only when it is the same object.
+_optimizer = functools.lru_cache(maxsize=16)(make_optimizer)
 
 
 @functools.lru_cache(maxsize=16)
-def _jit_step(kind: str, model_cfg: LMConfig, task: Task, spec):
-    model = LM(model_cfg)
-    build = {"sft": lambda: make_sft_step(model), "grpo": lambda: make_grpo_step(model, task, spec),
-             "ppo-rlhf": lambda: make_ppo_rlhf_step(model, task, spec),
-             "dpo": lambda: make_dpo_step(model, task.prompt_len, *spec),
-             "reward_model": lambda: make_reward_model_step(model)}[kind]
+def _jit_step(kind: str, model_cfg: LMConfig, task: Task, spec, opt_cfg: OptimizerConfig):
+    model, tx = LM(model_cfg), _optimizer(opt_cfg)
+    build = {"sft": lambda: make_sft_step(model, tx), "grpo": lambda: make_grpo_step(model, task, spec, tx),
+             "ppo-rlhf": lambda: make_ppo_rlhf_step(model, task, spec, tx),
+             "dpo": lambda: make_dpo_step(model, tx, task.prompt_len, *spec),
+             "reward_model": lambda: make_reward_model_step(model, tx)}[kind]
     return jax.jit(build(), donate_argnums=0, compiler_options=FAST_COMPILE)
 
 
@@ -230,13 +270,14 @@ def _eval_fn(model_cfg: LMConfig, max_new_tokens: int):
         prompt_len = prompts.shape[1]
         out = {}
         for name, temperature in (("", 1.0), ("greedy_", 0.0)):
-            roll = rollout(model, params, prompts, key, max_new_tokens, temperature)
+            roll = sample(model, params, prompts, key, max_new_tokens, temperature=temperature, eos_id=EOS,
+                          pad_id=PAD)
             out[f"{name}accuracy"] = jnp.mean(is_correct(roll.response, answers))
             out[f"{name}response_length"] = jnp.mean(response_lengths(roll.response))
             out[f"{name}format"] = jnp.mean(format_ok(roll.response))
             if temperature:
                 ref_logp = response_logprobs(model, ref_params, roll.tokens, prompt_len)
-                out["kl_to_ref"] = sequence_kl(roll.logps, ref_logp, roll.mask)
+                out["kl_to_ref"] = sequence_kl(roll.model_logps, ref_logp, roll.mask)
         return out
 
     return jax.jit(run, compiler_options=FAST_COMPILE)
@@ -286,10 +327,9 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
     eval_prompts, eval_answers = task.sample(stream(_EVAL), cfg.eval_problems)
     eval_key = jax.random.fold_in(stream(_EVAL), 1)
 
-    def run_stage(name, step_fn, state, data, steps, ref=None, extra=None):
+    def run_stage(name, train_step, state, data, steps, ref=None):
         loop = LoopConfig(num_steps=steps, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                          resume=cfg.resume, progress=cfg.progress)
-        train_step = step_fn if extra is None else (lambda s, b, k: step_fn(s, b, k, extra))
+                          resume=cfg.resume, progress=cfg.progress, skip_nonfinite=cfg.skip_nonfinite)
         eval_fn = None if ref is None else (lambda s: evaluate_policy(
             model, s.params["policy"] if name == "ppo-rlhf" else s.params, ref, eval_prompts, eval_answers,
             eval_key, cfg.response_len))
@@ -298,21 +338,31 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
             _log(f"{name}: resumed from step {result.resumed_from}")
         return result
 
-    # Stage 1: supervised warm start (shared by every method run in this folder).
+    # Stage 1: supervised warm start (shared by every method run in this folder; none with sft_steps=0).
     init = jax.jit(model.init)(stream(_INIT), eval_prompts[:1])["params"]
-    sft_state = create_train_state(init, _adam(cfg.sft_lr), stream(_SFT_KEY))
-    sft = run_stage("sft", _jit_step("sft", model_cfg, task, None), sft_state,
-                    ProblemIterator(task, cfg.sft_batch_size, stream(_SFT_DATA)), cfg.sft_steps)
-    ref = sft.state.params
+    if cfg.sft_steps:
+        opt = stage_optimizer_config(cfg.sft_lr)
+        sft = run_stage("sft", _jit_step("sft", model_cfg, task, None, opt),
+                        create_train_state(init, _optimizer(opt), stream(_SFT_KEY)),
+                        ProblemIterator(task, cfg.sft_batch_size, stream(_SFT_DATA)), cfg.sft_steps)
+        ref, resumed_from, preempted = sft.state.params, sft.resumed_from, sft.preempted
+    else:
+        ref, resumed_from, preempted = init, None, False
     sft_eval = evaluate_policy(model, ref, ref, eval_prompts, eval_answers, eval_key, cfg.response_len)
     _log(f"sft: accuracy {sft_eval['accuracy']:.3f} (greedy {sft_eval['greedy_accuracy']:.3f})")
-    summary = {"method": cfg.method, "sft": sft_eval, "history": [], "resumed_from": sft.resumed_from}
-    final_params, preempted = ref, sft.preempted
+    summary = {"method": cfg.method, "sft": sft_eval, "history": [], "resumed_from": resumed_from}
+    final_params = ref
+
+    def new_stage(params, lr: float, kind: str, spec=None):
+        """A method stage's fresh state and its jitted step."""
+        opt = stage_optimizer_config(lr)
+        return create_train_state(params, _optimizer(opt), stream(_RL_KEY)), _jit_step(kind, model_cfg, task, spec,
+                                                                                        opt)
 
     if cfg.method == "grpo" and not preempted:
-        state = create_train_state(_copy(ref), _adam(cfg.lr), stream(_RL_KEY))
-        result = run_stage("grpo", _jit_step("grpo", model_cfg, task, cfg.grpo_spec()), state,
-                           ProblemIterator(task, cfg.batch_size, stream(_RL_DATA)), cfg.steps, ref, ref)
+        state, step = new_stage(_copy(ref), cfg.lr, "grpo", cfg.grpo_spec())
+        result = run_stage("grpo", step, state, WithFrozen(ProblemIterator(task, cfg.batch_size, stream(_RL_DATA)),
+                                                           ref_params=ref), cfg.steps, ref)
         final_params, preempted, summary["resumed_from"] = result.state.params, result.preempted, result.resumed_from
     elif cfg.method in ("dpo", "ppo-rlhf") and not preempted:
         all_pairs = cfg.method == "ppo-rlhf" and cfg.rm_all_pairs
@@ -325,16 +375,16 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
                              f"pair_prompts={cfg.pair_prompts} or group_size={cfg.group_size}, or lower batch_size")
         data = ArrayIterator(pairs, cfg.batch_size, seed=cfg.seed)
         if cfg.method == "dpo":
-            state = create_train_state(_copy(ref), _adam(cfg.dpo_lr), stream(_RL_KEY))
-            spec = (cfg.dpo_beta, cfg.dpo_loss, cfg.dpo_nll_coef)
-            result = run_stage("dpo", _jit_step("dpo", model_cfg, task, spec), state, data, cfg.steps, ref)
+            state, step = new_stage(_copy(ref), cfg.dpo_lr, "dpo", (cfg.dpo_beta, cfg.dpo_loss, cfg.dpo_nll_coef))
+            result = run_stage("dpo", step, state, data, cfg.steps, ref)
             final_params = result.state.params
         else:
-            rm_state = create_train_state(init_reward_params(_copy(ref), cfg.d_model), _adam(cfg.rm_lr),
+            opt = stage_optimizer_config(cfg.rm_lr)
+            rm_state = create_train_state(init_reward_params(_copy(ref), cfg.d_model), _optimizer(opt),
                                           stream(_RM_KEY))
             rm_batch = cfg.batch_size if cfg.rm_batch_size is None else min(cfg.rm_batch_size, summary["pairs"])
             rm_data = ArrayIterator(pairs, rm_batch, seed=cfg.seed)
-            rm = run_stage("reward_model", _jit_step("reward_model", model_cfg, task, None), rm_state, rm_data,
+            rm = run_stage("reward_model", _jit_step("reward_model", model_cfg, task, None, opt), rm_state, rm_data,
                            cfg.rm_steps)
             # How well the learned reward tracks the verifier it stands for: pairs of fresh prompts that no
             # training pair shares.
@@ -349,11 +399,11 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
             if summary["reward_model"]["heldout_accuracy"] is not None:
                 _log(f"reward model: {summary['reward_model']['heldout_accuracy']:.3f} accuracy on "
                      f"{summary['reward_model']['heldout_pairs']} held-out pairs")
-            state = create_train_state({"policy": _copy(ref), "value": _copy(rm.state.params)}, _adam(cfg.lr),
-                                       stream(_RL_KEY))
-            frozen = {"ref": ref, "reward_model": rm.state.params}
-            result = run_stage("ppo-rlhf", _jit_step("ppo-rlhf", model_cfg, task, cfg.ppo_spec()), state,
-                               ProblemIterator(task, cfg.batch_size, stream(_RL_DATA)), cfg.steps, ref, frozen)
+            state, step = new_stage({"policy": _copy(ref), "value": _copy(rm.state.params)}, cfg.lr, "ppo-rlhf",
+                                cfg.ppo_spec())
+            data = WithFrozen(ProblemIterator(task, cfg.batch_size, stream(_RL_DATA)), ref_params=ref,
+                              reward_params=rm.state.params)
+            result = run_stage("ppo-rlhf", step, state, data, cfg.steps, ref)
             final_params = result.state.params["policy"]
         preempted, summary["resumed_from"] = result.preempted, result.resumed_from
 

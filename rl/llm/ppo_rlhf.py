@@ -8,9 +8,14 @@ batch's tokens; the policy takes PPO's clipped step (:func:`~jaxlab.rl.llm.losse
 ``beta = 0`` and per-token advantages) and the critic a clipped value step. The verifier is only read for
 monitoring: the policy optimises the reward model, not the ground truth.
 
-    step = jax.jit(make_ppo_rlhf_step(model, task, PPOSpec()), donate_argnums=0)
-    state, metrics = step(state, batch, key, {"ref": ref_params, "reward_model": rm_params})
+    step = jit_train_step(make_ppo_rlhf_step(model, task, PPOSpec(), optimizer))
+    state, metrics = step(state, {"prompts", "answers", "ref_params": ref, "reward_params": rm}, key)
     # state.params = {"policy": <LM params>, "value": <reward-model-shaped params>}
+
+The frozen reference policy and reward model travel in the batch (``ref_params``, ``reward_params``; the
+stage's data iterator adds them), so the step has the training spine's signature; its ``ppo_epochs``
+updates are :func:`~jaxlab.rl.llm.grpo.update_epochs` (the spine's ``loss_and_grads`` and ``apply_update``
+in a ``lax.scan``).
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from jaxlab.models.lm import LM
+from jaxlab.models.sampling import response_logprobs, sample
 from jaxlab.rl.llm.grpo import update_epochs
 from jaxlab.rl.llm.losses import grpo_loss, masked_value_loss, masked_whiten, sequence_kl
 from jaxlab.rl.llm.reward_model import sequence_scores, token_scores
-from jaxlab.rl.llm.sampling import response_logprobs, rollout
-from jaxlab.rl.llm.task import Task, is_correct, response_lengths
+from jaxlab.rl.llm.task import EOS, PAD, Task, is_correct, response_lengths
 from jaxlab.rl.returns import gae
 from jaxlab.train_state import TrainState
 
@@ -68,35 +74,42 @@ def token_rewards(score: jax.Array, logp: jax.Array, ref_logp: jax.Array, mask: 
     return rewards, is_last
 
 
-def make_ppo_rlhf_step(model: LM, task: Task, spec: PPOSpec) -> Callable:
-    """``train_step(state, batch, key, frozen) -> (state, metrics)``; ``frozen = {"ref", "reward_model"}``."""
+def make_ppo_rlhf_step(model: LM, task: Task, spec: PPOSpec, optimizer: optax.GradientTransformation) -> Callable:
+    """``train_step(state, batch, key) -> (state, metrics)`` with ``batch = {"prompts" [N, Lp], "answers"
+    [N, Ra], "ref_params", "reward_params"}`` (the frozen reference policy and reward model).
+
+    The responses are drawn with ``key``, the update epochs with ``split(key)[1]``; the ratio's old
+    log-probabilities are the sampling policy's own (``Sample.model_logps``)."""
     Lp = task.prompt_len
 
-    def train_step(state: TrainState, batch: dict, key: jax.Array, frozen: dict):
+    def loss_fn(params, exp: dict, key: jax.Array):
+        del key
+        logp = response_logprobs(model, params["policy"], exp["tokens"], Lp)
+        values = token_scores(model, params["value"], exp["tokens"])[:, Lp - 1:-1]
+        policy_loss, metrics = grpo_loss(logp, exp["old_logp"], exp["ref_logp"], exp["advantages"], exp["mask"],
+                                         clip_eps=spec.clip_eps, beta=0.0)
+        v_loss = masked_value_loss(values, exp["targets"], exp["old_values"], exp["mask"], clip_eps=spec.clip_eps)
+        return policy_loss + spec.vf_coef * v_loss, {**metrics, "value_loss": v_loss}
+
+    def train_step(state: TrainState, batch: dict, key: jax.Array):
         prompts = jnp.repeat(batch["prompts"], spec.samples_per_prompt, axis=0)  # [B, Lp]
         answers = jnp.repeat(batch["answers"], spec.samples_per_prompt, axis=0)
-        roll = rollout(model, state.params["policy"], prompts, key, spec.max_new_tokens, spec.temperature)
+        roll = sample(model, state.params["policy"], prompts, key, spec.max_new_tokens, temperature=spec.temperature,
+                      eos_id=EOS, pad_id=PAD)
         mask = roll.mask  # [B, R]
-        ref_logp = response_logprobs(model, frozen["ref"], roll.tokens, Lp)  # [B, R]
-        score = sequence_scores(model, frozen["reward_model"], roll.tokens, mask)  # [B]
+        ref_logp = response_logprobs(model, batch["ref_params"], roll.tokens, Lp)  # [B, R]
+        score = sequence_scores(model, batch["reward_params"], roll.tokens, mask)  # [B]
         old_values = token_scores(model, state.params["value"], roll.tokens)[:, Lp - 1:-1] * mask  # V(s_t), [B, R]
-        rewards, is_last = token_rewards(score, roll.logps, ref_logp, mask, spec.kl_coef)
+        rewards, is_last = token_rewards(score, roll.model_logps, ref_logp, mask, spec.kl_coef)
         next_values = jnp.concatenate([old_values[:, 1:], jnp.zeros_like(old_values[:, :1])], axis=1)
         adv, targets = gae(rewards.T, old_values.T, next_values.T, is_last.T > 0, jnp.zeros_like(is_last.T, bool),
                            spec.gamma, spec.gae_lambda)  # time-major [R, B]
-        adv, targets = masked_whiten(adv.T, mask), targets.T  # [B, R]
-
-        def loss_fn(params):
-            logp = response_logprobs(model, params["policy"], roll.tokens, Lp)
-            values = token_scores(model, params["value"], roll.tokens)[:, Lp - 1:-1]
-            policy_loss, metrics = grpo_loss(logp, roll.logps, ref_logp, adv, mask, clip_eps=spec.clip_eps, beta=0.0)
-            v_loss = masked_value_loss(values, targets, old_values, mask, clip_eps=spec.clip_eps)
-            return policy_loss + spec.vf_coef * v_loss, {**metrics, "value_loss": v_loss}
-
-        state, metrics = update_epochs(state, loss_fn, spec.ppo_epochs)
+        exp = {"tokens": roll.tokens, "old_logp": roll.model_logps, "ref_logp": ref_logp, "mask": mask,
+               "advantages": masked_whiten(adv.T, mask), "targets": targets.T, "old_values": old_values}  # [B, R]
+        state, metrics = update_epochs(state, loss_fn, exp, jax.random.split(key)[1], optimizer, spec.ppo_epochs)
         metrics.update(rm_score=jnp.mean(score), accuracy=jnp.mean(is_correct(roll.response, answers)),
                        response_length=jnp.mean(response_lengths(roll.response)),
-                       seq_kl=sequence_kl(roll.logps, ref_logp, mask))
+                       seq_kl=sequence_kl(roll.model_logps, ref_logp, mask))
         return state, metrics
 
     return train_step

@@ -14,13 +14,23 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxlab.models.lm import LM, LMConfig
 from jaxlab.rl.llm.losses import reward_model_loss
-from jaxlab.rl.llm.sampling import hidden_states
 from jaxlab.train_state import make_train_step
 
-__all__ = ["init_reward_params", "make_reward_model_step", "pair_accuracy", "sequence_scores", "token_scores"]
+__all__ = ["hidden_states", "init_reward_params", "make_reward_model_step", "pair_accuracy", "sequence_scores",
+           "token_scores"]
+
+
+def hidden_states(model: LM, params, tokens: jax.Array) -> jax.Array:
+    """The final-norm output of the LM (the features its head reads): tokens [B, L] -> [B, L, d_model].
+
+    Read with flax's ``capture_intermediates``, so reward and value heads sit on an unmodified ``LM``."""
+    _, state = model.apply({"params": params}, tokens, mutable=["intermediates"],
+                           capture_intermediates=lambda module, name: module.name == "final_norm")
+    return state["intermediates"]["final_norm"]["__call__"][0]
 
 
 def init_reward_params(lm_params, d_model: int) -> dict:
@@ -41,7 +51,7 @@ def sequence_scores(model: LM, params: dict, tokens: jax.Array, mask: jax.Array)
     return jnp.take_along_axis(token_scores(model, params, tokens), last[:, None], axis=1)[:, 0]
 
 
-def make_reward_model_step(model: LM):
+def make_reward_model_step(model: LM, optimizer: optax.GradientTransformation):
     """``train_step(state, pairs_batch, key) -> (state, metrics)`` minimising the Bradley-Terry loss."""
 
     def loss_fn(params, batch, key):
@@ -52,7 +62,7 @@ def make_reward_model_step(model: LM):
         scores = sequence_scores(model, params, tokens, mask)  # [2B]
         return reward_model_loss(scores[:B], scores[B:])
 
-    return make_train_step(loss_fn, has_aux=True)
+    return make_train_step(loss_fn, optimizer)
 
 
 @functools.lru_cache(maxsize=8)

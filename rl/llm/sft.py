@@ -1,7 +1,7 @@
 """Supervised fine-tuning: teacher-forced cross-entropy on the verified answers (the warm start of RLHF's
 first stage, Ouyang et al. 2022, and of DeepSeek-R1's cold start, DeepSeek-AI 2025, section 2.3.1).
 
-    step = jit_train_step(make_sft_step(model, task.prompt_len))
+    step = jit_train_step(make_sft_step(model, optimizer))
     state, metrics = step(state, {"prompts": [B, Lp], "answers": [B, Ra]}, key)
 
 The loss is the mean negative log-likelihood of the answer tokens (digits and EOS) given the prompt;
@@ -12,9 +12,10 @@ is the argmax under teacher forcing (the greedy decode's accuracy, when no earli
 from __future__ import annotations
 
 import jax.numpy as jnp
+import optax
 
-from jaxlab.models.lm import LM
-from jaxlab.rl.llm.losses import masked_mean, token_logprobs
+from jaxlab.models.lm import LM, token_logprobs
+from jaxlab.rl.llm.losses import masked_mean
 from jaxlab.rl.llm.task import response_mask
 from jaxlab.train_state import make_train_step
 
@@ -33,7 +34,7 @@ def sft_loss(model: LM, params, prompts, answers) -> tuple[jnp.ndarray, dict]:
     return nll, {"sequence_accuracy": jnp.mean(jnp.all(hit, axis=1).astype(jnp.float32))}
 
 
-def make_sft_step(model: LM):
+def make_sft_step(model: LM, optimizer: optax.GradientTransformation):
     """``train_step(state, batch, key) -> (state, metrics)`` minimising :func:`sft_loss`."""
     return make_train_step(lambda params, batch, key: sft_loss(model, params, batch["prompts"], batch["answers"]),
-                           has_aux=True)
+                           optimizer)

@@ -15,9 +15,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxlab.loop import ArrayIterator, LoopConfig, fit
+from jaxlab.optim import OptimizerConfig, make_optimizer
 from jaxlab.train_state import create_train_state, jit_train_step, make_train_step
 
 
@@ -32,7 +32,7 @@ def loss_fn(params, batch, key):
     x = x + 0.1 * jax.random.normal(key, x.shape)            # input noise drawn from the step key
     h = jnp.tanh(x @ params["w1"] + params["b1"])             # [B, 32]
     pred = (h @ params["w2"] + params["b2"])[:, 0]            # [B]
-    return jnp.mean((pred - y) ** 2)
+    return jnp.mean((pred - y) ** 2), {}
 
 
 def main():
@@ -47,9 +47,9 @@ def main():
     x = rng.normal(size=(200, 4)).astype(np.float32)
     y = (np.sin(x[:, 0]) + x[:, 1] * x[:, 2]).astype(np.float32)
     data = ArrayIterator((x, y), batch_size=16, seed=1)        # 12 batches per epoch
-    tx = optax.adamw(optax.cosine_decay_schedule(3e-3, args.num_steps), weight_decay=1e-4)
+    tx = make_optimizer(OptimizerConfig(lr=3e-3, decay_steps=args.num_steps, min_lr_ratio=0.0, weight_decay=1e-4))
     state = create_train_state(init_params(jax.random.PRNGKey(0)), tx, jax.random.PRNGKey(42))
-    train_step = jit_train_step(make_train_step(loss_fn))
+    train_step = jit_train_step(make_train_step(loss_fn, tx))
     if args.sleep:
         inner = train_step
 

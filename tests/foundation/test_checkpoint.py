@@ -79,11 +79,13 @@ def test_step_key_depends_only_on_base_key_and_step():
 
 def test_train_step_metrics_and_update():
     state = _state()
-    step = make_train_step(lambda p, batch, key: jnp.sum(p["w"] ** 2) + jnp.sum(p["b"]))
+    step = make_train_step(lambda p, batch, key: (jnp.sum(p["w"] ** 2) + jnp.sum(p["b"]), {"w0": p["w"][0, 0]}),
+                           state.tx)
     new_state, metrics = jax.jit(step)(state, None, step_key(state))
     assert int(new_state.step) == 1
-    assert set(metrics) == {"loss", "grad_norm"}
+    assert set(metrics) == {"loss", "grad_norm", "nonfinite", "w0"}
     assert float(metrics["loss"]) == pytest.approx(float(jnp.sum(state.params["w"] ** 2)))
+    assert int(metrics["nonfinite"]) == 0
     assert not np.allclose(new_state.params["w"], state.params["w"])
 
 

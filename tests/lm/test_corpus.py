@@ -98,4 +98,4 @@ def test_packed_iterator_resumes_exactly():
             np.testing.assert_array_equal(got[k], expected[k])
     assert all((b["segment_ids"] > 0).all() for b in batches)  # never any padding
     other = next(PackedIterator(docs, batch_size=3, seq_len=32, seed=8))
-    assert not np.array_equal(other["tokens"], batches[0]["tokens"])
+    assert not np.array_equal(other["inputs"], batches[0]["inputs"])

@@ -99,14 +99,14 @@ def test_quick_configs_are_valid(name):
 
 def _scanned_grad(depth, policy, tokens):
     from jaxlab.experiments.remat_tradeoff import policy_model
-    from jaxlab.models.lm import LMConfig, next_token_loss
+    from jaxlab.models.lm import LMConfig, next_token_loss, shifted_targets
 
     cfg = LMConfig(vocab_size=32, d_model=32, num_layers=depth, num_heads=2, max_len=64, attention_impl="xla")
     model = policy_model(cfg, policy)
     params = jax.jit(model.init, compiler_options=FAST_COMPILE)(jax.random.PRNGKey(0), tokens)["params"]
 
     def loss(p):
-        return next_token_loss(model.apply({"params": p}, tokens)[0], tokens)[0]
+        return next_token_loss(model.apply({"params": p}, tokens)[0][:, :-1], *shifted_targets(tokens))[0]
 
     compiled = jax.jit(jax.grad(loss), compiler_options=FAST_COMPILE).lower(params).compile()
     return compiled(params), compiled.memory_analysis().temp_size_in_bytes

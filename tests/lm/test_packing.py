@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxlab.models.lm import LM, LMConfig
-from jaxlab.models.packing import (StreamPacker, loss_mask_from_segments, pack_documents, packing_stats,
+from jaxlab.models.packing import (StreamPacker, target_mask_from_segments, pack_documents, packing_stats,
                                    pad_documents, padded_efficiency)
 from jaxlab.xla_options import FAST_COMPILE
 
@@ -17,13 +17,16 @@ DOCS = [np.arange(1, 6), np.arange(10, 13), np.arange(20, 30)]  # lengths 5, 3, 
 
 def test_stream_packing_hand_made():
     rows = pack_documents(DOCS, 8)
-    np.testing.assert_array_equal(rows["tokens"], [[1, 2, 3, 4, 5, 10, 11, 12],
+    np.testing.assert_array_equal(rows["inputs"], [[1, 2, 3, 4, 5, 10, 11, 12],
                                                    [20, 21, 22, 23, 24, 25, 26, 27],
                                                    [28, 29, 0, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(rows["targets"], [[2, 3, 4, 5, 10, 11, 12, 0],
+                                                    [21, 22, 23, 24, 25, 26, 27, 0],
+                                                    [29, 0, 0, 0, 0, 0, 0, 0]])
     np.testing.assert_array_equal(rows["segment_ids"], [[1, 1, 1, 1, 1, 2, 2, 2], [1] * 8, [1, 1] + [0] * 6])
     np.testing.assert_array_equal(rows["positions"], [[0, 1, 2, 3, 4, 0, 1, 2], list(range(8)), [0, 1] + [0] * 6])
-    # the prediction at t targets t + 1: masked at the last token of a piece, in padding and at L - 1
-    np.testing.assert_array_equal(rows["loss_mask"].astype(int), [[1, 1, 1, 1, 0, 1, 1, 0],
+    # targets[t] = inputs[t + 1], masked at the last token of a piece, in padding and at L - 1
+    np.testing.assert_array_equal(rows["mask"].astype(int), [[1, 1, 1, 1, 0, 1, 1, 0],
                                                                    [1, 1, 1, 1, 1, 1, 1, 0],
                                                                    [1, 0, 0, 0, 0, 0, 0, 0]])
     stats = packing_stats(rows)
@@ -40,7 +43,7 @@ def test_stream_packing_hand_made():
 def test_best_fit_keeps_documents_whole():
     docs = [np.full(n, i + 1) for i, n in enumerate([6, 2, 5, 3, 4, 12])]  # 12 > L: cut into 8 + 4
     rows = pack_documents(docs, 8, strategy="best_fit")
-    seg, tok = rows["segment_ids"], rows["tokens"]
+    seg, tok = rows["segment_ids"], rows["inputs"]
     assert packing_stats(rows).real_tokens == 32 and len(tok) == 4  # 32 tokens fit 4 rows exactly
     for r in range(len(tok)):
         for s in np.unique(seg[r][seg[r] > 0]):
@@ -65,12 +68,12 @@ def test_stream_packer_resumes_and_matches_one_shot():
         np.testing.assert_array_equal(np.concatenate([first[k], rest[k]]), full[k])
     # an endless stream wraps into the next epoch inside a row: no padding ever
     endless = StreamPacker(docs, 16, order=lambda e: np.random.default_rng(e).permutation(len(docs)))
-    rows = endless.next_rows(len(full["tokens"]) + 5)
+    rows = endless.next_rows(len(full["inputs"]) + 5)
     assert (rows["segment_ids"] > 0).all() and endless.epoch >= 1
 
 
-def test_loss_mask_and_bad_input():
-    np.testing.assert_array_equal(loss_mask_from_segments(np.array([[1, 1, 2, 2, 2, 0, 0]])),
+def test_target_mask_and_bad_input():
+    np.testing.assert_array_equal(target_mask_from_segments(np.array([[1, 1, 2, 2, 2, 0, 0]])),
                                   [[True, False, True, True, False, False, False]])
     with pytest.raises(ValueError, match="seq_len"):
         pack_documents(DOCS, 1)
@@ -92,10 +95,10 @@ def test_packed_row_equals_documents_run_alone(mixer, key):
 
     @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
     def both(key):
-        params = model.init(key, packed["tokens"])["params"]
-        apply = lambda rows: model.apply({"params": params}, rows["tokens"], segment_ids=rows["segment_ids"],  # noqa: E731
+        params = model.init(key, packed["inputs"])["params"]
+        apply = lambda rows: model.apply({"params": params}, rows["inputs"], segment_ids=rows["segment_ids"],  # noqa: E731
                                          positions=rows["positions"])[0]
-        return apply(packed), model.apply({"params": params}, alone["tokens"])[0]  # alone: no segment ids
+        return apply(packed), model.apply({"params": params}, alone["inputs"])[0]  # alone: no segment ids
 
     packed_logits, alone_logits = both(key)
     np.testing.assert_allclose(packed_logits[0, :6], alone_logits[0, :6], atol=2e-5)
@@ -109,11 +112,11 @@ def test_training_loss_of_one_document_per_row_needs_no_segment_ids(key):
 
     model = LM(LMConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2, max_len=16, attention_impl="xla"))
     rows = pack_documents([np.arange(1, 17) % 32, np.arange(5, 21) % 32], 16)  # two full rows: one segment each
-    plain = {"tokens": rows["tokens"], "loss_mask": rows["loss_mask"]}
+    plain = {k: rows[k] for k in ("inputs", "targets", "mask")}
 
     @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
     def both(key):
-        params = model.init(key, rows["tokens"])["params"]
+        params = model.init(key, rows["inputs"])["params"]
         loss_fn = make_loss_fn(model)
         return loss_fn(params, rows, key)[0], loss_fn(params, plain, key)[0]
 

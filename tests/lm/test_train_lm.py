@@ -20,12 +20,13 @@ ARGS = ["--steps", str(STEPS), "--warmup-steps", "2", "--batch-size", "2", "--se
         "--log-every", "1", "--checkpoint-every", "4", "--no-progress"]
 
 
-def _train(data, out, sample_every):
+def _train(data, out, sample_every, *extra, returncode=0):
     # Tiny programs: XLA's backend optimisations cost more compile time than they save.
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0"}
     proc = subprocess.run([sys.executable, "-m", "jaxlab", "train", "lm", "--data", str(data), "--out", str(out),
-                           *ARGS, "--sample-every", str(sample_every)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+                           *ARGS, "--sample-every", str(sample_every), *extra], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == returncode, proc.stderr[-3000:]
     return proc
 
 
@@ -62,16 +63,37 @@ def test_interrupted_run_resumes_bit_identical(tmp_path):
     evals = [r for r in records if "eval/bpb" in r]
     assert evals and all(r["eval/bpb"] == pytest.approx(r["eval/loss"] / np.log(2)) for r in evals)
     train = [r for r in records if "loss" in r]
-    assert train[-1]["step"] == STEPS and train[-1]["loss"] < train[0]["loss"]
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))  # rows after step 4 were rewritten, not doubled
+    assert train[-1]["loss"] < train[0]["loss"]
     assert summary["packing_efficiency"] > 0.99
     assert len((out / "samples.jsonl").read_text().splitlines()) == 1
+
+
+def test_diverging_run_stops_with_a_clear_error_and_keeps_the_good_checkpoint(tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text("def f(x):\n    return x + 1\n" * 200)
+    out = tmp_path / "run"
+    proc = _train(data, out, 0, "--lr", "1e4", returncode=1)
+    assert "jaxlab: error: non-finite loss or gradient at step" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    bad = int(proc.stderr.split("at step ")[1].split()[0])
+    kept = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert all(s < bad for s in kept)  # nothing saved at or after the first non-finite step
+    for step in kept:
+        assert all(np.isfinite(v).all() for v in _flat(_state(out, step)).values())
+
+
+def test_short_runs_work_with_default_warmup():
+    cfg = LMTrainConfig(steps=30)
+    assert cfg.optimizer_config().warmup_steps == 3
+    assert LMTrainConfig().optimizer_config().warmup_steps == 100
 
 
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="mixer='rnn'"):
         LMTrainConfig(mixer="rnn")
     with pytest.raises(ValueError, match="warmup_steps=100 must be in"):
-        LMTrainConfig(steps=50)
+        LMTrainConfig(steps=50, warmup_steps=100)
     with pytest.raises(ValueError, match="d_model=30 must be divisible by num_heads=4"):
         LMTrainConfig(d_model=30)
     with pytest.raises(ValueError, match="dtype='float16'"):

@@ -1,5 +1,5 @@
 """LM: for every mixer, decode == full forward, packed == separate documents, causality by gradients,
-and the model overfits a tiny batch; config validation; sampling."""
+and the model overfits a tiny batch; config validation (sampling: test_sampling.py)."""
 
 import functools
 
@@ -9,7 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxlab.models.lm import LM, MIXERS, LMConfig, generate, weight_decay_mask
+from jaxlab.models.lm import LM, MIXERS, NO_DECAY_PARAMS, LMConfig
+from jaxlab.optim import OptimizerConfig, decay_mask, make_optimizer
 from jaxlab.xla_options import FAST_COMPILE
 
 V = 32
@@ -26,7 +27,7 @@ def small_cfg(mixer, **kw):  # window 6 < L: the sliding layer's cache wraps whi
 # as any layer that peeks at the future, leaks across documents or decodes differently breaks the
 # stack's contract. Attention adds GQA and QK-norm, linear attention FAVOR+ features, the FFN is MoE
 # (its dispatch against the dense reference is in test_moe.py); the sliding window's ring
-# buffer by the generate test below (window 4, 11 tokens).
+# buffer by tests/models/test_sampling.py (window 4, 11 tokens).
 HYBRID = dict(mixer_pattern=MIXERS, num_layers=len(MIXERS), num_kv_heads=2, qk_norm=True, feature_map="favor",
               ffn="moe", num_experts=4, top_k=2)
 
@@ -111,32 +112,6 @@ def test_every_mixer_contract():
     assert np.all(sens[~future] > 0)  # the present and the whole past matter
 
 
-def test_generate_greedy_matches_argmax_and_sampling():
-    cfg = small_cfg("sliding", window=4)  # the ring-buffer cache wraps while generating
-    model = LM(cfg)
-    prompt = jax.random.randint(jax.random.PRNGKey(4), (2, 5), 0, V)
-    params = jax.jit(model.init, compiler_options=FAST_COMPILE)(jax.random.PRNGKey(0), prompt)["params"]
-    # one compiled sampler serves every temperature (0 = greedy) for a given top_k
-    sample = functools.partial(generate, model, params, prompt, 6, top_k=8)
-    out = sample(key=jax.random.PRNGKey(0), temperature=0.0)
-    assert out.shape == (2, 11) and np.array_equal(out[:, :5], prompt)
-    # greedy decoding is the argmax of the full forward on its own output, token by token
-    forward = jax.jit(model.apply, compiler_options=FAST_COMPILE)
-    logits, _ = forward({"params": params}, out)
-    np.testing.assert_array_equal(out[:, 5:], jnp.argmax(logits[:, 4:-1], axis=-1))
-    # sampling: the same key gives the same sample, another key another one; tokens stay in the vocabulary
-    a, b, c = (sample(key=jax.random.PRNGKey(k), temperature=2.0) for k in (5, 5, 6))
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c) and int(a.min()) >= 0 and int(a.max()) < V
-    logits_a = np.asarray(forward({"params": params}, a)[0][:, 4:-1])  # what each sampled token was drawn from
-    rank = (logits_a > np.take_along_axis(logits_a, np.asarray(a[:, 5:, None]), -1)).sum(-1)
-    assert rank.max() < 8, rank  # top_k = 8
-    with pytest.raises(ValueError, match="max_len"):
-        generate(model, params, prompt, max_new_tokens=cfg.max_len, key=jax.random.PRNGKey(0))
-    with pytest.raises(ValueError, match="top_k"):
-        generate(model, params, prompt, max_new_tokens=2, key=jax.random.PRNGKey(0), top_k=0)
-
-
 @pytest.mark.parametrize("kwargs, match", [
     (dict(d_model=30, num_heads=4), "d_model=30 must be divisible by num_heads=4"),
     (dict(num_heads=4, num_kv_heads=3), "num_heads=4 must be a multiple of num_kv_heads=3"),
@@ -169,12 +144,12 @@ def test_config_is_frozen_and_derives_sizes():
         model.init_cache(1, cfg.max_len + 1)
 
 
-@pytest.mark.parametrize("mixer", ["mamba", "s4d", "attention"])
+@pytest.mark.parametrize("mixer", ["mamba", "s4d", "gau", "attention"])
 def test_weight_decay_spares_vectors_and_ssm_dynamics_and_decays_matrices(mixer):
     cfg = LMConfig(vocab_size=16, d_model=32, num_layers=1, num_heads=2, mixer=mixer, max_len=16, d_state=4,
                    ssm_head_dim=8, chunk_size=8)
     params = jax.eval_shape(lambda: LM(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))["params"]
-    mask = weight_decay_mask(params)
+    mask = decay_mask(params, NO_DECAY_PARAMS)
     named = {jax.tree_util.keystr(path): (leaf, decays) for (path, leaf), decays in
              zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(mask))}
     for path, (leaf, decays) in named.items():
@@ -183,10 +158,11 @@ def test_weight_decay_spares_vectors_and_ssm_dynamics_and_decays_matrices(mixer)
         if path.split("'")[-2] in ("embedding", "kernel"):
             assert decays, path
     spared = {path.split("'")[-2] for path, (leaf, d) in named.items() if leaf.ndim >= 2 and not d}
-    assert spared == {"mamba": {"A_log"}, "s4d": {"log_A_real", "A_imag", "B"}, "attention": set()}[mixer]
-    # AdamW with this mask leaves a spared parameter where it was when its gradient is zero.
+    assert spared == {"mamba": {"A_log"}, "s4d": {"log_A_real", "A_imag", "B"}, "gau": {"gamma", "beta"},
+                      "attention": set()}[mixer]
+    # The optimizer factory with these names leaves a spared parameter where it was when its gradient is zero.
     real = LM(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    tx = optax.adamw(1e-2, weight_decay=1.0, mask=weight_decay_mask)
+    tx = make_optimizer(OptimizerConfig(lr=1e-2, weight_decay=1.0, clip_norm=0.0), no_decay=NO_DECAY_PARAMS)
     updates, _ = tx.update(jax.tree.map(jnp.zeros_like, real), tx.init(real), real)
     for (path, u), p, decays in zip(jax.tree_util.tree_leaves_with_path(updates), jax.tree_util.tree_leaves(real),
                                     jax.tree_util.tree_leaves(mask)):

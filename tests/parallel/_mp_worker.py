@@ -18,17 +18,18 @@ import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 import _parallel_toy as toy  # noqa: E402
-from jaxlab.parallel import make_mesh, make_train_step, shard_train_state  # noqa: E402
+from jaxlab.parallel import make_mesh, shard_train_state  # noqa: E402
 from jaxlab.parallel.checkpoint import save_checkpoint  # noqa: E402
+from jaxlab.train_state import make_train_step, step_key  # noqa: E402
 
 out = pathlib.Path(sys.argv[1])
 strategy = sys.argv[2]
 mesh = make_mesh(data=jax.device_count())
 state = shard_train_state(toy.make_state(), mesh, strategy)
-step = make_train_step(toy.loss_fn, mesh, strategy)
+step = make_train_step(toy.loss_fn, toy.TX, mesh=mesh, strategy=strategy)
 losses = []
 for batch in toy.batches():
-    state, metrics = step(state, batch)  # the same global numpy batch on every process
+    state, metrics = step(state, batch, step_key(state))  # the same global numpy batch on every process
     losses.append(float(metrics["loss"]))
 save_checkpoint(out / "ckpt", state)
 params = multihost_utils.process_allgather(state.params, tiled=True)

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax.training.train_state import TrainState
+
+from jaxlab.train_state import TrainState, create_train_state, make_train_step, step_key
 
 D_IN, D_HIDDEN, D_OUT = 16, 32, 6
 BATCH = 32
@@ -28,11 +29,17 @@ def init_params(seed: int = 0) -> dict:
     }
 
 
-def loss_fn(params: dict, batch: tuple) -> jax.Array:
-    """Mean squared error of a tanh MLP over the batch ``x [B, D_in] -> y [B, D_out]``."""
+def loss_fn(params: dict, batch: tuple, key: jax.Array) -> tuple[jax.Array, dict]:
+    """Mean squared error of a tanh MLP over the batch ``x [B, D_in] -> y [B, D_out]``.
+
+    Metrics: the mean absolute error (a mean over rows, so sharded steps must average it over
+    devices) and ``draw``, one uniform number from ``key`` (equal to the reference's only when every
+    device got the step's key).
+    """
     x, y = batch
     h = jnp.tanh(x @ params["w1"] + params["b1"])  # [B, H]
-    return jnp.mean((h @ params["w2"] + params["b2"] - y) ** 2)
+    err = h @ params["w2"] + params["b2"] - y  # [B, D_out]
+    return jnp.mean(err**2), {"abs_err": jnp.mean(jnp.abs(err)), "draw": jax.random.uniform(key)}
 
 
 TX = optax.adamw(3e-2, weight_decay=1e-2)
@@ -40,11 +47,11 @@ TX = optax.adamw(3e-2, weight_decay=1e-2)
 
 @jax.jit
 def _create(params: dict) -> TrainState:
-    return TrainState.create(apply_fn=None, params=params, tx=TX)
+    return create_train_state(params, TX, jax.random.PRNGKey(7))
 
 
 def make_state(seed: int = 0) -> TrainState:
-    """Fresh parameters and AdamW state as host (numpy) arrays.
+    """Fresh parameters, AdamW state and base key as host (numpy) arrays.
 
     One compiled program rather than many eager ops; host arrays are placed on any mesh
     without compiling device-to-device resharding programs.
@@ -62,20 +69,14 @@ def batches(steps: int = STEPS, batch: int = BATCH, seed: int = 1) -> list[tuple
     return out
 
 
-@jax.jit
-def _reference_step(state: TrainState, batch: tuple):
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
-    return state.apply_gradients(grads=grads), (loss, optax.tree.norm(grads))
+_reference_step = jax.jit(make_train_step(loss_fn, TX))
 
 
-def reference_train(state: TrainState, data: list) -> tuple[TrainState, list[float], list[float]]:
-    """Plain single-device training: the result every strategy must reproduce.
-
-    Returns the final state, the losses and the gradient norms of every step.
-    """
-    losses, norms = [], []
+def reference_train(state: TrainState, data: list) -> tuple[TrainState, list[dict]]:
+    """Plain single-device training with the spine's unsharded step: what every strategy must
+    reproduce. Returns the final state and every step's metrics (as floats)."""
+    history = []
     for batch in data:
-        state, (loss, norm) = _reference_step(state, batch)
-        losses.append(float(loss))
-        norms.append(float(norm))
-    return state, losses, norms
+        state, metrics = _reference_step(state, batch, step_key(state))
+        history.append({k: float(v) for k, v in metrics.items()})
+    return state, history

@@ -10,10 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlab.parallel import launch, make_mesh, make_train_step, shard_train_state
-from jaxlab.parallel.checkpoint import restore_checkpoint
 from jaxlab.child_process import python_module_command
+from jaxlab.parallel import launch, make_mesh, shard_train_state
+from jaxlab.parallel.checkpoint import restore_checkpoint
 from jaxlab.parallel.strategies import abstract_train_state
+from jaxlab.train_state import make_train_step, step_key
 
 WORKER = pathlib.Path(__file__).with_name("_mp_worker.py")
 
@@ -21,7 +22,8 @@ WORKER = pathlib.Path(__file__).with_name("_mp_worker.py")
 def test_child_command():
     py = sys.executable
     jaxlab_cmd = python_module_command("jaxlab")  # the working directory stays off the child's sys.path
-    assert launch.child_command(["train", "mlp", "--steps", "3"]) == [*jaxlab_cmd, "train", "mlp", "--steps", "3"]
+    assert launch.child_command(["run", "zero-memory", "--quick"]) == [*jaxlab_cmd, "run", "zero-memory",
+                                                                       "--quick"]
     assert launch.child_command(["jaxlab", "reproduce", "x"]) == [*jaxlab_cmd, "reproduce", "x"]
     assert launch.child_command(["run.py", "--a"]) == [py, "run.py", "--a"]
     assert launch.child_command(["python", "-m", "pkg"]) == [py, "-m", "pkg"]
@@ -75,10 +77,10 @@ def test_two_processes_agree_with_one(tmp_path):
     # the same job in this one process, on 4 of its 8 devices
     mesh = make_mesh(data=4)
     state = shard_train_state(toy.make_state(), mesh, "zero3")
-    step = make_train_step(toy.loss_fn, mesh, "zero3")
+    step = make_train_step(toy.loss_fn, toy.TX, mesh=mesh, strategy="zero3")
     losses = []
     for batch in toy.batches():
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch, step_key(state))
         losses.append(float(metrics["loss"]))
     np.testing.assert_allclose(result["losses"], losses, rtol=1e-6)
     for name, value in state.params.items():

@@ -166,7 +166,8 @@ def test_train_state_subclass_keeps_type_and_extra_fields(divisible_state):
     keyed = jax.device_get(KeyedState.create(apply_fn=None, params=divisible_state.params,
                                              tx=divisible_state.tx, key=np.array([0, 4], np.uint32)))
     state = shard_train_state(keyed, make_mesh(data=N), "zero3")
-    assert isinstance(state, KeyedState) and state.strategy == "zero3"
+    assert isinstance(state, KeyedState) and isinstance(state, ShardedTrainState)
+    assert state.strategy == "zero3"
     assert state.key.sharding.is_fully_replicated
     np.testing.assert_array_equal(np.asarray(state.key), np.asarray(keyed.key))
     again = shard_train_state(state, make_mesh(data=2), "zero1")  # reshard: same type, new layout

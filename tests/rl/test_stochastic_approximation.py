@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlab.rl.stochastic_approximation import (
+from jaxlab.rl.tabular.stochastic_approximation import (
     gradient_descent,
     mean_estimation,
     mean_estimation_gradient_descent,

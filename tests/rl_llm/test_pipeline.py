@@ -1,4 +1,4 @@
-"""The task, the sampler and the post-training pipeline end to end on a tiny model.
+"""The task and the post-training pipeline end to end on a tiny model (the sampler: tests/models/test_sampling.py).
 
 One SFT start is trained once per session (``tiny_run``); every method then continues from it in the
 same folder, and the resume test reuses the same shapes, so each jitted step compiles once.
@@ -15,9 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxlab.cli import main as cli_main
-from jaxlab.models.lm import LM
 from jaxlab.rl.llm.posttrain import PostTrainConfig, posttrain
-from jaxlab.rl.llm.sampling import response_logprobs, sample
 from jaxlab.rl.llm.task import EOS, PAD, Task, decode, format_ok, is_correct, response_lengths, response_mask
 
 TINY = PostTrainConfig(task="sort", num_digits=3, d_model=32, num_layers=1, num_heads=2, sft_steps=100,
@@ -55,34 +53,16 @@ def test_task_problems_and_verifier():
         Task("mul")
 
 
-def test_sampler_deterministic_stops_at_eos_and_matches_full_forward(tiny_run):
-    out, _ = tiny_run
-    cfg = TINY.model_config()
-    model = LM(cfg)
-    params = ocp.StandardCheckpointer().restore((out / "sft" / "checkpoints" / str(TINY.sft_steps) / "state").absolute())
-    params = params["params"]
-    prompts, _ = TINY.task_spec.sample(jax.random.PRNGKey(1), 32)
-    key = jax.random.PRNGKey(7)
-    a = sample(model, params, prompts, key, TINY.response_len)
-    b = sample(model, params, prompts, key, TINY.response_len)
-    np.testing.assert_array_equal(a.tokens, b.tokens)
-    assert not np.array_equal(a.tokens, sample(model, params, prompts, jax.random.PRNGKey(8), TINY.response_len).tokens)
-    np.testing.assert_array_equal(a.tokens[:, :prompts.shape[1]], prompts)
-    mask, response = np.asarray(a.mask), np.asarray(a.response)
-    np.testing.assert_array_equal(mask, response_mask(a.response))
-    assert np.any(response == EOS) and np.all(response[mask == 0] == PAD) and np.all(np.asarray(a.logps)[mask == 0] == 0)
-    # decode = full forward: the sampler's log-probabilities are the teacher-forced ones
-    full = response_logprobs(model, params, a.tokens, prompts.shape[1])
-    np.testing.assert_allclose(np.asarray(full) * mask, a.logps, atol=2e-5)
-    greedy = sample(model, params, prompts, jax.random.PRNGKey(9), TINY.response_len, temperature=0.0)
-    logits, _ = model.apply({"params": params}, greedy.tokens)
-    first = jnp.argmax(logits[:, prompts.shape[1] - 1], axis=-1)
-    np.testing.assert_array_equal(first, greedy.response[:, 0])
-
-
 def test_sft_start_is_low_but_nonzero(tiny_run):
     _, summary = tiny_run
     assert 0.05 < summary["sft"]["accuracy"] < 0.95 and abs(summary["sft"]["kl_to_ref"]) < 1e-4
+
+
+def test_no_sft_starts_from_the_initial_model(tiny_run, tmp_path):
+    _, sft = tiny_run
+    run = posttrain(dataclasses.replace(TINY, method="sft", sft_steps=0), tmp_path)
+    assert not (tmp_path / "sft").exists() and run["resumed_from"] is None
+    assert run["sft"]["accuracy"] < sft["sft"]["accuracy"] and abs(run["sft"]["kl_to_ref"]) < 1e-4
 
 
 def test_grpo_improves_the_verifier_reward(tiny_run):
@@ -144,7 +124,7 @@ def test_cli_resume_matches_uninterrupted_run(tiny_run, tmp_path):
     ({"method": "rlhf"}, "method='rlhf'"), ({"aggregation": "sum"}, "aggregation='sum'"),
     ({"group_size": 1}, "group_size=1"), ({"dpo_loss": "kto"}, "dpo_loss='kto'"), ({"lr": 0.0}, "lr=0.0"),
     ({"d_model": 30}, "d_model=30"), ({"max_new_tokens": 2}, "max_new_tokens=2"), ({"steps": 0}, "steps=0"),
-    ({"gae_lambda": 2.0}, "gae_lambda=2.0"), ({"task": "mul"}, "task='mul'")])
+    ({"gae_lambda": 2.0}, "gae_lambda=2.0"), ({"task": "mul"}, "task='mul'"), ({"sft_steps": -1}, "sft_steps=-1")])
 def test_invalid_config_names_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PostTrainConfig(**kwargs)

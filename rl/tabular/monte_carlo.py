@@ -13,7 +13,7 @@ greedily (or epsilon-greedily) with respect to them:
 * **MC epsilon-greedy** (Sec. 5.4) is the same with the epsilon-greedy policy (eq. 5.1) of ``q``, so
   exploring starts are no longer needed (``exploring_starts=False`` starts from the environment's
   start distribution). It converges to the best epsilon-greedy policy
-  (:func:`jaxlab.rl.tabular.epsilon_greedy_optimum`), not to the optimal one.
+  (:func:`jaxlab.rl.tabular.dynamic_programming.epsilon_greedy_optimum`), not to the optimal one.
 
 Estimates are running averages, ``q <- q + (g - q) / N(s, a)`` (the book's ``Returns / Num``), or with
 ``step_size=alpha`` constant-step updates that forget the returns of earlier, worse policies.
@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxlab.rl.tabular_common import (
+from jaxlab.rl.tabular.common import (
     discounted_returns,
     epsilon_greedy_policy,
     greedy_policy,

@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxlab.rl.tabular_common import (
+from jaxlab.rl.tabular.common import (
     EpisodeStats,
     discounted_returns,
     one_hot_features,

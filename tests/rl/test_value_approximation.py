@@ -1,30 +1,22 @@
-"""Chapters 8-10: features, the exact TD-linear fixed point, linear Sarsa / Q-learning, and the
-policy-gradient / actor-critic methods reaching (near-)optimal policies. (Sampled TD-linear and deep
-Q-learning are checked through the ``gridworld-fa`` experiment in test_tabular_experiments.py.)
+"""Chapter 8: features, the exact TD-linear fixed point, linear Sarsa / Q-learning, and the grid-world
+deep Q-learning config. (Sampled TD-linear and deep Q-learning runs are checked through the
+``gridworld-fa`` experiment in test_tabular_experiments.py.)
 
-Tolerances are on ``gap = v* - v_pi`` of the learned policy's greedy version (exact policy evaluation).
-The baseline world has a near-tie at row 1, col 2 (three actions within 0.36 of each other), so
-on-policy softmax methods, which approach determinism slowly, are held to max gap < 0.4, mean < 0.05."""
+Tolerances are on ``gap = v* - v_pi`` of the learned policy's greedy version (exact policy evaluation)."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlab.rl.envs import book_episodic_grid_world, book_grid_world
-from jaxlab.rl.policy_gradient_tabular import (
-    PGConfig,
-    a2c,
-    deterministic_actor_critic,
-    off_policy_actor_critic,
-    qac,
-    reinforce,
-    softmax_policy,
-)
-from jaxlab.rl.tabular import policy_value, value_iteration
-from jaxlab.rl.tabular_common import greedy_policy, one_hot_features, uniform_policy
-from jaxlab.rl.td import TDConfig, q_learning, sarsa
-from jaxlab.rl.value_approximation import (
+from jaxlab.rl.tabular.common import greedy_policy, one_hot_features, uniform_policy
+from jaxlab.rl.tabular.dynamic_programming import policy_value, value_iteration
+from jaxlab.rl.tabular.gridworld import book_episodic_grid_world, book_grid_world
+from jaxlab.rl.tabular.td import TDConfig, q_learning, sarsa
+from jaxlab.rl.tabular.value_approximation import (
+    GridDQNConfig,
     fourier_features,
     polynomial_features,
     td_linear_fixed_point,
@@ -94,23 +86,16 @@ def test_linear_sarsa_and_q_learning(name):
     assert np.all(gaps < (1e-4 if name == "sarsa" else 0.7)), gaps
 
 
-@pytest.mark.parametrize("name", ["reinforce", "qac", "a2c", "off_policy_ac", "dpg"])
-def test_policy_gradient_and_actor_critic(world, name):
-    env, v_star = world
-    uniform = uniform_policy(25, 5)
-    cases = {  # 3000 episodes of 30 steps from random cells
-        "reinforce": (reinforce, PGConfig(alpha_theta=0.005, num_episodes=3000, max_episode_steps=30)),
-        "qac": (qac, PGConfig(alpha_theta=0.02, alpha_w=0.1, num_episodes=3000, max_episode_steps=30)),
-        "a2c": (a2c, PGConfig(alpha_theta=0.02, alpha_w=0.1, num_episodes=3000, max_episode_steps=30)),
-        "off_policy_ac": (lambda k, e, c: off_policy_actor_critic(k, e, c, uniform),
-                          PGConfig(alpha_theta=0.1, alpha_w=0.1, num_episodes=3000, max_episode_steps=30)),
-        "dpg": (deterministic_actor_critic,
-                PGConfig(alpha_theta=0.005, alpha_w=0.1, num_episodes=3000, max_episode_steps=30)),
-    }
-    fn, config = cases[name]
-    result = jax.vmap(lambda k: fn(k, env, config))(_seeds())
-    gaps = _greedy_gaps(env, v_star, result.pi)
-    assert gaps.max() < 0.4 and gaps.mean() < 0.05, gaps
-    np.testing.assert_allclose(result.pi, jax.vmap(lambda t: softmax_policy(t, one_hot_features(25)))(result.theta),
-                               atol=1e-6)
-    assert result.stats.returns.shape == (2, 3000)
+def test_grid_dqn_config_shares_deep_dqn_field_names():
+    """Fields that mean the same as deep RL's ``DQNConfig`` carry its names; invalid values name the field."""
+    from jaxlab.rl.dqn import DQNConfig
+
+    shared = {"gamma", "num_envs", "learning_rate", "anneal_lr", "batch_size", "buffer_size", "hidden_sizes",
+              "activation", "layer_norm", "target_update_interval"}
+    assert shared <= {f.name for f in dataclasses.fields(GridDQNConfig)}
+    assert shared <= {f.name for f in dataclasses.fields(DQNConfig)}
+    assert GridDQNConfig().learning_updates == 3000 - 13 + 1  # 8 envs fill a batch of 100 at iteration 13
+    for field, value in [("hidden_sizes", ()), ("activation", "swish"), ("buffer_size", 0),
+                         ("target_update_interval", 0), ("num_envs", 20_000)]:
+        with pytest.raises(ValueError, match=field):
+            GridDQNConfig(**{field: value})

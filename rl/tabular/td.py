@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxlab.rl.tabular_common import (
+from jaxlab.rl.tabular.common import (
     EpisodeStats,
     epsilon_greedy_policy,
     one_hot_features,

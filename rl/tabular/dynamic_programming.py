@@ -21,7 +21,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from jaxlab.rl.tabular_common import epsilon_greedy_policy, greedy_policy
+from jaxlab.rl.tabular.common import epsilon_greedy_policy, greedy_policy
 
 __all__ = [
     "action_values",

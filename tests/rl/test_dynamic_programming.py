@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlab.rl.envs import GridWorld, book_grid_world
-from jaxlab.rl.tabular import (
+from jaxlab.rl.tabular.common import epsilon_greedy_policy, greedy_policy
+from jaxlab.rl.tabular.dynamic_programming import (
     action_values,
     bellman_optimality_operator,
     dp_history,
@@ -19,7 +19,7 @@ from jaxlab.rl.tabular import (
     truncated_policy_iteration,
     value_iteration,
 )
-from jaxlab.rl.tabular_common import epsilon_greedy_policy, greedy_policy
+from jaxlab.rl.tabular.gridworld import GridWorld, book_grid_world
 
 UP, RIGHT, DOWN, LEFT, STAY = range(5)
 

@@ -1,5 +1,8 @@
 """The grid world: layout validation, the book's reward conventions, the exact model against samples,
-and gymnax API conformance (6-tuple step, auto-reset, jit/vmap, wrappers)."""
+gymnax API conformance (6-tuple step, auto-reset, jit/vmap, wrappers), and its plots."""
+
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +11,8 @@ import numpy as np
 import pytest
 from gymnax.wrappers.purerl import LogWrapper
 
-from jaxlab.rl.envs import BOOK_LAYOUT, GridWorld, book_episodic_grid_world, book_grid_world
-from jaxlab.rl.gridworld_plot import plot_grid_world, plot_grid_worlds
+from jaxlab.rl.tabular.gridworld import BOOK_LAYOUT, GridWorld, book_episodic_grid_world, book_grid_world
+from jaxlab.rl.tabular.plot import plot_grid_world, plot_grid_worlds
 
 UP, RIGHT, DOWN, LEFT, STAY = range(5)
 
@@ -157,3 +160,12 @@ def test_plotting_draws_values_and_arrows():
     fig = plot_grid_worlds(env, [None, jnp.zeros(25)], [pi, None], ["a", "b"])
     assert len(fig.axes) >= 2
     plt.close(fig)
+
+
+def test_importing_the_plots_keeps_the_active_backend(tmp_path):
+    """A notebook's backend survives ``import jaxlab.rl.tabular.plot`` (run from ``tmp_path`` so the source
+    folder ``jaxlab/`` does not shadow the installed package)."""
+    code = ("import matplotlib; matplotlib.use('svg'); import jaxlab.rl.tabular.plot; "
+            "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr

@@ -1,20 +1,20 @@
 """Pictures of a grid world in the book's style: a heat map of state values with the numbers written in,
 forbidden cells shaded, targets outlined, and the policy drawn as arrows (length proportional to
-``pi(a|s)``) with a circle for ``stay``."""
+``pi(a|s)``) with a circle for ``stay``.
+
+The functions draw with whatever matplotlib backend is active (importing this module selects none);
+scripts that write figures without a display choose ``Agg`` themselves before importing pyplot."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib import patches
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib import patches  # noqa: E402
-
-from jaxlab.rl.envs import ACTION_DELTAS, GridWorld  # noqa: E402
+from jaxlab.rl.tabular.gridworld import ACTION_DELTAS, GridWorld
 
 __all__ = ["plot_grid_world", "plot_grid_worlds"]
 

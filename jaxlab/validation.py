@@ -1,0 +1,38 @@
+"""Config validation helpers: one way to check a frozen dataclass's fields in ``__post_init__``, with
+errors that name the field and its value.
+
+    def __post_init__(self):
+        check_positive(self, "steps", "batch_size")             # ints/floats >= 1
+        check_choice(self, "mixer", MIXERS)
+        check_range(self, "gamma", 0.0, 1.0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+__all__ = ["check_choice", "check_positive", "check_range"]
+
+
+def check_positive(obj: Any, *names: str, minimum: int = 1) -> None:
+    """``ValueError`` naming the first field of ``names`` that is not a number ``>= minimum``
+    (booleans are not numbers here)."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
+            raise ValueError(f"{name}={value!r} must be >= {minimum}")
+
+
+def check_choice(obj: Any, name: str, choices: Collection[Any]) -> None:
+    """``ValueError`` unless field ``name`` is one of ``choices``."""
+    value = getattr(obj, name)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} must be one of {tuple(choices)}")
+
+
+def check_range(obj: Any, name: str, low: float, high: float) -> None:
+    """``ValueError`` unless ``low <= field <= high`` (NaN fails)."""
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{name}={value!r} must be in [{low}, {high}]")
