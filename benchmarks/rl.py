@@ -88,7 +88,7 @@ def bench_against_purejaxrl(path: pathlib.Path, cfg, key, repeats: int) -> dict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = {**module.CONFIG, "TOTAL_TIMESTEPS": cfg.total_timesteps, "NUM_ENVS": cfg.num_envs,
-              "NUM_STEPS": cfg.num_steps, "UPDATE_EPOCHS": cfg.num_epochs, "NUM_MINIBATCHES": cfg.num_minibatches}
+              "NUM_STEPS": cfg.rollout_length, "UPDATE_EPOCHS": cfg.num_epochs, "NUM_MINIBATCHES": cfg.num_minibatches}
     programs = {"purejaxrl": _compile(module.make_train(config), key), "jaxlab": _compile(ppo.make_train(cfg), key)}
     times: dict[str, list[float]] = {name: [] for name in programs}
     for _ in range(repeats):

@@ -91,9 +91,10 @@ def _ops(backend):
     dual = {"chunked": lambda *args: ssm.ssd(*args), "sequential": lambda *args: ssm.ssd_reference(*args)}
     del jax
     return {
-        "linear_recurrence": (rec_inputs, rec, lambda L, grad: scan.auto_method(backend)),
-        "linear_attention": (la_inputs, lin, lambda L, grad: la.auto_method(L, backend, differentiated=grad)),
-        "selective_scan": (ss_inputs, sel, lambda L, grad: scan.auto_method(backend)),
+        "linear_recurrence": (rec_inputs, rec, lambda L, grad: scan.auto_method(backend=backend)),
+        "linear_attention": (la_inputs, lin, lambda L, grad: scan.auto_method("linear_attention", L, backend=backend,
+                                                                              differentiated=grad)),
+        "selective_scan": (ss_inputs, sel, lambda L, grad: scan.auto_method(backend=backend)),
         "ssd": (ssd_inputs, dual, None),
     }
 

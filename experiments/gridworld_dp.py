@@ -13,17 +13,14 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jaxlab.context import RunContext  # noqa: E402
-from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment  # noqa: E402
-from jaxlab.rl.tabular.dynamic_programming import dp_history, policy_evaluation, value_iteration  # noqa: E402
-from jaxlab.rl.tabular.gridworld import ACTION_NAMES, book_grid_world  # noqa: E402
-from jaxlab.rl.tabular.plot import plot_grid_worlds  # noqa: E402
+from jaxlab.context import RunContext
+from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment
+from jaxlab.rl.tabular.dynamic_programming import dp_history, policy_evaluation, value_iteration
+from jaxlab.rl.tabular.gridworld import ACTION_NAMES, book_grid_world
+from jaxlab.rl.tabular.plot import plot_grid_worlds
 
 BOOK_SOURCE = "Zhao, Mathematical Foundations of RL (2025), Fig. 3.4(a)"
 
@@ -97,7 +94,6 @@ def gridworld_optimal(cfg: OptimalConfig, ctx: RunContext) -> ExperimentResult:
     env = settings[0][1]
     fig = plot_grid_worlds([s[1] for s in settings], values, policies, [s[0] for s in settings], ncols=4)
     fig.savefig(ctx.figure_path, dpi=120)
-    plt.close(fig)
 
     v_base = np.asarray(values[0]).reshape(env.shape)
     book = np.array(BOOK_OPTIMAL_VALUES)
@@ -193,7 +189,8 @@ def gridworld_dp(cfg: DPConfig, ctx: RunContext) -> ExperimentResult:
             "error_every_10": err[::10].tolist(),
         }
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
     for label, err in curves.items():
         axes[0].semilogy(np.arange(err.size), np.maximum(err, 1e-7), label=label)
     axes[0].axhline(cfg.tolerance, color="0.6", ls=":", lw=1)
@@ -206,7 +203,6 @@ def gridworld_dp(cfg: DPConfig, ctx: RunContext) -> ExperimentResult:
     axes[1].set(ylabel=f"iterations to error <= {cfg.tolerance:g}", title="Iterations needed")
     fig.tight_layout()
     fig.savefig(ctx.figure_path, dpi=120)
-    plt.close(fig)
 
     k = {label: metrics[label]["iterations_to_tolerance"] for label in labels}
     summary = (

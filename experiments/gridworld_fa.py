@@ -19,19 +19,16 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jaxlab.context import RunContext  # noqa: E402
-from jaxlab.registry import Claim, ExperimentResult, register_experiment  # noqa: E402
-from jaxlab.rl.tabular.common import greedy_policy, uniform_policy  # noqa: E402
-from jaxlab.rl.tabular.dynamic_programming import policy_evaluation, value_iteration  # noqa: E402
-from jaxlab.rl.tabular.gridworld import book_grid_world  # noqa: E402
-from jaxlab.rl.tabular.td import TDConfig, td_state_values  # noqa: E402
-from jaxlab.rl.tabular.value_approximation import (  # noqa: E402
+from jaxlab.context import RunContext
+from jaxlab.registry import Claim, ExperimentResult, register_experiment
+from jaxlab.rl.tabular.common import greedy_policy, uniform_policy
+from jaxlab.rl.tabular.dynamic_programming import policy_evaluation, value_iteration
+from jaxlab.rl.tabular.gridworld import book_grid_world
+from jaxlab.rl.tabular.td import TDConfig, td_state_values
+from jaxlab.rl.tabular.value_approximation import (
     GridDQNConfig,
     deep_q_learning,
     fourier_features,
@@ -172,7 +169,8 @@ def gridworld_fa(cfg: FAConfig, ctx: RunContext) -> ExperimentResult:
                                                float(np.nanmean([r.losses[-100:] for r in runs]))],
     }
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig = Figure(figsize=(12, 4.2))
+    axes = fig.subplots(1, 2)
     for i, name in enumerate(sets):
         color = f"C{i}"
         axes[0].plot(td_steps, td_err[i].mean(0), "o-", ms=3, color=color, label=f"{name} ({sets[name].shape[1]})")
@@ -191,7 +189,6 @@ def gridworld_fa(cfg: FAConfig, ctx: RunContext) -> ExperimentResult:
     twin.legend(loc="center right", fontsize=7)
     fig.tight_layout()
     fig.savefig(ctx.figure_path, dpi=120)
-    plt.close(fig)
 
     td = metrics["td_linear"]
     summary = (

@@ -16,23 +16,20 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jaxlab.context import RunContext  # noqa: E402
-from jaxlab.registry import Claim, ExperimentResult, register_experiment  # noqa: E402
-from jaxlab.rl.tabular.common import greedy_policy  # noqa: E402
-from jaxlab.rl.tabular.dynamic_programming import (  # noqa: E402
+from jaxlab.context import RunContext
+from jaxlab.registry import Claim, ExperimentResult, register_experiment
+from jaxlab.rl.tabular.common import greedy_policy
+from jaxlab.rl.tabular.dynamic_programming import (
     epsilon_greedy_optimum,
     policy_evaluation,
     value_iteration,
 )
-from jaxlab.rl.tabular.gridworld import book_grid_world  # noqa: E402
-from jaxlab.rl.tabular.monte_carlo import MCConfig, MCResult, mc_epsilon_greedy  # noqa: E402
-from jaxlab.rl.tabular.plot import plot_grid_world  # noqa: E402
+from jaxlab.rl.tabular.gridworld import book_grid_world
+from jaxlab.rl.tabular.monte_carlo import MCConfig, MCResult, mc_epsilon_greedy
+from jaxlab.rl.tabular.plot import plot_grid_world
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +105,7 @@ def gridworld_mc(cfg: MCExperimentConfig, ctx: RunContext) -> ExperimentResult:
         }
 
     n = len(cfg.epsilons)
-    fig = plt.figure(figsize=(3.0 * n + 4.5, 3.4))
+    fig = Figure(figsize=(3.0 * n + 4.5, 3.4))
     grid = fig.add_gridspec(1, n + 1, width_ratios=[1.4] + [1] * n)
     ax = fig.add_subplot(grid[0])
     for i, (eps, (ge, gg)) in enumerate(curves.items()):
@@ -121,7 +118,6 @@ def gridworld_mc(cfg: MCExperimentConfig, ctx: RunContext) -> ExperimentResult:
                         title=f"learned, eps={eps} (seed 0)")
     fig.tight_layout()
     fig.savefig(ctx.figure_path, dpi=120)
-    plt.close(fig)
 
     summary = (
         "MC epsilon-greedy approaches the best epsilon-greedy policy (final mean gap to v*_eps: "

@@ -15,19 +15,16 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jaxlab.context import RunContext  # noqa: E402
-from jaxlab.registry import Claim, ExperimentResult, register_experiment  # noqa: E402
-from jaxlab.rl.tabular.common import greedy_policy, uniform_policy  # noqa: E402
-from jaxlab.rl.tabular.dynamic_programming import policy_evaluation, value_iteration  # noqa: E402
-from jaxlab.rl.tabular.gridworld import book_episodic_grid_world  # noqa: E402
-from jaxlab.rl.tabular.plot import plot_grid_world  # noqa: E402
-from jaxlab.rl.tabular.td import TDConfig, td_control  # noqa: E402
+from jaxlab.context import RunContext
+from jaxlab.registry import Claim, ExperimentResult, register_experiment
+from jaxlab.rl.tabular.common import greedy_policy, uniform_policy
+from jaxlab.rl.tabular.dynamic_programming import policy_evaluation, value_iteration
+from jaxlab.rl.tabular.gridworld import book_episodic_grid_world
+from jaxlab.rl.tabular.plot import plot_grid_world
+from jaxlab.rl.tabular.td import TDConfig, td_control
 
 SHORTEST_PATH = 11  # steps from (row 1, col 1) to the target (row 4, col 3) around the forbidden cells
 
@@ -123,7 +120,8 @@ def gridworld_td(cfg: TDExperimentConfig, ctx: RunContext) -> ExperimentResult:
             "behaviour_steps_per_seed": int(off.stats.lengths[0].sum()),
         }
 
-    fig, axes = plt.subplots(1, 3 if off is not None else 2, figsize=(15 if off is not None else 10, 4))
+    fig = Figure(figsize=(15 if off is not None else 10, 4))
+    axes = fig.subplots(1, 3 if off is not None else 2)
     for i, (label, (lengths, returns)) in enumerate(curves.items()):
         for ax, y in ((axes[0], lengths), (axes[1], returns)):
             sm = _smooth(y.astype(float), cfg.smoothing)  # [R, E - k + 1]
@@ -142,7 +140,6 @@ def gridworld_td(cfg: TDExperimentConfig, ctx: RunContext) -> ExperimentResult:
                         title="off-policy Q-learning, seed 0: max_a q, greedy policy")
     fig.tight_layout()
     fig.savefig(ctx.figure_path, dpi=120)
-    plt.close(fig)
 
     tail_key = f"mean_length_last_{max(cfg.num_episodes // 10, 1)}_episodes"
     first = np.mean([metrics[label]["mean_length_first_10_episodes"] for label in curves])

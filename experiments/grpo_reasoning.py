@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from jaxlab.context import RunContext  # noqa: E402
-from jaxlab.experiments._posttrain_common import CITATIONS, run_config  # noqa: E402
-from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment  # noqa: E402
-from jaxlab.rl.llm.losses import AGGREGATIONS  # noqa: E402
-from jaxlab.rl.llm.posttrain import posttrain  # noqa: E402
+from jaxlab.context import RunContext
+from jaxlab.experiments._posttrain_common import CITATIONS, run_config
+from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment
+from jaxlab.rl.llm.losses import AGGREGATIONS
+from jaxlab.rl.llm.posttrain import posttrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +61,8 @@ def grpo_reasoning(cfg: GRPOReasoningConfig, ctx: RunContext) -> ExperimentResul
                     ctx.out_dir / "grpo-reasoning-runs")
     points = [{"step": 0, **run["sft"]}] + run["history"]
     steps = [p["step"] for p in points]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, 3)
     axes[0].plot(steps, [p["accuracy"] for p in points], "o-", label="sampled (T = 1)")
     axes[0].plot(steps, [p["greedy_accuracy"] for p in points], "s--", label="greedy")
     axes[0].set(xlabel="GRPO step", ylabel="exact-match accuracy", title="accuracy")
@@ -76,7 +74,6 @@ def grpo_reasoning(cfg: GRPOReasoningConfig, ctx: RunContext) -> ExperimentResul
     fig.suptitle(f"GRPO on {cfg.num_digits}-digit addition, group of {cfg.group_size}")
     fig.tight_layout()
     fig.savefig(ctx.figure_path, dpi=120)
-    plt.close(fig)
     start, end = points[0], points[-1]
     metrics = {"steps": steps, "accuracy": [p["accuracy"] for p in points],
                "greedy_accuracy": [p["greedy_accuracy"] for p in points],

@@ -13,16 +13,13 @@ import dataclasses
 import functools
 
 import jax
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from jaxlab.context import RunContext  # noqa: E402
-from jaxlab.experiments._lm_common import TrainSpec, plot_lines, synthetic_config, train_and_evaluate  # noqa: E402
-from jaxlab.models.lm import MIXERS  # noqa: E402
-from jaxlab.models.synthetic import induction_heads  # noqa: E402
-from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment  # noqa: E402
+from jaxlab.context import RunContext
+from jaxlab.experiments._lm_common import TrainSpec, plot_lines, synthetic_config, train_and_evaluate
+from jaxlab.models.lm import MIXERS
+from jaxlab.models.synthetic import induction_heads
+from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,14 +72,14 @@ def induction_heads_experiment(cfg: InductionHeadsConfig, ctx: RunContext) -> Ex
         accuracy[mixer] = dict(zip(map(str, cfg.test_lens), r["eval_accuracy"]))
         ctx.log(f"{mixer}: " + ", ".join(f"L={L} {a:.2f}" for L, a in accuracy[mixer].items()))
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig = Figure(figsize=(5.5, 3.8))
+    ax = fig.subplots()
     plot_lines(ax, cfg.test_lens, {m: list(a.values()) for m, a in accuracy.items()}, xlabel="test sequence length",
                ylabel="accuracy", title=f"induction heads, trained at L={cfg.train_len}", logx=True)
     ax.axvline(cfg.train_len, color="gray", ls="--")
     ax.set_ylim(-0.02, 1.02)
     fig.tight_layout()
     fig.savefig(ctx.figure_path, dpi=120)
-    plt.close(fig)
 
     longest = str(max(cfg.test_lens))
     comparisons = tuple(Comparison(quantity=f"{m} accuracy at L={longest} (trained at {cfg.train_len})",

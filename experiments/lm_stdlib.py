@@ -12,16 +12,13 @@ import dataclasses
 import math
 import shutil
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from jaxlab.context import RunContext  # noqa: E402
-from jaxlab.metrics import MetricsWriter  # noqa: E402
-from jaxlab.models.lm import MIXERS  # noqa: E402
-from jaxlab.models.lm_training import LMTrainConfig, train_lm  # noqa: E402
-from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment  # noqa: E402
+from jaxlab.context import RunContext
+from jaxlab.metrics import MetricsWriter
+from jaxlab.models.lm import MIXERS
+from jaxlab.models.lm_training import LMTrainConfig, train_lm
+from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment
 
 LEARNS_BPB = 3.0
 """A mixer "learns" when its validation bits per byte fall below this (uniform bytes: 8; byte unigrams of
@@ -53,6 +50,7 @@ class LMStdlibConfig:
             raise ValueError(f"mixers={self.mixers} must be a non-empty subset of {MIXERS}")
         if self.eval_every > self.steps:
             raise ValueError(f"eval_every={self.eval_every} must be <= steps={self.steps}")
+        self.train_config(self.mixers[0], seed=0)  # LMTrainConfig validates the sizes and the optimiser fields
 
     def train_config(self, mixer: str, seed: int) -> LMTrainConfig:
         return LMTrainConfig(mixer=mixer, steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len,
@@ -80,7 +78,8 @@ def lm_stdlib(cfg: LMStdlibConfig, ctx: RunContext) -> ExperimentResult:
         curves[mixer] = [(r["step"], r["eval/bpb"]) for r in records if "eval/bpb" in r]
         ctx.log(f"{mixer}: final validation {summaries[mixer]['val_bpb']:.3f} bits/byte")
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig = Figure(figsize=(5.5, 3.8))
+    ax = fig.subplots()
     for mixer, curve in curves.items():
         ax.plot(*zip(*curve), marker="o", label=mixer)
     ax.set(xlabel="step", ylabel="validation bits per byte", title="byte-level LM on the Python stdlib")
@@ -88,7 +87,6 @@ def lm_stdlib(cfg: LMStdlibConfig, ctx: RunContext) -> ExperimentResult:
     ax.legend()
     fig.tight_layout()
     fig.savefig(ctx.figure_path, dpi=120)
-    plt.close(fig)
 
     final = {m: s["val_bpb"] for m, s in summaries.items()}
     params = {m: s["num_params"] for m, s in summaries.items()}

@@ -17,16 +17,13 @@ import dataclasses
 import functools
 
 import jax
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from jaxlab.context import RunContext  # noqa: E402
-from jaxlab.experiments._lm_common import TrainSpec, plot_lines, synthetic_config, train_and_evaluate  # noqa: E402
-from jaxlab.models.lm import MIXERS  # noqa: E402
-from jaxlab.models.synthetic import mqar  # noqa: E402
-from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment  # noqa: E402
+from jaxlab.context import RunContext
+from jaxlab.experiments._lm_common import TrainSpec, plot_lines, synthetic_config, train_and_evaluate
+from jaxlab.models.lm import MIXERS
+from jaxlab.models.synthetic import mqar
+from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +91,8 @@ def mqar_experiment(cfg: MQARConfig, ctx: RunContext) -> ExperimentResult:
             best_lr[mixer].setdefault(str(L), {})[str(d)] = lr
         ctx.log(f"{mixer} L={L} K={K} d={d} lr={lr:g}: accuracy {acc:.3f}")
 
-    fig, axes = plt.subplots(1, len(cfg.seq_lens), figsize=(4.5 * len(cfg.seq_lens), 3.6), squeeze=False)
+    fig = Figure(figsize=(4.5 * len(cfg.seq_lens), 3.6))
+    axes = fig.subplots(1, len(cfg.seq_lens), squeeze=False)
     for ax, L, K in zip(axes[0], cfg.seq_lens, cfg.kv_pairs):
         plot_lines(ax, cfg.widths, {m: [accuracy[m][str(L)][str(d)] for d in cfg.widths] for m in cfg.mixers},
                    xlabel="model width d_model", ylabel="MQAR accuracy", title=f"L={L}, {K} key-value pairs",
@@ -102,7 +100,6 @@ def mqar_experiment(cfg: MQARConfig, ctx: RunContext) -> ExperimentResult:
         ax.set_ylim(-0.02, 1.02)
     fig.tight_layout()
     fig.savefig(ctx.figure_path, dpi=120)
-    plt.close(fig)
 
     smallest = {m: min(accuracy[m][str(L)][str(cfg.widths[0])] for L in cfg.seq_lens) for m in cfg.mixers}
     widest = {m: min(accuracy[m][str(L)][str(cfg.widths[-1])] for L in cfg.seq_lens) for m in cfg.mixers}

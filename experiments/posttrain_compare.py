@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jaxlab.context import RunContext  # noqa: E402
-from jaxlab.experiments._posttrain_common import CITATIONS, run_config  # noqa: E402
-from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment  # noqa: E402
-from jaxlab.rl.llm.posttrain import METHODS, posttrain  # noqa: E402
-from jaxlab.rl.llm.task import TASKS, Task  # noqa: E402
+from jaxlab.context import RunContext
+from jaxlab.experiments._posttrain_common import CITATIONS, run_config
+from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment
+from jaxlab.rl.llm.posttrain import METHODS, posttrain
+from jaxlab.rl.llm.task import TASKS, Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +80,8 @@ def posttrain_compare(cfg: PostTrainCompareConfig, ctx: RunContext) -> Experimen
         sft_start = run["sft"]
         ctx.log(f"{method}: accuracy {run['final']['accuracy']:.3f}, KL {run['final']['kl_to_ref']:.3f}")
     names = list(results)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    axes = fig.subplots(1, 2)
     x = np.arange(len(names))
     axes[0].bar(x - 0.2, [results[m]["accuracy"] for m in names], 0.4, label="sampled (T = 1)")
     axes[0].bar(x + 0.2, [results[m]["greedy_accuracy"] for m in names], 0.4, label="greedy")
@@ -94,7 +92,6 @@ def posttrain_compare(cfg: PostTrainCompareConfig, ctx: RunContext) -> Experimen
     fig.suptitle(f"post-training a {cfg.d_model}-wide LM on {Task(cfg.task, cfg.num_digits).description}")
     fig.tight_layout()
     fig.savefig(ctx.figure_path, dpi=120)
-    plt.close(fig)
     comparisons = tuple(
         Comparison(f"{m}: accuracy (greedy) / KL to SFT",
                    f"{r['accuracy']:.3f} ({r['greedy_accuracy']:.3f}) / {r['kl_to_ref']:.3f}", None, CITATIONS)

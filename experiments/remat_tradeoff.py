@@ -28,16 +28,13 @@ import time
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from jaxlab.context import RunContext  # noqa: E402
-from jaxlab.experiments._lm_common import plot_lines  # noqa: E402
-from jaxlab.models.lm import LM, LMConfig, next_token_loss, shifted_targets  # noqa: E402
-from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment  # noqa: E402
+from jaxlab.context import RunContext
+from jaxlab.experiments._lm_common import plot_lines
+from jaxlab.models.lm import LM, LMConfig, next_token_loss, shifted_targets
+from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment
 
 
 def policy_model(cfg: LMConfig, policy: str) -> LM:
@@ -126,14 +123,14 @@ def remat_experiment(cfg: RematConfig, ctx: RunContext) -> ExperimentResult:
                 for p in cfg.policies}
 
     memory, step_ms = series("temp_mib"), series("step_ms")
-    fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    fig = Figure(figsize=(9.5, 3.8))
+    ax_m, ax_t = fig.subplots(1, 2)
     plot_lines(ax_m, cfg.depths, memory, xlabel="depth (blocks)", ylabel="temporary memory (MiB)",
                title="activation memory", logx=True)
     plot_lines(ax_t, cfg.depths, step_ms, xlabel="depth (blocks)", ylabel="step time (ms)",
                title=f"train step, {jax.default_backend()}", logx=True)
     fig.tight_layout()
     fig.savefig(ctx.figure_path, dpi=120)
-    plt.close(fig)
 
     deepest = len(cfg.depths) - 1
     comparisons = []

@@ -18,11 +18,8 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import jax
-import matplotlib
 import numpy as np
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 from jaxlab.context import RunContext  # noqa: E402
 from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment  # noqa: E402
@@ -164,14 +161,14 @@ def rl_classic_control(cfg: ClassicControlConfig, ctx: RunContext) -> Experiment
         comparisons.append(Comparison(quantity=label, ours=round(mean_final, 1) if mean_final is not None else "n/a"))
         ctx.log(f"{run}: final return {mean_final} over {cfg.seeds} seeds")
 
-    fig, axes = plt.subplots(2, len(envs), figsize=(5 * len(envs), 7.5), squeeze=False)
+    fig = Figure(figsize=(5 * len(envs), 7.5))
+    axes = fig.subplots(2, len(envs), squeeze=False)
     for j, env in enumerate(envs):
         plot_curves(axes[0, j], by_steps[env], "environment steps (per seed)", f"{env}: mean, min-max over seeds")
         plot_curves(axes[1, j], by_time[env], "wall-clock seconds (all seeds, after compilation)", env)
         axes[0, j].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(ctx.figure_path, dpi=110)
-    plt.close(fig)
 
     claims = tuple(
         Claim(f"{run.partition('/')[0].upper()} on {run.partition('/')[2]}: mean final return over seeds "

@@ -19,11 +19,8 @@ import dataclasses
 import time
 
 import jax
-import matplotlib
 import numpy as np
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 from jaxlab.context import RunContext  # noqa: E402
 from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment  # noqa: E402
@@ -51,8 +48,8 @@ def measure_throughput(cfg: ppo.PPOConfig, seeds: int, key: jax.Array, repeats: 
     return {"compile_s": compile_s, "run_s": best, "env_steps": steps, "steps_per_s": steps / best}
 
 
-def measure_python_loop(cfg: ppo.PPOConfig, num_steps: int, key: jax.Array, repeats: int = 2) -> dict[str, float]:
-    """Env steps per second of a gym-style Python loop over ``num_steps`` steps of ``cfg.num_envs`` envs.
+def measure_python_loop(cfg: ppo.PPOConfig, rollout_length: int, key: jax.Array, repeats: int = 2) -> dict[str, float]:
+    """Env steps per second of a gym-style Python loop over ``rollout_length`` steps of ``cfg.num_envs`` envs.
 
     The loop CleanRL-like code runs with a gymnax env and a jitted agent: the agent and the environment
     are separate jitted calls, the action goes to the environment as a NumPy array and the environment's
@@ -91,9 +88,9 @@ def measure_python_loop(cfg: ppo.PPOConfig, num_steps: int, key: jax.Array, repe
     compile_s, best = time.perf_counter() - t0, float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        loop(carry, key, num_steps)
+        loop(carry, key, rollout_length)
         best = min(best, time.perf_counter() - t0)
-    steps = num_steps * cfg.num_envs
+    steps = rollout_length * cfg.num_envs
     return {"compile_s": compile_s, "run_s": best, "env_steps": steps, "steps_per_s": steps / best}
 
 
@@ -125,7 +122,7 @@ class ThroughputConfig:
 
     def ppo_config(self, num_envs: int, seeds: int) -> ppo.PPOConfig:
         """PureJaxRL's CartPole PPO with ``num_envs`` environments, sized to ``env_steps`` over ``seeds``."""
-        per_update = num_envs * ppo.PPOConfig.num_steps
+        per_update = num_envs * ppo.PPOConfig.rollout_length
         updates = max(self.env_steps // (per_update * seeds), 2)
         return ppo.PPOConfig(env_id="CartPole-v1", num_envs=num_envs, total_timesteps=updates * per_update)
 
@@ -145,7 +142,8 @@ def rl_throughput(cfg: ThroughputConfig, ctx: RunContext) -> ExperimentResult:
     loop = measure_python_loop(cfg.ppo_config(4, 1), cfg.loop_steps, jax.random.fold_in(ctx.key, 999_999), cfg.repeats)
     ctx.log(f"gym-style Python loop, 4 envs: {loop['steps_per_s']:.3g} steps/s")
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
     for ax, (xs, pick, xlabel) in zip(axes, [(cfg.num_envs, lambda n: (n, 1), "parallel environments (1 seed)"),
                                              (cfg.seeds, lambda s: (4, s), "seeds (4 environments each)")]):
         ax.plot(xs, [points[pick(x)]["steps_per_s"] for x in xs], "o-", label="end-to-end jit (PPO training)")
@@ -160,7 +158,6 @@ def rl_throughput(cfg: ThroughputConfig, ctx: RunContext) -> ExperimentResult:
     fig.suptitle(f"PPO on CartPole-v1, end-to-end jit on {jax.default_backend()}", fontsize=10)
     fig.tight_layout()
     fig.savefig(ctx.figure_path, dpi=110)
-    plt.close(fig)
 
     default = points.get((4, 1))
     rows = [{"num_envs": n, "seeds": s, **p} for (n, s), p in points.items()]

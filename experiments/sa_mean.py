@@ -18,20 +18,17 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jaxlab.context import RunContext  # noqa: E402
-from jaxlab.registry import Claim, ExperimentResult, register_experiment  # noqa: E402
-from jaxlab.rl.tabular.stochastic_approximation import (  # noqa: E402
+from jaxlab.context import RunContext
+from jaxlab.registry import Claim, ExperimentResult, register_experiment
+from jaxlab.rl.tabular.stochastic_approximation import (
     mean_estimation,
     mean_estimation_gradient_descent,
     robbins_monro,
 )
-from jaxlab.xla_options import FAST_COMPILE  # noqa: E402
+from jaxlab.xla_options import FAST_COMPILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +143,8 @@ def sa_mean(cfg: SAConfig, ctx: RunContext) -> ExperimentResult:
     metrics["gradient_descent_distance_at"] = {
         k: {str(c): float(e[:, c].mean()) for c in checkpoints} for k, e in gd_err.items()}
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
     for i, (label, e) in enumerate(mean_err.items()):
         _band(axes[0], ks, e, label, f"C{i}")
     axes[0].set(xscale="log", yscale="log", xlabel="iteration k", ylabel="|w_k - E[X]|",
@@ -164,7 +162,6 @@ def sa_mean(cfg: SAConfig, ctx: RunContext) -> ExperimentResult:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(ctx.figure_path, dpi=120)
-    plt.close(fig)
 
     rm = metrics["robbins_monro_final_abs_error"]
     gd = metrics["gradient_descent_final_distance"]

@@ -12,17 +12,14 @@ import dataclasses
 import functools
 
 import jax
-import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from jaxlab.context import RunContext  # noqa: E402
-from jaxlab.experiments._lm_common import TrainSpec, synthetic_config, train_and_evaluate  # noqa: E402
-from jaxlab.models.lm import MIXERS  # noqa: E402
-from jaxlab.models.synthetic import selective_copying  # noqa: E402
-from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment  # noqa: E402
+from jaxlab.context import RunContext
+from jaxlab.experiments._lm_common import TrainSpec, synthetic_config, train_and_evaluate
+from jaxlab.models.lm import MIXERS
+from jaxlab.models.synthetic import selective_copying
+from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +69,8 @@ def selective_copying_experiment(cfg: SelectiveCopyingConfig, ctx: RunContext) -
                                             jax.random.fold_in(ctx.key, i), eval_batches=cfg.eval_batches)
         ctx.log(f"{mixer}: accuracy {results[mixer]['accuracy']:.3f}")
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig = Figure(figsize=(9, 3.6))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for mixer, r in results.items():
         losses = np.asarray(r["losses"])
         window = max(1, len(losses) // 50)
@@ -87,7 +85,6 @@ def selective_copying_experiment(cfg: SelectiveCopyingConfig, ctx: RunContext) -
     ax_acc.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(ctx.figure_path, dpi=120)
-    plt.close(fig)
 
     acc = {m: r["accuracy"] for m, r in results.items()}
     comparisons = tuple(Comparison(quantity=f"{m} copy accuracy", ours=round(a, 4), published=None,

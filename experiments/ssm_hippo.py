@@ -6,7 +6,7 @@ the first half. We measure reconstruction error against the state size N for the
 and for the exact (optimal) LegS projection of the same samples, whose gap is the
 discretisation error of the recurrence.
 
-The recurrence runs the exact zero-order-hold transition of the LegS ODE by default (``method="zoh"``,
+The recurrence runs the exact zero-order-hold transition of the LegS ODE by default (``discretization="zoh"``,
 see :mod:`jaxlab.kernels.hippo`), so the online state *is* the optimal projection up to rounding. The
 bilinear (GBT-1/2) step with one step per sample, plotted for comparison, is first order in 1/t: at
 1024 samples its coefficients are off by ~2% at N=64, and its error stops falling with N (1.8e-4 at
@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxlab.context import RunContext  # noqa: E402
-from jaxlab.kernels.hippo import (LEGS_METHODS, legendre_reconstruct, legs_projection_reference,  # noqa: E402
+from jaxlab.kernels.hippo import (LEGS_DISCRETIZATIONS, legendre_reconstruct, legs_projection_reference,  # noqa: E402
                                   legs_recurrence)
 from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment  # noqa: E402
 
@@ -47,9 +47,9 @@ class HippoConfig:
     bandwidth: float = 20.0
     """Highest frequency of the random signals, in cycles over the whole signal (the largest N should
     still be resolving it: once the projection error reaches float32 rounding, ~1e-10, it stops falling)."""
-    method: str = "zoh"
+    discretization: str = "zoh"
     """Discretisation of the LegS ODE: 'zoh' (exact transition per sample), 'bilinear' or 'euler'."""
-    compare_method: str | None = "bilinear"
+    compare_discretization: str | None = "bilinear"
     """A second discretisation whose error is plotted beside (None: none)."""
     plot_state_size: int = 64
     """State size shown in the reconstruction panel."""
@@ -63,10 +63,10 @@ class HippoConfig:
             raise ValueError(f"num_signals={self.num_signals} must be >= 1")
         if self.bandwidth <= 0:
             raise ValueError(f"bandwidth={self.bandwidth} must be > 0")
-        for name in ("method", "compare_method"):
+        for name in ("discretization", "compare_discretization"):
             value = getattr(self, name)
-            if value not in LEGS_METHODS and not (name == "compare_method" and value is None):
-                raise ValueError(f"{name}={value!r} must be one of {LEGS_METHODS}")
+            if value not in LEGS_DISCRETIZATIONS and not (name == "compare_discretization" and value is None):
+                raise ValueError(f"{name}={value!r} must be one of {LEGS_DISCRETIZATIONS}")
         if self.plot_state_size not in self.state_sizes:
             raise ValueError(f"plot_state_size={self.plot_state_size} must be one of {self.state_sizes=}")
 
@@ -100,7 +100,7 @@ def ssm_hippo(cfg: HippoConfig, ctx: RunContext) -> ExperimentResult:
     rows = []
     curves = {}
     for N in ctx.progress(cfg.state_sizes, desc="state size N"):
-        c = legs_recurrence(f, N, method=cfg.method)                          # [S, L, N]
+        c = legs_recurrence(f, N, discretization=cfg.discretization)          # [S, L, N]
         c_exact = legs_projection_reference(f, N)                              # [S, N]
         rec = _reconstruct_history(c[:, -1], L)                                # [S, L]
         rec_exact = _reconstruct_history(c_exact, L)
@@ -114,8 +114,8 @@ def ssm_hippo(cfg: HippoConfig, ctx: RunContext) -> ExperimentResult:
             "mse_half_projection": float(jnp.mean((rec_half_exact - f[:, :half]) ** 2)),
             "coef_rel_error": float(jnp.linalg.norm(c[:, -1] - c_exact) / jnp.linalg.norm(c_exact)),
         }
-        if cfg.compare_method:
-            c_other = legs_recurrence(f, N, method=cfg.compare_method)[:, -1]    # [S, N]
+        if cfg.compare_discretization:
+            c_other = legs_recurrence(f, N, discretization=cfg.compare_discretization)[:, -1]  # [S, N]
             row["mse_compare"] = float(jnp.mean((_reconstruct_history(c_other, L) - f) ** 2))
             row["coef_rel_error_compare"] = float(jnp.linalg.norm(c_other - c_exact) / jnp.linalg.norm(c_exact))
         rows.append(row)
@@ -130,12 +130,12 @@ def ssm_hippo(cfg: HippoConfig, ctx: RunContext) -> ExperimentResult:
     ax_sig.set(xlabel="time step", ylabel="value", title=f"Online memory with N={cfg.plot_state_size}")
     ax_sig.legend(loc="lower left", fontsize=8)
     Ns = [r["N"] for r in rows]
-    ax_err.semilogy(Ns, [r["mse_recurrence"] for r in rows], "o-", label=f"LegS recurrence ({cfg.method})")
+    ax_err.semilogy(Ns, [r["mse_recurrence"] for r in rows], "o-", label=f"LegS recurrence ({cfg.discretization})")
     ax_err.semilogy(Ns, [r["mse_projection"] for r in rows], "s--", label="exact LegS projection")
     ax_err.semilogy(Ns, [r["mse_half_history"] for r in rows], "^:", label=f"recurrence, state at t={half}")
-    if cfg.compare_method:
+    if cfg.compare_discretization:
         ax_err.semilogy(Ns, [r["mse_compare"] for r in rows], "x-.", color="0.5",
-                        label=f"LegS recurrence ({cfg.compare_method}, one step per sample)")
+                        label=f"LegS recurrence ({cfg.compare_discretization}, one step per sample)")
     ax_err.set_xscale("log", base=2)
     ax_err.set(xlabel="state size N", ylabel="reconstruction MSE", title="Error against state size")
     ax_err.legend(fontsize=8)
@@ -152,7 +152,8 @@ def ssm_hippo(cfg: HippoConfig, ctx: RunContext) -> ExperimentResult:
     half_checked = [r for r in rows if r["mse_half_projection"] > PROJECTION_FLOOR]
     half_ratios = [r["mse_half_history"] / r["mse_half_projection"] for r in half_checked]
     claims = (
-        Claim(claim=f"reconstruction MSE of the {cfg.method} recurrence falls monotonically with the state size N",
+        Claim(claim=f"reconstruction MSE of the {cfg.discretization} recurrence falls monotonically with the "
+                    "state size N",
               holds=falls,
               evidence=("MSE " + ", ".join(f"N={r['N']}: {r['mse_recurrence']:.2e}" for r in rows)
                         + ("" if rise is None else f"; rises from N={rows[rise - 1]['N']} to N={rows[rise]['N']}"))),
@@ -174,18 +175,18 @@ def ssm_hippo(cfg: HippoConfig, ctx: RunContext) -> ExperimentResult:
     resolved = next((r for r in rows if r["mse_projection"] < 1e-3), None)
     summary = (
         f"A unit-variance signal band-limited to {cfg.bandwidth:g} cycles is compressed online, one sample at a "
-        f"time, into N LegS coefficients ({cfg.method} transition). The reconstruction MSE of the whole history of "
-        f"{L} samples goes " + " -> ".join(f"{r['mse_recurrence']:.1e}" for r in rows)
+        f"time, into N LegS coefficients ({cfg.discretization} transition). The reconstruction MSE of the whole "
+        f"history of {L} samples goes " + " -> ".join(f"{r['mse_recurrence']:.1e}" for r in rows)
         + f" for N = {', '.join(str(r['N']) for r in rows)}"
         + (f": it drops by orders of magnitude once N={resolved['N']} polynomials resolve the "
            f"{cfg.bandwidth:g} cycles (polynomial approximation of a smooth signal converges faster than any power "
            "of N). " if resolved else ". ")
         + f"At N={best['N']} the online state is within {best['coef_rel_error']:.1e} (relative) of the exact "
         "projection of the same samples, so the error against N is the optimal projection's. "
-        + (f"The {cfg.compare_method} step with one step per sample misses it by "
+        + (f"The {cfg.compare_discretization} step with one step per sample misses it by "
            f"{best['coef_rel_error_compare']:.1e} at N={best['N']} (MSE {best['mse_compare']:.1e} against "
-           f"{best['mse_projection']:.1e}): its error is the discretisation's, not HiPPO's. " if cfg.compare_method
-           else "")
+           f"{best['mse_projection']:.1e}): its error is the discretisation's, not HiPPO's. "
+           if cfg.compare_discretization else "")
         + f"The state at t={half} reconstructs the first half as well as that prefix's exact projection (worst "
         f"{max(half_ratios) if half_ratios else float('nan'):.2f}x where above {PROJECTION_FLOOR:g}): LegS memory "
         "has no fixed window. The HiPPO paper shows this qualitatively (Fig. 1) and gives no numbers for it."
@@ -195,6 +196,6 @@ def ssm_hippo(cfg: HippoConfig, ctx: RunContext) -> ExperimentResult:
                    published=None, source="exact LegS projection: " + f"{r['mse_projection']:.3g}")
         for r in rows
     )
-    return ExperimentResult(metrics={"rows": rows, "length": L, "method": cfg.method,
-                                     "compare_method": cfg.compare_method},
+    return ExperimentResult(metrics={"rows": rows, "length": L, "discretization": cfg.discretization,
+                                     "compare_discretization": cfg.compare_discretization},
                             comparisons=comparisons, summary=summary, claims=claims)

@@ -29,17 +29,14 @@ import os
 import subprocess
 import sys
 
-import matplotlib
+import matplotlib.ticker as ticker
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker as ticker  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jaxlab.child_process import python_module_command  # noqa: E402
-from jaxlab.context import RunContext  # noqa: E402
-from jaxlab.parallel.memory import zero_memory_bytes  # noqa: E402
-from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment  # noqa: E402
+from jaxlab.child_process import python_module_command
+from jaxlab.context import RunContext
+from jaxlab.parallel.memory import zero_memory_bytes
+from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment
 
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
 PAPER = "Rajbhandari et al. 2020, ZeRO, Figure 1"
@@ -172,7 +169,8 @@ def _measure_anywhere(cfg: ZeroMemoryConfig) -> dict:
 
 
 def _plot(path, counts, measured, formula, psi, example_n=64):
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    ax, bx = fig.subplots(1, 2)
     colors = dict(zip(STRATEGIES, ("C0", "C1", "C2", "C3")))
     for s in STRATEGIES:
         ax.plot(counts, np.array(measured[s]) / 2**20, "o", color=colors[s], label=f"{s} measured")
@@ -195,7 +193,6 @@ def _plot(path, counts, measured, formula, psi, example_n=64):
     bx.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 @register_experiment("zero-memory", description="per-device memory of DDP and ZeRO-1/2/3 vs device count",

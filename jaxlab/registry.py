@@ -206,9 +206,10 @@ def _modules() -> list[str]:
     return names
 
 
-def _registered_names(source: str, filename: str) -> list[tuple[str, str | None]]:
+def _registered_names(source: str, filename: str) -> list[tuple[str, str]]:
     """``(kind, name)`` of each ``register_experiment(...)``/``register_trainer(...)`` call in
-    ``source`` (as a decorator or not); name None when it is not a string literal."""
+    ``source`` (as a decorator or not). The name must be a string literal, so the sources alone tell
+    which module registers it."""
     found = []
     for node in ast.walk(ast.parse(source, filename)):
         if not isinstance(node, ast.Call):
@@ -218,8 +219,10 @@ def _registered_names(source: str, filename: str) -> list[tuple[str, str | None]
         if fname not in _DECORATORS:
             continue
         first = node.args[0] if node.args else None
-        literal = isinstance(first, ast.Constant) and isinstance(first.value, str)
-        found.append((_DECORATORS[fname], first.value if literal else None))
+        if not (isinstance(first, ast.Constant) and isinstance(first.value, str)):
+            raise RegistryError(f"{filename}:{node.lineno}: {fname}(...) must name the {_DECORATORS[fname]} "
+                                f"with a string literal as its first argument")
+        found.append((_DECORATORS[fname], first.value))
     return found
 
 
@@ -229,8 +232,6 @@ class SourceIndex:
 
     experiment: dict[str, str]
     trainer: dict[str, str]
-    dynamic: tuple[str, ...]
-    """Modules registering a name computed at run time: only importing them tells it."""
 
 
 @functools.cache
@@ -238,19 +239,14 @@ def index() -> SourceIndex:
     """Scan the discovery packages' sources for ``@register_experiment("name", ...)`` and
     ``@register_trainer("name", ...)``; a lookup then imports just the module it needs."""
     table: dict[str, dict[str, str]] = {"experiment": {}, "trainer": {}}
-    dynamic = []
     for module in _modules():
         spec = importlib.util.find_spec(module)
         if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-            dynamic.append(module)  # not Python source: only an import can tell
-            continue
+            continue  # a compiled or namespace module: experiments are Python sources
         with open(spec.origin, encoding="utf-8") as f:
             for kind, name in _registered_names(f.read(), spec.origin):
-                if name is None:
-                    dynamic.append(module)
-                else:
-                    table[kind][name] = module
-    return SourceIndex(table["experiment"], table["trainer"], tuple(dict.fromkeys(dynamic)))
+                table[kind][name] = module
+    return SourceIndex(table["experiment"], table["trainer"])
 
 
 def discover() -> None:
@@ -284,8 +280,6 @@ def trainer_names() -> list[str]:
 
 
 def _names(kind: str, table: dict) -> list[str]:
-    for module in index().dynamic:  # names only known once these modules run
-        importlib.import_module(module)
     return sorted(set(getattr(index(), kind)) | set(table))
 
 
@@ -303,9 +297,7 @@ def _lookup(kind: str, name: str, table: dict):
         if name not in table:
             raise RegistryError(f"module {static[name]} names {kind} {name!r} but did not register it")
     if name not in table:
-        known = _names(kind, table)  # imports the modules whose names are only known at run time
-        if name not in table:
-            raise _unknown(kind, name, known)
+        raise _unknown(kind, name, _names(kind, table))
     return table[name]
 
 

@@ -23,7 +23,7 @@ from jaxlab.context import RunContext
 from jaxlab.metrics import to_jsonable
 from jaxlab.registry import Claim, Comparison, Experiment, ExperimentResult, experiment_names, get_experiment
 
-__all__ = ["RunRecord", "claims_tally", "reproduce", "run_experiment", "write_report"]
+__all__ = ["RunRecord", "claims_tally", "folder_report", "reproduce", "run_experiment", "write_report"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,9 +204,15 @@ def reproduce(runs: list[tuple[Experiment, Any]], out_dir: pathlib.Path, *, quic
         bar.set_postfix_str(experiment.name)
         records.append(run_experiment(experiment, config, out_dir, quick=quick, seed=seed,
                                       show_progress=show_progress))
+    return records, folder_report(out_dir, quick=quick, records=records)
+
+
+def folder_report(out_dir: pathlib.Path, *, quick: bool, records: Sequence[RunRecord] = ()) -> pathlib.Path:
+    """Write ``out_dir/REPORT.md`` over ``records`` and every earlier run of the same size in the folder
+    (their JSON files), naming the registered experiments the folder lacks."""
     earlier = earlier_records(out_dir, quick=quick, exclude={r.name for r in records})
-    everything = sorted(records + earlier, key=lambda r: r.name)
+    everything = sorted([*records, *earlier], key=lambda r: r.name)
     not_run = sorted(set(experiment_names()) - {r.name for r in everything})
     # Looking the flag up imports each missing experiment's module: only a full-size report uses it.
     needs_gpu = [] if quick else [n for n in not_run if get_experiment(n).full_needs_gpu]
-    return records, write_report(everything, out_dir, quick=quick, not_run=not_run, needs_gpu=needs_gpu)
+    return write_report(everything, out_dir, quick=quick, not_run=not_run, needs_gpu=needs_gpu)

@@ -33,8 +33,8 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-__all__ = ["LossFn", "TrainState", "apply_update", "create_train_state", "jit_train_step", "loss_and_grads",
-           "make_train_step", "step_key"]
+__all__ = ["LossFn", "TrainState", "apply_update", "check_step_arguments", "create_train_state", "jit_train_step",
+           "loss_and_grads", "make_train_step", "step_key"]
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 """``loss_fn(params, batch, key) -> (scalar loss, {name: scalar metric})``."""
@@ -134,6 +134,17 @@ def apply_update(state: TrainState, grads: Any, optimizer: optax.GradientTransfo
     return state, {"grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.int32)}
 
 
+def check_step_arguments(loss_fn: Any, optimizer: Any, grad_accum: Any) -> None:
+    """``ValueError`` naming the argument unless ``loss_fn`` is callable, ``optimizer`` an optax
+    transformation and ``grad_accum`` an int >= 1 (shared by the one-device and the sharded step)."""
+    if not callable(loss_fn):
+        raise ValueError(f"loss_fn={loss_fn!r} must be callable as loss_fn(params, batch, key)")
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise ValueError(f"optimizer={optimizer!r} must be an optax GradientTransformation")
+    if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
+        raise ValueError(f"grad_accum={grad_accum!r} must be an int >= 1")
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, mesh: Any = None,
                     strategy: Any = None, grad_accum: int = 1, **sharded_options) -> Callable:
     """Build ``train_step(state, batch, key) -> (state, metrics)`` from a loss and an optimizer.
@@ -152,12 +163,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
       sharded_options: further options of the sharded step (``impl``, ``regather``, ``allreduce``,
         ``donate``; see :func:`jaxlab.parallel.train_step.sharded_train_step`).
     """
-    if not callable(loss_fn):
-        raise ValueError(f"loss_fn={loss_fn!r} must be callable as loss_fn(params, batch, key)")
-    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
-        raise ValueError(f"optimizer={optimizer!r} must be an optax GradientTransformation")
-    if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
-        raise ValueError(f"grad_accum={grad_accum!r} must be an int >= 1")
+    check_step_arguments(loss_fn, optimizer, grad_accum)
     if mesh is not None:
         from jaxlab.parallel.train_step import sharded_train_step  # the glue imports parallel lazily
 

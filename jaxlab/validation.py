@@ -2,9 +2,10 @@
 errors that name the field and its value.
 
     def __post_init__(self):
-        check_positive(self, "steps", "batch_size")             # ints/floats >= 1
+        check_positive(self, "steps", "batch_size")             # numbers >= 1 (minimum=0: >= 0)
+        check_greater(self, "lr", "temperature")                # numbers > 0
         check_choice(self, "mixer", MIXERS)
-        check_range(self, "gamma", 0.0, 1.0)
+        check_range(self, "gamma", 0.0, 1.0)                    # 0 <= gamma <= 1
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-__all__ = ["check_choice", "check_positive", "check_range"]
+__all__ = ["check_choice", "check_greater", "check_positive", "check_range"]
 
 
 def check_positive(obj: Any, *names: str, minimum: int = 1) -> None:
@@ -22,6 +23,14 @@ def check_positive(obj: Any, *names: str, minimum: int = 1) -> None:
         value = getattr(obj, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
             raise ValueError(f"{name}={value!r} must be >= {minimum}")
+
+
+def check_greater(obj: Any, *names: str, bound: float = 0.0) -> None:
+    """``ValueError`` naming the first field of ``names`` that is not a number ``> bound`` (NaN fails)."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > bound:
+            raise ValueError(f"{name}={value!r} must be > {bound}")
 
 
 def check_choice(obj: Any, name: str, choices: Collection[Any]) -> None:

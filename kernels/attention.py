@@ -82,7 +82,8 @@ def attention_reference(q, k, v, *, causal=False, segment_ids=None, window=None,
       q: [B, Lq, Hq, D] queries; k, v: [B, Lk, Hkv, D] keys and values, ``Hq % Hkv == 0``.
       causal: query i sees keys ``j <= i + Lk - Lq`` (bottom-right aligned).
       segment_ids: int [B, L] (needs Lq == Lk) or a pair (q_ids [B, Lq], kv_ids [B, Lk]).
-      window: (left, right): query i sees keys in ``[p_i - left, p_i + right]``.
+      window: W, a sliding window of W keys, the query's own included: query i sees keys j with
+        ``|p_i - j| <= W - 1`` (with ``causal``: the W keys ``p_i - W + 1 .. p_i``).
       softcap: logits -> softcap * tanh(logits / softcap), after scaling.
       scale: logit scale, default ``1 / sqrt(D)``.
 
@@ -121,11 +122,11 @@ def cudnn_unsupported(q, args: AttentionArgs) -> str | None:
     if args.segments:
         return "segment_ids"
     spec = args.mask
-    if (spec.causal or spec.window is not None) and spec.q_len != spec.kv_len:
+    if (spec.causal or spec.band is not None) and spec.q_len != spec.kv_len:
         name = "causal" if spec.causal else "window"
         return f"{name} with Lq={spec.q_len} != Lk={spec.kv_len} (cuDNN aligns masks top-left)"
-    if spec.window is not None and not spec.causal and spec.window[1] != 0:
-        return f"window={spec.window} (cuDNN has no right window without causal)"
+    if spec.band is not None and not spec.causal and spec.band[1] != 0:
+        return f"window={spec.band[1] + 1} without causal (cuDNN has no right window without causal)"
     return None
 
 
@@ -134,8 +135,8 @@ def _cudnn_attention(q, k, v, args: AttentionArgs):
     if reason is not None:
         raise ValueError(f"impl='cudnn' does not support {reason}; use impl='pallas' or 'auto'")
     spec = args.mask
-    # A (left, 0) window is causal plus a left band, which is what cuDNN's sliding window means.
-    local = None if spec.window is None else (spec.window[0], 0)
+    # A (left, 0) band is causal plus a left band, which is what cuDNN's sliding window means.
+    local = None if spec.band is None else (spec.band[0], 0)
     return jax.nn.dot_product_attention(q, k, v, scale=args.scale, is_causal=spec.causal or local is not None,
                                         local_window_size=local, implementation="cudnn")
 

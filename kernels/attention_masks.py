@@ -7,7 +7,9 @@ its masking rules from here, so they cannot drift apart. Positions follow FlashA
 * query ``i`` sits at key position ``p_i = i + Lk - Lq`` (bottom-right alignment, so decoding the
   last ``Lq`` tokens against a cache of ``Lk`` keys is causal in the usual sense);
 * ``causal``: query ``i`` sees keys ``j <= p_i``;
-* ``window=(left, right)``: query ``i`` sees keys ``p_i - left <= j <= p_i + right``;
+* ``window=W``: a sliding window of ``W`` keys, the query's own included: query ``i`` sees keys
+  ``|p_i - j| <= W - 1`` (W keys on each side counting its own; with ``causal``, the W keys
+  ``p_i - W + 1 .. p_i``). Internally the mask holds the offsets ``band = (W - 1, W - 1)``;
 * ``segment_ids``: query ``i`` sees key ``j`` only when ``q_ids[i] == kv_ids[j]`` (packed sequences);
 * keys at ``j >= Lk`` (padding added by the tiled kernels) are never visible.
 
@@ -58,13 +60,14 @@ class MaskSpec:
       q_len: number of real queries ``Lq`` (tiled kernels may pad beyond it).
       kv_len: number of real keys ``Lk``; keys at index ``>= kv_len`` are padding and never visible.
       causal: key ``j`` visible to query ``i`` only if ``j <= p_i = i + kv_len - q_len``.
-      window: ``(left, right)``, key ``j`` visible only if ``p_i - left <= j <= p_i + right``.
+      band: offsets ``(left, right)``: key ``j`` visible only if ``p_i - left <= j <= p_i + right``
+        (``window=W`` gives ``(W - 1, W - 1)``).
     """
 
     q_len: int
     kv_len: int
     causal: bool = False
-    window: tuple[int, int] | None = None
+    band: tuple[int, int] | None = None
 
     @property
     def offset(self) -> int:
@@ -74,7 +77,7 @@ class MaskSpec:
     @property
     def _right(self) -> int | None:
         """Largest visible ``j - p_i`` (None: unbounded)."""
-        right = None if self.window is None else self.window[1]
+        right = None if self.band is None else self.band[1]
         if self.causal:
             right = 0 if right is None else min(right, 0)
         return right
@@ -82,7 +85,7 @@ class MaskSpec:
     @property
     def _left(self) -> int | None:
         """Largest visible ``p_i - j`` (None: unbounded)."""
-        return None if self.window is None else self.window[0]
+        return None if self.band is None else self.band[0]
 
     def visible(self, q_idx, k_idx, q_seg=None, kv_seg=None):
         """Boolean visibility of key ``k_idx`` to query ``q_idx`` (broadcasting int arrays).
@@ -101,7 +104,7 @@ class MaskSpec:
 
     def needs_mask(self, *, kv_padded_len: int, segments: bool) -> bool:
         """Whether any (query, key) pair inside ``[0, q_len) x [0, kv_padded_len)`` is hidden."""
-        return bool(self.causal or self.window is not None or segments or kv_padded_len != self.kv_len)
+        return bool(self.causal or self.band is not None or segments or kv_padded_len != self.kv_len)
 
     # ---- block ranges (ints or traced int32 scalars) ---------------------------------------------
     def kv_blocks(self, q_start, block_q: int, block_k: int, num_k_blocks: int, *, segments: bool):
@@ -215,10 +218,12 @@ def check_attention_args(q, k, v, *, causal, segment_ids, window, softcap, scale
                          f"got {q.shape=}, {k.shape=}")
     if not isinstance(causal, (bool, np.bool_)):
         raise ValueError(f"causal must be a bool {where}, got causal={causal!r}")
+    band = None
     if window is not None:
-        if not (isinstance(window, (tuple, list)) and len(window) == 2 and all(_is_int(w) and w >= 0 for w in window)):
-            raise ValueError(f"window must be None or (left, right) with ints >= 0 {where}, got window={window!r}")
-        window = (int(window[0]), int(window[1]))
+        if not (_is_int(window) and window >= 1):
+            raise ValueError(f"window must be None or an int >= 1 (keys per query, its own included) {where}, "
+                             f"got window={window!r}")
+        band = (int(window) - 1, int(window) - 1)
     if softcap is not None and not (isinstance(softcap, numbers.Real) and math.isfinite(softcap) and softcap > 0):
         raise ValueError(f"softcap must be None or a finite number > 0 {where}, got softcap={softcap!r}")
     if scale is None:
@@ -245,7 +250,7 @@ def check_attention_args(q, k, v, *, causal, segment_ids, window, softcap, scale
             if not jnp.issubdtype(ids.dtype, jnp.integer):
                 raise ValueError(f"segment_ids ({name} ids) must be integers {where}, got dtype {ids.dtype}")
         q_ids, kv_ids = jnp.asarray(q_ids, jnp.int32), jnp.asarray(kv_ids, jnp.int32)
-    mask = MaskSpec(q_len=Lq, kv_len=Lk, causal=bool(causal), window=window)
+    mask = MaskSpec(q_len=Lq, kv_len=Lk, causal=bool(causal), band=band)
     return AttentionArgs(mask, float(scale), None if softcap is None else float(softcap), q_ids, kv_ids)
 
 

@@ -39,7 +39,7 @@ import numpy as np
 from jax.scipy.linalg import solve_triangular
 
 __all__ = [
-    "LEGS_METHODS",
+    "LEGS_DISCRETIZATIONS",
     "hippo_legs",
     "legendre",
     "legendre_reconstruct",
@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 
-LEGS_METHODS = ("euler", "bilinear", "zoh")
+LEGS_DISCRETIZATIONS = ("euler", "bilinear", "zoh")
 
 
 def hippo_legs(N: int, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
@@ -132,14 +132,14 @@ def _check_signal(f: jax.Array) -> jax.Array:
     return f
 
 
-@functools.partial(jax.jit, static_argnames=("N", "method"))
-def legs_recurrence(f: jax.Array, N: int, *, method: str = "bilinear") -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("N", "discretization"))
+def legs_recurrence(f: jax.Array, N: int, *, discretization: str = "bilinear") -> jax.Array:
     """Online LegS coefficients after each sample: ``c[..., k-1, :] ~= c(t=k)``.
 
     Args:
       f: ``[L]`` or ``[B, L]`` samples, f_k held on (k-1, k].
       N: number of coefficients (state size).
-      method: ``"euler"``: ``c_k = (I + A/k) c_{k-1} + (1/k) B f_k`` (paper eq. 7);
+      discretization: ``"euler"``: ``c_k = (I + A/k) c_{k-1} + (1/k) B f_k`` (paper eq. 7);
         ``"bilinear"``: ``(I - A/(2k)) c_k = (I + A/(2k)) c_{k-1} + (1/k) B f_k``, solved as a
         triangular system since A is lower triangular (O(N^2) per step); ``"zoh"``: the exact
         transition ``c_k = E_k c_{k-1} + (I - E_k) e_0 f_k`` with ``E_k = exp(A log(k/(k-1)))``
@@ -150,12 +150,12 @@ def legs_recurrence(f: jax.Array, N: int, *, method: str = "bilinear") -> jax.Ar
       ``[L, N]`` or ``[B, L, N]`` coefficient trajectories.
     """
     f = _check_signal(f)
-    if method not in LEGS_METHODS:
-        raise ValueError(f"{method=} must be one of {LEGS_METHODS}")
+    if discretization not in LEGS_DISCRETIZATIONS:
+        raise ValueError(f"{discretization=} must be one of {LEGS_DISCRETIZATIONS}")
     A, B = hippo_legs(N, dtype=f.dtype)
     eye = jnp.eye(N, dtype=f.dtype)
     batched = f.reshape(-1, f.shape[-1]).T                                  # [L, B']
-    if method == "zoh":
+    if discretization == "zoh":
         nodes, weights = np.polynomial.legendre.leggauss(N)                  # exact for degree <= 2N - 1
         x = jnp.asarray(nodes, f.dtype)                                     # [Q] nodes in (-1, 1), Q = N
         w = jnp.asarray(weights / 2, f.dtype)                               # [Q] weights on (0, 1)
@@ -166,7 +166,7 @@ def legs_recurrence(f: jax.Array, N: int, *, method: str = "bilinear") -> jax.Ar
     def step(c, inputs):                                                   # c [B', N]
         k, f_k = inputs
         inv_k = 1.0 / k
-        if method == "zoh":
+        if discretization == "zoh":
             # E_k - I = (r g(r u) - g(u)) W g(u)^T with r = 1 - 1/k (the quadrature's g(u) W g(u)^T is I).
             # r g_n(r u) - g_n(u) = sqrt(2n+1) ((1 - 1/k) D_n - P_n(x) / k) with D_n = P_n(x - (x+1)/k) - P_n(x)
             # from its own recursion: no term is formed as a difference of O(1) numbers, so E_k - I = O(1/k)
@@ -175,7 +175,7 @@ def legs_recurrence(f: jax.Array, N: int, *, method: str = "bilinear") -> jax.Ar
             delta = scale * ((1 - inv_k) * d - inv_k * p_nodes) * w         # [N, Q]: (r g(r u) - g(u)) W
             values = c @ g_nodes                                           # [B', Q]: history at the nodes
             c = c + values @ delta.T - f_k[:, None] * jnp.sum(delta, -1)   # (E_k - I)(c - e_0 f_k); g_0 = 1
-        elif method == "euler":
+        elif discretization == "euler":
             c = c @ (eye + inv_k * A).T + inv_k * f_k[:, None] * B
         else:
             rhs = c @ (eye + 0.5 * inv_k * A).T + inv_k * f_k[:, None] * B

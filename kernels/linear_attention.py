@@ -23,17 +23,17 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from jaxlab.kernels.feature_maps import elu_plus_one, favor_features, favor_projection, relu_features
-from jaxlab.kernels.scan import linear_recurrence, resets_from_segment_ids
+from jaxlab.kernels.scan import auto_method, linear_recurrence, segment_starts
 
 __all__ = [
     "LinearAttentionState",
-    "auto_method",
     "causal_decay_attention",
     "elu_plus_one",
     "favor_features",
@@ -56,22 +56,6 @@ class LinearAttentionState(NamedTuple):
 
     kv: jax.Array
     z: jax.Array | None
-
-
-def auto_method(L: int, backend: str | None = None, *, differentiated: bool = False) -> str:
-    """The method ``method="auto"`` runs at length ``L`` on ``backend`` (default: JAX's default backend).
-
-    Short sequences (L <= 256) use the quadratic form everywhere. Beyond that, accelerators use the chunked
-    form, whose work is matmuls. On CPU the two causal forms trade places (benchmarks/scans.py): the
-    recurrent scan computes the values 2-2.5x faster than the chunked form, but differentiating it is 3-4x
-    slower. So ``linear_attention(method="auto")`` on CPU computes its values with the recurrent form and its
-    gradients with the chunked form's VJP (one ``jax.custom_vjp``; the two forms are the same function).
-    ``differentiated`` selects which of the two this returns: the values' method or the gradients'.
-    """
-    backend = jax.default_backend() if backend is None else backend
-    if L <= 256:
-        return "parallel"
-    return "recurrent" if backend == "cpu" and not differentiated else "chunked"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,17 +132,18 @@ def _recurrent(q, k, v, log_a, h0, reset):
     return jnp.moveaxis(o, 0, 1).reshape(B, L, H, P), S.reshape(B, H, N, P)
 
 
-def causal_decay_attention(q, k, v, log_decay, *, h0=None, reset=None, method="chunked", chunk_size=64):
+def causal_decay_attention(q, k, v, log_decay, *, initial_state=None, reset=None, method="chunked", chunk_size=64):
     """Causal linear attention with a scalar decay per token and head (RetNet, Mamba-2 SSD).
 
-    S_t = exp(log_decay_t) S_{t-1} + k_t v_t^T (S zeroed before t where ``reset[t]``), o_t = S_t^T q_t.
+    S_t = exp(log_decay_t) S_{t-1} + k_t v_t^T (S zeroed before t >= 1 where ``reset[t]``), o_t = S_t^T q_t.
 
     Args:
       q, k: [B, L, G, N]; head h of v reads group h // (H / G) (G = H for linear attention; SSD's B/C groups).
       v: [B, L, H, P] with H % G == 0.
       log_decay: [B, L, H], log of the decay applied before token t's update (<= 0 for a contraction).
-      h0: state before the first token [B, H, N, P] (default zeros).
-      reset: bool [B, L], True at the first token of each packed segment but the first.
+      initial_state: state before the first token [B, H, N, P] (default zeros); it enters the first segment.
+      reset: bool [B, L], True where a packed segment starts (``scan.segment_starts``); ``reset[:, 0]`` cuts
+        nothing.
       method: "chunked" or "recurrent".
       chunk_size: C of the chunked form.
 
@@ -173,7 +158,10 @@ def causal_decay_attention(q, k, v, log_decay, *, h0=None, reset=None, method="c
     if method not in ("chunked", "recurrent"):
         raise ValueError(f"method={method!r} must be 'chunked' or 'recurrent'")
     dtype = jnp.result_type(q, k, v, log_decay)
-    h0 = jnp.zeros((B, H, N, P), dtype) if h0 is None else jnp.broadcast_to(h0, (B, H, N, P)).astype(dtype)
+    h0 = (jnp.zeros((B, H, N, P), dtype) if initial_state is None
+          else jnp.broadcast_to(initial_state, (B, H, N, P)).astype(dtype))
+    if reset is not None:  # no state flows into t = 0 from within the row: the initial state enters there
+        reset = jnp.asarray(reset).at[:, 0].set(False)
     if method == "recurrent":
         return _recurrent(q, k, v, log_decay, h0, reset)
     return _chunked(q, k, v, log_decay, h0, reset, chunk_size)
@@ -221,8 +209,8 @@ def _validate(q, k, v, causal, decay, segment_ids, method, chunk_size, initial_s
 def _causal_core(q, k, v, log_a, h0, reset, *, method, grad_method, chunk_size):
     """``causal_decay_attention`` whose values come from ``method`` and whose VJP from ``grad_method``."""
     def run(m):
-        return lambda q, k, v, log_a, h0, reset: causal_decay_attention(q, k, v, log_a, h0=h0, reset=reset,
-                                                                        method=m, chunk_size=chunk_size)
+        return lambda q, k, v, log_a, h0, reset: causal_decay_attention(
+            q, k, v, log_a, initial_state=h0, reset=reset, method=m, chunk_size=chunk_size)
     if grad_method == method:
         return run(method)(q, k, v, log_a, h0, reset)
     mixed = jax.custom_vjp(run(method))
@@ -241,7 +229,7 @@ def linear_attention(q, k, v, *, causal=True, decay=None, normalize=True, eps=1e
       decay: [H] in (0, 1] (RetNet's gamma); None means 1.
       normalize: divide by sum_j w_ij + eps (Katharopoulos et al.); off for RetNet-style retention.
       segment_ids: [B, L] contiguous ids of packed sequences; tokens attend within their segment only.
-      method: "parallel" (quadratic reference), "chunked", "recurrent" or "auto" (see ``auto_method``; on
+      method: "parallel" (the quadratic form), "chunked", "recurrent" or "auto" (``scan.auto_method``; on
         CPU it is reverse-mode only: forward-mode ``jax.jvp`` needs an explicit method).
       chunk_size: C of the chunked form.
       initial_state: ``LinearAttentionState`` before the first token (flows into the first segment).
@@ -256,7 +244,8 @@ def linear_attention(q, k, v, *, causal=True, decay=None, normalize=True, eps=1e
     Dv = v.shape[-1]
     grad_method = method
     if method == "auto":
-        method, grad_method = auto_method(L), auto_method(L, differentiated=True)
+        method = auto_method("linear_attention", L)
+        grad_method = auto_method("linear_attention", L, differentiated=True)
     if method == "parallel":
         return linear_attention_reference(q, k, v, causal=causal, decay=decay, normalize=normalize, eps=eps,
                                           segment_ids=segment_ids, initial_state=initial_state,
@@ -273,12 +262,12 @@ def linear_attention(q, k, v, *, causal=True, decay=None, normalize=True, eps=1e
         h0 = initial_state.kv.astype(dtype)
         if normalize:
             h0 = jnp.concatenate([h0, initial_state.z.astype(dtype)[..., None]], axis=-1)
-    reset = None if segment_ids is None else resets_from_segment_ids(segment_ids)
+    reset = None if segment_ids is None else segment_starts(segment_ids)
     core = functools.partial(_causal_core, method=method, grad_method=grad_method, chunk_size=chunk_size)
     o, S = core(q, k, v, log_a, h0, reset)
     if not causal:  # add the anti-causal half (a causal pass over the reversed sequence) minus the diagonal
         flip = lambda x: jnp.flip(x, axis=1)  # noqa: E731
-        reset_rev = None if segment_ids is None else resets_from_segment_ids(flip(segment_ids))
+        reset_rev = None if segment_ids is None else segment_starts(flip(segment_ids))
         o_rev, _ = core(flip(q), flip(k), flip(v), flip(log_a), None, reset_rev)
         o = o + flip(o_rev) - jnp.einsum("blhd,blhd->blh", q, k)[..., None] * v
     if normalize:
@@ -294,6 +283,15 @@ def linear_attention_step(state: LinearAttentionState, q_t, k_t, v_t, *, decay=N
 
     Continues ``linear_attention(..., return_state=True)`` token by token with the same numbers.
     """
+    # A state of another batch, head count or feature size (or a size-1 decay) would broadcast silently.
+    chex.assert_rank([q_t, k_t, v_t, state.kv], [3, 3, 3, 4])
+    chex.assert_equal_shape([q_t, k_t])
+    chex.assert_shape(state.kv, (*q_t.shape, v_t.shape[-1]))
+    chex.assert_shape(v_t, q_t.shape[:2] + v_t.shape[-1:])
+    if normalize:
+        chex.assert_shape(state.z, q_t.shape)
+    if decay is not None:
+        chex.assert_shape(decay, q_t.shape[1:2])
     d = 1.0 if decay is None else jnp.asarray(decay)[:, None, None]  # [H, 1, 1]
     kv = d * state.kv + jnp.einsum("bhd,bhe->bhde", k_t, v_t)
     o_t = jnp.einsum("bhd,bhde->bhe", q_t, kv)

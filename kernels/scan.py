@@ -15,7 +15,13 @@ recurrence along axis 1. Three algorithms compute it:
 
 ``"auto"`` picks per backend from measurements (``benchmarks/scans.py``): on CPU ``lax.associative_scan`` is
 3-5x slower than a sequential scan at every length we measured, so CPU gets ``"sequential"``; accelerators
-get ``"associative"``.
+get ``"associative"``. :func:`auto_method` is the one ``method="auto"`` policy of every kernel (linear
+recurrences, linear attention, S4D/S5, the selective scan).
+
+Vocabulary shared by the kernels: ``method`` is how an op is computed (these algorithms, linear attention's
+parallel/chunked/recurrent forms, S4D's FFT convolution), ``discretization`` is how a continuous system
+becomes a recurrence (ZOH, bilinear, Euler: ``jaxlab.kernels.s4``, ``jaxlab.kernels.hippo``),
+``initial_state`` is the state before the first step, and :func:`segment_starts` marks packed segments.
 
 Gradients come from JAX's autodiff through the chosen algorithm (on CPU this measured faster than a custom
 VJP that runs the transposed recurrence).
@@ -28,36 +34,73 @@ import jax.numpy as jnp
 from jax import lax
 
 __all__ = [
+    "AUTO_OPS",
     "METHODS",
     "auto_method",
     "linear_recurrence",
     "linear_recurrence_reference",
-    "resets_from_segment_ids",
+    "segment_starts",
 ]
 
 METHODS = ("auto", "associative", "sequential", "chunked")
 
-# Measured choice per backend (see the module docstring and benchmarks/results/scans-<backend>.md).
-_AUTO_METHOD = {"cpu": "sequential"}
-_AUTO_DEFAULT = "associative"
+# The ops whose ``method="auto"`` :func:`auto_method` resolves.
+AUTO_OPS = ("linear_recurrence", "linear_attention", "s4d")
+
+# Linear attention: the quadratic form up to this length on every backend (benchmarks/scans.py).
+AUTO_PARALLEL_MAX_LEN = 256
 
 
-def auto_method(backend: str | None = None) -> str:
-    """The algorithm ``method="auto"`` runs on ``backend`` (default: JAX's default backend)."""
-    backend = jax.default_backend() if backend is None else backend
-    return _AUTO_METHOD.get(backend, _AUTO_DEFAULT)
+def auto_method(op: str = "linear_recurrence", length: int | None = None, *, backend: str | None = None,
+                differentiated: bool = False) -> str:
+    """The method ``method="auto"`` of ``op`` runs at sequence length ``length`` on ``backend``.
 
+    The one policy behind every kernel's ``method="auto"``, from measurements (``benchmarks/scans.py``,
+    ``benchmarks/results/scans-<backend>.md``):
 
-def resets_from_segment_ids(segment_ids: jax.Array) -> jax.Array:
-    """Reset flags [B, L] (True where a new segment starts, never at t=0) from contiguous ``segment_ids`` [B, L].
+    * ``"linear_recurrence"`` (also the selective scan and S5): ``"sequential"`` on CPU (a parallel prefix
+      scan measured 3-5x slower there at every length), ``"associative"`` on accelerators.
+    * ``"linear_attention"``: ``"parallel"`` (the quadratic form) for ``length <= 256`` everywhere; beyond
+      it ``"chunked"`` (matmuls) on accelerators. On CPU the recurrent scan computes the values 2-2.5x
+      faster than the chunked form while differentiating it is 3-4x slower, so ``linear_attention`` takes
+      its values from ``"recurrent"`` and its gradients from ``"chunked"``: ``differentiated`` selects
+      which of the two this returns.
+    * ``"s4d"``: ``"fft"``, the O(L log L) convolution, on every backend.
 
-    Position 0 is not a reset, so an initial state flows into the first segment: a long packed sequence can be
-    processed in pieces by carrying the final state.
+    Args:
+      op: one of ``AUTO_OPS``.
+      length: sequence length L (needed by ``"linear_attention"``).
+      backend: "cpu", "gpu", "tpu", ... (default: JAX's default backend).
+      differentiated: the method used for gradients rather than values (differs for linear attention).
     """
+    if op not in AUTO_OPS:
+        raise ValueError(f"op={op!r} must be one of {AUTO_OPS}")
+    backend = jax.default_backend() if backend is None else backend
+    if op == "s4d":
+        return "fft"
+    if op == "linear_recurrence":
+        return "sequential" if backend == "cpu" else "associative"
+    if length is None:
+        raise ValueError("auto_method('linear_attention') needs the sequence length")
+    if length <= AUTO_PARALLEL_MAX_LEN:
+        return "parallel"
+    return "recurrent" if backend == "cpu" and not differentiated else "chunked"
+
+
+def segment_starts(segment_ids: jax.Array) -> jax.Array:
+    """bool [B, L]: True where a segment starts, from contiguous ``segment_ids`` [B, L]; always True at t = 0.
+
+    The one convention of packed rows (models' positions, every kernel's ``reset``): a row's first token
+    starts a segment. Recurrent kernels take these flags as ``reset`` and cut the state flowing from t - 1
+    into t where they are True; at t = 0 nothing flows in from the row, and the ``initial_state`` (the state
+    carried from the previous piece of the stream) always enters the first segment, so a long packed
+    sequence can be processed in pieces by carrying the final state.
+    """
+    segment_ids = jnp.asarray(segment_ids)
     if segment_ids.ndim != 2:
         raise ValueError(f"segment_ids must be [B, L], got shape {segment_ids.shape}")
     changed = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return jnp.pad(changed, ((0, 0), (1, 0)))
+    return jnp.pad(changed, ((0, 0), (1, 0)), constant_values=True)
 
 
 def _validate(a, b, h0, reset, method, chunk_size):
@@ -89,12 +132,13 @@ def _validate(a, b, h0, reset, method, chunk_size):
         try:
             h0 = jnp.broadcast_to(h0, state_shape).astype(dtype)
         except ValueError:
-            raise ValueError(f"h0.shape={h0.shape} must be broadcastable to the state shape {state_shape}") from None
+            raise ValueError(f"initial_state.shape={h0.shape} must be broadcastable to the state shape "
+                             f"{state_shape}") from None
     if reset is not None:
         reset = jnp.asarray(reset)
         if reset.dtype != jnp.bool_:
             raise ValueError(f"reset must be a bool array [B, L], got dtype {reset.dtype} (use "
-                             "resets_from_segment_ids for segment ids)")
+                             "segment_starts for segment ids)")
         if reset.ndim != 2 or reset.shape[1] != b.shape[1] or reset.shape[0] not in (1, b.shape[0]):
             raise ValueError(f"reset.shape={reset.shape} must be [B, L] = {(b.shape[0], b.shape[1])}")
     return a, b, h0, reset
@@ -103,11 +147,14 @@ def _validate(a, b, h0, reset, method, chunk_size):
 def _apply_reset(a, reset, reverse):
     """Fold segment resets into the decay: a zero decay forgets the state carried across a boundary.
 
-    Forward, the state entering step t is dropped where ``reset[t]``; in reverse the state flows from t+1 to t,
-    so it is dropped where ``reset[t+1]`` (t+1 starts the next segment).
+    Forward, the state entering step t >= 1 is dropped where ``reset[t]`` (``reset[:, 0]`` cuts nothing: the
+    initial state enters step 0); in reverse the state flows from t+1 to t, so it is dropped where
+    ``reset[t+1]`` (t+1 starts the next segment).
     """
     if reverse:
         reset = jnp.pad(reset[:, 1:], ((0, 0), (0, 1)))
+    else:
+        reset = reset.at[:, 0].set(False)
     mask = reset.reshape(reset.shape + (1,) * (a.ndim - 2))
     return jnp.where(mask, jnp.zeros((), a.dtype), a)
 
@@ -161,29 +208,32 @@ def _chunked(a, b, h0, chunk_size):
     return h.reshape(B, nc * C, *b.shape[3:])[:, :L]
 
 
-def linear_recurrence(a, b, h0=None, *, reset=None, reverse=False, method="auto", chunk_size=64):
+def linear_recurrence(a, b, initial_state=None, *, reset=None, reverse=False, method="auto", chunk_size=64):
     """Elementwise linear recurrence along axis 1: ``h_t = a_t * h_{t-1} + b_t``.
 
     Args:
       a: decays [B, L, ...], real or complex, of b's rank and broadcastable to it (e.g. [B, L, H, 1, 1]
         against b [B, L, H, N, P]; size-1 batch or length axes broadcast too).
       b: inputs [B, L, ...].
-      h0: state before the first step [B, ...] (default zeros); with ``reverse`` the state after the last.
-      reset: bool [B, L]; True where a new segment starts: the state carried into step t is zeroed, so
-        packed sequences do not leak into each other (with ``reverse``, segments are scanned back to front
-        and the state entering t from t+1 is zeroed where ``reset[t + 1]``).
+      initial_state: state before the first step [B, ...] (default zeros); with ``reverse`` the state after
+        the last.
+      reset: bool [B, L]; True where a segment starts (``segment_starts``): the state carried from t - 1
+        into step t is zeroed, so packed sequences do not leak into each other; ``reset[:, 0]`` cuts
+        nothing (the initial state always enters step 0). With ``reverse``, segments are scanned back to
+        front and the state entering t from t+1 is zeroed where ``reset[t + 1]``.
       reverse: run from the end: ``h_t = a_t * h_{t+1} + b_t``.
       method: "sequential" | "associative" | "chunked" | "auto" (see the module docstring).
       chunk_size: chunk length C of the "chunked" method (any C; L need not be a multiple).
 
     Returns:
-      h [B, L, ...] in the promoted dtype of (a, b, h0); ``h[:, -1]`` (``h[:, 0]`` reversed) is the final state.
+      h [B, L, ...] in the promoted dtype of (a, b, initial_state); ``h[:, -1]`` (``h[:, 0]`` reversed) is the
+      final state.
     """
-    a, b, h0, reset = _validate(a, b, h0, reset, method, chunk_size)
+    a, b, h0, reset = _validate(a, b, initial_state, reset, method, chunk_size)
     if reset is not None:
         a = _apply_reset(a, reset, reverse)
     if method == "auto":
-        method = auto_method()
+        method = auto_method("linear_recurrence")
     if method == "sequential":
         return _sequential(a, b, h0, reverse)
     if method == "associative":
@@ -193,18 +243,18 @@ def linear_recurrence(a, b, h0=None, *, reset=None, reverse=False, method="auto"
     return _chunked(a, b, h0, chunk_size)
 
 
-def linear_recurrence_reference(a, b, h0=None, *, reset=None, reverse=False):
+def linear_recurrence_reference(a, b, initial_state=None, *, reset=None, reverse=False):
     """The definition, one Python-loop step per time index (use for short sequences only).
 
-    Forward: for t = 0..L-1, zero the state if ``reset[t]``, then ``h = a_t * h + b_t``.
+    Forward: for t = 0..L-1, zero the state if ``reset[t]`` and t >= 1, then ``h = a_t * h + b_t``.
     Reverse: for t = L-1..0, ``h = a_t * h + b_t``, then zero the state handed to t-1 if ``reset[t]``.
     """
-    a, b, h0, reset = _validate(a, b, h0, reset, "sequential", 1)
+    a, b, h0, reset = _validate(a, b, initial_state, reset, "sequential", 1)
     L = b.shape[1]
     a = jnp.broadcast_to(a, b.shape)
     h, out = h0, [None] * L
     for t in (range(L - 1, -1, -1) if reverse else range(L)):
-        if reset is not None and not reverse:
+        if reset is not None and not reverse and t > 0:
             h = jnp.where(reset[:, t].reshape((-1,) + (1,) * (h.ndim - 1)), 0, h)
         h = a[:, t] * h + b[:, t]
         out[t] = h

@@ -1,7 +1,8 @@
 """Fixed sparse attention patterns (Tay, Dehghani, Bahri and Metzler 2022, "Efficient Transformers: A Survey",
 Section 3.2.1; Child, Gray, Radford and Sutskever 2019, "Generating Long Sequences with Sparse Transformers").
 
-* local / sliding window: query i sees keys within ``window`` positions (Image Transformer, Longformer);
+* local / sliding window: query i sees ``window`` = W keys, its own included: i - W < j <= i causally,
+  |i - j| < W otherwise (Image Transformer, Longformer; ``window`` as in ``dot_product_attention``);
 * strided: query i sees keys j with (i - j) % stride == 0 (Sparse Transformer's second head);
 * fixed: query i sees its own block of ``stride`` tokens plus the last ``summary`` tokens of every block
   (Sparse Transformer's "fixed" pattern, A1 and A2);
@@ -43,12 +44,11 @@ def _grid(L):
 
 
 def local_mask(L: int, window: int, *, causal: bool = True) -> jax.Array:
-    """[L, L] bool: key j visible to query i when i - window <= j <= i (causal) or |i - j| <= window."""
+    """[L, L] bool: W = ``window`` keys per query, its own included: i - W < j <= i (causal) or |i - j| < W."""
     _positive("L", L)
-    if not isinstance(window, int) or window < 0:
-        raise ValueError(f"window={window!r} must be an int >= 0")
+    _positive("window", window)
     i, j = _grid(L)
-    return (i - j <= window) & ((j <= i) if causal else (j - i <= window))
+    return (i - j < window) & ((j <= i) if causal else (j - i < window))
 
 
 def strided_mask(L: int, stride: int, *, causal: bool = True) -> jax.Array:
@@ -76,11 +76,12 @@ def sparse_transformer_mask(L: int, stride: int, *, pattern: str = "strided", su
                             causal: bool = True) -> jax.Array:
     """Union of a factorised pattern's two heads (Child et al. 2019, Section 4.2, "merged head").
 
-    "strided": the previous ``stride`` tokens (local, window stride - 1) or every stride-th token;
+    "strided": the last ``stride`` tokens, the query's own included (local, window stride) or every
+    stride-th token;
     "fixed": ``fixed_mask``.
     """
     if pattern == "strided":
-        return local_mask(L, stride - 1, causal=causal) | strided_mask(L, stride, causal=causal)
+        return local_mask(L, stride, causal=causal) | strided_mask(L, stride, causal=causal)
     if pattern == "fixed":
         return fixed_mask(L, stride, summary, causal=causal)
     raise ValueError(f"pattern={pattern!r} must be 'strided' or 'fixed'")
@@ -108,14 +109,14 @@ def masked_attention_reference(q, k, v, mask, *, scale=None):
 
 
 def local_attention(q, k, v, *, window: int, causal: bool = True, segment_ids=None, **kwargs):
-    """Sliding-window attention: the band of ``local_mask`` via ``dot_product_attention(window=...)``.
+    """Sliding-window attention: the band of ``local_mask`` via ``dot_product_attention(window=window)``.
 
-    q [B, L, Hq, D], k, v [B, L, Hkv, D]; ``kwargs`` (impl, softcap, scale, block sizes, ...) pass through.
+    ``window`` = W keys per query, its own included (the same W as ``local_mask`` and the models'
+    ``Attention(window=W)``). q [B, L, Hq, D], k, v [B, L, Hkv, D]; ``kwargs`` (impl, softcap, scale, block
+    sizes, ...) pass through.
     """
-    if not isinstance(window, int) or window < 0:
-        raise ValueError(f"window={window!r} must be an int >= 0")
-    return dot_product_attention(q, k, v, causal=causal, window=(window, 0 if causal else window),
-                                 segment_ids=segment_ids, **kwargs)
+    _positive("window", window)
+    return dot_product_attention(q, k, v, causal=causal, window=window, segment_ids=segment_ids, **kwargs)
 
 
 def strided_attention(q, k, v, *, stride: int, causal: bool = True, segment_ids=None, **kwargs):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxlab.kernels.linear_attention import causal_decay_attention
-from jaxlab.kernels.scan import METHODS, linear_recurrence, resets_from_segment_ids
+from jaxlab.kernels.scan import METHODS, linear_recurrence, segment_starts
 
 __all__ = ["hippo_legs", "selective_scan", "selective_scan_reference", "ssd", "ssd_reference"]
 
@@ -43,14 +43,14 @@ def _resets(segment_ids, B, L):
     if segment_ids is None:
         return None
     _check_shape("segment_ids", segment_ids, (B, L))
-    return resets_from_segment_ids(jnp.asarray(segment_ids))
+    return segment_starts(segment_ids)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Mamba-1: selective scan.
 
 
-def _validate_selective(u, delta, A, B, C, D, z, delta_bias, h0):
+def _validate_selective(u, delta, A, B, C, D, z, delta_bias, initial_state):
     if u.ndim != 3:
         raise ValueError(f"u must be [B, L, Dm], got shape {u.shape}")
     Bsz, L, Dm = u.shape
@@ -59,7 +59,7 @@ def _validate_selective(u, delta, A, B, C, D, z, delta_bias, h0):
     N = A.shape[1]
     for name, x, shape in (("delta", delta, (Bsz, L, Dm)), ("B", B, (Bsz, L, N)), ("C", C, (Bsz, L, N)),
                            ("D", D, (Dm,)), ("z", z, (Bsz, L, Dm)), ("delta_bias", delta_bias, (Dm,)),
-                           ("h0", h0, (Bsz, Dm, N))):
+                           ("initial_state", initial_state, (Bsz, Dm, N))):
         _check_shape(name, x, shape)
 
 
@@ -82,8 +82,8 @@ def _finish(y, u, D, z, complex_state, out_dtype):
     return y.astype(out_dtype)
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *, h0=None,
-                   segment_ids=None, method="auto", return_state=False):
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
+                   initial_state=None, segment_ids=None, method="auto", return_state=False):
     """Mamba's selective scan (S6), channels last; the numbers of mamba_ssm's ``selective_scan_ref``.
 
     Args:
@@ -92,7 +92,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
       A: [Dm, N], real (S4D-Real, negative) or complex (then the output is 2 Re(C . h), as in mamba_ssm).
       B, C: input-dependent [B, L, N] (complex when A is).
       D: skip connection [Dm]; z: gate [B, L, Dm] (y *= silu(z)).
-      h0: initial state [B, Dm, N]; segment_ids: [B, L] packed sequences (state reset at each new id).
+      initial_state: state before the first step [B, Dm, N]; segment_ids: [B, L] packed sequences (state
+        reset at each new id; the initial state enters the first segment).
       method: ``linear_recurrence`` algorithm ("auto", "sequential", "associative", "chunked").
       return_state: also return the final state h_L [B, Dm, N].
 
@@ -100,7 +101,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
       y [B, L, Dm] in u's dtype (and h_L). Memory: the scan materialises the [B, L, Dm, N] state sequence.
     """
     u, delta, A, B, C = (jnp.asarray(x) for x in (u, delta, A, B, C))
-    _validate_selective(u, delta, A, B, C, D, z, delta_bias, h0)
+    _validate_selective(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if method not in METHODS:
         raise ValueError(f"method={method!r} must be one of {METHODS}")
     reset = _resets(segment_ids, *u.shape[:2])
@@ -108,22 +109,22 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     uf = u.astype(delta.dtype)
     dA = jnp.exp(delta[..., None] * A)  # [B, L, Dm, N]
     dBu = (delta * uf)[..., None] * B[:, :, None, :]  # [B, L, Dm, N]
-    h = linear_recurrence(dA, dBu, h0, reset=reset, method=method)  # [B, L, Dm, N]
+    h = linear_recurrence(dA, dBu, initial_state, reset=reset, method=method)  # [B, L, Dm, N]
     y = jnp.einsum("bldn,bln->bld", h, C.astype(h.dtype))
     y = _finish(y, uf, D, z, jnp.iscomplexobj(h), u.dtype)
     return (y, h[:, -1]) if return_state else y
 
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
-                             h0=None, segment_ids=None, return_state=False):
+                             initial_state=None, segment_ids=None, return_state=False):
     """Step-by-step definition (mamba_ssm's ``selective_scan_ref`` loop, channels last), via ``lax.scan``."""
     u, delta, A, B, C = (jnp.asarray(x) for x in (u, delta, A, B, C))
-    _validate_selective(u, delta, A, B, C, D, z, delta_bias, h0)
+    _validate_selective(u, delta, A, B, C, D, z, delta_bias, initial_state)
     Bsz, L, Dm = u.shape
     delta = _delta(delta, delta_bias, delta_softplus)
     uf = u.astype(delta.dtype)
     dtype = jnp.result_type(A, B, C, delta)
-    reset = jnp.zeros((Bsz, L), bool) if segment_ids is None else _resets(segment_ids, Bsz, L)
+    reset = jnp.zeros((Bsz, L), bool) if segment_ids is None else _resets(segment_ids, Bsz, L).at[:, 0].set(False)
 
     def step(x, inputs):  # x [B, Dm, N]
         delta_t, u_t, B_t, C_t, r_t = inputs
@@ -131,7 +132,7 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         x = jnp.where(r_t[:, None, None], dBu, jnp.exp(delta_t[..., None] * A) * x + dBu)
         return x, jnp.einsum("bdn,bn->bd", x, C_t)
 
-    x0 = jnp.zeros((Bsz, Dm, A.shape[1]), dtype) if h0 is None else jnp.asarray(h0, dtype)
+    x0 = jnp.zeros((Bsz, Dm, A.shape[1]), dtype) if initial_state is None else jnp.asarray(initial_state, dtype)
     xs = tuple(jnp.moveaxis(x, 1, 0) for x in (delta, uf, B, C, reset))
     last, y = lax.scan(step, x0, xs)
     y = _finish(jnp.moveaxis(y, 0, 1), uf, D, z, jnp.iscomplexobj(last), u.dtype)
@@ -142,7 +143,7 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 # Mamba-2: state-space duality.
 
 
-def _validate_ssd(x, dt, A, B, C, D, h0, chunk_size):
+def _validate_ssd(x, dt, A, B, C, D, initial_state, chunk_size):
     if x.ndim != 4:
         raise ValueError(f"x must be [B, L, H, P], got shape {x.shape}")
     Bsz, L, H, P = x.shape
@@ -152,7 +153,7 @@ def _validate_ssd(x, dt, A, B, C, D, h0, chunk_size):
     if H % G:
         raise ValueError(f"the number of heads H={H} must be divisible by the number of groups G={G}")
     for name, arr, shape in (("dt", dt, (Bsz, L, H)), ("A", A, (H,)), ("C", C, (Bsz, L, G, N)),
-                             ("h0", h0, (Bsz, H, N, P))):
+                             ("initial_state", initial_state, (Bsz, H, N, P))):
         _check_shape(name, arr, shape)
     if D is not None and jnp.shape(D) not in ((H,), (H, P)):
         raise ValueError(f"D must be [H] = ({H},) or [H, P] = ({H}, {P}), got shape {jnp.shape(D)}")
@@ -167,7 +168,7 @@ def _skip(y, x, D, out_dtype):
     return y.astype(out_dtype)
 
 
-def ssd(x, dt, A, B, C, *, D=None, chunk_size=64, h0=None, segment_ids=None, return_state=False):
+def ssd(x, dt, A, B, C, *, D=None, chunk_size=64, initial_state=None, segment_ids=None, return_state=False):
     """Mamba-2's SSD layer core, chunked (Dao and Gu 2024, Section 6 and Listing 1).
 
     h_t = exp(dt_t A_h) h_{t-1} + dt_t B_t x_t^T (state [N, P] per head), y_t = h_t^T C_t (+ D x_t).
@@ -175,27 +176,27 @@ def ssd(x, dt, A, B, C, *, D=None, chunk_size=64, h0=None, segment_ids=None, ret
     Args:
       x: [B, L, H, P]; dt: [B, L, H], already positive (after bias and softplus); A: [H], negative.
       B, C: [B, L, G, N], head h reading group h // (H / G).
-      D: [H] or [H, P]; chunk_size: C (any, L need not be a multiple); h0: [B, H, N, P].
+      D: [H] or [H, P]; chunk_size: C (any, L need not be a multiple); initial_state: [B, H, N, P].
       segment_ids: [B, L] packed sequences; return_state: also return h_L [B, H, N, P].
 
     Returns:
       y [B, L, H, P] in x's dtype (and h_L).
     """
     x, dt, A, B, C = (jnp.asarray(a) for a in (x, dt, A, B, C))
-    _validate_ssd(x, dt, A, B, C, D, h0, chunk_size)
+    _validate_ssd(x, dt, A, B, C, D, initial_state, chunk_size)
     dtype = jnp.result_type(x, dt, A, B, C, jnp.float32)
     xf, dt = x.astype(dtype), dt.astype(dtype)
     y, h = causal_decay_attention(C.astype(dtype), B.astype(dtype), xf * dt[..., None], dt * A.astype(dtype),
-                                  h0=h0, reset=_resets(segment_ids, *x.shape[:2]), method="chunked",
-                                  chunk_size=chunk_size)
+                                  initial_state=initial_state, reset=_resets(segment_ids, *x.shape[:2]),
+                                  method="chunked", chunk_size=chunk_size)
     y = _skip(y, xf, D, x.dtype)
     return (y, h) if return_state else y
 
 
-def ssd_reference(x, dt, A, B, C, *, D=None, h0=None, segment_ids=None, return_state=False):
+def ssd_reference(x, dt, A, B, C, *, D=None, initial_state=None, segment_ids=None, return_state=False):
     """The SSD recurrence step by step (``lax.scan``), in fp32."""
     x, dt, A, B, C = (jnp.asarray(a) for a in (x, dt, A, B, C))
-    _validate_ssd(x, dt, A, B, C, D, h0, 1)
+    _validate_ssd(x, dt, A, B, C, D, initial_state, 1)
     Bsz, L, H, P = x.shape
     G, N = B.shape[2:]
     dtype = jnp.result_type(x, dt, A, B, C, jnp.float32)
@@ -203,7 +204,7 @@ def ssd_reference(x, dt, A, B, C, *, D=None, h0=None, segment_ids=None, return_s
     heads_per_group = H // G
     B_h = jnp.repeat(B.astype(dtype), heads_per_group, axis=2)  # [B, L, H, N]
     C_h = jnp.repeat(C.astype(dtype), heads_per_group, axis=2)
-    reset = jnp.zeros((Bsz, L), bool) if segment_ids is None else _resets(segment_ids, Bsz, L)
+    reset = jnp.zeros((Bsz, L), bool) if segment_ids is None else _resets(segment_ids, Bsz, L).at[:, 0].set(False)
 
     def step(h, inputs):  # h [B, H, N, P]
         x_t, dt_t, B_t, C_t, r_t = inputs
@@ -211,7 +212,7 @@ def ssd_reference(x, dt, A, B, C, *, D=None, h0=None, segment_ids=None, return_s
         h = decay[..., None, None] * h + jnp.einsum("bh,bhn,bhp->bhnp", dt_t, B_t, x_t)
         return h, jnp.einsum("bhn,bhnp->bhp", C_t, h)
 
-    h = jnp.zeros((Bsz, H, N, P), dtype) if h0 is None else jnp.asarray(h0, dtype)
+    h = jnp.zeros((Bsz, H, N, P), dtype) if initial_state is None else jnp.asarray(initial_state, dtype)
     xs = tuple(jnp.moveaxis(a, 1, 0) for a in (xf, dt.astype(dtype), B_h, C_h, reset))
     h, y = lax.scan(step, h, xs)
     y = _skip(jnp.moveaxis(y, 0, 1), xf, D, x.dtype)

@@ -32,7 +32,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxlab.kernels.attention import dot_product_attention
 from jaxlab.models.layers import RMSNorm, apply_rope
 
-__all__ = ["Attention", "KVCache", "cached_attention", "kernel_window"]
+__all__ = ["Attention", "KVCache", "cached_attention"]
 
 
 @struct.dataclass
@@ -61,13 +61,6 @@ class KVCache:
     @property
     def capacity(self) -> int:
         return self.k.shape[1]
-
-
-def kernel_window(window: int | None, causal: bool):
-    """The kernel's ``(left, right)`` for a window of ``W`` keys (the query itself included)."""
-    if window is None:
-        return None
-    return (window - 1, 0) if causal else (window - 1, window - 1)
 
 
 def cached_attention(q, k, v, cache: KVCache, *, impl: str = "auto", softcap=None):
@@ -100,7 +93,7 @@ def cached_attention(q, k, v, cache: KVCache, *, impl: str = "auto", softcap=Non
     v_all = jnp.concatenate([jnp.take(cache.v, order, axis=1), v], axis=1)
     written = jnp.concatenate([idx - C + slot_ids >= 0, jnp.ones((Lq,), bool)])  # [C + Lq]
     kv_ids = jnp.broadcast_to(written, (B, C + Lq)).astype(jnp.int32)
-    out = dot_product_attention(q, k_all, v_all, causal=True, window=kernel_window(cache.window, True),
+    out = dot_product_attention(q, k_all, v_all, causal=True, window=cache.window,
                                 segment_ids=(jnp.ones((B, Lq), jnp.int32), kv_ids), softcap=softcap, impl=impl)
     n = min(Lq, C)  # only the last C tokens survive in the ring
     slots = (idx + Lq - n + jnp.arange(n, dtype=jnp.int32)) % C
@@ -117,7 +110,8 @@ class Attention(nn.Module):
       num_kv_heads: key/value heads Hkv (None: Hq; 1: MQA); must divide ``num_heads``.
       head_dim: D (None: ``d_model // num_heads``).
       causal: causal masking (required for decoding with a cache).
-      window: sliding window of W keys per query, the query included (None: unlimited).
+      window: sliding window of W keys per query, the query included (None: unlimited); without
+        ``causal``, W keys on each side, the query's own counted on both.
       rope_base: rotary base frequency; None disables rotary positions.
       qk_norm: RMS-normalise queries and keys per head before the rotary embedding.
       impl: attention implementation passed to the kernel ("auto", "xla", "pallas", ...).
@@ -190,7 +184,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, positions, self.rope_base), apply_rope(k, positions, self.rope_base)
         if cache is None:
             out = dot_product_attention(q, k, v, causal=self.causal, segment_ids=segment_ids,
-                                        window=kernel_window(self.window, self.causal), softcap=self.softcap,
+                                        window=self.window, softcap=self.softcap,
                                         impl=self.impl)
         else:
             out, cache = cached_attention(q, k, v, cache, impl=self.impl, softcap=self.softcap)

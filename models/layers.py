@@ -6,7 +6,9 @@
 * :func:`sinusoidal_positions`: the fixed encodings of "Attention Is All You Need" (Vaswani et al. 2017, §3.5).
 * :class:`FeedForward`: SwiGLU ``W_down (silu(x W_gate) * x W_up)`` (Shazeer 2020), or the GELU / ReLU
   MLP (ReLU: the original Transformer's ``max(0, x W_1 + b_1) W_2 + b_2``, Vaswani et al. 2017 eq. 2).
-* :func:`positions_from_segments` / :func:`segment_starts`: what packed rows of documents need.
+* :func:`positions_from_segments` / :func:`segment_starts`: what packed rows of documents need
+  (``segment_starts`` is ``jaxlab.kernels.scan.segment_starts``, True at t = 0, the one convention of the
+  models and the recurrent kernels).
 
 Everything here is shape-polymorphic in the leading axes; the axis vocabulary is B batch, L length,
 H heads, D head dim.
@@ -21,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+
+from jaxlab.kernels.scan import segment_starts
 
 __all__ = [
     "DTYPES",
@@ -70,12 +74,6 @@ def default_positions(batch: int, length: int, segment_ids=None):
     if segment_ids is not None:
         return positions_from_segments(segment_ids)
     return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-
-
-def segment_starts(segment_ids):
-    """bool [B, L]: True where a new segment begins (always at t = 0)."""
-    first = jnp.ones_like(segment_ids[:, :1], dtype=bool)
-    return jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
 
 
 def positions_from_segments(segment_ids):

@@ -9,11 +9,12 @@
   scale/offset, and mixed-chunk attention: ``relu^2`` attention inside chunks of C tokens plus causal
   linear attention across chunks. Decoding carries the across-chunk state and the current chunk.
 
-FAVOR+ keys. The kernel's ``favor_features(..., is_query=False)`` subtracts a stabiliser that is a
-maximum over *all* positions, which lets later keys rescale earlier ones; that breaks causality and
-makes token-by-token decoding disagree with the full forward. Keys here use the data-independent
-bound ``max_r |w_r|^2 / 2`` of the exponent ``w_r . x' - |x'|^2 / 2`` instead (so features stay in
-(0, 1]); queries use the kernel's per-row stabiliser, which cancels in the normalisation.
+FAVOR+ keys. The kernel's ``favor_features(..., is_query=False, causal=True)`` is causal too: it drops the
+stabiliser (c = 0), so a key's features depend on that key alone, but exp can overflow for large key norms.
+Keys here use the data-independent bound ``c = max_r |w_r|^2 / 2`` of the exponent ``w_r . x' - |x'|^2 / 2``
+instead: equally causal (decoding equals the full forward), features always in (0, 1], at the price of a
+common factor exp(-c) on every key feature, against which the normaliser's eps weighs more. Queries use the
+kernel's per-row stabiliser, which cancels in the normalisation.
 """
 
 from __future__ import annotations

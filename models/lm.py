@@ -64,8 +64,8 @@ class LMConfig:
     ffn: str = "swiglu"
     num_experts: int = 8
     num_shared_experts: int = 1
-    top_k: int = 2
-    """Routed experts per token (MoE)."""
+    experts_per_token: int = 2
+    """Routed experts per token (MoE), the k of top-k routing."""
     remat: str | tuple[str, ...] = "none"
     """"none" | "full" | "dots" | "offload" | a tuple of names from ``remat.CHECKPOINT_NAMES``."""
     scan_layers: bool = False
@@ -83,7 +83,8 @@ class LMConfig:
     d_ff: int | None = None
     """Dense FFN hidden size (None: 4 d_model for gelu, 8/3 d_model rounded up to a multiple of 8 for swiglu)."""
     d_expert: int | None = None
-    """Hidden size of one routed expert (None: d_ff // (top_k + num_shared_experts), so active FLOPs match d_ff)."""
+    """Hidden size of one routed expert (None: d_ff // (experts_per_token + num_shared_experts), so active FLOPs
+    match d_ff)."""
     moe_gate: str = "softmax"
     moe_dispatch: str = "ragged"
     """"ragged" (sort + grouped matmul, dropless) or "dense" (every expert on every token; the reference)."""
@@ -110,8 +111,9 @@ class LMConfig:
     """GAU's shared query/key dim s."""
 
     def __post_init__(self):
-        positive = ("vocab_size", "d_model", "num_layers", "num_heads", "num_experts", "top_k", "max_len", "window",
-                    "num_features", "d_state", "d_conv", "expand", "ssm_head_dim", "chunk_size", "gau_qk_dim")
+        positive = ("vocab_size", "d_model", "num_layers", "num_heads", "num_experts", "experts_per_token", "max_len",
+                    "window", "num_features", "d_state", "d_conv", "expand", "ssm_head_dim", "chunk_size",
+                    "gau_qk_dim")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -137,8 +139,8 @@ class LMConfig:
         if mixers & {"attention", "sliding", "linear"} and self.head_dim % 2:
             raise ValueError(f"head dim d_model // num_heads = {self.head_dim} must be even for rotary "
                              f"embeddings ({self.d_model=}, {self.num_heads=})")
-        if self.top_k > self.num_experts:
-            raise ValueError(f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
+        if self.experts_per_token > self.num_experts:
+            raise ValueError(f"experts_per_token={self.experts_per_token} must be <= num_experts={self.num_experts}")
         if self.moe_gate not in GATES:
             raise ValueError(f"moe_gate={self.moe_gate!r} must be one of {GATES}")
         if self.moe_dispatch not in ("ragged", "dense"):
@@ -192,14 +194,16 @@ class LMConfig:
     def expert_hidden(self) -> int:
         if self.d_expert is not None:
             return self.d_expert
-        return max(1, self.ffn_hidden // (self.top_k + self.num_shared_experts))
+        return max(1, self.ffn_hidden // (self.experts_per_token + self.num_shared_experts))
 
     @property
     def compute_dtype(self):
+        """``dtype`` resolved: the jnp dtype activations and matmuls run in."""
         return resolve_dtype(self.dtype)
 
     @property
-    def params_dtype(self):
+    def storage_dtype(self):
+        """``param_dtype`` resolved: the jnp dtype the parameters are stored in."""
         return resolve_dtype(self.param_dtype, "param_dtype")
 
 
@@ -209,7 +213,7 @@ def make_mixer(cfg: LMConfig, mixer: str | None = None, **kwargs) -> nn.Module:
     mixer = cfg.mixer if mixer is None else mixer
     if mixer not in MIXERS:
         raise ValueError(f"mixer={mixer!r} must be one of {MIXERS}")
-    common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, **kwargs)
+    common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, **kwargs)
     if mixer in ("attention", "sliding"):
         return Attention(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, causal=True,
                          window=cfg.window if mixer == "sliding" else None, rope_base=cfg.rope_base,
@@ -238,16 +242,16 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, positions, segment_ids=None, state=None):
         cfg = self.cfg
-        norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype, name=name)  # noqa: E731
+        norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.storage_dtype, name=name)  # noqa: E731
         h, state = make_mixer(cfg, self.mixer, name="mixer")(norm("mixer_norm")(x), positions, segment_ids, state)
         x = x + checkpoint_name(h, "mixer_out")
         y = norm("ffn_norm")(x)
         if cfg.ffn == "moe":
-            f, aux = MoE(cfg.num_experts, cfg.top_k, cfg.expert_hidden, cfg.num_shared_experts, gate=cfg.moe_gate,
-                         dispatch=cfg.moe_dispatch, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                         name="moe")(y)
+            f, aux = MoE(cfg.num_experts, cfg.experts_per_token, cfg.expert_hidden, cfg.num_shared_experts,
+                         gate=cfg.moe_gate, dispatch=cfg.moe_dispatch, dtype=cfg.compute_dtype,
+                         param_dtype=cfg.storage_dtype, name="moe")(y)
         else:
-            f = FeedForward(cfg.ffn_hidden, cfg.ffn, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+            f = FeedForward(cfg.ffn_hidden, cfg.ffn, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
                             name="ffn")(y)
             aux = {}
         x = x + checkpoint_name(f, "ffn_out")
@@ -327,16 +331,16 @@ class LM(nn.Module):
     def setup(self):
         cfg = self.cfg
         self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=embed_init, dtype=cfg.compute_dtype,
-                              param_dtype=cfg.params_dtype)
+                              param_dtype=cfg.storage_dtype)
         if cfg.scan_layers:
             self.blocks = scanned_blocks(cfg)
         else:
             block = remat_module(Block, cfg.remat)
             self.blocks = [block(cfg, mixer, name=f"block_{i}") for i, mixer in enumerate(cfg.layer_mixers)]
-        self.final_norm = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype)
+        self.final_norm = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.storage_dtype)
         if not cfg.tie_embeddings:
             self.head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                                 param_dtype=cfg.params_dtype)
+                                 param_dtype=cfg.storage_dtype)
 
     def _check_tokens(self, tokens):
         if getattr(tokens, "ndim", None) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -374,8 +378,9 @@ class LM(nn.Module):
         aux["aux_loss"] = cfg.load_balance_coef * aux["load_balance_loss"] + cfg.router_z_coef * aux["router_z_loss"]
         return aux
 
-    def __call__(self, tokens, segment_ids=None, positions=None):
-        """tokens int [B, L]; segment_ids int [B, L] (packed documents); positions int [B, L]."""
+    def __call__(self, tokens, positions=None, segment_ids=None):
+        """tokens int [B, L]; positions int [B, L] (default: restart at 0 in every segment); segment_ids int
+        [B, L] (packed documents). Same order as the mixers' ``(x, positions, segment_ids, state)``."""
         self._check_tokens(tokens)
         B, L = tokens.shape
         if segment_ids is not None and segment_ids.shape != (B, L):

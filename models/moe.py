@@ -37,8 +37,8 @@ GATES = ("softmax", "sigmoid")
 DISPATCH = ("ragged", "dense")
 
 
-def route(logits, top_k: int, gate: str = "softmax", normalize_gates: bool = True):
-    """Top-k routing of router logits [T, E].
+def route(logits, experts_per_token: int, gate: str = "softmax", normalize_gates: bool = True):
+    """Top-k routing of router logits [T, E], ``k = experts_per_token``.
 
     Returns:
       weights [T, k] fp32 combine weights, experts [T, k] int32 chosen experts, probs [T, E]
@@ -49,12 +49,12 @@ def route(logits, top_k: int, gate: str = "softmax", normalize_gates: bool = Tru
     logits = logits.astype(jnp.float32)
     if gate == "softmax":
         probs = jax.nn.softmax(logits, axis=-1)  # [T, E]
-        weights, experts = jax.lax.top_k(probs, top_k)  # [T, k]
+        weights, experts = jax.lax.top_k(probs, experts_per_token)  # [T, k]
         if normalize_gates:
             weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     else:
         scores = jax.nn.sigmoid(logits)
-        weights, experts = jax.lax.top_k(scores, top_k)
+        weights, experts = jax.lax.top_k(scores, experts_per_token)
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
         probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
     return weights, experts.astype(jnp.int32), probs
@@ -124,7 +124,8 @@ class MoE(nn.Module):
     """
 
     num_experts: int
-    top_k: int
+    experts_per_token: int
+    """Routed experts per token, the k of top-k routing."""
     d_expert: int
     num_shared_experts: int = 0
     gate: str = "softmax"
@@ -135,8 +136,9 @@ class MoE(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+        if not 1 <= self.experts_per_token <= self.num_experts:
+            raise ValueError(f"experts_per_token={self.experts_per_token} must be in "
+                             f"[1, num_experts={self.num_experts}]")
         if self.dispatch not in DISPATCH:
             raise ValueError(f"dispatch={self.dispatch!r} must be one of {DISPATCH}")
         B, L, d = x.shape
@@ -144,7 +146,7 @@ class MoE(nn.Module):
         tokens = x.reshape(B * L, d)  # [T, d]
         router = self.param("router", nn.initializers.normal(0.02), (d, E), jnp.float32)
         logits = tokens.astype(jnp.float32) @ router  # [T, E]
-        weights, experts, probs = route(logits, self.top_k, self.gate, self.normalize_gates)
+        weights, experts, probs = route(logits, self.experts_per_token, self.gate, self.normalize_gates)
 
         init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
                                                 batch_axis=(0,))

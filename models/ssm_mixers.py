@@ -18,7 +18,7 @@ recurrence (and the short convolution) at segment starts, so packed documents do
 
 S4D and S5 compose ``jaxlab.kernels.s4`` (ZOH ``discretize_diag``, the FFT convolution ``s4d``, ``s5``)
 and ``jaxlab.kernels.scan.linear_recurrence`` (complex states); Mamba and Mamba-2 use
-``jaxlab.kernels.ssm.selective_scan`` / ``ssd`` with ``h0`` and ``return_state``.
+``jaxlab.kernels.ssm.selective_scan`` / ``ssd`` with ``initial_state`` and ``return_state``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxlab.kernels.hippo import hippo_legs
 from jaxlab.kernels.s4 import discretize_diag, s4d, s4d_lambda, s5
-from jaxlab.kernels.scan import linear_recurrence, resets_from_segment_ids
+from jaxlab.kernels.scan import linear_recurrence, segment_starts
 from jaxlab.kernels.ssm import selective_scan, ssd
 from jaxlab.models.layers import RMSNorm
 
@@ -84,7 +84,7 @@ def causal_conv1d(x, w, b, state=None, segment_ids=None):
 
 
 def _reset(segment_ids):
-    return None if segment_ids is None else resets_from_segment_ids(segment_ids)
+    return None if segment_ids is None else segment_starts(segment_ids)
 
 
 def _log_dt_init(dt_min: float, dt_max: float):
@@ -140,10 +140,10 @@ class S4D(nn.Module):
         Lambda = -jnp.exp(log_A_real) + 1j * A_imag  # [H, N2]
         B_c, C_c, dt = B_[0] + 1j * B_[1], C[0] + 1j * C[1], jnp.exp(log_dt)
         if state is None and segment_ids is None:
-            y = s4d(u, Lambda, B_c, C_c, dt, D, mode="fft")
+            y = s4d(u, Lambda, B_c, C_c, dt, D, method="fft")
         else:
             Lambda_bar, B_bar = discretize_diag(Lambda, B_c, dt[:, None])  # [H, N2]
-            h = linear_recurrence(Lambda_bar[None, None], B_bar * u[..., None], h0=state,
+            h = linear_recurrence(Lambda_bar[None, None], B_bar * u[..., None], initial_state=state,
                                   reset=_reset(segment_ids))  # [B, L, H, N2] complex
             y = 2 * jnp.real(jnp.einsum("blhn,hn->blh", h, C_c)) + D * u
             state = h[:, -1]
@@ -178,7 +178,7 @@ class S5(nn.Module):
         log_dt = self.param("log_dt", _log_dt_init(self.dt_min, self.dt_max), (P2,))
         u = checkpoint_name(x.astype(jnp.float32), "ssm_in")  # [B, L, H]
         Lambda = jnp.minimum(Lambda_re, -1e-4) + 1j * Lambda_im  # keep the system stable
-        y, state = s5(u, Lambda, B_[0] + 1j * B_[1], C[0] + 1j * C[1], jnp.exp(log_dt), D, h0=state,
+        y, state = s5(u, Lambda, B_[0] + 1j * B_[1], C[0] + 1j * C[1], jnp.exp(log_dt), D, initial_state=state,
                       segment_ids=segment_ids, return_state=True)  # y = 2 Re(C h) + D u
         y = checkpoint_name(y, "context")
         return _GLUOut(self.dtype, self.param_dtype, name="glu")(y), state
@@ -232,7 +232,8 @@ class Mamba(nn.Module):
         D = self.param("D", nn.initializers.ones, (d_inner,))
         f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
         y, h = selective_scan(f32(xi), f32(delta), -jnp.exp(A_log), f32(Bm), f32(Cm), D=D, z=f32(z),
-                              delta_bias=dt_bias, delta_softplus=True, h0=None if state is None else state["ssm"],
+                              delta_bias=dt_bias, delta_softplus=True,
+                              initial_state=None if state is None else state["ssm"],
                               segment_ids=segment_ids, return_state=True)
         y = checkpoint_name(y.astype(self.dtype), "context")
         return dense(d, "out_proj")(y), {"conv": conv_state, "ssm": h}
@@ -285,7 +286,8 @@ class Mamba2(nn.Module):
         D = self.param("D", nn.initializers.ones, (H,))
         y, h = ssd(xs.reshape(B, L, H, P), jax.nn.softplus(dt.astype(jnp.float32) + dt_bias), -jnp.exp(A_log),
                    Bm.reshape(B, L, G, N), Cm.reshape(B, L, G, N), D=D, chunk_size=self.chunk_size,
-                   h0=None if state is None else state["ssm"], segment_ids=segment_ids, return_state=True)
+                   initial_state=None if state is None else state["ssm"], segment_ids=segment_ids,
+                   return_state=True)
         y = checkpoint_name(y.reshape(B, L, d_inner).astype(self.dtype), "context")
         y = RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(y * nn.silu(z))  # gated norm
         out = nn.Dense(d, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="out_proj")(y)

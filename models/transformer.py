@@ -16,8 +16,8 @@ cross-attention) through the attention kernel's key segment ids; the decoder is 
     model = Transformer(cfg)
     params = model.init(key, src, tgt_in)["params"]          # src [B, Ls], tgt_in [B, Lt] int32
     logits = model.apply({"params": params}, src, tgt_in)     # [B, Lt, V_tgt] fp32
-    tokens = greedy_decode(model, params, src, max_len=16)   # [B, 16], pad after EOS
-    tokens, scores = beam_search(model, params, src, max_len=16, beam_size=4, alpha=0.6)
+    tokens = greedy_decode(model, params, src, max_new_tokens=16)  # [B, 16], pad after EOS
+    tokens, scores = beam_search(model, params, src, max_new_tokens=16, beam_size=4, alpha=0.6)
 
 ``tgt_in`` is the target shifted right behind ``bos_id``; :func:`seq2seq_loss` is the label-smoothed
 cross-entropy of §5.4 over non-pad targets.
@@ -102,10 +102,12 @@ class TransformerConfig:
 
     @property
     def compute_dtype(self):
+        """``dtype`` resolved: the jnp dtype activations and matmuls run in."""
         return resolve_dtype(self.dtype)
 
     @property
-    def params_dtype(self):
+    def storage_dtype(self):
+        """``param_dtype`` resolved: the jnp dtype the parameters are stored in."""
         return resolve_dtype(self.param_dtype, "param_dtype")
 
 
@@ -122,17 +124,17 @@ class _Sublayers(nn.Module):
     def _attention(self, causal: bool, name: str) -> Attention:
         cfg = self.cfg
         return Attention(num_heads=cfg.num_heads, causal=causal, rope_base=None, impl=cfg.attention_impl,
-                         use_bias=True, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, name=name)
+                         use_bias=True, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, name=name)
 
     def _ffn(self, x):
         cfg = self.cfg
         return FeedForward(cfg.d_ff, cfg.activation, use_bias=True, dtype=cfg.compute_dtype,
-                           param_dtype=cfg.params_dtype, name="ffn")(x)
+                           param_dtype=cfg.storage_dtype, name="ffn")(x)
 
     def _residual(self, x, sublayer, name: str, deterministic: bool):
         """post: ``LN(x + drop(f(x)))``; pre: ``x + drop(f(LN(x)))``. Returns (x, whatever f returns extra)."""
         cfg = self.cfg
-        norm = nn.LayerNorm(cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+        norm = nn.LayerNorm(cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
                             name=f"{name}_norm")
         y, extra = sublayer(norm(x) if cfg.norm == "pre" else x)
         x = x + nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
@@ -172,7 +174,7 @@ class Transformer(nn.Module):
         cfg = self.cfg
         init = nn.initializers.normal(cfg.d_model ** -0.5)
         embed = lambda n, name: nn.Embed(n, cfg.d_model, embedding_init=init, dtype=cfg.compute_dtype,  # noqa: E731
-                                         param_dtype=cfg.params_dtype, name=name)
+                                         param_dtype=cfg.storage_dtype, name=name)
         self.tgt_embed = embed(cfg.tgt_vocab_size, "tgt_embed")
         shared_src = cfg.share_embeddings and cfg.src_vocab_size == cfg.tgt_vocab_size
         self.src_embed = self.tgt_embed if shared_src else embed(cfg.src_vocab_size, "src_embed")
@@ -180,11 +182,11 @@ class Transformer(nn.Module):
         self.decoder = [DecoderLayer(cfg, name=f"decoder_{i}") for i in range(cfg.num_decoder_layers)]
         if cfg.norm == "pre":  # pre-LN stacks end with a LayerNorm (post-LN layers already end normalised)
             ln = lambda name: nn.LayerNorm(cfg.layer_norm_eps, dtype=cfg.compute_dtype,  # noqa: E731
-                                           param_dtype=cfg.params_dtype, name=name)
+                                           param_dtype=cfg.storage_dtype, name=name)
             self.encoder_norm, self.decoder_norm = ln("encoder_norm"), ln("decoder_norm")
         if not cfg.share_embeddings:
             self.head = nn.Dense(cfg.tgt_vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                                 param_dtype=cfg.params_dtype)
+                                 param_dtype=cfg.storage_dtype)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def _check(self, tokens, name: str):
@@ -259,15 +261,15 @@ def seq2seq_loss(logits, targets, pad_id: int, label_smoothing: float = 0.0):
 
 
 # ---- decoding ---------------------------------------------------------------------------------------
-def _check_decode_args(model: Transformer, src, max_len: int):
+def _check_decode_args(model: Transformer, src, max_new_tokens: int):
     if getattr(src, "ndim", None) != 2 or not jnp.issubdtype(src.dtype, jnp.integer):
         raise ValueError(f"src must be an int array [B, Ls], got {getattr(src, 'shape', src)}")
-    if not isinstance(max_len, int) or not 1 <= max_len <= model.cfg.max_len:
-        raise ValueError(f"max_len={max_len!r} must be an int in [1, cfg.max_len={model.cfg.max_len}]")
+    if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= model.cfg.max_len:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int in [1, cfg.max_len={model.cfg.max_len}]")
 
 
 @functools.lru_cache(maxsize=32)
-def _greedy_fn(cfg: TransformerConfig, max_len: int):
+def _greedy_fn(cfg: TransformerConfig, max_new_tokens: int):
     model = Transformer(cfg)
 
     def run(params, src):
@@ -282,21 +284,21 @@ def _greedy_fn(cfg: TransformerConfig, max_len: int):
             return (nxt, done | (nxt == cfg.eos_id), caches), nxt
 
         start = jnp.full((B,), cfg.bos_id, jnp.int32)
-        carry = (start, jnp.zeros((B,), bool), model.init_caches(B, max_len))
-        _, tokens = jax.lax.scan(step, carry, None, length=max_len)
-        return tokens.T  # [B, max_len]
+        carry = (start, jnp.zeros((B,), bool), model.init_caches(B, max_new_tokens))
+        _, tokens = jax.lax.scan(step, carry, None, length=max_new_tokens)
+        return tokens.T  # [B, max_new_tokens]
 
     return jax.jit(run)
 
 
-def greedy_decode(model: Transformer, params, src, max_len: int):
-    """Argmax decoding with the KV cache: tokens [B, max_len] after BOS; ``pad_id`` after EOS."""
-    _check_decode_args(model, src, max_len)
-    return _greedy_fn(model.cfg, max_len)(params, jnp.asarray(src, jnp.int32))
+def greedy_decode(model: Transformer, params, src, max_new_tokens: int):
+    """Argmax decoding with the KV cache: tokens [B, max_new_tokens] after BOS; ``pad_id`` after EOS."""
+    _check_decode_args(model, src, max_new_tokens)
+    return _greedy_fn(model.cfg, max_new_tokens)(params, jnp.asarray(src, jnp.int32))
 
 
 @functools.lru_cache(maxsize=32)
-def _beam_fn(cfg: TransformerConfig, max_len: int, K: int, alpha: float):
+def _beam_fn(cfg: TransformerConfig, max_new_tokens: int, K: int, alpha: float):
     model = Transformer(cfg)
 
     def run(params, src):
@@ -310,7 +312,7 @@ def _beam_fn(cfg: TransformerConfig, max_len: int, K: int, alpha: float):
 
         def step(carry, t):
             tokens, scores, done, lengths, caches = carry  # [B, K, T], [B, K], [B, K], [B, K], caches [B*K]
-            last = jnp.where(t == 0, cfg.bos_id, tokens.reshape(B * K, max_len)[:, jnp.maximum(t - 1, 0)])
+            last = jnp.where(t == 0, cfg.bos_id, tokens.reshape(B * K, max_new_tokens)[:, jnp.maximum(t - 1, 0)])
             logits, caches = apply(last[:, None], memory, src_ids, caches, method=Transformer.decode)
             logp = jax.nn.log_softmax(logits[:, 0], axis=-1).reshape(B, K, V)
             logp = jnp.where(done[..., None], pad_only, logp)
@@ -327,9 +329,9 @@ def _beam_fn(cfg: TransformerConfig, max_len: int, K: int, alpha: float):
             return (tokens, scores, done, lengths, caches), None
 
         scores = jnp.tile(jnp.array([0.0] + [-jnp.inf] * (K - 1)), (B, 1))  # step 0 expands beam 0 only
-        carry = (jnp.full((B, K, max_len), cfg.pad_id, jnp.int32), scores, jnp.zeros((B, K), bool),
-                 jnp.zeros((B, K), jnp.int32), model.init_caches(B * K, max_len))
-        (tokens, scores, _, lengths, _), _ = jax.lax.scan(step, carry, jnp.arange(max_len))
+        carry = (jnp.full((B, K, max_new_tokens), cfg.pad_id, jnp.int32), scores, jnp.zeros((B, K), bool),
+                 jnp.zeros((B, K), jnp.int32), model.init_caches(B * K, max_new_tokens))
+        (tokens, scores, _, lengths, _), _ = jax.lax.scan(step, carry, jnp.arange(max_new_tokens))
         normalised = scores / ((5.0 + lengths) / 6.0) ** alpha  # GNMT length penalty (Wu et al. 2016)
         best = jnp.argmax(normalised, axis=1)  # [B]
         return tokens[jnp.arange(B), best], normalised[jnp.arange(B), best]
@@ -337,16 +339,16 @@ def _beam_fn(cfg: TransformerConfig, max_len: int, K: int, alpha: float):
     return jax.jit(run)
 
 
-def beam_search(model: Transformer, params, src, max_len: int, beam_size: int = 4, alpha: float = 0.6):
-    """Beam search (§6.1: beam 4, length penalty alpha = 0.6): (tokens [B, max_len], scores [B]).
+def beam_search(model: Transformer, params, src, max_new_tokens: int, beam_size: int = 4, alpha: float = 0.6):
+    """Beam search (§6.1: beam 4, length penalty alpha = 0.6): (tokens [B, max_new_tokens], scores [B]).
 
     Beams are ranked by their summed log-probability while searching; the result is the final beam
     with the best length-normalised score ``log p / ((5 + |y|) / 6)^alpha``. ``beam_size=1`` is
     greedy decoding.
     """
-    _check_decode_args(model, src, max_len)
+    _check_decode_args(model, src, max_new_tokens)
     if not isinstance(beam_size, int) or not 1 <= beam_size <= model.cfg.tgt_vocab_size:
         raise ValueError(f"beam_size={beam_size!r} must be an int in [1, tgt_vocab_size]")
     if not alpha >= 0:
         raise ValueError(f"alpha={alpha!r} must be >= 0")
-    return _beam_fn(model.cfg, max_len, beam_size, float(alpha))(params, jnp.asarray(src, jnp.int32))
+    return _beam_fn(model.cfg, max_new_tokens, beam_size, float(alpha))(params, jnp.asarray(src, jnp.int32))

@@ -64,7 +64,7 @@ from jaxlab.parallel.strategies import (
     state_shardings,
     to_shardings,
 )
-from jaxlab.train_state import LossFn, apply_update, loss_and_grads
+from jaxlab.train_state import LossFn, apply_update, check_step_arguments, loss_and_grads
 
 __all__ = ["GATHERED", "IMPLS", "TrainStep", "regather_policy", "sharded_train_step"]
 
@@ -202,12 +202,7 @@ def sharded_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         all-reduce of the shard_map DDP and ZeRO-1 programs.
     """
     s = get_strategy(strategy)
-    if not callable(loss_fn):
-        raise ValueError(f"loss_fn={loss_fn!r} must be callable as loss_fn(params, batch, key)")
-    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
-        raise ValueError(f"optimizer={optimizer!r} must be an optax GradientTransformation")
-    if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
-        raise ValueError(f"grad_accum={grad_accum!r} must be an int >= 1")
+    check_step_arguments(loss_fn, optimizer, grad_accum)
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} must be one of {IMPLS}")
     if allreduce not in ALLREDUCES:

@@ -1,7 +1,7 @@
 """Advantage Actor-Critic, the synchronous form of A3C (Mnih et al. 2016, "Asynchronous Methods for
 Deep Reinforcement Learning", Algorithm S3).
 
-``num_envs`` actors step in lockstep for ``num_steps`` steps; every step's advantage is
+``num_envs`` actors step in lockstep for ``rollout_length`` steps; every step's advantage is
 ``G_t - V(s_t)`` with the ``n``-step return ``G_t`` (by default the longest the rollout holds:
 bootstrapped from ``V`` at the rollout's end, at time limits from the pre-reset observation, and not
 past terminal states); then one gradient step on ``-E[log pi(a|s) A] + vf_coef L^V - ent_coef H``.
@@ -26,11 +26,11 @@ class A2CConfig(OnPolicyConfig):
     ALGO: ClassVar[str] = "A2C"
 
     num_envs: int = 16
-    num_steps: int = 8
+    rollout_length: int = 8
     learning_rate: float = 1e-3
     max_grad_norm: float = 0.5
     n_step: int = 0
-    """Return horizon n; 0 means num_steps (each step bootstraps at the rollout's end, as in A3C)."""
+    """Return horizon n; 0 means rollout_length (each step bootstraps at the rollout's end, as in A3C)."""
     ent_coef: float = 0.01
     """Entropy bonus coefficient."""
     vf_coef: float = 0.5
@@ -39,7 +39,7 @@ class A2CConfig(OnPolicyConfig):
     """Standardise advantages over the batch."""
 
     def __post_init__(self):
-        require(self.n_step >= 0, f"n_step={self.n_step} must be >= 0 (0: num_steps)")
+        require(self.n_step >= 0, f"n_step={self.n_step} must be >= 0 (0: rollout_length)")
         require(self.ent_coef >= 0 and self.vf_coef >= 0,
                 f"ent_coef={self.ent_coef} and vf_coef={self.vf_coef} must be >= 0")
         super().__post_init__()
@@ -52,4 +52,4 @@ def make_train(cfg: A2CConfig) -> Train:
     learn = policy_gradient_learn(ac, optimizer, ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef,
                                   normalize=cfg.normalize_advantages)
     return make_on_policy_train(cfg, ac, init_opt=optimizer.init, learn=learn,
-                                estimator=n_step_estimator(cfg.gamma, cfg.n_step or cfg.num_steps))
+                                estimator=n_step_estimator(cfg.gamma, cfg.n_step or cfg.rollout_length))

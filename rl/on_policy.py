@@ -1,6 +1,6 @@
 """The on-policy actor-critic loop shared by REINFORCE, A2C, PPO and TRPO.
 
-One update: roll the current stochastic policy out for ``num_steps`` steps in ``num_envs`` envs,
+One update: roll the current stochastic policy out for ``rollout_length`` steps in ``num_envs`` envs,
 evaluate the critic on both ends of every transition (inside each step, or once afterwards), turn
 rewards into advantages and critic targets with the algorithm's estimator (GAE, n-step or Monte-Carlo
 returns, all bootstrapping from ``next_obs`` on truncation), then hand the ``Batch`` to the
@@ -40,8 +40,8 @@ __all__ = ["ActorCritic", "Batch", "OnPolicyConfig", "OnPolicyState", "gae_estim
 class OnPolicyConfig(RLConfig):
     """Rollout and advantage settings of the on-policy family."""
 
-    num_steps: int = 128
-    """Rollout length per environment per update."""
+    rollout_length: int = 128
+    """Environment steps per environment per update (the rollout's ``T``)."""
     normalize_obs: bool = False
     """Standardise observations with running statistics."""
     normalize_reward: bool = False
@@ -54,12 +54,12 @@ class OnPolicyConfig(RLConfig):
     faster, batched ran REINFORCE's 256-step rollouts 1.25x faster (whole runs, side by side)."""
 
     def __post_init__(self):
-        require(self.num_steps >= 1, f"num_steps={self.num_steps} must be >= 1")
+        require(self.rollout_length >= 1, f"rollout_length={self.rollout_length} must be >= 1")
         super().__post_init__()
 
     @property
     def steps_per_update(self) -> int:
-        return self.num_envs * self.num_steps
+        return self.num_envs * self.rollout_length
 
 
 @struct.dataclass
@@ -133,7 +133,7 @@ def gae_estimator(gamma: float, gae_lambda: float) -> Estimator:
 
 
 def n_step_estimator(gamma: float, n: int) -> Estimator:
-    """Advantages ``G^(n) - V`` and targets ``G^(n)`` from ``n``-step returns (``n >= num_steps``: Monte Carlo
+    """Advantages ``G^(n) - V`` and targets ``G^(n)`` from ``n``-step returns (``n >= rollout_length``: Monte Carlo
     to the episode's end, bootstrapped where the rollout or a time limit cuts it)."""
 
     def estimate(traj, values, next_values):
@@ -194,7 +194,7 @@ def make_on_policy_train(cfg: OnPolicyConfig, ac: ActorCritic, *, init_opt: Call
             return action, {"log_prob": log_prob}
 
         value_fn = functools.partial(ac.value, state.params["critic"])
-        carry, traj = rollout(env, env_params, state.env, policy, k_rollout, cfg.num_steps,
+        carry, traj = rollout(env, env_params, state.env, policy, k_rollout, cfg.rollout_length,
                               value_fn=value_fn if cfg.values_in_rollout else None)  # [T, E, ...]
         if cfg.values_in_rollout:
             values, next_values = traj.extras["value"], traj.extras["next_value"]  # [T, E] V(s_t), V(s'_t)

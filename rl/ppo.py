@@ -1,6 +1,6 @@
 """Proximal Policy Optimization (Schulman et al. 2017, "Proximal Policy Optimization Algorithms").
 
-Each update collects ``num_envs x num_steps`` transitions, estimates GAE advantages (bootstrapping
+Each update collects ``num_envs x rollout_length`` transitions, estimates GAE advantages (bootstrapping
 time limits from the pre-reset observation), then runs ``num_epochs`` passes of ``num_minibatches``
 Adam steps on ``L = L^CLIP + vf_coef L^V - ent_coef H`` (eq. 9) with the clipped surrogate (eq. 7),
 a clipped value loss, per-minibatch advantage normalisation, global-norm gradient clipping and a
@@ -38,7 +38,7 @@ class PPOConfig(OnPolicyConfig):
     num_epochs: int = 4
     """Passes over each rollout."""
     num_minibatches: int = 4
-    """Minibatches per pass; must divide num_envs * num_steps."""
+    """Minibatches per pass; must divide num_envs * rollout_length."""
     clip_eps: float = 0.2
     """Clipping range of the probability ratio (and of the value change)."""
     clip_value: bool = True
@@ -55,9 +55,9 @@ class PPOConfig(OnPolicyConfig):
     def __post_init__(self):
         require(0.0 <= self.gae_lambda <= 1.0, f"gae_lambda={self.gae_lambda} must be in [0, 1]")
         require(self.num_epochs >= 1, f"num_epochs={self.num_epochs} must be >= 1")
-        require(self.num_minibatches >= 1 and (self.num_envs * self.num_steps) % self.num_minibatches == 0,
-                f"num_minibatches={self.num_minibatches} must divide num_envs * num_steps = "
-                f"{self.num_envs * self.num_steps}")
+        require(self.num_minibatches >= 1 and (self.num_envs * self.rollout_length) % self.num_minibatches == 0,
+                f"num_minibatches={self.num_minibatches} must divide num_envs * rollout_length = "
+                f"{self.num_envs * self.rollout_length}")
         require(self.clip_eps > 0, f"clip_eps={self.clip_eps} must be > 0")
         require(self.ent_coef >= 0 and self.vf_coef >= 0,
                 f"ent_coef={self.ent_coef} and vf_coef={self.vf_coef} must be >= 0")

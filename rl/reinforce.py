@@ -3,7 +3,7 @@ Algorithms for Connectionist Reinforcement Learning"; Sutton & Barto 2018, Sec. 
 
 The policy gradient ``E[sum_t (G_t - b(s_t)) grad log pi(a_t|s_t)]`` with Monte-Carlo returns
 ``G_t`` (discounted rewards to the end of the episode) and a state-value baseline ``b = V`` fitted by
-regression on ``G_t``. Episodes are collected ``num_envs`` at a time in rollouts of ``num_steps``
+regression on ``G_t``. Episodes are collected ``num_envs`` at a time in rollouts of ``rollout_length``
 steps; a return that the rollout cuts short (the episode continues past it, or a time limit ends it)
 is completed with the baseline's value of the state where it was cut, the usual finite-batch form.
 One gradient step per rollout.
@@ -28,7 +28,7 @@ class REINFORCEConfig(OnPolicyConfig):
     ALGO: ClassVar[str] = "REINFORCE"
 
     num_envs: int = 8
-    num_steps: int = 256
+    rollout_length: int = 256
     values_in_rollout: bool = False
     """One critic call over the whole 256-step rollout (faster here than one per step)."""
     learning_rate: float = 3e-3
@@ -54,4 +54,4 @@ def make_train(cfg: REINFORCEConfig) -> Train:
     learn = policy_gradient_learn(ac, optimizer, ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef,
                                   normalize=cfg.normalize_advantages)
     return make_on_policy_train(cfg, ac, init_opt=optimizer.init, learn=learn,
-                                estimator=n_step_estimator(cfg.gamma, cfg.num_steps))
+                                estimator=n_step_estimator(cfg.gamma, cfg.rollout_length))

@@ -10,7 +10,7 @@ distinction the learners need (Pardo et al. 2018, "Time Limits in Reinforcement 
   ``info["final_observation"]``), so ``(obs, action, reward, next_obs)`` is always a true transition.
 
     carry = env_reset(env, params, key)
-    carry, traj = rollout(env, params, carry, policy, key, num_steps=128)   # traj.obs [T, E, *O]
+    carry, traj = rollout(env, params, carry, policy, key, rollout_length=128)   # traj.obs [T, E, *O]
     metrics = episode_metrics(traj)                                          # mean completed return ...
 
 ``policy(obs [E, *O], key) -> (action [E, *A], extras)``; ``extras`` (e.g. log-probabilities) is stored
@@ -85,9 +85,9 @@ def env_step(env, params, carry: EnvCarry, action: jax.Array, key: jax.Array,
     return EnvCarry(state=state, obs=obs), transition
 
 
-def rollout(env, params, carry: EnvCarry, policy: Policy, key: jax.Array, num_steps: int,
+def rollout(env, params, carry: EnvCarry, policy: Policy, key: jax.Array, rollout_length: int,
             value_fn: Callable[[jax.Array], jax.Array] | None = None) -> tuple[EnvCarry, Transition]:
-    """Run ``policy`` for ``num_steps`` steps with ``lax.scan``; the transition leaves are ``[T, E, ...]``.
+    """Run ``policy`` for ``rollout_length`` steps with ``lax.scan``; the transition leaves are ``[T, E, ...]``.
 
     With ``value_fn`` (``obs [N, *O] -> [N]``, a critic), each step also evaluates it on both ends of the
     transition in one call on ``[2E, *O]`` and stores ``extras["value"]`` (of ``obs``) and
@@ -111,7 +111,7 @@ def rollout(env, params, carry: EnvCarry, policy: Policy, key: jax.Array, num_st
                 extras={**transition.extras, "value": both[:E], "next_value": both[E:]})
         return carry, transition
 
-    return jax.lax.scan(one_step, carry, jax.random.split(key, num_steps))
+    return jax.lax.scan(one_step, carry, jax.random.split(key, rollout_length))
 
 
 def episode_metrics(traj: Transition) -> dict[str, jax.Array]:

@@ -296,9 +296,9 @@ def fit_adapter(config: RLConfig, key: jax.Array, num_seeds: int, chunk_updates:
 
     ``train_step(state, chunk_index, key)`` runs the chunk (the :func:`compiled_chunk` of the config, cached)
     and returns its :func:`window_row` as the metrics, so ``fit`` writes one metrics line per chunk with
-    ``step`` = chunks done and truncates them with its checkpoints. ``num_steps`` is the number of chunks
-    (the last one may be short). The compile time (at the first chunk run) and the time of every chunk go to
-    ``timing``.
+    ``step`` = chunks done and truncates them with its checkpoints. ``num_steps`` (for ``LoopConfig.num_steps``)
+    is the number of chunks (the last one may be short). The compile time (at the first chunk run) and the
+    time of every chunk go to ``timing``.
     """
     if chunk_updates < 1:
         raise ValueError(f"chunk_updates={chunk_updates} must be >= 1")

@@ -40,7 +40,7 @@ class TRPOConfig(OnPolicyConfig):
     ALGO: ClassVar[str] = "TRPO"
 
     num_envs: int = 8
-    num_steps: int = 128
+    rollout_length: int = 128
     learning_rate: float = 1e-3
     """Adam step size of the critic."""
     gae_lambda: float = 0.95
@@ -58,7 +58,7 @@ class TRPOConfig(OnPolicyConfig):
     vf_epochs: int = 5
     """Critic passes over each rollout."""
     num_minibatches: int = 4
-    """Critic minibatches per pass; must divide num_envs * num_steps."""
+    """Critic minibatches per pass; must divide num_envs * rollout_length."""
     normalize_advantages: bool = True
     """Standardise advantages over the batch."""
 
@@ -70,9 +70,9 @@ class TRPOConfig(OnPolicyConfig):
         require(self.line_search_steps >= 1, f"line_search_steps={self.line_search_steps} must be >= 1")
         require(0.0 < self.backtrack_ratio < 1.0, f"backtrack_ratio={self.backtrack_ratio} must be in (0, 1)")
         require(self.vf_epochs >= 1, f"vf_epochs={self.vf_epochs} must be >= 1")
-        require(self.num_minibatches >= 1 and (self.num_envs * self.num_steps) % self.num_minibatches == 0,
-                f"num_minibatches={self.num_minibatches} must divide num_envs * num_steps = "
-                f"{self.num_envs * self.num_steps}")
+        require(self.num_minibatches >= 1 and (self.num_envs * self.rollout_length) % self.num_minibatches == 0,
+                f"num_minibatches={self.num_minibatches} must divide num_envs * rollout_length = "
+                f"{self.num_envs * self.rollout_length}")
         super().__post_init__()
 
 

@@ -36,6 +36,7 @@ from jaxlab.rl.llm.losses import (AGGREGATIONS, grpo_advantages, grpo_loss, kimi
                                   sequence_kl)
 from jaxlab.rl.llm.task import EOS, PAD, Task, is_correct, response_lengths
 from jaxlab.train_state import LossFn, TrainState, apply_update, loss_and_grads
+from jaxlab.validation import check_positive
 
 __all__ = ["GRPOSpec", "make_grpo_step", "update_epochs"]
 
@@ -56,9 +57,7 @@ class GRPOSpec:
     length_penalty: float = 0.0
 
     def __post_init__(self):
-        for name in ("group_size", "max_new_tokens", "ppo_epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+        check_positive(self, "group_size", "max_new_tokens", "ppo_epochs")
         if self.group_size < 2:
             raise ValueError(f"group_size={self.group_size} must be >= 2 (advantages are relative to the group)")
         if self.aggregation not in AGGREGATIONS:

@@ -48,6 +48,7 @@ from jaxlab.rl.llm.reward_model import init_reward_params, make_reward_model_ste
 from jaxlab.rl.llm.sft import make_sft_step
 from jaxlab.rl.llm.task import EOS, PAD, TASKS, VOCAB_SIZE, Task, format_ok, is_correct, response_lengths
 from jaxlab.train_state import create_train_state
+from jaxlab.validation import check_greater, check_positive
 from jaxlab.xla_options import FAST_COMPILE
 
 __all__ = ["METHODS", "PostTrainConfig", "ProblemIterator", "WithFrozen", "evaluate_policy", "posttrain",
@@ -151,12 +152,8 @@ class PostTrainConfig:
                 raise ValueError(f"{name}={value!r} must be a positive int")
         if self.group_size < 2:
             raise ValueError(f"group_size={self.group_size!r} must be >= 2")
-        for name in ("sft_lr", "lr", "dpo_lr", "rm_lr", "temperature", "clip_eps", "dpo_beta", "vf_coef"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
-        for name in ("beta", "format_weight", "length_penalty", "kl_coef", "dpo_nll_coef"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
+        check_greater(self, "sft_lr", "lr", "dpo_lr", "rm_lr", "temperature", "clip_eps", "dpo_beta", "vf_coef")
+        check_positive(self, "beta", "format_weight", "length_penalty", "kl_coef", "dpo_nll_coef", minimum=0)
         if not 0 <= self.gae_lambda <= 1:
             raise ValueError(f"gae_lambda={self.gae_lambda!r} must be in [0, 1]")
         if self.rm_batch_size is not None and self.rm_batch_size < 1:

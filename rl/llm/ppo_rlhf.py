@@ -35,6 +35,7 @@ from jaxlab.rl.llm.reward_model import sequence_scores, token_scores
 from jaxlab.rl.llm.task import EOS, PAD, Task, is_correct, response_lengths
 from jaxlab.rl.returns import gae
 from jaxlab.train_state import TrainState
+from jaxlab.validation import check_positive
 
 __all__ = ["PPOSpec", "make_ppo_rlhf_step", "token_rewards"]
 
@@ -54,9 +55,7 @@ class PPOSpec:
     temperature: float = 1.0
 
     def __post_init__(self):
-        for name in ("samples_per_prompt", "max_new_tokens", "ppo_epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+        check_positive(self, "samples_per_prompt", "max_new_tokens", "ppo_epochs")
         if not (self.clip_eps > 0 and self.kl_coef >= 0 and self.vf_coef > 0 and self.temperature > 0):
             raise ValueError(f"need clip_eps > 0, kl_coef >= 0, vf_coef > 0, temperature > 0; got {self.clip_eps=}, "
                              f"{self.kl_coef=}, {self.vf_coef=}, {self.temperature=}")

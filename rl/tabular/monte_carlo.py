@@ -41,6 +41,7 @@ from jaxlab.rl.tabular.common import (
     sample_action,
     uniform_noise,
 )
+from jaxlab.validation import check_positive
 
 __all__ = ["MCBasicConfig", "MCConfig", "MCResult", "mc_basic", "mc_control", "mc_epsilon_greedy",
            "mc_exploring_starts"]
@@ -68,9 +69,7 @@ class MCBasicConfig:
 
     def __post_init__(self):
         _check_common(self.gamma, self.episode_length)
-        for name in ("num_iterations", "episodes_per_pair"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        check_positive(self, "num_iterations", "episodes_per_pair")
 
 
 @dataclasses.dataclass(frozen=True)

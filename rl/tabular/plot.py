@@ -2,17 +2,18 @@
 forbidden cells shaded, targets outlined, and the policy drawn as arrows (length proportional to
 ``pi(a|s)``) with a circle for ``stay``.
 
-The functions draw with whatever matplotlib backend is active (importing this module selects none);
-scripts that write figures without a display choose ``Agg`` themselves before importing pyplot."""
+``plot_grid_world`` draws on the axes it is given; ``plot_grid_worlds`` builds a
+``matplotlib.figure.Figure`` (no pyplot), so neither selects a backend nor touches pyplot's figures: the
+figure saves to PNG headless (``fig.savefig``) and shows in a notebook as the cell's value."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import patches
+from matplotlib.figure import Figure
 
 from jaxlab.rl.tabular.gridworld import ACTION_DELTAS, GridWorld
 
@@ -90,16 +91,17 @@ def plot_grid_worlds(
     ncols: int | None = None,
     panel_size: float = 2.8,
     fmt: str = "{:.1f}",
-) -> Any:
+) -> Figure:
     """A row (or grid) of :func:`plot_grid_world` panels; ``env`` may be one world or one per panel.
-    Returns the figure."""
+    Returns the figure (a ``matplotlib.figure.Figure``, not registered with pyplot)."""
     n = len(titles)
     envs = list(env) if isinstance(env, Sequence) else [env] * n
     if not (len(envs) == len(values) == len(policies) == n):
         raise ValueError(f"got {len(envs)} envs, {len(values)} values, {len(policies)} policies, {n} titles")
     ncols = ncols or n
     nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_size * ncols, panel_size * nrows + 0.3), squeeze=False)
+    fig = Figure(figsize=(panel_size * ncols, panel_size * nrows + 0.3))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax, e, v, p, t in zip(axes.flat, envs, values, policies, titles):
         plot_grid_world(ax, e, v, p, title=t, fmt=fmt)
     for ax in list(axes.flat)[n:]:

@@ -51,6 +51,7 @@ from jaxlab.rl.tabular.common import (
     run_episodes,
     sample_action,
 )
+from jaxlab.validation import check_greater, check_positive
 
 __all__ = [
     "ActorCriticResult",
@@ -82,12 +83,8 @@ class PGConfig:
     def __post_init__(self):
         if not 0.0 <= self.gamma < 1.0:
             raise ValueError(f"gamma={self.gamma} must lie in [0, 1)")
-        for name in ("alpha_theta", "alpha_w"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        for name in ("num_episodes", "max_episode_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        check_greater(self, "alpha_theta", "alpha_w")
+        check_positive(self, "num_episodes", "max_episode_steps")
 
 
 class ActorCriticResult(NamedTuple):

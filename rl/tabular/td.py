@@ -43,6 +43,7 @@ from jaxlab.rl.tabular.common import (
     run_episodes,
     sample_action,
 )
+from jaxlab.validation import check_positive
 
 __all__ = [
     "TDConfig",
@@ -83,9 +84,7 @@ class TDConfig:
             raise ValueError(f"alpha={self.alpha} must be > 0")
         if not 0.0 <= self.epsilon <= 1.0:
             raise ValueError(f"epsilon={self.epsilon} must lie in [0, 1]")
-        for name in ("num_episodes", "max_episode_steps", "n_step"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        check_positive(self, "num_episodes", "max_episode_steps", "n_step")
 
 
 class TDControlResult(NamedTuple):

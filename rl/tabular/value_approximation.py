@@ -31,9 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxlab.optim import OptimizerConfig, make_optimizer
 from jaxlab.rl.networks import ACTIVATIONS, QNetwork
 from jaxlab.rl.replay import UniformReplay
 from jaxlab.rl.tabular.common import epsilon_greedy_policy, sample_action
+from jaxlab.validation import check_positive
 
 __all__ = [
     "GridDQNConfig",
@@ -152,10 +154,7 @@ class GridDQNConfig:
             raise ValueError(f"hidden_sizes={self.hidden_sizes} must be non-empty positive widths")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation={self.activation!r} must be one of {sorted(ACTIVATIONS)}")
-        for name in ("batch_size", "buffer_size", "num_envs", "num_updates", "target_update_interval",
-                     "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        check_positive(self, "batch_size", "buffer_size", "num_envs", "num_updates", "target_update_interval", "log_every")
         if self.num_envs > self.buffer_size:
             raise ValueError(f"num_envs={self.num_envs} must not exceed buffer_size={self.buffer_size}")
         if self.num_updates % self.log_every:
@@ -202,8 +201,9 @@ def _deep_q_learning(key, env, config):
     all_inputs = _network_input(env, env.observation(jnp.arange(env.num_states)))  # [S, D]
     k_init, k_reset, k_train = jax.random.split(key, 3)
     params = net.init(k_init, all_inputs[:1])
-    optimizer = optax.adam(optax.linear_schedule(config.learning_rate, 0.0, config.learning_updates)
-                           if config.anneal_lr else config.learning_rate)
+    optimizer = make_optimizer(OptimizerConfig(  # plain Adam, optionally annealed linearly to 0
+        lr=config.learning_rate, algorithm="adam", b2=0.999, clip_norm=0.0, schedule="linear", min_lr_ratio=0.0,
+        decay_steps=config.learning_updates if config.anneal_lr else None))
     buffer = UniformReplay(config.buffer_size)
 
     def act(params, key, obs):

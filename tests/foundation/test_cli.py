@@ -55,7 +55,7 @@ def test_quick_flag_starts_from_the_quick_config(tmp_path, capsys):
     (["reproduc"], "unknown command 'reproduc'; did you mean 'reproduce'?"),
     (["run", "ssm-hippo", "--length", "abc"], "--length"),
     (["run", "ssm-hippo", "--length", "4"], "length=4 must be >= 16"),
-    (["run", "ssm-hippo", "--method", "rk4"], "method='rk4'"),
+    (["run", "ssm-hippo", "--discretization", "rk4"], "discretization='rk4'"),
     (["run", "ssm-hippo", "--lenght", "64"], "did you mean --length"),
     (["run"], "jaxlab run needs a NAME"),
     (["list", "extra"], "takes no arguments"),

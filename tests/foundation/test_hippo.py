@@ -46,7 +46,7 @@ def test_recurrence_converges_to_exact_projection(x64):
         f = jnp.asarray(_signal(L))
         ref = legs_projection_reference(f, N)
         for method in ("euler", "bilinear"):
-            c = legs_recurrence(f, N, method=method)
+            c = legs_recurrence(f, N, discretization=method)
             errors[method, L] = float(jnp.max(jnp.abs(c[-1] - ref)))
     for method in ("euler", "bilinear"):
         assert errors[method, 4000] < errors[method, 500] / 4  # first-order (or better) convergence
@@ -59,15 +59,15 @@ def test_zoh_transition_is_exact(x64):
 
     N = 10
     f = jnp.asarray(np.random.default_rng(0).normal(size=(2, 300)))
-    c = legs_recurrence(f, N, method="zoh")
+    c = legs_recurrence(f, N, discretization="zoh")
     for k in (1, 2, 7, 300):
         np.testing.assert_allclose(c[:, k - 1], legs_projection_reference(f[:, :k], N), atol=1e-12)
     A, _ = hippo_legs(N, dtype=jnp.float64)
     impulse = jnp.zeros(40).at[:3].set(jnp.array([1.0, -2.0, 0.5]))  # zero input from t=3 on
-    c = legs_recurrence(impulse, N, method="zoh")
+    c = legs_recurrence(impulse, N, discretization="zoh")
     np.testing.assert_allclose(c[-1], scipy.linalg.expm(np.asarray(A) * np.log(40 / 3)) @ np.asarray(c[2]),
                                atol=1e-13)
-    np.testing.assert_allclose(legs_recurrence(f[0], 1, method="zoh")[-1], [f[0].mean()], rtol=1e-12)
+    np.testing.assert_allclose(legs_recurrence(f[0], 1, discretization="zoh")[-1], [f[0].mean()], rtol=1e-12)
 
 
 def test_zoh_keeps_float32_precision():
@@ -76,7 +76,7 @@ def test_zoh_keeps_float32_precision():
     t = (np.arange(L) + 0.5) / L
     f = np.sin(40 * t) + 0.5 * np.cos(17 * t ** 2)
     ref = np.asarray(legs_projection_reference(jnp.asarray(f, jnp.float32), N))
-    c = np.asarray(legs_recurrence(jnp.asarray(f, jnp.float32), N, method="zoh")[-1])
+    c = np.asarray(legs_recurrence(jnp.asarray(f, jnp.float32), N, discretization="zoh")[-1])
     assert np.linalg.norm(c - ref) / np.linalg.norm(ref) < 1e-4
 
 
@@ -116,8 +116,8 @@ def test_batched_and_bad_inputs():
     batched = legs_recurrence(f, 6)
     assert batched.shape == (3, 50, 6)
     np.testing.assert_allclose(batched[1], legs_recurrence(f[1], 6), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="method='rk4'"):
-        legs_recurrence(f, 6, method="rk4")
+    with pytest.raises(ValueError, match="discretization='rk4'"):
+        legs_recurrence(f, 6, discretization="rk4")
     with pytest.raises(ValueError, match=r"\[L\] or \[B, L\]"):
         legs_recurrence(jnp.zeros((2, 3, 4)), 6)
     with pytest.raises(ValueError, match="floating point"):

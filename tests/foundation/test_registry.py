@@ -25,16 +25,22 @@ def test_discovery_finds_experiment_modules_and_quick_configs_validate():
         assert exp.default_config(True) is exp.quick
 
 
+def test_a_name_must_be_a_literal_so_the_sources_tell_who_registers_it():
+    source = "NAME = 'x'\n@register_experiment(NAME, description='d', paper='p', quick=None)\ndef f(cfg, ctx): ...\n"
+    with pytest.raises(registry.RegistryError, match=r"mod.py:2: register_experiment\(\.\.\.\) must name"):
+        registry._registered_names(source, "mod.py")
+    assert registry._registered_names(source.replace("(NAME,", "('x',"), "mod.py") == [("experiment", "x")]
+
+
 def test_source_index_names_the_module_that_registers_each_name():
     idx = registry.index()
-    assert idx.dynamic == ()
     assert {n: e.fn.__module__ for n, e in registry.experiments().items()} == idx.experiment
     assert {n: t.fn.__module__ for n, t in registry.trainers().items()} == idx.trainer
     assert registry.experiment_names() == sorted(idx.experiment)
     assert registry.trainer_names() == ["lm", "posttrain", "rl"]
 
 
-def test_scan_reads_decorators_plain_calls_and_run_time_names():
+def test_scan_reads_decorators_and_plain_calls():
     source = """
 import jaxlab.registry as registry
 from jaxlab.registry import register_experiment, register_trainer
@@ -46,11 +52,9 @@ def fig(cfg, ctx): ...
 def tr(cfg, out): ...
 
 register_experiment("fig-2", description="d", paper="p", quick=Cfg())(fig)
-for n in ("a", "b"):
-    register_experiment(f"fig-{n}", description="d", paper="p", quick=Cfg())(fig)
 """
     assert registry._registered_names(source, "<test>") == [
-        ("experiment", "fig-1"), ("trainer", "tr"), ("experiment", "fig-2"), ("experiment", None)]
+        ("experiment", "fig-1"), ("trainer", "tr"), ("experiment", "fig-2")]
 
 
 def test_a_lookup_imports_only_the_module_it_needs():
@@ -64,7 +68,7 @@ def test_a_lookup_imports_only_the_module_it_needs():
 
 
 def test_a_module_that_does_not_register_its_indexed_name_is_an_error(monkeypatch):
-    fake = registry.SourceIndex(experiment={"ghost": "jaxlab.experiments._lm_common"}, trainer={}, dynamic=())
+    fake = registry.SourceIndex(experiment={"ghost": "jaxlab.experiments._lm_common"}, trainer={})
     monkeypatch.setattr(registry, "index", lambda: fake)
     with pytest.raises(RegistryError, match="_lm_common names experiment 'ghost' but did not register it"):
         get_experiment("ghost")

@@ -87,6 +87,15 @@ def test_corrupt_newest_checkpoint_falls_back_and_ends_equal(tmp_path):
     assert steps == list(range(1, 16))  # rows past the restored step were dropped, none duplicated
 
 
+def test_half_written_checkpoint_is_never_taken_for_a_valid_one(tmp_path):
+    _run(tmp_path / "run", 5)  # checkpoint 5
+    partial = tmp_path / "run" / "checkpoints" / "10.orbax-checkpoint-tmp-1234567"  # a save killed mid-write
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "garbage").write_bytes(b"\x00" * 64)
+    result = _run(tmp_path / "run", 6)
+    assert result.resumed_from == 5 and int(result.state.step) == 6
+
+
 def test_nan_stops_with_error_and_keeps_last_good_checkpoint(tmp_path):
     def exploding(params, batch, key):
         loss, metrics = _loss(params, batch, key)

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxlab.kernels.attention import _dense_attention, attention_reference, dot_product_attention, select_impl
 from jaxlab.kernels.attention_masks import MaskSpec, check_attention_args
@@ -35,7 +37,7 @@ class Case:
     D: int
     causal: bool = False
     segments: str | None = None  # None | "self" ([B, L] packed ids) | "pair" (q ids missing from kv ids)
-    window: tuple[int, int] | None = None
+    window: int | None = None  # W keys per query, its own included
     softcap: float | None = None
     dtype: str = "float32"
     blocks: tuple[int, int] | None = None  # (block_q, block_k) for blockwise/pallas
@@ -58,16 +60,16 @@ CASES = [
     Case(1, 200, 200, 4, 2, 48, causal=True, blocks=(64, 32), impls=(BW, PL)),
     # causal with Lq > Lk: the first Lq - Lk rows see no key
     Case(1, 384, 17, 6, 2, 72, causal=True, blocks=(128, 16), impls=(BW, PL)),
-    Case(1, 128, 200, 2, 2, 128, segments="pair", window=(16, 8), impls=(BW, PL)),
+    Case(1, 128, 200, 2, 2, 128, segments="pair", window=9, impls=(BW, PL)),
     # two-sided window with soft-capping: tiles skipped on both sides of the band
-    Case(2, 384, 384, 4, 4, 32, window=(32, 32), softcap=20.0, blocks=(64, 64), impls=(BW, PL)),
+    Case(2, 384, 384, 4, 4, 32, window=33, softcap=20.0, blocks=(64, 64), impls=(BW, PL)),
     Case(2, 1, 384, 4, 1, 32, causal=True, blocks=(16, 64), impls=(BW,)),  # decoding one token, MQA
     Case(2, 1, 1, 2, 1, 48, impls=(X, BW, PL)),
-    Case(1, 17, 17, 4, 2, 128, causal=True, window=(4, 0), softcap=5.0, dtype="bfloat16", impls=(X, BW, PL)),
-    # window without causal and Lq > Lk: rows far from the keys see nothing
-    Case(2, 200, 128, 6, 2, 32, window=(50, 0), softcap=30.0, blocks=(32, 32), impls=(BW,)),
+    Case(1, 17, 17, 4, 2, 128, causal=True, window=5, softcap=5.0, dtype="bfloat16", impls=(X, BW, PL)),
+    # two-sided window without causal and Lq > Lk: rows far from the keys see nothing
+    Case(2, 200, 128, 6, 2, 32, window=51, softcap=30.0, blocks=(32, 32), impls=(BW,)),
     # every mask at once on packed sequences, in bf16
-    Case(1, 384, 384, 2, 1, 48, causal=True, window=(100, 0), segments="self", dtype="bfloat16", blocks=(128, 64),
+    Case(1, 384, 384, 2, 1, 48, causal=True, window=101, segments="self", dtype="bfloat16", blocks=(128, 64),
          impls=(X, BW, PL)),
     Case(2, 128, 128, 4, 1, 72, dtype="bfloat16", blocks=(32, 64), impls=(X, BW, PL)),  # no mask, several tiles
     # q ids 0..2 against kv ids 0..1: queries with id 2 see nothing
@@ -141,7 +143,8 @@ def _max_err(a, b) -> float:
 
 def _empty_rows(case: Case, seg) -> np.ndarray:
     """[B, Lq] True where a query sees no key (numpy, from the shared MaskSpec)."""
-    spec = MaskSpec(case.Lq, case.Lk, case.causal, case.window)
+    band = None if case.window is None else (case.window - 1, case.window - 1)
+    spec = MaskSpec(case.Lq, case.Lk, case.causal, band)
     q_idx, k_idx = np.arange(case.Lq)[None, :, None], np.arange(case.Lk)[None, None, :]
     if seg is None:
         vis = spec.visible(q_idx, k_idx)
@@ -194,7 +197,7 @@ def test_causality_by_gradients(impl):
     B, Lq, Lk, H, D = 1, 20, 36, 2, 16
     rng = np.random.default_rng(1)
     q, k, v = (jnp.asarray(rng.standard_normal((B, L, H, D), np.float32)) for L in (Lq, Lk, Lk))
-    fn = lambda q, k, v: dot_product_attention(q, k, v, causal=True, window=(9, 0), impl=impl,  # noqa: E731
+    fn = lambda q, k, v: dot_product_attention(q, k, v, causal=True, window=10, impl=impl,  # noqa: E731
                                                block_q=16, block_k=16)
     grads = _compile(lambda ct: jax.vjp(fn, q, k, v)[1](ct), q)  # one compile; the cotangent picks the row
     per_row = [grads(jnp.asarray(np.eye(Lq, dtype=np.float32)[i][None, :, None, None] * np.ones((B, Lq, H, D),
@@ -209,13 +212,34 @@ def test_causality_by_gradients(impl):
     np.testing.assert_array_equal(dq > 0, np.eye(Lq, dtype=bool))  # row i depends on query i only
 
 
-@pytest.mark.parametrize("causal,window,Lq,Lk", [
+@functools.partial(jax.jit, static_argnames=("causal", "window"))
+def _impls_and_reference(q, k, v, *, causal, window):
+    kw = dict(causal=causal, window=window)
+    return (attention_reference(q, k, v, **kw),
+            {impl: dot_product_attention(q, k, v, impl=impl, block_q=16, block_k=16, **kw) for impl in (X, BW)})
+
+
+@settings(max_examples=5, deadline=None)
+@given(Lq=st.integers(1, 40), Lk=st.integers(1, 40), Hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 3]),
+       causal=st.booleans(), window=st.sampled_from([None, 1, 6]), seed=st.integers(0, 99))
+def test_impls_agree_for_sampled_shapes(Lq, Lk, Hkv, group, causal, window, seed):
+    """Shape fuzzing: xla and blockwise (partial tiles, GQA/MQA, Lq != Lk, empty rows) equal the reference."""
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((1, Lq, Hkv * group, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((1, Lk, Hkv, 8)), jnp.float32) for _ in range(2))
+    ref, outs = _impls_and_reference(q, k, v, causal=causal, window=window)
+    for impl, out in outs.items():
+        assert out.shape == q.shape
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5, err_msg=impl)
+
+
+@pytest.mark.parametrize("causal,band,Lq,Lk", [
     (False, None, 200, 200), (True, None, 200, 200), (True, None, 17, 200), (True, None, 200, 17),
     (False, (5, 9), 100, 150), (True, (40, 3), 150, 100), (False, (0, 0), 64, 64), (True, (0, 100), 50, 50),
 ])
-def test_block_ranges_are_sound(causal, window, Lq, Lk):
+def test_block_ranges_are_sound(causal, band, Lq, Lk):
     """Skipped tiles hide every pair, 'full' tiles show every pair (padding rows included)."""
-    spec = MaskSpec(Lq, Lk, causal, window)
+    spec = MaskSpec(Lq, Lk, causal, band)
     for bq, bk in ((16, 32), (32, 16), (64, 64)):
         nq, nk = -(-Lq // bq), -(-Lk // bk)
         vis = spec.visible(np.arange(nq * bq)[:, None], np.arange(nk * bk)[None, :])
@@ -242,9 +266,9 @@ def test_block_ranges_are_sound(causal, window, Lq, Lk):
     (dict(segment_ids=jnp.zeros((2, 7), jnp.int32)), "segment_ids"),
     (dict(segment_ids=jnp.zeros((2, 8))), "integers"),
     (dict(segment_ids=(jnp.zeros((2, 8), jnp.int32), jnp.zeros((2, 9), jnp.int32))), "segment_ids"),
-    (dict(window=(-1, 2)), "window"),
-    (dict(window=(4,)), "window"),
-    (dict(window=(2.5, 1)), "window"),
+    (dict(window=0), "window"),
+    (dict(window=(4, 0)), "window"),
+    (dict(window=2.5), "window"),
     (dict(softcap=0.0), "softcap"),
     (dict(scale=float("nan")), "scale"),
     (dict(impl="flash"), "impl"),
@@ -267,27 +291,50 @@ def test_self_segment_ids_need_equal_lengths():
         attention_reference(q, kv, kv, segment_ids=jnp.zeros((1, 4), jnp.int32))
 
 
-def test_auto_dispatch_on_cpu():
+def test_auto_dispatch_on_cpu(monkeypatch):
+    """Off GPU, auto runs the dense "xla" path while the scores fit AUTO_DENSE_SCORE_BYTES and the tiled
+    "blockwise" path beyond: checked on the implementation actually called, against the reference."""
+    import jaxlab.kernels.attention as attention
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("the dense/tiled policy is the one off GPU")
     small, big = jnp.zeros((1, 128, 4, 64)), jax.ShapeDtypeStruct((4, 8192, 16, 64), jnp.float32)
     args = check_attention_args(small, small, small, causal=False, segment_ids=None, window=None, softcap=None,
                                 scale=None, impl="auto")
     assert select_impl(small, small, args) == "xla"
     big_args = dataclasses.replace(args, mask=MaskSpec(8192, 8192))
     assert select_impl(big, big, big_args) == "blockwise"
-    out = dot_product_attention(small, small, small, impl="auto")
-    np.testing.assert_allclose(out, attention_reference(small, small, small), atol=1e-6)
+
+    called = []
+    dense, tiled = attention._dense_attention, attention.blockwise_attention
+    monkeypatch.setattr(attention, "_dense_attention", lambda *a, compute_dtype=None: (
+        called.append("reference" if compute_dtype is not None else "xla"), dense(*a, compute_dtype=compute_dtype))[1])
+    monkeypatch.setattr(attention, "blockwise_attention", lambda *a, **kw: (called.append("blockwise"),
+                                                                             tiled(*a, **kw))[1])
+    # scores of the [1, 40, 4, 16] call (4 B * 4 heads * 40 * 40) fit, those of [1, 48, 4, 16] do not
+    monkeypatch.setattr(attention, "AUTO_DENSE_SCORE_BYTES", 4 * 4 * 40 * 40)
+    rng = np.random.default_rng(2)
+    for L, expected in ((40, "xla"), (48, "blockwise")):
+        q = jnp.asarray(rng.standard_normal((1, L, 4, 16)), jnp.float32)
+        k, v = (jnp.asarray(rng.standard_normal((1, L, 2, 16)), jnp.float32) for _ in range(2))  # GQA
+        called.clear()
+        out = dot_product_attention(q, k, v, causal=True, window=7, impl="auto", block_q=16, block_k=16)
+        assert called == [expected], (L, called)
+        ref = attention_reference(q, k, v, causal=True, window=7)
+        assert called[-1] == "reference"
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5, err_msg=expected)
 
 
 @pytest.mark.parametrize("kwargs,reason", [
     (dict(), None),
-    (dict(causal=True, window=(64, 0)), None),
-    (dict(window=(64, 0)), None),  # a left band with no right side is cuDNN's sliding window
+    (dict(causal=True, window=65), None),
+    (dict(window=1), None),  # the query's own key only: a band with no right side, cuDNN's sliding window
     (dict(dtype=jnp.float32), "dtype"),
     (dict(D=60), "head dim"),
     (dict(softcap=30.0), "softcap"),
     (dict(segment_ids=True), "segment_ids"),
     (dict(causal=True, Lq=64), "causal"),
-    (dict(window=(8, 8)), "window"),
+    (dict(window=9), "window"),
 ])
 def test_cudnn_declines_what_it_cannot_match(monkeypatch, kwargs, reason):
     """With a GPU backend, 'auto' takes cuDNN only where its masks mean what ours mean, else Pallas."""
@@ -339,7 +386,7 @@ def test_pallas_lowers_to_triton_for_cuda(monkeypatch):
     ids = (jax.ShapeDtypeStruct((B, Lq), jnp.int32), jax.ShapeDtypeStruct((B, Lk), jnp.int32))
 
     def loss(q, k, v, q_ids, kv_ids):
-        out = dot_product_attention(q, k, v, causal=True, window=(32, 0), softcap=30.0, segment_ids=(q_ids, kv_ids),
+        out = dot_product_attention(q, k, v, causal=True, window=33, softcap=30.0, segment_ids=(q_ids, kv_ids),
                                     impl="pallas", interpret=False)
         return out.astype(jnp.float32).sum()
 

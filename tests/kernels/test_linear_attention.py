@@ -54,21 +54,58 @@ def _kwargs(causal, normalize, decay, segments, with_state, state):
     return kw
 
 
+def _loop(q, k, v, *, causal=True, normalize=True, decay=None, segment_ids=None, initial_state=None,
+          return_state=False, eps=1e-6):
+    """The definition written out in float64 numpy, independently of the kernel module.
+
+    Causal: per token t, zero (S, z) where a segment starts at t >= 1, then S = g S + k_t v_t^T,
+    z = g z + k_t, o_t = q_t S / (q_t z + eps) (Katharopoulos et al. eq. 16-18 with RetNet's decay g).
+    Non-causal: o_i = sum_j w_ij v_j over j in i's segment, w_ij = g^|i-j| q_i . k_j (double loop).
+    """
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    Bn, Ln, Hn, Dkn = q.shape
+    g = np.ones(Hn) if decay is None else np.asarray(decay, np.float64)
+    ids = np.zeros((Bn, Ln), int) if segment_ids is None else np.asarray(segment_ids)
+    o = np.zeros(v.shape)
+    if not causal:
+        den = np.zeros((Bn, Ln, Hn))
+        for i in range(Ln):
+            for j in range(Ln):
+                same = (ids[:, i] == ids[:, j])[:, None]  # [B, 1]
+                w = same * g ** abs(i - j) * np.einsum("bhd,bhd->bh", q[:, i], k[:, j])  # [B, H]
+                o[:, i] += w[..., None] * v[:, j]
+                den[:, i] += w
+        return o / (den[..., None] + eps) if normalize else o
+    S = np.zeros((Bn, Hn, Dkn, v.shape[-1])) if initial_state is None else np.asarray(initial_state.kv, np.float64)
+    z = np.zeros((Bn, Hn, Dkn)) if initial_state is None else np.asarray(initial_state.z, np.float64)
+    for t in range(Ln):
+        if t > 0:
+            keep = (ids[:, t] == ids[:, t - 1]).astype(np.float64)  # [B]
+            S, z = S * keep[:, None, None, None], z * keep[:, None, None]
+        S = g[:, None, None] * S + np.einsum("bhd,bhe->bhde", k[:, t], v[:, t])
+        z = g[:, None] * z + k[:, t]
+        o[:, t] = np.einsum("bhd,bhde->bhe", q[:, t], S)
+        if normalize:
+            o[:, t] /= np.einsum("bhd,bhd->bh", q[:, t], z)[..., None] + eps
+    return (o, LinearAttentionState(S, z if normalize else None)) if return_state else o
+
+
 @functools.partial(jax.jit, static_argnames=("causal", "normalize", "decay", "segments", "with_state"))
 def _all_methods(q, k, v, state, *, causal, normalize, decay, segments, with_state):
-    """The reference and every method in one program (compiles dominate the test time)."""
+    """Every method in one program (compiles dominate the test time)."""
     kw = _kwargs(causal, normalize, decay, segments, with_state, state)
-    out = {m: la.linear_attention(q, k, v, method=m, chunk_size=8, **kw) for m in ("chunked", "recurrent")}
-    if not with_state:
-        out["parallel"] = la.linear_attention(q, k, v, method="parallel", **kw)
-    return linear_attention_reference(q, k, v, **kw), out
+    out = {m: la.linear_attention(q, k, v, method=m, chunk_size=8, **kw) for m in ("chunked", "recurrent", "parallel")}
+    out["reference"] = linear_attention_reference(q, k, v, **kw)
+    return out
 
 
 @pytest.mark.parametrize("causal,normalize,decay,segments,with_state", CASES)
 def test_methods_match_reference(inputs, causal, normalize, decay, segments, with_state):
+    """Every method (and linear_attention_reference, which "parallel" runs) against the explicit loop."""
     q, k, v, state = inputs
-    ref, outs = _all_methods(q, k, v, state, causal=causal, normalize=normalize, decay=decay, segments=segments,
-                             with_state=with_state)
+    outs = _all_methods(q, k, v, state, causal=causal, normalize=normalize, decay=decay, segments=segments,
+                        with_state=with_state)
+    ref = _loop(q, k, v, **_kwargs(causal, normalize, decay, segments, with_state, state))
     for method, out in outs.items():
         for o, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
             scale = jnp.max(jnp.abs(r))  # unnormalised outputs and states grow with L
@@ -246,14 +283,11 @@ def test_bad_inputs_raise(inputs):
             la.linear_attention(q, k, v, **kwargs)
     with pytest.raises(ValueError, match="Dk"):
         la.linear_attention(q, k[..., :4], v)
-
-
-def test_auto_method_policy():
-    assert la.auto_method(256, "gpu") == la.auto_method(256, "cpu") == "parallel"
-    assert la.auto_method(4096, "gpu") == la.auto_method(4096, "gpu", differentiated=True) == "chunked"
-    # CPU: the recurrent scan is the faster forward, the chunked form the faster gradient.
-    assert la.auto_method(4096, "cpu") == "recurrent"
-    assert la.auto_method(4096, "cpu", differentiated=True) == "chunked"
+    # decoding with a state of another batch size or a decay for one head would broadcast silently
+    with pytest.raises(AssertionError):
+        linear_attention_step(LinearAttentionState(state.kv[:1], state.z[:1]), q[:, 0], k[:, 0], v[:, 0])
+    with pytest.raises(AssertionError):
+        linear_attention_step(state, q[:, 0], k[:, 0], v[:, 0], decay=DECAY[:1])
 
 
 def test_auto_on_cpu_values_and_gradients_match_reference():

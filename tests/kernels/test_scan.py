@@ -6,9 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxlab.kernels import scan
-from jaxlab.kernels.scan import auto_method, resets_from_segment_ids
+from jaxlab.kernels.scan import auto_method, segment_starts
 
 # Each test compiles one program holding the reference and every method (compiles dominate the runtime).
 linear_recurrence = scan.linear_recurrence
@@ -45,7 +47,7 @@ CASES = [
 @functools.partial(jax.jit, static_argnames=("reverse", "chunk_size"))
 def _all_methods(a, b, h0, reset, *, reverse, chunk_size):
     """The reference and every method in one program (one compile per case instead of four)."""
-    kw = dict(h0=h0, reset=reset, reverse=reverse)
+    kw = dict(initial_state=h0, reset=reset, reverse=reverse)
     ref = linear_recurrence_reference(a, b, **kw)
     return ref, {m: scan.linear_recurrence(a, b, **kw, method=m, chunk_size=chunk_size) for m in METHODS}
 
@@ -122,15 +124,67 @@ def test_pieces_with_carried_state_and_broadcast_decay():
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5, err_msg=method)
 
 
-def test_segment_ids_to_resets():
+def test_segment_starts_are_true_at_t0():
     ids = jnp.array([[3, 3, 1, 1, 1, 7], [0, 0, 0, 0, 0, 0]])
-    expected = [[False, False, True, False, False, True], [False] * 6]
-    np.testing.assert_array_equal(resets_from_segment_ids(ids), expected)
+    expected = [[True, False, True, False, False, True], [True] + [False] * 5]
+    np.testing.assert_array_equal(segment_starts(ids), expected)
+
+
+@jax.jit
+def _start_at_t0(a, b, h0, reset):
+    ref = linear_recurrence_reference(a, b, h0, reset=reset)
+    return ref, {m: scan.linear_recurrence(a, b, h0, reset=reset, method=m, chunk_size=4) for m in METHODS}
+
+
+def test_initial_state_enters_the_first_segment_despite_the_start_at_t0():
+    """reset[:, 0] (True under segment_starts) cuts nothing: the initial state still flows into step 0."""
+    a, b, h0, _ = _inputs()
+    reset = segment_starts(jnp.asarray(np.repeat([[0] * 5 + [1] * 8], B, axis=0)))
+    ref, outs = _start_at_t0(a, b, h0, reset)
+    np.testing.assert_allclose(ref[:, 0], a[:, 0] * h0 + b[:, 0], rtol=1e-5, atol=1e-6)  # by hand: h_0 = a_0 h0 + b_0
+    np.testing.assert_allclose(ref[:, 5], b[:, 5], rtol=1e-5, atol=1e-6)  # the start at t = 5 drops the carried state
+    for method, out in outs.items():
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5, err_msg=method)
 
 
 def test_auto_policy():
-    assert auto_method("cpu") == "sequential"  # lax.associative_scan measured 3-5x slower on CPU
-    assert auto_method("gpu") == "associative"
+    """The one ``method="auto"`` policy of every kernel."""
+    assert auto_method(backend="cpu") == "sequential"  # lax.associative_scan measured 3-5x slower on CPU
+    assert auto_method("linear_recurrence", backend="gpu") == "associative"
+    for backend in ("cpu", "gpu"):
+        assert auto_method("linear_attention", 256, backend=backend) == "parallel"
+        assert auto_method("s4d", 4096, backend=backend) == "fft"
+    assert auto_method("linear_attention", 4096, backend="gpu") == "chunked"
+    assert auto_method("linear_attention", 4096, backend="gpu", differentiated=True) == "chunked"
+    # CPU: recurrent values (2-2.5x faster), chunked gradients (3-4x faster than the recurrent scan's)
+    assert auto_method("linear_attention", 4096, backend="cpu") == "recurrent"
+    assert auto_method("linear_attention", 4096, backend="cpu", differentiated=True) == "chunked"
+    with pytest.raises(ValueError, match="op="):
+        auto_method("attention")
+    with pytest.raises(ValueError, match="length"):
+        auto_method("linear_attention")
+
+
+@functools.partial(jax.jit, static_argnames=("reverse", "chunk_size"))
+def _fuzz_case(a, b, h0, reset, *, reverse, chunk_size):
+    kw = dict(reset=reset, reverse=reverse)
+    return (linear_recurrence_reference(a, b, h0, **kw),
+            {m: scan.linear_recurrence(a, b, h0, **kw, method=m, chunk_size=chunk_size) for m in METHODS})
+
+
+@settings(max_examples=5, deadline=None)
+@given(length=st.integers(1, 24), chunk_size=st.integers(1, 30), reverse=st.booleans(), seed=st.integers(0, 99))
+def test_methods_agree_for_sampled_lengths_and_chunks(length, chunk_size, reverse, seed):
+    """Shape fuzzing: every method equals the definition for any length, chunk size (dividing L or not) and
+    direction, with segment starts and an initial state."""
+    rng = np.random.default_rng(seed)
+    a = jnp.asarray(rng.uniform(0.5, 1.0, (2, length, 3)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((2, length, 3)), jnp.float32)
+    h0 = jnp.asarray(rng.standard_normal((2, 3)), jnp.float32)
+    reset = jnp.asarray(rng.uniform(size=(2, length)) < 0.2)
+    ref, outs = _fuzz_case(a, b, h0, reset, reverse=reverse, chunk_size=chunk_size)
+    for method, out in outs.items():
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5, err_msg=method)
 
 
 def test_bad_inputs_raise():
@@ -143,7 +197,7 @@ def test_bad_inputs_raise():
         linear_recurrence(jnp.ones((2, 5, 2)), b)
     with pytest.raises(ValueError, match="length axis"):
         linear_recurrence(a, jnp.ones((2, 1, 3)))  # b shorter than a
-    with pytest.raises(ValueError, match="h0"):
+    with pytest.raises(ValueError, match="initial_state"):
         linear_recurrence(a, b, jnp.ones((2, 4)))
     with pytest.raises(ValueError, match="bool"):
         linear_recurrence(a, b, reset=jnp.zeros((2, 5), jnp.int32))

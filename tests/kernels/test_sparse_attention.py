@@ -17,12 +17,15 @@ def _qkv(seed=0):
 
 def test_masks_by_definition():
     i, j = np.meshgrid(np.arange(7), np.arange(7), indexing="ij")
-    np.testing.assert_array_equal(sa.local_mask(7, 2), (j <= i) & (i - j <= 2))
-    np.testing.assert_array_equal(sa.local_mask(7, 2, causal=False), np.abs(i - j) <= 2)
+    # window=3: three keys, the query's own included (i - 2 .. i), on each side without causal
+    np.testing.assert_array_equal(sa.local_mask(7, 3), (j <= i) & (i - j <= 2))
+    np.testing.assert_array_equal(sa.local_mask(7, 3, causal=False), np.abs(i - j) <= 2)
+    np.testing.assert_array_equal(sa.local_mask(7, 3).sum(axis=1), [1, 2, 3, 3, 3, 3, 3])  # keys per query
+    np.testing.assert_array_equal(sa.local_mask(7, 1), np.eye(7, dtype=bool))
     np.testing.assert_array_equal(sa.strided_mask(7, 3), (j <= i) & ((i - j) % 3 == 0))
     np.testing.assert_array_equal(sa.fixed_mask(7, 3, 1), (j <= i) & ((i // 3 == j // 3) | (j % 3 == 2)))
     merged = sa.sparse_transformer_mask(7, 3)
-    np.testing.assert_array_equal(merged, sa.local_mask(7, 2) | sa.strided_mask(7, 3))
+    np.testing.assert_array_equal(merged, sa.local_mask(7, 3) | sa.strided_mask(7, 3))
 
 
 @jax.jit
@@ -51,7 +54,7 @@ def test_fast_paths_match_masked_reference():
 def test_bad_inputs_raise():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="window"):
-        sa.local_mask(5, -1)
+        sa.local_mask(5, 0)
     with pytest.raises(ValueError, match="stride"):
         sa.strided_mask(5, 0)
     with pytest.raises(ValueError, match="summary"):

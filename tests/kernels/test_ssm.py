@@ -37,7 +37,7 @@ SCAN_METHODS = ("sequential", "associative", "chunked")
 
 
 def _selective(args, h0, method):
-    kw = dict(delta_softplus=True, h0=h0, segment_ids=SEGMENTS, return_state=True)
+    kw = dict(delta_softplus=True, initial_state=h0, segment_ids=SEGMENTS, return_state=True)
     if method == "reference":
         return ssm.selective_scan_reference(*args, **kw)
     return ssm.selective_scan(*args, **kw, method=method)
@@ -125,7 +125,7 @@ SSD_CASES = ((4, (H,)), (8, (H, P)), (64, None))  # (chunk size, D shape): parti
 
 @jax.jit
 def _ssd_all(inputs, Ds, h0):
-    kw = dict(h0=h0, segment_ids=SEGMENTS, return_state=True)
+    kw = dict(initial_state=h0, segment_ids=SEGMENTS, return_state=True)
     return [(ssm.ssd(*inputs, chunk_size=c, D=D, **kw), ssm.ssd_reference(*inputs, D=D, **kw))
             for (c, _), D in zip(SSD_CASES, Ds)]
 
@@ -142,7 +142,7 @@ def test_ssd_matches_reference():
 @jax.jit
 def _ssd_grads(inputs, h0):
     def loss(fn, inputs, h0):
-        y, h = fn(*inputs, h0=h0, segment_ids=SEGMENTS, return_state=True)
+        y, h = fn(*inputs, initial_state=h0, segment_ids=SEGMENTS, return_state=True)
         return jnp.sum(jnp.sin(y)) + jnp.sum(h)
 
     fast = functools.partial(ssm.ssd, chunk_size=8)
@@ -186,9 +186,8 @@ S4D_CASES = (("lin", "zoh", "sequential"), ("inv", "bilinear", "chunked"))
 def _s4d_all(u, params):
     out = []
     for (_, discretization, method), (Lam, Bp, Cp, dt, D) in zip(S4D_CASES, params):
-        fft = s4.s4d(u, Lam, Bp, Cp, dt, D, discretization=discretization)
-        out.append((fft, [s4.s4d(u, Lam, Bp, Cp, dt, D, mode="recurrent", method=method,
-                                 discretization=discretization)]))
+        fft = s4.s4d(u, Lam, Bp, Cp, dt, D, discretization=discretization, method="fft")
+        out.append((fft, [s4.s4d(u, Lam, Bp, Cp, dt, D, method=method, discretization=discretization)]))
     return out
 
 
@@ -214,7 +213,8 @@ def test_s4d_kernel_is_the_vandermonde_product():
 def _discretizations(lam, Bm, A, b):
     out = {}
     for method in ("zoh", "bilinear"):  # a diagonal dense A discretises like the diagonal rule
-        out[method] = (s4.discretize(jnp.diag(lam), Bm, 0.1, method), s4.discretize_diag(lam, Bm, 0.1, method))
+        out[method] = (s4.discretize(jnp.diag(lam), Bm, 0.1, discretization=method),
+                       s4.discretize_diag(lam, Bm, 0.1, discretization=method))
     out["dense_zoh"] = s4.discretize(A, b, 0.05)
     out["dense_bilinear"] = s4.discretize(A, b, 0.05, "bilinear")
     out["zero_limit"] = s4.discretize_diag(jnp.array([0.0]), jnp.ones(1), 0.1)  # the Lambda -> 0 limit of ZOH
@@ -244,7 +244,7 @@ def test_discretizations():
 def _s5_all(u, Lam, Bm, Cm, dt, D):
     whole = {m: s4.s5(u, Lam, Bm, Cm, dt, D, method=m, return_state=True) for m in ("associative", "sequential")}
     y1, h1 = s4.s5(u[:, :5], Lam, Bm, Cm, dt, D, return_state=True)  # a second piece continues from the state
-    y2, h2 = s4.s5(u[:, 5:], Lam, Bm, Cm, dt, D, h0=h1, return_state=True)
+    y2, h2 = s4.s5(u[:, 5:], Lam, Bm, Cm, dt, D, initial_state=h1, return_state=True)
     return whole, (jnp.concatenate([y1, y2], 1), h2), s4.discretize_diag(Lam, Bm, dt)
 
 
@@ -268,6 +268,57 @@ def test_s5_scan_equals_its_convolution():
     np.testing.assert_allclose(h_pieces, last, rtol=1e-5, atol=1e-6)
 
 
+def _s4_fast_and_reference(u, s4d_params, s5_params, s5_ids, s5_x0):
+    """S4D (FFT and associative scan) and S5 (parallel scan, packed, with an initial state) against their
+    step-by-step references: outputs and gradients with respect to every input, one program."""
+    Lam4, B4, C4, dt4, D4 = s4d_params
+    Lam5, B5, C5, dt5, D5 = s5_params
+
+    def s4d_loss(fn, **kw):
+        return lambda u, Lam, B, C, dt, D: jnp.sum(jnp.sin(fn(u, Lam, B, C, dt, D, discretization="bilinear", **kw)))
+
+    def s5_loss(fn, **kw):
+        def loss(u, Lam, B, C, dt, D, x0):
+            y, last = fn(u, Lam, B, C, dt, D, initial_state=x0, segment_ids=s5_ids, return_state=True, **kw)
+            return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.abs(last) ** 2), y
+        return loss
+
+    args4, args5 = (u, Lam4, B4, C4, dt4, D4), (u, Lam5, B5, C5, dt5, D5, s5_x0)
+    out = {}
+    for name, fn in (("s4d_fft", s4d_loss(s4.s4d, method="fft")), ("s4d_associative",
+                     s4d_loss(s4.s4d, method="associative")), ("s4d_reference", s4d_loss(s4.s4d_reference))):
+        out[name] = (fn(*args4), jax.grad(fn, argnums=range(6))(*args4))
+    for name, fn in (("s5", s5_loss(s4.s5, method="associative")), ("s5_reference", s5_loss(s4.s5_reference))):
+        (value, y), grads = jax.value_and_grad(fn, argnums=range(7), has_aux=True)(*args5)
+        out[name] = ((value, y), grads)
+    return out
+
+
+def test_s4d_and_s5_match_their_references_in_fp64():
+    """The fast paths of kernels/s4.py against plain recurrences, in float64 (values and gradients to 1e-9)."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(11)
+        c128 = lambda x: jnp.asarray(x, jnp.complex128)  # noqa: E731
+        f64 = lambda x: jnp.asarray(x, jnp.float64)  # noqa: E731
+        cnormal = lambda *shape: c128(rng.standard_normal(shape) + 1j * rng.standard_normal(shape))  # noqa: E731
+        H4, N4, P5, Ls = 3, 4, 4, 17
+        Lam4 = c128(-0.5 + 1j * np.pi * np.arange(N4)) * c128(rng.uniform(0.5, 1.5, (H4, 1)))
+        s4d_params = (Lam4, cnormal(H4, N4), cnormal(H4, N4), f64(rng.uniform(1e-2, 1e-1, H4)),
+                      f64(rng.standard_normal(H4)))
+        s5_params = (c128(-0.3 + 1j * np.arange(P5)), cnormal(P5, H4), cnormal(H4, P5), f64(rng.uniform(0.05, 0.2, P5)),
+                     f64(rng.standard_normal(H4)))
+        u = f64(rng.standard_normal((Bsz, Ls, H4)))
+        ids = jnp.asarray([[0] * 6 + [1] * 11, [2] * Ls])
+        out = jax.jit(_s4_fast_and_reference)(u, s4d_params, s5_params, ids, cnormal(Bsz, P5))
+        assert out["s4d_reference"][0].dtype == jnp.float64
+        for name, ref in (("s4d_fft", "s4d_reference"), ("s4d_associative", "s4d_reference"), ("s5", "s5_reference")):
+            for got, want in zip(jax.tree.leaves(out[name]), jax.tree.leaves(out[ref])):
+                np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9, err_msg=name)
+        (_, y5), _ = out["s5_reference"]  # the start at t = 6 cuts the state: row 0 from t = 6 on equals
+        fresh = s4.s5_reference(u[:1, 6:], *s5_params)  # S5 run on that segment alone, from zeros
+        np.testing.assert_allclose(y5[:1, 6:], fresh, rtol=1e-9, atol=1e-9)
+
+
 def test_hippo_legs_is_reexported():
     from jaxlab.kernels.hippo import hippo_legs as original
     from jaxlab.kernels.ssm import hippo_legs
@@ -288,15 +339,17 @@ def test_bad_inputs_raise():
     x, dt, A2, B2, C2 = _ssd_inputs()
     with pytest.raises(ValueError, match="divisible"):
         ssm.ssd(x, dt, A2, B2[:, :, :1].repeat(3, axis=2), C2[:, :, :1].repeat(3, axis=2))
-    with pytest.raises(ValueError, match="h0"):
-        ssm.ssd(x, dt, A2, B2, C2, h0=jnp.zeros((Bsz, H, P, N)))  # the state is [B, H, N, P]
+    with pytest.raises(ValueError, match="initial_state"):
+        ssm.ssd(x, dt, A2, B2, C2, initial_state=jnp.zeros((Bsz, H, P, N)))  # the state is [B, H, N, P]
     with pytest.raises(ValueError, match="D must be"):
         ssm.ssd(x, dt, A2, B2, C2, D=jnp.ones(P))
     with pytest.raises(ValueError, match="chunk_size"):
         ssm.ssd(x, dt, A2, B2, C2, chunk_size=0)
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(ValueError, match="discretization"):
         s4.discretize_diag(A2, A2, 0.1, "euler")
     with pytest.raises(ValueError, match="init"):
         s4d_lambda(4, "legs")
-    with pytest.raises(ValueError, match="mode"):
-        s4.s4d(u, *_s4d_params("lin", H4=Dm)[:4], mode="conv")
+    with pytest.raises(ValueError, match="method"):
+        s4.s4d(u, *_s4d_params("lin", H4=Dm)[:4], method="conv")
+    with pytest.raises(AssertionError):  # one skip weight for every channel would broadcast silently
+        s4.s4d(u, *_s4d_params("lin", H4=Dm)[:4], D=jnp.ones(1))

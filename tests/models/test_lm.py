@@ -29,7 +29,7 @@ def small_cfg(mixer, **kw):  # window 6 < L: the sliding layer's cache wraps whi
 # (its dispatch against the dense reference is in test_moe.py); the sliding window's ring
 # buffer by tests/models/test_sampling.py (window 4, 11 tokens).
 HYBRID = dict(mixer_pattern=MIXERS, num_layers=len(MIXERS), num_kv_heads=2, qk_norm=True, feature_map="favor",
-              ffn="moe", num_experts=4, top_k=2)
+              ffn="moe", num_experts=4, experts_per_token=2)
 
 
 def _contract(cfg, key, a, L=20, split=9, prefill=7, steps=60):
@@ -115,7 +115,7 @@ def test_every_mixer_contract():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(d_model=30, num_heads=4), "d_model=30 must be divisible by num_heads=4"),
     (dict(num_heads=4, num_kv_heads=3), "num_heads=4 must be a multiple of num_kv_heads=3"),
-    (dict(num_experts=4, top_k=5), "top_k=5 must be <= num_experts=4"),
+    (dict(num_experts=4, experts_per_token=5), "experts_per_token=5 must be <= num_experts=4"),
     (dict(mixer="rwkv"), "mixer='rwkv'"),
     (dict(mixer_pattern=("mamba", "rwkv")), "mixer_pattern=('mamba', 'rwkv')"),
     (dict(ffn="relu"), "ffn='relu'"),

@@ -43,7 +43,7 @@ def test_ragged_dispatch_equals_dense_reference(key):
         np.testing.assert_allclose(aux_r[name], aux_d[name], rtol=1e-6)
 
 
-def test_route_top_k_and_gate_normalisation():
+def test_route_picks_top_experts_and_gate_normalisation():
     logits = jnp.array([[0.0, 2.0, 1.0, -1.0], [3.0, 0.0, 0.0, 2.5]])
     routes = jax.jit(lambda x: (route(x, 2, "softmax"), route(x, 2, "softmax", normalize_gates=False),
                                 route(x, 2, "sigmoid")), compiler_options=FAST_COMPILE)(logits)
@@ -95,7 +95,7 @@ def test_balancing_loss_is_minimal_for_uniform_routing():
 
 def test_moe_module_errors():
     x = jnp.zeros((1, 3, D))
-    with pytest.raises(ValueError, match="top_k=7"):
+    with pytest.raises(ValueError, match="experts_per_token=7"):
         MoE(E, 7, F).init(jax.random.PRNGKey(0), x)
     with pytest.raises(ValueError, match="dispatch='sorted'"):
         MoE(E, K, F, dispatch="sorted").init(jax.random.PRNGKey(0), x)

@@ -49,8 +49,8 @@ def test_learns_reverse_and_decoders_agree_with_full_forward():
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
 
     src, tgt = reverse_batch(jax.random.PRNGKey(7), batch=16)
-    greedy = greedy_decode(model, params, src, max_len=L + 2)  # [B, L + 2]
-    beam, score = beam_search(model, params, src, max_len=L + 2, beam_size=3, alpha=0.6)
+    greedy = greedy_decode(model, params, src, max_new_tokens=L + 2)  # [B, L + 2]
+    beam, score = beam_search(model, params, src, max_new_tokens=L + 2, beam_size=3, alpha=0.6)
     np.testing.assert_array_equal(greedy[:, L + 1:], PAD)  # pad after EOS
     assert float(jnp.mean(greedy[:, :L + 1] == tgt)) > 0.95
     assert float(jnp.mean(beam[:, :L + 1] == tgt)) > 0.95
@@ -90,9 +90,9 @@ def test_config_errors(kwargs, match):
 def test_decode_argument_errors():
     model = Transformer(TransformerConfig(src_vocab_size=V, tgt_vocab_size=V, d_model=8, num_heads=2, max_len=8))
     src = jnp.ones((1, 4), jnp.int32)
-    with pytest.raises(ValueError, match="max_len=9"):
-        greedy_decode(model, {}, src, max_len=9)
+    with pytest.raises(ValueError, match="max_new_tokens=9"):
+        greedy_decode(model, {}, src, max_new_tokens=9)
     with pytest.raises(ValueError, match="beam_size=0"):
-        beam_search(model, {}, src, max_len=4, beam_size=0)
+        beam_search(model, {}, src, max_new_tokens=4, beam_size=0)
     with pytest.raises(ValueError, match="src must be an int array"):
-        greedy_decode(model, {}, src.astype(jnp.float32), max_len=4)
+        greedy_decode(model, {}, src.astype(jnp.float32), max_new_tokens=4)

@@ -29,11 +29,11 @@ OFF_POLICY = dict(num_envs=4, buffer_size=2_000, batch_size=64, learning_starts=
 CONTEXTS = jnp.eye(2)  # both observations of the bandit
 
 CASES = {
-    "ppo": (ppo, ppo.PPOConfig(num_envs=8, num_steps=16, total_timesteps=6_400, learning_rate=3e-3,
+    "ppo": (ppo, ppo.PPOConfig(num_envs=8, rollout_length=16, total_timesteps=6_400, learning_rate=3e-3,
                                num_minibatches=2, **DISCRETE)),
-    "reinforce": (reinforce, reinforce.REINFORCEConfig(num_envs=16, num_steps=10, total_timesteps=16_000,
+    "reinforce": (reinforce, reinforce.REINFORCEConfig(num_envs=16, rollout_length=10, total_timesteps=16_000,
                                                        learning_rate=1e-2, **DISCRETE)),
-    "trpo": (trpo, trpo.TRPOConfig(num_envs=16, num_steps=10, total_timesteps=6_400, max_kl=0.05,
+    "trpo": (trpo, trpo.TRPOConfig(num_envs=16, rollout_length=10, total_timesteps=6_400, max_kl=0.05,
                                    learning_rate=3e-3, **DISCRETE)),
     "dqn": (dqn, dqn.DQNConfig(total_timesteps=6_000, learning_rate=3e-3, exploration_fraction=0.3,
                                target_update_interval=100, **{**OFF_POLICY, **DISCRETE})),
@@ -81,7 +81,7 @@ def test_learns_probe(name, key):
     (lambda: sac.SACConfig(env_id="Acrobot-v1"), "SAC needs a continuous action space"),
     (lambda: dqn.DQNConfig(env_id="Pendulum-v1"), "DQN needs a discrete action space"),
     (lambda: ppo.PPOConfig(env_id="Cartpole-v1"), "unknown env_id='Cartpole-v1'.*CartPole-v1"),
-    (lambda: ppo.PPOConfig(num_envs=4, num_steps=10, num_minibatches=3), "num_minibatches=3 must divide"),
+    (lambda: ppo.PPOConfig(num_envs=4, rollout_length=10, num_minibatches=3), "num_minibatches=3 must divide"),
     (lambda: ppo.PPOConfig(total_timesteps=100), "total_timesteps=100 must be >= one update"),
     (lambda: td3.TD3Config(num_critics=1), "num_critics=1"),
     (lambda: trpo.TRPOConfig(backtrack_ratio=1.0), "backtrack_ratio=1.0"),
@@ -95,7 +95,7 @@ def test_config_errors(make, match):
 
 def test_minatar_image_observations_take_the_cnn():
     """PPO and DQN build and trace on MinAtar's ``[10, 10, C]`` boolean images (traced only: no compile)."""
-    for module, cfg in ((ppo, ppo.PPOConfig(env_id="Breakout-MinAtar", num_envs=2, num_steps=8, num_minibatches=2,
+    for module, cfg in ((ppo, ppo.PPOConfig(env_id="Breakout-MinAtar", num_envs=2, rollout_length=8, num_minibatches=2,
                                             total_timesteps=32, hidden_sizes=(16,))),
                         (dqn, dqn.DQNConfig(env_id="Breakout-MinAtar", num_envs=2, total_timesteps=8, batch_size=4,
                                             buffer_size=8, learning_starts=0, hidden_sizes=(16,)))):
@@ -122,7 +122,7 @@ def test_dqn_anneal_lr_counts_the_gradient_steps_taken(key):
 
 def test_values_in_rollout_is_only_a_speed_choice(key):
     """The critic evaluated inside each env step or once over the rollout gives the same training."""
-    cfg = ppo.PPOConfig(num_envs=4, num_steps=8, num_minibatches=2, total_timesteps=3 * 32, **DISCRETE)
+    cfg = ppo.PPOConfig(num_envs=4, rollout_length=8, num_minibatches=2, total_timesteps=3 * 32, **DISCRETE)
     runs = [jax.jit(ppo.make_train(dataclasses.replace(cfg, values_in_rollout=v))).lower(key).compile(FAST_COMPILE)(key)
             for v in (True, False)]
     for name in ("value_loss", "policy_loss", "episode_return"):

@@ -29,7 +29,7 @@ def test_trainer_learns_checkpoints_and_resumes_exactly(tmp_path):
     during the second half) and running the same command again resumes from chunk 25, drops the metrics
     lines written after it and reproduces the run bit for bit."""
     cfg = RLTrainConfig(algo="a2c", env="TimeLimitBandit-probe", seeds=2, total_timesteps=8_000, log_every=2,
-                        checkpoints=2, hparams=("num_envs=16", "num_steps=5", "learning_rate=1e-2", "gamma=0.9",
+                        checkpoints=2, hparams=("num_envs=16", "rollout_length=5", "learning_rate=1e-2", "gamma=0.9",
                                                 "hidden_sizes=(32,)"), progress=False, fast_compile=True)
     assert get_trainer("rl").config_cls is RLTrainConfig
     summary = train_rl(cfg, tmp_path)

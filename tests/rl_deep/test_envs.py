@@ -11,9 +11,9 @@ from jaxlab.rl.wrappers import (ActionSpec, RunningMeanStd, check_action_space, 
 from jaxlab.xla_options import FAST_COMPILE
 
 
-def _rollout(env, params, policy, key, num_steps):
+def _rollout(env, params, policy, key, rollout_length):
     """A jitted rollout from reset, compiled without backend optimisation (compile time dominates)."""
-    fn = jax.jit(lambda k: rollout(env, params, env_reset(env, params, k), policy, k, num_steps))
+    fn = jax.jit(lambda k: rollout(env, params, env_reset(env, params, k), policy, k, rollout_length))
     return fn.lower(key).compile(FAST_COMPILE)(key)
 
 

@@ -1,11 +1,16 @@
 """The task and the post-training pipeline end to end on a tiny model (the sampler: tests/models/test_sampling.py).
 
-One SFT start is trained once per session (``tiny_run``); every method then continues from it in the
-same folder, and the resume test reuses the same shapes, so each jitted step compiles once.
+Every test runs the one configuration ``TINY`` (a method's own hyperparameters aside, which change no
+shape), so each jitted program compiles once per process: the preference pairs of DPO, of the reward model
+and its held-out check come from one sampler (``pair_prompts`` and ``eval_problems`` both fill whole chunks
+of 256 prompts). One SFT start is trained once per session (``tiny_run``: under pytest-xdist by the first
+worker that needs it, the others copy its folder); every method then continues from it.
 """
 
 import dataclasses
+import fcntl
 import json
+import os
 import shutil
 
 import jax
@@ -20,15 +25,25 @@ from jaxlab.rl.llm.task import EOS, PAD, Task, decode, format_ok, is_correct, re
 
 TINY = PostTrainConfig(task="sort", num_digits=3, d_model=32, num_layers=1, num_heads=2, sft_steps=100,
                        sft_batch_size=32, steps=20, batch_size=8, group_size=4, lr=1e-3, dpo_lr=5e-4,
-                       pair_prompts=128, rm_steps=30, eval_problems=128, eval_every=20, log_every=5,
+                       pair_prompts=512, rm_steps=150, eval_problems=256, eval_every=20, log_every=5,
                        checkpoint_every=10, progress=False)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """The shared SFT start: (folder, summary of the sft run)."""
+    """The shared SFT start: (folder holding ``sft/``, summary of the sft run)."""
     out = tmp_path_factory.mktemp("posttrain")
-    return out, posttrain(dataclasses.replace(TINY, method="sft"), out)
+    sft = dataclasses.replace(TINY, method="sft")
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return out, posttrain(sft, out)
+    # The workers of one session share the parent of their temporary roots; the first one in trains there.
+    shared = tmp_path_factory.getbasetemp().parent
+    with open(shared / "posttrain-sft.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (shared / "posttrain-sft" / "summary-sft.json").exists():
+            posttrain(sft, shared / "posttrain-sft")
+    shutil.copytree(shared / "posttrain-sft" / "sft", out / "sft")
+    return out, json.loads((shared / "posttrain-sft" / "summary-sft.json").read_text())
 
 
 def test_task_problems_and_verifier():
@@ -85,8 +100,7 @@ def test_dpo_learns_the_preferences_and_improves_the_verifier_reward(tiny_run):
 
 def test_ppo_rlhf_raises_the_reward_model_score_and_the_verifier_reward(tiny_run):
     out, sft = tiny_run
-    run = posttrain(dataclasses.replace(TINY, method="ppo-rlhf", lr=3e-4, kl_coef=0.05, rm_steps=150, pair_prompts=512,
-                                        log_every=1), out)
+    run = posttrain(dataclasses.replace(TINY, method="ppo-rlhf", lr=3e-4, kl_coef=0.05, log_every=1), out)
     read = lambda name: [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     rm = [r for r in read("reward_model") if "margin" in r]
     assert rm[-1]["loss"] < np.log(2)  # the Bradley-Terry model beats chance on its pairs

@@ -1,6 +1,5 @@
-"""Smoke runs of the post-training experiments at a tiny size: they finish, write a figure and sane metrics."""
-
-import math
+"""Smoke runs of the post-training experiments at a tiny size: they finish, write a figure, start at the SFT
+reference and move off it."""
 
 from jaxlab.context import RunContext
 from jaxlab.registry import Claim, get_experiment
@@ -22,8 +21,9 @@ def test_grpo_reasoning_smoke(tmp_path):
     result = _run("grpo-reasoning", tmp_path, num_digits=1, d_model=32, num_layers=1, sft_steps=30, steps=4,
                   batch_size=4, group_size=4, eval_every=2, eval_problems=32)
     m = result.metrics
-    assert m["steps"] == [0, 2, 4] and all(0 <= a <= 1 for a in m["accuracy"] + m["greedy_accuracy"])
-    assert all(1 <= n <= 6 for n in m["response_length"]) and abs(m["kl_to_ref"][0]) < 1e-4
+    assert m["steps"] == [0, 2, 4] and all(1 <= n <= 6 for n in m["response_length"])
+    # The run starts at the SFT reference and its GRPO updates move the policy away from it.
+    assert abs(m["kl_to_ref"][0]) < 1e-4 and m["kl_to_ref"][-1] > 1e-3
     assert result.summary and result.comparisons
 
 
@@ -33,4 +33,5 @@ def test_posttrain_compare_smoke(tmp_path):
                   eval_problems=32)
     methods = result.metrics["methods"]
     assert list(methods) == ["sft", "dpo", "ppo-rlhf"] and abs(methods["sft"]["kl_to_ref"]) < 1e-4
-    assert all(0 <= r["accuracy"] <= 1 and math.isfinite(r["kl_to_ref"]) for r in methods.values())
+    # The SFT model is every method's reference: SFT alone stays on it, DPO and PPO move off it.
+    assert methods["dpo"]["kl_to_ref"] > 1e-3 and methods["ppo-rlhf"]["kl_to_ref"] > 1e-3
