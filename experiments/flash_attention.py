@@ -24,15 +24,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from jaxlab.context import RunContext  # noqa: E402
-from jaxlab.kernels.attention import dot_product_attention  # noqa: E402
-from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment  # noqa: E402
+from jaxlab.context import RunContext
+from jaxlab.kernels.attention import dot_product_attention
+from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment
+from jaxlab.validation import check_positive
 
 __all__ = ["FlashAttentionConfig", "attention_flops", "attention_fns", "backend_impls", "fit_exponent", "random_qkv",
            "temp_bytes", "time_interleaved"]
@@ -143,9 +141,7 @@ class FlashAttentionConfig:
     def __post_init__(self):
         if not self.seq_lens or min(self.seq_lens + self.memory_lens) < 1:
             raise ValueError(f"seq_lens={self.seq_lens} must be non-empty and lengths positive ({self.memory_lens=})")
-        for name in ("batch", "heads", "head_dim", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        check_positive(self, "batch", "heads", "head_dim", "repeats")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r} must be float32, bfloat16 or float16")
         if self.max_dense_mib <= 0:
@@ -178,7 +174,8 @@ def _sweep(cfg: FlashAttentionConfig, ctx: RunContext) -> list[dict]:
 
 
 def _plot(rows: list[dict], cfg: FlashAttentionConfig, path) -> None:
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    (ax_t, ax_m) = fig.subplots(1, 2)
     for i, impl in enumerate(dict.fromkeys(r["impl"] for r in rows)):
         mine = [r for r in rows if r["impl"] == impl]
         timed = [r for r in mine if r["fwd_bwd_ms"] is not None]
@@ -194,7 +191,6 @@ def _plot(rows: list[dict], cfg: FlashAttentionConfig, path) -> None:
     ax_m.set(ylabel="temporary memory, fwd + bwd (MiB)", title="Memory (XLA memory_analysis)")
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.9, wspace=0.25)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 @register_experiment(

@@ -36,6 +36,7 @@ from jaxlab.rl.tabular.value_approximation import (
     td_linear_fixed_point,
     visitation_distribution,
 )
+from jaxlab.validation import check_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +76,8 @@ class FAConfig:
             raise ValueError(f"orders={self.orders} must be non-empty and >= 1")
         if not self.td_alpha > 0:
             raise ValueError(f"td_alpha={self.td_alpha} must be > 0")
-        for name in ("episode_length", "num_episodes", "num_chunks", "num_seeds", "dqn_updates", "dqn_log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        check_positive(self, "episode_length", "num_episodes", "num_chunks", "num_seeds", "dqn_updates",
+                             "dqn_log_every")
         if self.num_episodes % self.num_chunks:
             raise ValueError(f"num_episodes={self.num_episodes} must be a multiple of num_chunks={self.num_chunks}")
         self.dqn_config()  # validates the deep Q-learning fields

@@ -30,6 +30,7 @@ from jaxlab.rl.tabular.dynamic_programming import (
 from jaxlab.rl.tabular.gridworld import book_grid_world
 from jaxlab.rl.tabular.monte_carlo import MCConfig, MCResult, mc_epsilon_greedy
 from jaxlab.rl.tabular.plot import plot_grid_world
+from jaxlab.validation import check_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +55,7 @@ class MCExperimentConfig:
             raise ValueError(f"epsilons={self.epsilons} must be non-empty and lie in (0, 1]")
         if not 0.0 <= self.gamma < 1.0:
             raise ValueError(f"gamma={self.gamma} must lie in [0, 1)")
-        for name in ("num_episodes", "episode_length", "num_chunks", "num_seeds"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        check_positive(self, "num_episodes", "episode_length", "num_chunks", "num_seeds")
         if self.num_episodes % self.num_chunks:
             raise ValueError(f"num_episodes={self.num_episodes} must be a multiple of num_chunks={self.num_chunks}")
 

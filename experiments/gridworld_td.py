@@ -25,6 +25,7 @@ from jaxlab.rl.tabular.dynamic_programming import policy_evaluation, value_itera
 from jaxlab.rl.tabular.gridworld import book_episodic_grid_world
 from jaxlab.rl.tabular.plot import plot_grid_world
 from jaxlab.rl.tabular.td import TDConfig, td_control
+from jaxlab.validation import check_positive
 
 SHORTEST_PATH = 11  # steps from (row 1, col 1) to the target (row 4, col 3) around the forbidden cells
 
@@ -54,9 +55,7 @@ class TDExperimentConfig:
     """Episodes in the moving average of the curves."""
 
     def __post_init__(self):
-        for name in ("num_episodes", "num_seeds", "max_episode_steps", "smoothing"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        check_positive(self, "num_episodes", "num_seeds", "max_episode_steps", "smoothing")
         if self.n_step < 0 or self.off_policy_episodes < 0:
             raise ValueError(f"n_step={self.n_step} and off_policy_episodes={self.off_policy_episodes} must be >= 0")
         if self.n_step == 1:

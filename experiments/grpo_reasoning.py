@@ -18,6 +18,7 @@ from jaxlab.experiments._posttrain_common import CITATIONS, run_config
 from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment
 from jaxlab.rl.llm.losses import AGGREGATIONS
 from jaxlab.rl.llm.posttrain import posttrain
+from jaxlab.validation import check_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +44,8 @@ class GRPOReasoningConfig:
     eval_problems: int = 256
 
     def __post_init__(self):
-        for name in ("num_digits", "d_model", "num_layers", "sft_steps", "steps", "batch_size", "eval_every",
-                     "eval_problems"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+        check_positive(self, "num_digits", "d_model", "num_layers", "sft_steps", "steps", "batch_size", "eval_every",
+                             "eval_problems", integer=True)
         if self.group_size < 2:
             raise ValueError(f"group_size={self.group_size!r} must be >= 2")
         if self.aggregation not in AGGREGATIONS:

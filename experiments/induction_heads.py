@@ -20,6 +20,7 @@ from jaxlab.experiments._lm_common import TrainSpec, plot_lines, synthetic_confi
 from jaxlab.models.lm import MIXERS
 from jaxlab.models.synthetic import induction_heads
 from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment
+from jaxlab.validation import check_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +48,7 @@ class InductionHeadsConfig:
             raise ValueError(f"train_len={self.train_len} and test_lens={self.test_lens} must be >= 4")
         if self.vocab_size < 3:
             raise ValueError(f"vocab_size={self.vocab_size} must be >= 3")
-        for name in ("d_model", "num_layers", "steps", "batch_size", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        check_positive(self, "d_model", "num_layers", "steps", "batch_size", "eval_batches")
 
 
 @register_experiment("induction-heads", description="induction heads: train at one length, test longer (S4D/Mamba/attention)",

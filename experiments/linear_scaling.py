@@ -19,15 +19,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from jaxlab.context import RunContext  # noqa: E402
-from jaxlab.experiments.flash_attention import fit_exponent, temp_bytes, time_interleaved  # noqa: E402
-from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment  # noqa: E402
+from jaxlab.context import RunContext
+from jaxlab.experiments.flash_attention import fit_exponent, temp_bytes, time_interleaved
+from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment
 
 __all__ = ["LinearScalingConfig", "crossover", "crossover_length", "fit_exponent", "make_mixer", "mixer_fns"]
 
@@ -184,7 +181,8 @@ def _plot(rows, cfg: LinearScalingConfig, path) -> None:
     panels = [("fwd_ms", "forward time (ms)"), ("temp_mib_fwd", "forward temporary memory (MiB)")]
     if cfg.backward:
         panels.insert(1, ("fwd_bwd_ms", "forward+backward time (ms)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    fig = Figure(figsize=(5 * len(panels), 4))
+    axes = fig.subplots(1, len(panels))
     for ax, (key, label) in zip(axes, panels):
         for i, m in enumerate(cfg.mixers):
             pts = [(r["seq_len"], r[key]) for r in rows if r["mixer"] == m and r[key]]
@@ -196,7 +194,6 @@ def _plot(rows, cfg: LinearScalingConfig, path) -> None:
     fig.suptitle(f"Token mixers, d_model={cfg.d_model}, batch {cfg.batch}, {jax.default_backend()}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 @register_experiment(

@@ -24,6 +24,7 @@ from jaxlab.experiments._lm_common import TrainSpec, plot_lines, synthetic_confi
 from jaxlab.models.lm import MIXERS
 from jaxlab.models.synthetic import mqar
 from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment
+from jaxlab.validation import check_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +65,7 @@ class MQARConfig:
                 raise ValueError(f"vocab_size={self.vocab_size} has too few keys for kv_pairs={K}")
         if not self.lrs or min(self.lrs) <= 0:
             raise ValueError(f"lrs={self.lrs} must be a non-empty tuple of positive learning rates")
-        for name in ("num_layers", "steps", "batch_size", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        check_positive(self, "num_layers", "steps", "batch_size", "eval_batches")
 
 
 @register_experiment("mqar", description="MQAR accuracy vs width: attention, linear attention, GAU, Mamba, Mamba-2",

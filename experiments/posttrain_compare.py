@@ -20,6 +20,7 @@ from jaxlab.experiments._posttrain_common import CITATIONS, run_config
 from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment
 from jaxlab.rl.llm.posttrain import METHODS, posttrain
 from jaxlab.rl.llm.task import TASKS, Task
+from jaxlab.validation import check_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +56,8 @@ class PostTrainCompareConfig:
             raise ValueError(f"task={self.task!r} must be one of {TASKS}")
         if not self.methods or any(m not in METHODS for m in self.methods):
             raise ValueError(f"methods={self.methods!r} must be a non-empty subset of {METHODS}")
-        for name in ("num_digits", "d_model", "num_layers", "sft_steps", "steps", "rm_steps", "rm_batch_size",
-                     "batch_size", "pair_prompts", "eval_problems"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+        check_positive(self, "num_digits", "d_model", "num_layers", "sft_steps", "steps", "rm_steps",
+                             "rm_batch_size", "batch_size", "pair_prompts", "eval_problems", integer=True)
         if not (self.lr > 0 and self.kl_coef >= 0):
             raise ValueError(f"need lr > 0 and kl_coef >= 0, got {self.lr=}, {self.kl_coef=}")
         if self.group_size < 2:

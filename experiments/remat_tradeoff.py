@@ -35,6 +35,7 @@ from jaxlab.context import RunContext
 from jaxlab.experiments._lm_common import plot_lines
 from jaxlab.models.lm import LM, LMConfig, next_token_loss, shifted_targets
 from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment
+from jaxlab.validation import check_positive
 
 
 def policy_model(cfg: LMConfig, policy: str) -> LM:
@@ -74,9 +75,7 @@ class RematConfig:
                 raise ValueError(f"policies entry {p!r} must be none | full | dots | every-sqrt | every-<k>")
             if p[6:].isdigit() and any(d % int(p[6:]) for d in self.depths):
                 raise ValueError(f"policy {p!r} needs every depth in {self.depths} divisible by {p[6:]}")
-        for name in ("d_model", "seq_len", "batch_size", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        check_positive(self, "d_model", "seq_len", "batch_size", "repeats")
 
 
 def _sqrt_divisor(n: int) -> int:

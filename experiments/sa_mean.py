@@ -29,6 +29,7 @@ from jaxlab.rl.tabular.stochastic_approximation import (
     robbins_monro,
 )
 from jaxlab.xla_options import FAST_COMPILE
+from jaxlab.validation import check_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +52,7 @@ class SAConfig:
     """Batch sizes m to compare: 1 is SGD, num_samples is BGD, in between MBGD."""
 
     def __post_init__(self):
-        for name in ("num_steps", "num_seeds", "num_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        check_positive(self, "num_steps", "num_seeds", "num_samples")
         if self.noise_std < 0:
             raise ValueError(f"noise_std={self.noise_std} must be >= 0")
         if not 0 < self.constant_step <= 1:

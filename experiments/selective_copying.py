@@ -20,6 +20,7 @@ from jaxlab.experiments._lm_common import TrainSpec, synthetic_config, train_and
 from jaxlab.models.lm import MIXERS
 from jaxlab.models.synthetic import selective_copying
 from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment
+from jaxlab.validation import check_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +49,7 @@ class SelectiveCopyingConfig:
             raise ValueError(f"seq_len={self.seq_len} must be >= 2 * num_tokens={self.num_tokens} >= 2")
         if self.vocab_size < 3:
             raise ValueError(f"vocab_size={self.vocab_size} must be >= 3 (noise, marker, data)")
-        for name in ("d_model", "num_layers", "steps", "batch_size", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        check_positive(self, "d_model", "num_layers", "steps", "batch_size", "eval_batches")
 
 
 @register_experiment("selective-copying", description="selective copying: S4D (time-invariant) vs Mamba vs attention",

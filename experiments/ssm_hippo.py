@@ -19,16 +19,13 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jaxlab.context import RunContext  # noqa: E402
-from jaxlab.kernels.hippo import (LEGS_DISCRETIZATIONS, legendre_reconstruct, legs_projection_reference,  # noqa: E402
+from jaxlab.context import RunContext
+from jaxlab.kernels.hippo import (LEGS_DISCRETIZATIONS, legendre_reconstruct, legs_projection_reference,
                                   legs_recurrence)
-from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment  # noqa: E402
+from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment
 
 PROJECTION_FLOOR = 1e-6
 """The recurrence is compared with the exact projection where the projection's MSE is above this."""
@@ -122,7 +119,8 @@ def ssm_hippo(cfg: HippoConfig, ctx: RunContext) -> ExperimentResult:
         if N == cfg.plot_state_size:
             curves = {"full": np.asarray(rec[0]), "half": np.asarray(rec_half[0])}
 
-    fig, (ax_sig, ax_err) = plt.subplots(1, 2, figsize=(12, 4))
+    fig = Figure(figsize=(12, 4))
+    (ax_sig, ax_err) = fig.subplots(1, 2)
     t = np.arange(L)
     ax_sig.plot(t, np.asarray(f[0]), color="0.6", lw=2.5, label="signal f")
     ax_sig.plot(t, curves["full"], color="C0", lw=1.2, label=f"LegS reconstruction at t={L}")
@@ -141,7 +139,6 @@ def ssm_hippo(cfg: HippoConfig, ctx: RunContext) -> ExperimentResult:
     ax_err.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(ctx.figure_path, dpi=120)
-    plt.close(fig)
 
     mse = np.array([r["mse_recurrence"] for r in rows])
     falls = bool(np.all(np.diff(mse) < 0))

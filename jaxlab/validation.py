@@ -16,13 +16,14 @@ from typing import Any
 __all__ = ["check_choice", "check_greater", "check_positive", "check_range"]
 
 
-def check_positive(obj: Any, *names: str, minimum: int = 1) -> None:
-    """``ValueError`` naming the first field of ``names`` that is not a number ``>= minimum``
-    (booleans are not numbers here)."""
+def check_positive(obj: Any, *names: str, minimum: int = 1, integer: bool = False) -> None:
+    """``ValueError`` naming the first field of ``names`` that is not a number ``>= minimum`` (an int with
+    ``integer``; booleans are not numbers here)."""
+    kinds = (int,) if integer else (int, float)
     for name in names:
         value = getattr(obj, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
-            raise ValueError(f"{name}={value!r} must be >= {minimum}")
+        if isinstance(value, bool) or not isinstance(value, kinds) or not value >= minimum:
+            raise ValueError(f"{name}={value!r} must be {'an int ' if integer else ''}>= {minimum}")
 
 
 def check_greater(obj: Any, *names: str, bound: float = 0.0) -> None:

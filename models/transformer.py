@@ -36,6 +36,7 @@ import optax
 from jaxlab.kernels.attention import IMPLEMENTATIONS
 from jaxlab.models.attention import Attention, KVCache
 from jaxlab.models.layers import FeedForward, resolve_dtype, sinusoidal_positions
+from jaxlab.validation import check_positive
 
 __all__ = ["NORMS", "Transformer", "TransformerConfig", "beam_search", "greedy_decode", "seq2seq_loss",
            "shift_right"]
@@ -74,11 +75,8 @@ class TransformerConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self):
-        for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "num_heads", "num_encoder_layers",
-                     "num_decoder_layers", "d_ff", "max_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive int")
+        check_positive(self, "src_vocab_size", "tgt_vocab_size", "d_model", "num_heads", "num_encoder_layers",
+                             "num_decoder_layers", "d_ff", "max_len", integer=True)
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
         if self.d_model % 2:

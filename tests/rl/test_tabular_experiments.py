@@ -98,7 +98,7 @@ def test_gridworld_fa(tmp_path):
     """TD-linear (Sec. 8.2) hovers around its exact fixed point; deep Q-learning (Sec. 8.4: uniform
     behaviour, replay, target network) makes the greedy action optimal in every cell."""
     cfg = gridworld_fa.FAConfig(orders=(1, 3), num_episodes=100, num_chunks=2, num_seeds=2, dqn_updates=1000,
-                                dqn_log_every=100)
+                                dqn_log_every=100, dqn_anneal_lr=False)  # the quick size
     result, m = _run("gridworld-fa", cfg, tmp_path)
     assert result.reproduces, result.claims
     td = m["td_linear"]
