@@ -8,9 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlab.rl.tabular.common import greedy_policy, one_hot_features, uniform_policy
-from jaxlab.rl.tabular.dynamic_programming import policy_value, value_iteration
-from jaxlab.rl.tabular.gridworld import book_grid_world
+from jaxlab.rl.tabular.common import one_hot_features, uniform_policy
 from jaxlab.rl.tabular.policy_gradient import (
     PGConfig,
     a2c,
@@ -21,22 +19,12 @@ from jaxlab.rl.tabular.policy_gradient import (
     softmax_policy,
 )
 
-GAMMA = 0.9
+from _grid import GAMMA, greedy_gaps, seeds, world_and_v_star
 
 
 @pytest.fixture(scope="module")
 def world():
-    env = book_grid_world(start=None)
-    v_star, _ = value_iteration(*env.tabular_model(), GAMMA)
-    return env, v_star
-
-
-def _seeds(n=2):
-    return jax.random.split(jax.random.PRNGKey(0), n)
-
-
-def _greedy_gaps(env, v_star, policies):
-    return np.stack([np.asarray(v_star - policy_value(env, greedy_policy(pi), GAMMA)) for pi in policies])
+    return world_and_v_star()
 
 
 @pytest.mark.parametrize("name", ["reinforce", "qac", "a2c", "off_policy_ac", "dpg"])
@@ -53,8 +41,8 @@ def test_policy_gradient_and_actor_critic(world, name):
                 PGConfig(alpha_theta=0.005, alpha_w=0.1, num_episodes=3000, max_episode_steps=30)),
     }
     fn, config = cases[name]
-    result = jax.vmap(lambda k: fn(k, env, config))(_seeds())
-    gaps = _greedy_gaps(env, v_star, result.pi)
+    result = jax.vmap(lambda k: fn(k, env, config))(seeds())
+    gaps = greedy_gaps(env, v_star, result.pi)
     assert gaps.max() < 0.4 and gaps.mean() < 0.05, gaps
     np.testing.assert_allclose(result.pi, jax.vmap(lambda t: softmax_policy(t, one_hot_features(25)))(result.theta),
                                atol=1e-6)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlab.rl.tabular.common import greedy_policy, one_hot_features, uniform_policy
+from jaxlab.rl.tabular.common import one_hot_features, uniform_policy
 from jaxlab.rl.tabular.dynamic_programming import policy_value, value_iteration
 from jaxlab.rl.tabular.gridworld import book_episodic_grid_world, book_grid_world
 from jaxlab.rl.tabular.td import TDConfig, q_learning, sarsa
@@ -23,22 +23,12 @@ from jaxlab.rl.tabular.value_approximation import (
     visitation_distribution,
 )
 
-GAMMA = 0.9
+from _grid import GAMMA, greedy_gaps, seeds, world_and_v_star
 
 
 @pytest.fixture(scope="module")
 def world():
-    env = book_grid_world(start=None)
-    v_star, _ = value_iteration(*env.tabular_model(), GAMMA)
-    return env, v_star
-
-
-def _seeds(n=2):
-    return jax.random.split(jax.random.PRNGKey(0), n)
-
-
-def _greedy_gaps(env, v_star, policies):
-    return np.stack([np.asarray(v_star - policy_value(env, greedy_policy(pi), GAMMA)) for pi in policies])
+    return world_and_v_star()
 
 
 def test_features():
@@ -81,8 +71,8 @@ def test_linear_sarsa_and_q_learning(name):
     v_star, _ = value_iteration(*env.tabular_model(), GAMMA)
     config = TDConfig(gamma=GAMMA, alpha=0.005, epsilon=0.1, num_episodes=1000, max_episode_steps=200)
     fn = sarsa if name == "sarsa" else q_learning
-    result = jax.vmap(lambda k: fn(k, env, config, features=fourier_features(env, 3)))(_seeds())
-    gaps = _greedy_gaps(env, v_star, result.q)[:, env.state_index(0, 0)]
+    result = jax.vmap(lambda k: fn(k, env, config, features=fourier_features(env, 3)))(seeds())
+    gaps = greedy_gaps(env, v_star, result.q)[:, env.state_index(0, 0)]
     assert np.all(gaps < (1e-4 if name == "sarsa" else 0.7)), gaps
 
 
