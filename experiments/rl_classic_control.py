@@ -21,10 +21,10 @@ import jax
 import numpy as np
 from matplotlib.figure import Figure
 
-from jaxlab.context import RunContext  # noqa: E402
-from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment  # noqa: E402
-from jaxlab.rl.off_policy import OffPolicyConfig  # noqa: E402
-from jaxlab.rl.train import (ALGORITHMS, algorithm_config, final_return, init_states, plot_curves,  # noqa: E402
+from jaxlab.context import RunContext
+from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment
+from jaxlab.rl.off_policy import OffPolicyConfig
+from jaxlab.rl.train import (ALGORITHMS, algorithm_config, final_return, init_states, plot_curves,
                              train_in_chunks)
 
 STANDARD_TIMESTEPS = {"CartPole-v1": 500_000, "Acrobot-v1": 500_000, "Pendulum-v1": 200_000}

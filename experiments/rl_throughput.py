@@ -22,13 +22,13 @@ import jax
 import numpy as np
 from matplotlib.figure import Figure
 
-from jaxlab.context import RunContext  # noqa: E402
-from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment  # noqa: E402
-from jaxlab.rl import ppo  # noqa: E402
-from jaxlab.rl.on_policy import ActorCritic  # noqa: E402
-from jaxlab.rl.rollout import env_reset, env_step  # noqa: E402
-from jaxlab.rl.train import init_states, train_in_chunks  # noqa: E402
-from jaxlab.rl.wrappers import make_vec_env  # noqa: E402
+from jaxlab.context import RunContext
+from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment
+from jaxlab.rl import ppo
+from jaxlab.rl.on_policy import ActorCritic
+from jaxlab.rl.rollout import env_reset, env_step
+from jaxlab.rl.train import init_states, train_in_chunks
+from jaxlab.rl.wrappers import make_vec_env
 
 __all__ = ["ThroughputConfig", "measure_python_loop", "measure_throughput"]
 
