@@ -354,25 +354,26 @@ class LM(nn.Module):
         x = self.perturb("embedded", self.embed(tokens))  # [B, L, d]
         if self.cfg.scan_layers:  # states: one per group position, stacked over groups [G, ...]
             x, (new_states, aux) = self.blocks(x, positions, segment_ids, states)
-            auxes = [jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[i], aux)  # [G, P, ...] -> layer i
-                     for i in range(self.cfg.num_layers)]
+            layers = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), aux)  # [G, P, ...] -> [num_layers, ...]
         else:
             new_states, auxes = [], []
             for i, block in enumerate(self.blocks):
                 x, state, aux = block(x, positions, segment_ids, None if states is None else states[i])
                 new_states.append(state)
                 auxes.append(aux)
+            layers = jax.tree.map(lambda *a: jnp.stack(a), *auxes)  # [num_layers, ...]
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.head(x)
-        return logits.astype(jnp.float32), tuple(new_states), self._collect_aux(auxes)
+        return logits.astype(jnp.float32), tuple(new_states), self._collect_aux(layers)
 
-    def _collect_aux(self, auxes):
+    def _collect_aux(self, layers):
+        """The model's aux from the blocks' aux stacked over layers (each leaf ``[num_layers, ...]``)."""
         cfg = self.cfg
-        aux = {"residual_rms": jnp.stack([a["residual_rms"] for a in auxes])}
+        aux = {"residual_rms": layers["residual_rms"]}
         if cfg.ffn == "moe":
             for name in ("load_balance_loss", "router_z_loss"):
-                aux[name] = jnp.mean(jnp.stack([a[name] for a in auxes]))
-            aux["expert_load"] = jnp.stack([a["expert_load"] for a in auxes])  # [num_layers, E]
+                aux[name] = jnp.mean(layers[name])
+            aux["expert_load"] = layers["expert_load"]  # [num_layers, E]
         else:
             aux["load_balance_loss"] = aux["router_z_loss"] = jnp.zeros((), jnp.float32)
         aux["aux_loss"] = cfg.load_balance_coef * aux["load_balance_loss"] + cfg.router_z_coef * aux["router_z_loss"]
