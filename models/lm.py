@@ -38,6 +38,7 @@ from jaxlab.models.linear_mixers import FEATURE_MAPS, GAU, LinearAttention
 from jaxlab.models.moe import GATES, MoE
 from jaxlab.models.remat import remat_module, validate_remat
 from jaxlab.models.ssm_mixers import S4D, S5, Mamba, Mamba2
+from jaxlab.validation import check_positive
 
 __all__ = ["FFNS", "LM", "LMCache", "LMConfig", "MIXERS", "NO_DECAY_PARAMS", "cross_entropy_sums", "lm_loss",
            "make_mixer", "next_token_loss", "scan_to_unrolled", "shifted_targets", "token_logprobs",
@@ -111,13 +112,9 @@ class LMConfig:
     """GAU's shared query/key dim s."""
 
     def __post_init__(self):
-        positive = ("vocab_size", "d_model", "num_layers", "num_heads", "num_experts", "experts_per_token", "max_len",
-                    "window", "num_features", "d_state", "d_conv", "expand", "ssm_head_dim", "chunk_size",
-                    "gau_qk_dim")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive int")
+        check_positive(self, "vocab_size", "d_model", "num_layers", "num_heads", "num_experts", "experts_per_token",
+                       "max_len", "window", "num_features", "d_state", "d_conv", "expand", "ssm_head_dim",
+                       "chunk_size", "gau_qk_dim", integer=True)
         for name in ("num_kv_heads", "d_ff", "d_expert"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -141,15 +141,10 @@ class PostTrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")
-        if isinstance(self.sft_steps, bool) or not isinstance(self.sft_steps, int) or self.sft_steps < 0:
-            raise ValueError(f"sft_steps={self.sft_steps!r} must be an int >= 0")
-        positive = ("num_digits", "d_model", "num_layers", "num_heads", "sft_batch_size", "steps",
-                    "batch_size", "ppo_epochs", "pair_prompts", "rm_steps", "eval_problems", "eval_every",
-                    "log_every", "checkpoint_every")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive int")
+        check_positive(self, "sft_steps", minimum=0, integer=True)
+        check_positive(self, "num_digits", "d_model", "num_layers", "num_heads", "sft_batch_size", "steps",
+                       "batch_size", "ppo_epochs", "pair_prompts", "rm_steps", "eval_problems", "eval_every",
+                       "log_every", "checkpoint_every", integer=True)
         if self.group_size < 2:
             raise ValueError(f"group_size={self.group_size!r} must be >= 2")
         check_greater(self, "sft_lr", "lr", "dpo_lr", "rm_lr", "temperature", "clip_eps", "dpo_beta", "vf_coef")
