@@ -6,6 +6,8 @@ errors that name the field and its value.
         check_greater(self, "lr", "temperature")                # numbers > 0
         check_choice(self, "mixer", MIXERS)
         check_range(self, "gamma", 0.0, 1.0)                    # 0 <= gamma <= 1
+        check_range(self, "tau", 0.0, 1.0, open_low=True)       # 0 < tau <= 1
+        check(self.batch % self.minibatches == 0, f"{self.batch=} ...")   # anything else
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-__all__ = ["check_choice", "check_greater", "check_positive", "check_range"]
+__all__ = ["check", "check_choice", "check_greater", "check_positive", "check_range"]
 
 
 def check_positive(obj: Any, *names: str, minimum: int = 1, integer: bool = False) -> None:
@@ -41,8 +43,19 @@ def check_choice(obj: Any, name: str, choices: Collection[Any]) -> None:
         raise ValueError(f"{name}={value!r} must be one of {tuple(choices)}")
 
 
-def check_range(obj: Any, name: str, low: float, high: float) -> None:
-    """``ValueError`` unless ``low <= field <= high`` (NaN fails)."""
+def check_range(obj: Any, name: str, low: float, high: float, *, open_low: bool = False,
+                open_high: bool = False) -> None:
+    """``ValueError`` unless ``low <= field <= high`` (``<`` at an open end; NaN fails)."""
     value = getattr(obj, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ValueError(f"{name}={value!r} must be in [{low}, {high}]")
+    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    above = number and (value > low if open_low else value >= low)
+    below = number and (value < high if open_high else value <= high)
+    if not (above and below):
+        raise ValueError(f"{name}={value!r} must be in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}")
+
+
+def check(condition: bool, message: str) -> None:
+    """``ValueError(message)`` unless ``condition``: for relations between fields that the helpers above do
+    not express (the message names the fields and their values)."""
+    if not condition:
+        raise ValueError(message)

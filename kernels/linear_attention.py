@@ -20,8 +20,8 @@ normaliser is the last column of the state. Feature maps live in ``jaxlab.kernel
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import NamedTuple
 
 import chex
 import jax
@@ -47,8 +47,11 @@ __all__ = [
 METHODS = ("auto", "parallel", "chunked", "recurrent")
 
 
-class LinearAttentionState(NamedTuple):
-    """Recurrent state of causal linear attention after the last token.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LinearAttentionState:
+    """Recurrent state of causal linear attention after the last token (a frozen dataclass pytree, as every
+    mixer state in ``jaxlab.models``).
 
     kv: [B, H, Dk, Dv], sum_j decay^(t-j) k_j v_j^T.
     z: [B, H, Dk], sum_j decay^(t-j) k_j (the normaliser's state); None when ``normalize=False``.
@@ -198,7 +201,7 @@ def _validate(q, k, v, causal, decay, segment_ids, method, chunk_size, initial_s
     if not causal and (initial_state is not None or return_state):
         raise ValueError("initial_state/return_state need causal=True: non-causal attention has no recurrent state")
     if initial_state is not None:
-        kv, z = initial_state
+        kv, z = initial_state.kv, initial_state.z
         if jnp.shape(kv) != (B, H, Dk, v.shape[-1]):
             raise ValueError(f"initial_state.kv must be {(B, H, Dk, v.shape[-1])}, got {jnp.shape(kv)}")
         if normalize and (z is None or jnp.shape(z) != (B, H, Dk)):

@@ -53,7 +53,8 @@ def favor_key_features(k, projection):
 
 
 class LinearAttention(nn.Module):
-    """Causal multi-head linear attention; state = ``LinearAttentionState`` (kv [B, H, m, D], z [B, H, m])."""
+    """Causal multi-head linear attention; state = the kernel's ``LinearAttentionState`` (kv [B, H, m, D],
+    z [B, H, m]), a frozen dataclass pytree like every mixer state."""
 
     num_heads: int
     feature_map: str = "elu"

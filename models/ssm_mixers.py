@@ -2,7 +2,10 @@
 
 All four are causal recurrences with constant-size state, so decoding carries a state instead of a
 cache. Each mixer maps x [B, L, d_model] -> (y [B, L, d_model], state); ``segment_ids`` reset the
-recurrence (and the short convolution) at segment starts, so packed documents do not interact.
+recurrence (and the short convolution) at segment starts, so packed documents do not interact. As for
+every mixer of ``jaxlab.models``, the state is a frozen dataclass pytree with named fields
+(:class:`S4DState`, :class:`S5State`, :class:`MambaState`, :class:`Mamba2State`) made by
+``init_state(batch, max_len, d_model)``.
 
 * :class:`S4D` (Gu et al. 2022, "On the Parameterization and Initialization of Diagonal State Space
   Models"): per channel, ``N/2`` complex modes (conjugate pairs) with S4D-Lin initialisation
@@ -30,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxlab.kernels.hippo import hippo_legs
@@ -38,7 +42,46 @@ from jaxlab.kernels.scan import linear_recurrence, segment_starts
 from jaxlab.kernels.ssm import selective_scan, ssd
 from jaxlab.models.layers import RMSNorm
 
-__all__ = ["Mamba", "Mamba2", "S4D", "S5", "causal_conv1d", "hippo_n_eigenvalues"]
+__all__ = ["Mamba", "Mamba2", "Mamba2State", "MambaState", "S4D", "S4DState", "S5", "S5State", "causal_conv1d",
+           "hippo_n_eigenvalues"]
+
+
+@struct.dataclass
+class S4DState:
+    """Decoding state of :class:`S4D`: h [B, H, N/2] complex64, the modes after the last token."""
+
+    h: jax.Array
+
+
+@struct.dataclass
+class S5State:
+    """Decoding state of :class:`S5`: h [B, P/2] complex64, the modes after the last token."""
+
+    h: jax.Array
+
+
+@struct.dataclass
+class MambaState:
+    """Decoding state of :class:`Mamba`.
+
+    conv: [B, K-1, d_inner] the last K-1 inputs of the causal convolution.
+    ssm: [B, d_inner, N] float32, the selective scan's state after the last token.
+    """
+
+    conv: jax.Array
+    ssm: jax.Array
+
+
+@struct.dataclass
+class Mamba2State:
+    """Decoding state of :class:`Mamba2`.
+
+    conv: [B, K-1, d_inner + 2 G N] the last K-1 inputs of the convolution over (x, B, C).
+    ssm: [B, H, N, P] float32, the SSD state after the last token.
+    """
+
+    conv: jax.Array
+    ssm: jax.Array
 
 
 def hippo_n_eigenvalues(N: int) -> np.ndarray:
@@ -120,8 +163,8 @@ class S4D(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.nowrap
-    def init_state(self, batch: int, max_len: int, d_model: int):
-        return jnp.zeros((batch, d_model, self.d_state // 2), jnp.complex64)  # [B, H, N/2]
+    def init_state(self, batch: int, max_len: int, d_model: int) -> S4DState:
+        return S4DState(jnp.zeros((batch, d_model, self.d_state // 2), jnp.complex64))  # [B, H, N/2]
 
     @nn.compact
     def __call__(self, x, positions=None, segment_ids=None, state=None):
@@ -143,10 +186,11 @@ class S4D(nn.Module):
             y = s4d(u, Lambda, B_c, C_c, dt, D, method="fft")
         else:
             Lambda_bar, B_bar = discretize_diag(Lambda, B_c, dt[:, None])  # [H, N2]
-            h = linear_recurrence(Lambda_bar[None, None], B_bar * u[..., None], initial_state=state,
+            h = linear_recurrence(Lambda_bar[None, None], B_bar * u[..., None],
+                                  initial_state=None if state is None else state.h,
                                   reset=_reset(segment_ids))  # [B, L, H, N2] complex
             y = 2 * jnp.real(jnp.einsum("blhn,hn->blh", h, C_c)) + D * u
-            state = h[:, -1]
+            state = S4DState(h[:, -1])
         y = checkpoint_name(y, "context")
         return _GLUOut(self.dtype, self.param_dtype, name="glu")(y), state
 
@@ -161,8 +205,8 @@ class S5(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.nowrap
-    def init_state(self, batch: int, max_len: int, d_model: int):
-        return jnp.zeros((batch, self.d_state // 2), jnp.complex64)  # [B, P/2]
+    def init_state(self, batch: int, max_len: int, d_model: int) -> S5State:
+        return S5State(jnp.zeros((batch, self.d_state // 2), jnp.complex64))  # [B, P/2]
 
     @nn.compact
     def __call__(self, x, positions=None, segment_ids=None, state=None):
@@ -178,10 +222,11 @@ class S5(nn.Module):
         log_dt = self.param("log_dt", _log_dt_init(self.dt_min, self.dt_max), (P2,))
         u = checkpoint_name(x.astype(jnp.float32), "ssm_in")  # [B, L, H]
         Lambda = jnp.minimum(Lambda_re, -1e-4) + 1j * Lambda_im  # keep the system stable
-        y, state = s5(u, Lambda, B_[0] + 1j * B_[1], C[0] + 1j * C[1], jnp.exp(log_dt), D, initial_state=state,
-                      segment_ids=segment_ids, return_state=True)  # y = 2 Re(C h) + D u
+        y, h = s5(u, Lambda, B_[0] + 1j * B_[1], C[0] + 1j * C[1], jnp.exp(log_dt), D,
+                  initial_state=None if state is None else state.h,
+                  segment_ids=segment_ids, return_state=True)  # y = 2 Re(C h) + D u
         y = checkpoint_name(y, "context")
-        return _GLUOut(self.dtype, self.param_dtype, name="glu")(y), state
+        return _GLUOut(self.dtype, self.param_dtype, name="glu")(y), S5State(h)
 
 
 def _dt_bias_init(dt_min: float, dt_max: float):
@@ -205,10 +250,10 @@ class Mamba(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.nowrap
-    def init_state(self, batch: int, max_len: int, d_model: int):
+    def init_state(self, batch: int, max_len: int, d_model: int) -> MambaState:
         d_inner = self.expand * d_model
-        return {"conv": jnp.zeros((batch, self.d_conv - 1, d_inner), self.dtype),
-                "ssm": jnp.zeros((batch, d_inner, self.d_state), jnp.float32)}
+        return MambaState(conv=jnp.zeros((batch, self.d_conv - 1, d_inner), self.dtype),
+                          ssm=jnp.zeros((batch, d_inner, self.d_state), jnp.float32))
 
     @nn.compact
     def __call__(self, x, positions=None, segment_ids=None, state=None):
@@ -221,7 +266,7 @@ class Mamba(nn.Module):
         xi, z = jnp.split(xz, 2, axis=-1)
         conv_w = self.param("conv_w", nn.initializers.lecun_normal(in_axis=0, out_axis=1), (self.d_conv, d_inner))
         conv_b = self.param("conv_b", nn.initializers.zeros, (d_inner,))
-        xi, conv_state = causal_conv1d(xi, conv_w, conv_b, None if state is None else state["conv"], segment_ids)
+        xi, conv_state = causal_conv1d(xi, conv_w, conv_b, None if state is None else state.conv, segment_ids)
         xi = nn.silu(xi)
         dbc = dense(dt_rank + 2 * N, "x_proj")(xi)
         dt, Bm, Cm = jnp.split(dbc, [dt_rank, dt_rank + N], axis=-1)  # [B, L, R], [B, L, N], [B, L, N]
@@ -233,10 +278,10 @@ class Mamba(nn.Module):
         f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
         y, h = selective_scan(f32(xi), f32(delta), -jnp.exp(A_log), f32(Bm), f32(Cm), D=D, z=f32(z),
                               delta_bias=dt_bias, delta_softplus=True,
-                              initial_state=None if state is None else state["ssm"],
+                              initial_state=None if state is None else state.ssm,
                               segment_ids=segment_ids, return_state=True)
         y = checkpoint_name(y.astype(self.dtype), "context")
-        return dense(d, "out_proj")(y), {"conv": conv_state, "ssm": h}
+        return dense(d, "out_proj")(y), MambaState(conv=conv_state, ssm=h)
 
 
 class Mamba2(nn.Module):
@@ -263,10 +308,10 @@ class Mamba2(nn.Module):
         return d_inner, H, d_inner + 2 * self.n_groups * self.d_state
 
     @nn.nowrap
-    def init_state(self, batch: int, max_len: int, d_model: int):
+    def init_state(self, batch: int, max_len: int, d_model: int) -> Mamba2State:
         d_inner, H, conv_dim = self._dims(d_model)
-        return {"conv": jnp.zeros((batch, self.d_conv - 1, conv_dim), self.dtype),
-                "ssm": jnp.zeros((batch, H, self.d_state, self.head_dim), jnp.float32)}  # [B, H, N, P]
+        return Mamba2State(conv=jnp.zeros((batch, self.d_conv - 1, conv_dim), self.dtype),
+                           ssm=jnp.zeros((batch, H, self.d_state, self.head_dim), jnp.float32))  # [B, H, N, P]
 
     @nn.compact
     def __call__(self, x, positions=None, segment_ids=None, state=None):
@@ -278,7 +323,7 @@ class Mamba2(nn.Module):
         z, xbc, dt = jnp.split(checkpoint_name(proj, "ssm_in"), [d_inner, d_inner + conv_dim], axis=-1)
         conv_w = self.param("conv_w", nn.initializers.lecun_normal(in_axis=0, out_axis=1), (self.d_conv, conv_dim))
         conv_b = self.param("conv_b", nn.initializers.zeros, (conv_dim,))
-        xbc, conv_state = causal_conv1d(xbc, conv_w, conv_b, None if state is None else state["conv"], segment_ids)
+        xbc, conv_state = causal_conv1d(xbc, conv_w, conv_b, None if state is None else state.conv, segment_ids)
         xbc = nn.silu(xbc).astype(jnp.float32)
         xs, Bm, Cm = jnp.split(xbc, [d_inner, d_inner + G * N], axis=-1)
         dt_bias = self.param("dt_bias", _dt_bias_init(self.dt_min, self.dt_max), (H,))
@@ -286,9 +331,9 @@ class Mamba2(nn.Module):
         D = self.param("D", nn.initializers.ones, (H,))
         y, h = ssd(xs.reshape(B, L, H, P), jax.nn.softplus(dt.astype(jnp.float32) + dt_bias), -jnp.exp(A_log),
                    Bm.reshape(B, L, G, N), Cm.reshape(B, L, G, N), D=D, chunk_size=self.chunk_size,
-                   initial_state=None if state is None else state["ssm"], segment_ids=segment_ids,
+                   initial_state=None if state is None else state.ssm, segment_ids=segment_ids,
                    return_state=True)
         y = checkpoint_name(y.reshape(B, L, d_inner).astype(self.dtype), "context")
         y = RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(y * nn.silu(z))  # gated norm
         out = nn.Dense(d, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="out_proj")(y)
-        return out, {"conv": conv_state, "ssm": h}
+        return out, Mamba2State(conv=conv_state, ssm=h)

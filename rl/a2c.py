@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from jaxlab.rl.core import Train, require
+from jaxlab.rl.core import Train
 from jaxlab.rl.on_policy import (ActorCritic, OnPolicyConfig, make_on_policy_train, n_step_estimator,
                                  policy_gradient_learn)
+from jaxlab.validation import check, check_positive
 
 __all__ = ["A2CConfig", "make_train"]
 
@@ -39,9 +40,8 @@ class A2CConfig(OnPolicyConfig):
     """Standardise advantages over the batch."""
 
     def __post_init__(self):
-        require(self.n_step >= 0, f"n_step={self.n_step} must be >= 0 (0: rollout_length)")
-        require(self.ent_coef >= 0 and self.vf_coef >= 0,
-                f"ent_coef={self.ent_coef} and vf_coef={self.vf_coef} must be >= 0")
+        check(self.n_step >= 0, f"n_step={self.n_step} must be >= 0 (0: rollout_length)")
+        check_positive(self, "ent_coef", "vf_coef", minimum=0)
         super().__post_init__()
 
 

@@ -25,14 +25,9 @@ import optax
 from jaxlab.optim import OptimizerConfig, make_optimizer
 from jaxlab.rl.networks import ACTIVATIONS
 from jaxlab.rl.wrappers import ActionSpec, check_action_space, make_env
+from jaxlab.validation import check, check_greater, check_positive, check_range
 
-__all__ = ["RLConfig", "Train", "require"]
-
-
-def require(condition: bool, message: str) -> None:
-    """``ValueError(message)`` unless ``condition`` (config validation)."""
-    if not condition:
-        raise ValueError(message)
+__all__ = ["RLConfig", "Train"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,17 +56,17 @@ class RLConfig:
     """Hidden activation: tanh, relu, elu or gelu."""
 
     def __post_init__(self):
-        require(self.total_timesteps >= 1, f"total_timesteps={self.total_timesteps} must be >= 1")
-        require(self.num_envs >= 1, f"num_envs={self.num_envs} must be >= 1")
-        require(0.0 <= self.gamma <= 1.0, f"gamma={self.gamma} must be in [0, 1]")
-        require(self.learning_rate > 0, f"learning_rate={self.learning_rate} must be > 0")
-        require(self.max_grad_norm >= 0, f"max_grad_norm={self.max_grad_norm} must be >= 0")
-        require(len(self.hidden_sizes) >= 1 and min(self.hidden_sizes) >= 1,
+        check_positive(self, "total_timesteps")
+        check_positive(self, "num_envs")
+        check_range(self, "gamma", 0.0, 1.0)
+        check_greater(self, "learning_rate")
+        check_positive(self, "max_grad_norm", minimum=0)
+        check(len(self.hidden_sizes) >= 1 and min(self.hidden_sizes) >= 1,
                 f"hidden_sizes={self.hidden_sizes} must be non-empty and positive")
-        require(self.activation in ACTIVATIONS,
+        check(self.activation in ACTIVATIONS,
                 f"activation={self.activation!r} must be one of {sorted(ACTIVATIONS)}")
         check_action_space(self.env_id, self.ALGO, self.ACTION_SPACES)  # unknown ids raise here too
-        require(self.num_updates >= 1,
+        check(self.num_updates >= 1,
                 f"total_timesteps={self.total_timesteps} must be >= one update's "
                 f"steps_per_update={self.steps_per_update}")
 

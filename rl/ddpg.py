@@ -22,10 +22,11 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jaxlab.rl.core import Train, require
+from jaxlab.rl.core import Train
 from jaxlab.rl.networks import ContinuousQ, DeterministicActor, polyak_update
 from jaxlab.rl.off_policy import Agent, OffPolicyConfig, make_off_policy_train
 from jaxlab.rl.policies import scale_action, unscale_action
+from jaxlab.validation import check, check_greater, check_positive, check_range
 
 __all__ = ["DDPGConfig", "DeterministicState", "make_agent", "make_train"]
 
@@ -64,13 +65,13 @@ class DDPGConfig(OffPolicyConfig):
     """Critic steps per actor and target update."""
 
     def __post_init__(self):
-        require(self.actor_learning_rate > 0, f"actor_learning_rate={self.actor_learning_rate} must be > 0")
-        require(0.0 < self.tau <= 1.0, f"tau={self.tau} must be in (0, 1]")
-        require(self.exploration_noise >= 0, f"exploration_noise={self.exploration_noise} must be >= 0")
-        require(self.num_critics >= 1, f"num_critics={self.num_critics} must be >= 1")
-        require(self.target_noise >= 0 and self.target_noise_clip >= 0,
+        check_greater(self, "actor_learning_rate")
+        check_range(self, "tau", 0.0, 1.0, open_low=True)
+        check_positive(self, "exploration_noise", minimum=0)
+        check_positive(self, "num_critics")
+        check(self.target_noise >= 0 and self.target_noise_clip >= 0,
                 f"target_noise={self.target_noise} and target_noise_clip={self.target_noise_clip} must be >= 0")
-        require(self.policy_delay >= 1, f"policy_delay={self.policy_delay} must be >= 1")
+        check_positive(self, "policy_delay")
         super().__post_init__()
 
 

@@ -22,10 +22,11 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jaxlab.rl.core import Train, require
+from jaxlab.rl.core import Train
 from jaxlab.rl.losses import huber, q_learning_target
 from jaxlab.rl.networks import QNetwork, polyak_update
 from jaxlab.rl.off_policy import Agent, OffPolicyConfig, make_off_policy_train
+from jaxlab.validation import check, check_positive, check_range
 
 __all__ = ["DQNConfig", "DQNState", "epsilon_schedule", "make_train"]
 
@@ -74,13 +75,11 @@ class DQNConfig(OffPolicyConfig):
     """Fraction of total_timesteps over which epsilon decays."""
 
     def __post_init__(self):
-        require(self.target_update_interval >= 1,
-                f"target_update_interval={self.target_update_interval} must be >= 1")
-        require(0.0 < self.tau <= 1.0, f"tau={self.tau} must be in (0, 1]")
-        require(0.0 <= self.epsilon_end <= self.epsilon_start <= 1.0,
+        check_positive(self, "target_update_interval")
+        check_range(self, "tau", 0.0, 1.0, open_low=True)
+        check(0.0 <= self.epsilon_end <= self.epsilon_start <= 1.0,
                 f"need 0 <= epsilon_end={self.epsilon_end} <= epsilon_start={self.epsilon_start} <= 1")
-        require(0.0 < self.exploration_fraction <= 1.0,
-                f"exploration_fraction={self.exploration_fraction} must be in (0, 1]")
+        check_range(self, "exploration_fraction", 0.0, 1.0, open_low=True)
         super().__post_init__()
 
 

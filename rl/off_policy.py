@@ -21,11 +21,12 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxlab.rl.core import RLConfig, Train, require
+from jaxlab.rl.core import RLConfig, Train
 from jaxlab.train_state import step_key
 from jaxlab.rl.replay import ReplayState, UniformReplay
 from jaxlab.rl.rollout import EnvCarry, env_reset, episode_metrics, rollout
 from jaxlab.rl.wrappers import ActionSpec, make_vec_env
+from jaxlab.validation import check, check_positive
 
 __all__ = ["Agent", "OffPolicyConfig", "OffPolicyState", "make_off_policy_train", "random_actions"]
 
@@ -46,13 +47,13 @@ class OffPolicyConfig(RLConfig):
     """Gradient steps per learning phase."""
 
     def __post_init__(self):
-        require(self.buffer_size >= self.num_envs * self.train_frequency,
+        check(self.buffer_size >= self.num_envs * self.train_frequency,
                 f"buffer_size={self.buffer_size} must hold one update's {self.num_envs * self.train_frequency} "
                 f"transitions")
-        require(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
-        require(self.learning_starts >= 0, f"learning_starts={self.learning_starts} must be >= 0")
-        require(self.train_frequency >= 1, f"train_frequency={self.train_frequency} must be >= 1")
-        require(self.gradient_steps >= 1, f"gradient_steps={self.gradient_steps} must be >= 1")
+        check_positive(self, "batch_size")
+        check_positive(self, "learning_starts", minimum=0)
+        check_positive(self, "train_frequency")
+        check_positive(self, "gradient_steps")
         super().__post_init__()
 
     @property

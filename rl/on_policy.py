@@ -24,13 +24,14 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxlab.rl import policies
-from jaxlab.rl.core import RLConfig, Train, require
+from jaxlab.rl.core import RLConfig, Train
 from jaxlab.train_state import step_key
 from jaxlab.rl.losses import normalize_advantages, policy_gradient_loss, value_loss
 from jaxlab.rl.networks import Critic, DiscreteActor, GaussianActor
 from jaxlab.rl.returns import gae, n_step_returns
 from jaxlab.rl.rollout import EnvCarry, Transition, env_reset, episode_metrics, rollout
 from jaxlab.rl.wrappers import ActionSpec, make_vec_env
+from jaxlab.validation import check_positive
 
 __all__ = ["ActorCritic", "Batch", "OnPolicyConfig", "OnPolicyState", "gae_estimator", "make_on_policy_train",
            "minibatches", "n_step_estimator", "policy_gradient_learn"]
@@ -54,7 +55,7 @@ class OnPolicyConfig(RLConfig):
     faster, batched ran REINFORCE's 256-step rollouts 1.25x faster (whole runs, side by side)."""
 
     def __post_init__(self):
-        require(self.rollout_length >= 1, f"rollout_length={self.rollout_length} must be >= 1")
+        check_positive(self, "rollout_length")
         super().__post_init__()
 
     @property

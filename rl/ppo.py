@@ -20,9 +20,10 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from jaxlab.rl.core import Train, require
+from jaxlab.rl.core import Train
 from jaxlab.rl.losses import normalize_advantages, ppo_clip_loss, value_loss
 from jaxlab.rl.on_policy import ActorCritic, Batch, OnPolicyConfig, gae_estimator, make_on_policy_train, minibatches
+from jaxlab.validation import check, check_greater, check_positive, check_range
 
 __all__ = ["PPOConfig", "make_train"]
 
@@ -53,14 +54,13 @@ class PPOConfig(OnPolicyConfig):
     """Standardise advantages within each minibatch."""
 
     def __post_init__(self):
-        require(0.0 <= self.gae_lambda <= 1.0, f"gae_lambda={self.gae_lambda} must be in [0, 1]")
-        require(self.num_epochs >= 1, f"num_epochs={self.num_epochs} must be >= 1")
-        require(self.num_minibatches >= 1 and (self.num_envs * self.rollout_length) % self.num_minibatches == 0,
+        check_range(self, "gae_lambda", 0.0, 1.0)
+        check_positive(self, "num_epochs")
+        check(self.num_minibatches >= 1 and (self.num_envs * self.rollout_length) % self.num_minibatches == 0,
                 f"num_minibatches={self.num_minibatches} must divide num_envs * rollout_length = "
                 f"{self.num_envs * self.rollout_length}")
-        require(self.clip_eps > 0, f"clip_eps={self.clip_eps} must be > 0")
-        require(self.ent_coef >= 0 and self.vf_coef >= 0,
-                f"ent_coef={self.ent_coef} and vf_coef={self.vf_coef} must be >= 0")
+        check_greater(self, "clip_eps")
+        check_positive(self, "ent_coef", "vf_coef", minimum=0)
         super().__post_init__()
 
 

@@ -25,10 +25,11 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jaxlab.rl.core import Train, require
+from jaxlab.rl.core import Train
 from jaxlab.rl.networks import ContinuousQ, GaussianActor, polyak_update
 from jaxlab.rl.off_policy import Agent, OffPolicyConfig, make_off_policy_train
 from jaxlab.rl.policies import scale_action, tanh_gaussian, unscale_action
+from jaxlab.validation import check_greater, check_range
 
 __all__ = ["SACConfig", "SACState", "make_train"]
 
@@ -61,8 +62,8 @@ class SACConfig(OffPolicyConfig):
     """The entropy target is -target_entropy_scale * dim(A)."""
 
     def __post_init__(self):
-        require(0.0 < self.tau <= 1.0, f"tau={self.tau} must be in (0, 1]")
-        require(self.init_alpha > 0, f"init_alpha={self.init_alpha} must be > 0")
+        check_range(self, "tau", 0.0, 1.0, open_low=True)
+        check_greater(self, "init_alpha")
         super().__post_init__()
 
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from jaxlab.rl.core import Train, require
+from jaxlab.rl.core import Train
 from jaxlab.rl.ddpg import DDPGConfig, make_agent
 from jaxlab.rl.off_policy import make_off_policy_train
+from jaxlab.validation import check
 
 __all__ = ["TD3Config", "make_train"]
 
@@ -38,7 +39,7 @@ class TD3Config(DDPGConfig):
     """Critic steps per actor and target update."""
 
     def __post_init__(self):
-        require(self.num_critics >= 2, f"num_critics={self.num_critics} must be >= 2 for clipped double Q")
+        check(self.num_critics >= 2, f"num_critics={self.num_critics} must be >= 2 for clipped double Q")
         super().__post_init__()
 
 

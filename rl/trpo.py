@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from jaxlab.rl.core import Train, require
+from jaxlab.rl.core import Train
 from jaxlab.rl.losses import normalize_advantages, value_loss
 from jaxlab.rl.on_policy import ActorCritic, Batch, OnPolicyConfig, gae_estimator, make_on_policy_train, minibatches
+from jaxlab.validation import check, check_greater, check_positive, check_range
 
 __all__ = ["TRPOConfig", "conjugate_gradient", "make_train"]
 
@@ -63,14 +64,14 @@ class TRPOConfig(OnPolicyConfig):
     """Standardise advantages over the batch."""
 
     def __post_init__(self):
-        require(0.0 <= self.gae_lambda <= 1.0, f"gae_lambda={self.gae_lambda} must be in [0, 1]")
-        require(self.max_kl > 0, f"max_kl={self.max_kl} must be > 0")
-        require(self.cg_iters >= 1, f"cg_iters={self.cg_iters} must be >= 1")
-        require(self.cg_damping >= 0, f"cg_damping={self.cg_damping} must be >= 0")
-        require(self.line_search_steps >= 1, f"line_search_steps={self.line_search_steps} must be >= 1")
-        require(0.0 < self.backtrack_ratio < 1.0, f"backtrack_ratio={self.backtrack_ratio} must be in (0, 1)")
-        require(self.vf_epochs >= 1, f"vf_epochs={self.vf_epochs} must be >= 1")
-        require(self.num_minibatches >= 1 and (self.num_envs * self.rollout_length) % self.num_minibatches == 0,
+        check_range(self, "gae_lambda", 0.0, 1.0)
+        check_greater(self, "max_kl")
+        check_positive(self, "cg_iters")
+        check_positive(self, "cg_damping", minimum=0)
+        check_positive(self, "line_search_steps")
+        check_range(self, "backtrack_ratio", 0.0, 1.0, open_low=True, open_high=True)
+        check_positive(self, "vf_epochs")
+        check(self.num_minibatches >= 1 and (self.num_envs * self.rollout_length) % self.num_minibatches == 0,
                 f"num_minibatches={self.num_minibatches} must divide num_envs * rollout_length = "
                 f"{self.num_envs * self.rollout_length}")
         super().__post_init__()

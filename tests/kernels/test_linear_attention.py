@@ -156,7 +156,7 @@ def test_pieces_and_decoding_continue_the_full_forward(inputs):
     recurrence)."""
     (whole, s_whole), (pieces, s) = _pieces_then_decoding(*inputs)
     np.testing.assert_allclose(pieces, whole, rtol=1e-5, atol=1e-5)
-    for a, b in zip(s, s_whole):
+    for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(s_whole)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
