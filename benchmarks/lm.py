@@ -53,14 +53,14 @@ def _step_fn(model_cfg, steps_hint: int = 1000):
     import jax
     import jax.numpy as jnp
 
-    from jaxlab.models.lm import LM, NO_DECAY_PARAMS
+    from jaxlab.models.lm import LM, NO_DECAY_PARAMS, init_params
     from jaxlab.models.lm_training import LMTrainConfig, make_loss_fn
     from jaxlab.optim import make_optimizer
     from jaxlab.train_state import create_train_state, jit_train_step, make_train_step
 
     model = LM(model_cfg)
     tx = make_optimizer(LMTrainConfig(steps=steps_hint, warmup_steps=10).optimizer_config(), no_decay=NO_DECAY_PARAMS)
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = init_params(model, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
     state = create_train_state(params, tx, jax.random.PRNGKey(1))
     return jit_train_step(make_train_step(make_loss_fn(model), tx)), state
 

@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import optax
 
-    from jaxlab.models.lm import LM, LMConfig, lm_loss
+    from jaxlab.models.lm import LM, LMConfig, init_params, lm_loss
 
     backend = "gpu" if jax.default_backend() == "gpu" else "cpu"
     size = dict(SIZES[backend], **(QUICK[backend] if args.quick else {}))
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
 
     def train_step(cfg):
         model = LM(cfg)
-        params = jax.jit(model.init)(key, tokens[:, :8])["params"]
+        params = init_params(model, key, tokens[:, :8])
         opt_state = tx.init(params)
 
         def step(params, opt_state, tokens):
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     for mixer in MIXERS:
         cfg = cfg_for(mixer=mixer)
         model = LM(cfg)
-        params = jax.jit(model.init)(key, tokens[:1, :8])["params"]
+        params = init_params(model, key, tokens[:1, :8])
         fns = {}
         for ctx in size["contexts"]:
             prompt = jax.random.randint(jax.random.fold_in(key, ctx), (1, ctx), 0, cfg.vocab_size)

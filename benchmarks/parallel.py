@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         step = make_train_step(loss_fn, optimizer, mesh=mesh, strategy=strategy, impl=impl,
                                allreduce=allreduce)
         compiled = step.lower(state, data, key).compile()
-        written = (jaxpr_collectives(jax.make_jaxpr(step.jitted(state))(state, data, key), dict(mesh.shape))
+        written = (jaxpr_collectives(jax.make_jaxpr(step.jitted(state, data))(state, data, key), dict(mesh.shape))
                    if impl == "shard_map" else None)
         rows.append({"impl": impl, "strategy": strategy, "allreduce": allreduce,
                      "sent_bytes_compiled": by_kind(hlo_collectives(compiled.as_text(), n)),

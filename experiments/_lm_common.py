@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlab.models.lm import LM, NO_DECAY_PARAMS, LMConfig, next_token_loss
+from jaxlab.models.lm import LM, NO_DECAY_PARAMS, LMConfig, init_params, next_token_loss
 from jaxlab.optim import OptimizerConfig, make_optimizer
 from jaxlab.train_state import create_train_state, make_train_step
 from jaxlab.xla_options import FAST_COMPILE
@@ -68,7 +68,7 @@ def train_and_evaluate(cfg: LMConfig, task: Callable[[jax.Array], dict], spec: T
 
     def run(key):
         k_init, k_data, k_eval = jax.random.split(key, 3)
-        params = model.init(k_init, task(k_data)["inputs"])["params"]
+        params = init_params(model, k_init, task(k_data)["inputs"])
 
         def step(state, i):
             state, metrics = train_step(state, task(jax.random.fold_in(k_data, i)), None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,7 +148,8 @@ def _sweep(cfg: LinearScalingConfig, ctx: RunContext) -> list[dict]:
     d, B = cfg.d_model, cfg.batch
     modules = {m: make_mixer(m, cfg.num_heads) for m in cfg.mixers}
     init_x = jnp.zeros((1, 16, d), jnp.float32)
-    params = {m: mod.init(jax.random.fold_in(ctx.key, i), init_x)["params"] for i, (m, mod) in enumerate(modules.items())}
+    params = {m: nn.unbox(mod.init(jax.random.fold_in(ctx.key, i), init_x))["params"]
+              for i, (m, mod) in enumerate(modules.items())}
     rng = np.random.default_rng(ctx.seed)
     rows = []
     for L in ctx.progress(cfg.seq_lens, desc="length"):

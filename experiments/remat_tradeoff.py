@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 
 from jaxlab.context import RunContext
 from jaxlab.experiments._lm_common import plot_lines
-from jaxlab.models.lm import LM, LMConfig, next_token_loss, shifted_targets
+from jaxlab.models.lm import LM, LMConfig, init_params, next_token_loss, shifted_targets
 from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment
 from jaxlab.validation import check_positive
 
@@ -86,7 +86,7 @@ def measure(cfg: LMConfig, policy: str, batch: int, seq_len: int, repeats: int, 
     """Compile one training step (loss gradient) and return its temp memory (MiB) and median time (ms)."""
     model = policy_model(cfg, policy)
     tokens = jax.random.randint(key, (batch, seq_len), 0, cfg.vocab_size)
-    params = jax.jit(model.init)(key, tokens)["params"]
+    params = init_params(model, key, tokens)
 
     def loss(params, tokens):
         return next_token_loss(model.apply({"params": params}, tokens)[0][:, :-1], *shifted_targets(tokens))[0]

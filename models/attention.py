@@ -5,6 +5,13 @@ The math is ``jaxlab.kernels.attention.dot_product_attention``; this module adds
 ``num_kv_heads=1``), rotary positions (Su et al. 2021), RMS-normalised queries and keys
 (QK-norm, as Chameleon Team 2024 uses against logit growth) and decoding with a cache.
 
+Tensor parallelism (Megatron-LM, Shoeybi et al. 2019, §3). The parameters carry logical axis names:
+query ``("embed", "heads", "head_dim")``, key/value ``("embed", "kv_heads", "head_dim")`` (column-parallel),
+output ``("heads", "head_dim", "embed")`` (row-parallel), QK-norm scales ``("head_dim",)``; queries, keys,
+values and the per-head output are constrained to ``("batch", "length", "heads" | "kv_heads", "head_dim")``.
+With ``heads``/``kv_heads`` on a model axis every device attends over its own heads and the output
+projection ends in one all-reduce. Without logical axis rules the names change nothing.
+
 Decoding. :class:`KVCache` is a ring buffer of ``C`` slots: the token at stream position ``t`` lives in
 slot ``t % C``, and ``index`` counts the tokens written. Full causal attention uses ``C = max_len``
 (never wraps); a sliding window of ``W`` keys uses ``C = min(W, max_len)``, so its memory is constant
@@ -30,7 +37,7 @@ from flax import struct
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxlab.kernels.attention import dot_product_attention
-from jaxlab.models.layers import RMSNorm, apply_rope
+from jaxlab.models.layers import Projection, RMSNorm, apply_rope
 
 __all__ = ["Attention", "KVCache", "cached_attention"]
 
@@ -167,14 +174,21 @@ class Attention(nn.Module):
                 raise ValueError("cache needs causal self-attention (causal=True, kv=None)")
             if segment_ids is not None:
                 raise ValueError("segment_ids must be None when decoding with a cache (one document per row)")
-        dense = lambda feats, name: nn.DenseGeneral(feats, use_bias=self.use_bias, dtype=self.dtype,  # noqa: E731
-                                                    param_dtype=self.param_dtype, name=name)
+        def dense(feats, axes, name, contract=1):
+            return Projection(feats, axes, contract, use_bias=self.use_bias, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name=name)
+
+        q_axes, kv_axes = ("batch", "length", "heads", "head_dim"), ("batch", "length", "kv_heads", "head_dim")
         src = x if kv is None else kv
-        q = checkpoint_name(dense((Hq, D), "query")(x), "query_proj")  # [B, Lq, Hq, D]
-        k = checkpoint_name(dense((Hkv, D), "key")(src), "key_proj")  # [B, Lk, Hkv, D]
-        v = checkpoint_name(dense((Hkv, D), "value")(src), "value_proj")  # [B, Lk, Hkv, D]
+        q = dense((Hq, D), ("embed", "heads", "head_dim"), "query")(x)  # [B, Lq, Hq, D]
+        k = dense((Hkv, D), ("embed", "kv_heads", "head_dim"), "key")(src)  # [B, Lk, Hkv, D]
+        v = dense((Hkv, D), ("embed", "kv_heads", "head_dim"), "value")(src)  # [B, Lk, Hkv, D]
+        q = checkpoint_name(nn.with_logical_constraint(q, q_axes), "query_proj")
+        k = checkpoint_name(nn.with_logical_constraint(k, kv_axes), "key_proj")
+        v = checkpoint_name(nn.with_logical_constraint(v, kv_axes), "value_proj")
         if self.qk_norm:
-            norm = lambda name: RMSNorm(self.norm_eps, self.dtype, self.param_dtype, name=name)  # noqa: E731
+            norm = lambda name: RMSNorm(self.norm_eps, self.dtype, self.param_dtype, "head_dim",  # noqa: E731
+                                        name=name)
             q, k = norm("query_norm")(q), norm("key_norm")(k)
         if self.rope_base is not None:
             if kv is not None:
@@ -188,7 +202,6 @@ class Attention(nn.Module):
                                         impl=self.impl)
         else:
             out, cache = cached_attention(q, k, v, cache, impl=self.impl, softcap=self.softcap)
-        out = checkpoint_name(out, "context")  # [B, Lq, Hq, D]
-        y = nn.DenseGeneral(d_model, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name="out")(out)
+        out = checkpoint_name(nn.with_logical_constraint(out, q_axes), "context")  # [B, Lq, Hq, D]
+        y = dense((d_model,), ("heads", "head_dim", "embed"), "out", contract=2)(out)  # [B, Lq, d_model]
         return y, cache

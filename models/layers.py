@@ -10,6 +10,12 @@
   (``segment_starts`` is ``jaxlab.kernels.scan.segment_starts``, True at t = 0, the one convention of the
   models and the recurrent kernels).
 
+Logical axis names (MaxText's scheme, read by ``flax.linen.logical_axis_rules``): parameters are created
+through ``nn.with_logical_partitioning`` and activations pass ``nn.with_logical_constraint``, both no-ops
+until a mesh and rules are active. The feed-forward is Megatron's pair (Shoeybi et al. 2019, §3): gate/up
+are column-parallel ``("embed", "mlp")``, down is row-parallel ``("mlp", "embed")``, so with ``mlp`` on a
+model axis the hidden ``[B, L, mlp]`` stays sharded and the block needs one all-reduce after ``down``.
+
 Everything here is shape-polymorphic in the leading axes; the axis vocabulary is B batch, L length,
 H heads, D head dim.
 """
@@ -22,6 +28,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxlab.kernels.scan import segment_starts
@@ -29,6 +36,7 @@ from jaxlab.kernels.scan import segment_starts
 __all__ = [
     "DTYPES",
     "FeedForward",
+    "Projection",
     "RMSNorm",
     "apply_rope",
     "default_positions",
@@ -54,15 +62,23 @@ def resolve_dtype(name: str, field: str = "dtype"):
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm over the last axis, statistics in fp32, output in ``dtype``."""
+    """Root-mean-square layer norm over the last axis, statistics in fp32, output in ``dtype``.
+
+    ``axis_name`` is the logical name of the normalised axis given to ``scale`` (``"embed"`` for the
+    residual stream, ``"head_dim"`` for QK-norm); None leaves the parameter unannotated (replicated).
+    """
 
     eps: float = 1e-6
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        init = nn.initializers.ones
+        if self.axis_name is not None:
+            init = nn.with_logical_partitioning(init, (self.axis_name,))
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         return (y * scale.astype(jnp.float32)).astype(self.dtype)
@@ -114,11 +130,55 @@ def sinusoidal_positions(positions, d_model: int, max_timescale: float = 10000.0
     return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*angles.shape[:-1], d_model)
 
 
+# ---- projections ----------------------------------------------------------------------------------
+class Projection(nn.Module):
+    """``y = x · kernel (+ bias)`` contracting the last ``contract`` axes of x into ``features``, with the
+    kernel's logical axis names: ``[..., *in] -> [..., *features]``, kernel ``in + features``.
+
+    ``flax.linen.DenseGeneral`` with names that fit the kernel's real shape (the attention projections:
+    query ``("embed", "heads", "head_dim")``, output ``("heads", "head_dim", "embed")``); the kernel is drawn
+    from ``kernel_init`` on its flattened ``[prod(in), prod(features)]`` shape, as DenseGeneral does.
+    """
+
+    features: tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]
+    contract: int = 1
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x):
+        n_in, n_out = self.contract, len(self.features)
+        if len(self.kernel_axes) != n_in + n_out:
+            raise ValueError(f"kernel_axes={self.kernel_axes} must name {n_in} input and {n_out} output axes")
+        in_shape = x.shape[x.ndim - n_in:]
+
+        def init(key, shape, dtype):
+            flat = (math.prod(in_shape), math.prod(self.features))
+            return jnp.reshape(self.kernel_init(key, flat, dtype), shape)
+
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
+                            in_shape + tuple(self.features), self.param_dtype)
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                                   self.kernel_axes[n_in:]),
+                              tuple(self.features), self.param_dtype)
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x, kernel, (contract, ((), ())))  # [..., *features]
+        return y if bias is None else y + bias
+
+
 # ---- feed-forward ---------------------------------------------------------------------------------
 class FeedForward(nn.Module):
     """Position-wise feed-forward: ``"swiglu"`` (gate, up, down), ``"gelu"`` or ``"relu"`` (up, down).
 
     x [..., d_model] -> [..., d_model]; the hidden activation is tagged ``"ffn_hidden"`` for remat.
+    Parameters: gate/up kernels ``("embed", "mlp")`` (column-parallel), down ``("mlp", "embed")``
+    (row-parallel); a hidden ``[B, L, d_ff]`` is constrained to ``("batch", "length", "mlp")``.
     """
 
     d_ff: int
@@ -132,13 +192,21 @@ class FeedForward(nn.Module):
     def __call__(self, x):
         if self.kind not in FFN_KINDS:
             raise ValueError(f"kind={self.kind!r} must be one of {FFN_KINDS}")
-        dense = lambda n, name: nn.Dense(n, use_bias=self.use_bias, dtype=self.dtype,  # noqa: E731
-                                         param_dtype=self.param_dtype, kernel_init=self.kernel_init, name=name)
+
+        def dense(n, name, axes):  # axes: logical names of the kernel (in, out)
+            return nn.Dense(n, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                            kernel_init=nn.with_logical_partitioning(self.kernel_init, axes),
+                            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
+                            name=name)
+
+        column = ("embed", "mlp")
         if self.kind == "swiglu":
-            h = nn.silu(dense(self.d_ff, "gate")(x)) * dense(self.d_ff, "up")(x)  # [..., d_ff]
+            h = nn.silu(dense(self.d_ff, "gate", column)(x)) * dense(self.d_ff, "up", column)(x)  # [..., d_ff]
         elif self.kind == "gelu":
-            h = nn.gelu(dense(self.d_ff, "up")(x), approximate=False)
+            h = nn.gelu(dense(self.d_ff, "up", column)(x), approximate=False)
         else:
-            h = nn.relu(dense(self.d_ff, "up")(x))
+            h = nn.relu(dense(self.d_ff, "up", column)(x))
+        if h.ndim == 3:
+            h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))  # [B, L, d_ff]
         h = checkpoint_name(h, "ffn_hidden")
-        return dense(x.shape[-1], "down")(h)
+        return dense(x.shape[-1], "down", ("mlp", "embed"))(h)

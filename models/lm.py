@@ -16,14 +16,26 @@ hybrid stacks (a different mixer per layer, e.g. Mamba layers with an attention 
 
     cfg = LMConfig(vocab_size=256, d_model=128, num_layers=2, num_heads=4, mixer="mamba2")
     model = LM(cfg)
-    params = model.init(key, tokens)["params"]
+    params = init_params(model, key, tokens)                       # plain arrays
     logits, aux = model.apply({"params": params}, tokens)
     out = sample(model, params, prompt, key, max_new_tokens=32)   # jaxlab.models.sampling
+
+Logical axes (MaxText's scheme, for ``flax.linen.logical_axis_rules``): the token embedding is
+``("vocab", "embed")``, an untied head ``("embed", "vocab")``, the norms ``("embed",)``, attention and the
+dense feed-forwards Megatron's column-then-row pairs (``models.attention``, ``models.layers``), and under
+``scan_layers`` every block parameter gains a leading ``"layers"`` axis. :func:`param_logical_axes` gives
+the tree of ``PartitionSpec``s of logical names (``PartitionSpec()`` for a parameter without names).
+Activations are constrained at the block boundaries to ``("batch", "length", "embed")`` and the logits to
+``("batch", "length", "vocab")``. Under a mesh and rules::
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        logits, aux = jax.jit(model.apply)({"params": params}, tokens)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -39,13 +51,16 @@ from jaxlab.models.moe import GATES, MoE
 from jaxlab.models.remat import remat_module, validate_remat
 from jaxlab.models.ssm_mixers import S4D, S5, Mamba, Mamba2
 from jaxlab.validation import check_positive
+from jaxlab.xla_options import FAST_COMPILE
 
-__all__ = ["FFNS", "LM", "LMCache", "LMConfig", "MIXERS", "NO_DECAY_PARAMS", "cross_entropy_sums", "lm_loss",
-           "make_mixer", "next_token_loss", "scan_to_unrolled", "shifted_targets", "token_logprobs",
-           "unrolled_to_scan"]
+__all__ = ["FFNS", "LM", "LMCache", "LMConfig", "MIXERS", "NO_DECAY_PARAMS", "RESIDUAL_AXES", "cross_entropy_sums",
+           "init_params", "lm_loss", "make_mixer", "next_token_loss", "param_logical_axes", "scan_to_unrolled",
+           "shifted_targets", "token_logprobs", "unrolled_to_scan"]
 
 MIXERS = ("attention", "sliding", "linear", "gau", "s4d", "s5", "mamba", "mamba2")
 FFNS = ("swiglu", "gelu", "moe")
+RESIDUAL_AXES = ("batch", "length", "embed")
+"""Logical axes of the residual stream [B, L, d_model], constrained at every block boundary."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,10 +254,14 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, positions, segment_ids=None, state=None):
         cfg = self.cfg
-        norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.storage_dtype, name=name)  # noqa: E731
-        h, state = make_mixer(cfg, self.mixer, name="mixer")(norm("mixer_norm")(x), positions, segment_ids, state)
-        x = x + checkpoint_name(h, "mixer_out")
-        y = norm("ffn_norm")(x)
+        norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.storage_dtype, "embed",  # noqa: E731
+                                    name=name)
+        residual = functools.partial(nn.with_logical_constraint, logical_axis_resources=RESIDUAL_AXES)
+        x = residual(x)
+        h, state = make_mixer(cfg, self.mixer, name="mixer")(residual(norm("mixer_norm")(x)), positions,
+                                                            segment_ids, state)
+        x = residual(x + checkpoint_name(h, "mixer_out"))
+        y = residual(norm("ffn_norm")(x))
         if cfg.ffn == "moe":
             f, aux = MoE(cfg.num_experts, cfg.experts_per_token, cfg.expert_hidden, cfg.num_shared_experts,
                          gate=cfg.moe_gate, dispatch=cfg.moe_dispatch, dtype=cfg.compute_dtype,
@@ -251,7 +270,7 @@ class Block(nn.Module):
             f = FeedForward(cfg.ffn_hidden, cfg.ffn, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
                             name="ffn")(y)
             aux = {}
-        x = x + checkpoint_name(f, "ffn_out")
+        x = residual(x + checkpoint_name(f, "ffn_out"))
         aux["residual_rms"] = jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
         return x, state, aux
 
@@ -278,11 +297,12 @@ class BlockGroup(nn.Module):
 
 def scanned_blocks(cfg: LMConfig, name: str = "blocks") -> nn.Module:
     """The scanned stack: ``num_layers / group_size`` steps of :class:`BlockGroup`, parameters stacked on a
-    leading axis, each step checkpointed under ``cfg.remat``; positions and segment ids broadcast, mixer
-    states (decoding) scanned over their leading axis."""
+    leading axis (logical name ``"layers"``), each step checkpointed under ``cfg.remat``; positions and segment
+    ids broadcast, mixer states (decoding) scanned over their leading axis."""
     group = remat_module(BlockGroup, cfg.remat)
     stack = nn.scan(group, variable_axes={"params": 0}, split_rngs={"params": True},
-                    in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers // cfg.group_size)
+                    in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers // cfg.group_size,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
     return stack(cfg, cfg.layer_mixers[:cfg.group_size], name=name)
 
 
@@ -327,17 +347,18 @@ class LM(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=embed_init, dtype=cfg.compute_dtype,
-                              param_dtype=cfg.storage_dtype)
+        self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
+                              embedding_init=nn.with_logical_partitioning(embed_init, ("vocab", "embed")))
         if cfg.scan_layers:
             self.blocks = scanned_blocks(cfg)
         else:
             block = remat_module(Block, cfg.remat)
             self.blocks = [block(cfg, mixer, name=f"block_{i}") for i, mixer in enumerate(cfg.layer_mixers)]
-        self.final_norm = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.storage_dtype)
+        self.final_norm = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.storage_dtype, "embed")
         if not cfg.tie_embeddings:
-            self.head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                                 param_dtype=cfg.storage_dtype)
+            self.head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
+                                 kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                                          ("embed", "vocab")))
 
     def _check_tokens(self, tokens):
         if getattr(tokens, "ndim", None) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -348,7 +369,7 @@ class LM(nn.Module):
     def _run(self, tokens, positions, segment_ids, states):
         # perturb: adds a zero "perturbations" variable when that collection is passed, so gradients with
         # respect to the embedded inputs (e.g. causality checks) come from jax.grad on it.
-        x = self.perturb("embedded", self.embed(tokens))  # [B, L, d]
+        x = self.perturb("embedded", nn.with_logical_constraint(self.embed(tokens), RESIDUAL_AXES))  # [B, L, d]
         if self.cfg.scan_layers:  # states: one per group position, stacked over groups [G, ...]
             x, (new_states, aux) = self.blocks(x, positions, segment_ids, states)
             layers = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), aux)  # [G, P, ...] -> [num_layers, ...]
@@ -359,8 +380,9 @@ class LM(nn.Module):
                 new_states.append(state)
                 auxes.append(aux)
             layers = jax.tree.map(lambda *a: jnp.stack(a), *auxes)  # [num_layers, ...]
-        x = self.final_norm(x)
-        logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.head(x)
+        x = nn.with_logical_constraint(self.final_norm(x), RESIDUAL_AXES)
+        logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.head(x)  # [B, L, V]
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return logits.astype(jnp.float32), tuple(new_states), self._collect_aux(layers)
 
     def _collect_aux(self, layers):
@@ -411,6 +433,48 @@ class LM(nn.Module):
             P = cfg.group_size
             layers = tuple(jax.tree.map(lambda *x: jnp.stack(x), *layers[j::P]) for j in range(P))
         return LMCache(layers, jnp.zeros((), jnp.int32))
+
+
+# ---- parameters -------------------------------------------------------------------------------------
+def _unboxed_init(model: LM, key, tokens, positions, segment_ids):
+    return nn.unbox(model.init(key, tokens, positions, segment_ids)["params"])
+
+
+_init = jax.jit(_unboxed_init, static_argnums=0)
+_COMPILED_INIT: dict = {}
+
+
+def init_params(model: LM, key, tokens, positions=None, segment_ids=None) -> dict:
+    """The parameters of ``model`` as plain arrays (``model.init(...)["params"]`` with the logical-axis boxes
+    removed), initialised for tokens int [B, L]; ``LM.apply`` takes them as they are.
+
+    Called on arrays, it runs one program compiled under ``FAST_COMPILE`` (kept per model, argument shapes,
+    mesh and rules); called on traced values (inside ``jit``, ``vmap``, ``eval_shape``), it becomes part of
+    the caller's program. Under ``jax.set_mesh(mesh)`` and ``nn.logical_axis_rules(rules)`` every parameter
+    is created with the sharding its logical names map to."""
+    args = (key, tokens, positions, segment_ids)
+    leaves, treedef = jax.tree.flatten(args)
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):
+        return _init(model, *args)
+    rules = tuple(tuple(rule) for rule in nn.get_logical_axis_rules())
+    signature = (model, treedef, tuple((jax.typeof(x), getattr(x, "sharding", None)) for x in leaves), rules,
+                 jax.sharding.get_abstract_mesh())
+    if signature not in _COMPILED_INIT:
+        if len(_COMPILED_INIT) >= 64:
+            _COMPILED_INIT.clear()
+        _COMPILED_INIT[signature] = _init.lower(model, *args).compile(FAST_COMPILE)
+    return _COMPILED_INIT[signature](*args)
+
+
+def param_logical_axes(model: LM, tokens_shape: tuple[int, int] = (1, 8)):
+    """The logical axis names of every parameter: a tree of ``jax.sharding.PartitionSpec`` with the structure
+    of :func:`init_params`'s (``PartitionSpec()`` for a parameter without names). Shapes only, nothing is
+    computed; the parameter shapes do not depend on ``tokens_shape`` (its length is capped at ``max_len``).
+    Map them to a mesh with ``nn.logical_to_mesh_sharding(axes, mesh, rules)``."""
+    B, L = tokens_shape
+    tokens = jax.ShapeDtypeStruct((B, min(L, model.cfg.max_len)), jnp.int32)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    return nn.get_partition_spec(abstract["params"])
 
 
 # ---- optimisation -----------------------------------------------------------------------------------

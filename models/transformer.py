@@ -14,7 +14,7 @@ cross-attention) through the attention kernel's key segment ids; the decoder is 
     cfg = TransformerConfig(src_vocab_size=32, tgt_vocab_size=32, d_model=64, num_heads=4,
                             num_encoder_layers=2, num_decoder_layers=2, d_ff=128)
     model = Transformer(cfg)
-    params = model.init(key, src, tgt_in)["params"]          # src [B, Ls], tgt_in [B, Lt] int32
+    params = nn.unbox(model.init(key, src, tgt_in))["params"]   # src [B, Ls], tgt_in [B, Lt] int32; plain arrays
     logits = model.apply({"params": params}, src, tgt_in)     # [B, Lt, V_tgt] fp32
     tokens = greedy_decode(model, params, src, max_new_tokens=16)  # [B, 16], pad after EOS
     tokens, scores = beam_search(model, params, src, max_new_tokens=16, beam_size=4, alpha=0.6)

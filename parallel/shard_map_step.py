@@ -35,8 +35,9 @@ The optimizer runs on shards, so under ZeRO it must act elementwise (SGD, Adam, 
 transforms that reduce over a tensor (``clip_by_global_norm``, Adafactor) would see only a
 shard and are rejected here; the ``impl="jit"`` path handles them.
 
-With a ``model`` mesh axis only ``data`` is manual (``shard_map(axis_names={"data"})``); the
-model-axis sharding inside the loss stays with the XLA partitioner.
+The program is data parallel only: ``sharded_train_step`` rejects a mesh whose other axes
+(``model``, ``expert``, ``seq``) are larger than 1 for it; size-1 axes are left out of the manual
+ones (``shard_map(axis_names={"data"})``).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxlab.parallel.collectives import ring_allreduce
-from jaxlab.parallel.mesh import DATA, MODEL, data_size
+from jaxlab.parallel.mesh import DATA, data_size
 from jaxlab.parallel.strategies import ShardedTrainState, Strategy, state_specs, zero_dim
 from jaxlab.parallel.train_step import GATHERED, regather_policy
 from jaxlab.train_state import LossFn, apply_update, loss_and_grads
@@ -204,6 +205,6 @@ def shard_map_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mes
                    "nonfinite": (~finite).astype(jnp.int32), **aux}
         return new_state, metrics
 
-    manual = {DATA} if MODEL in mesh.axis_names else frozenset()
+    manual = frozenset({DATA}) if len(mesh.axis_names) > 1 else frozenset()
     return jax.shard_map(local_step, mesh=mesh, in_specs=(specs, P(DATA), P()),
                          out_specs=(specs, P()), axis_names=manual, check_vma=False)

@@ -1,7 +1,11 @@
-"""Data-parallel strategies as data: rule sets that map a train state's pytree to shardings.
+"""Parallel strategies as data: rule sets that map a train state's pytree to shardings.
 
-The four strategies differ only in which of the three per-parameter quantities of
-Rajbhandari et al. 2020 (ZeRO, Sec. 5) are split over the ``data`` axis of the mesh:
+Two layers of rules place every parameter. The *compute layout* is the parameter's logical layout
+mapped through ``jaxlab.parallel.rules.LOGICAL_AXIS_RULES``: tensor parallelism (``heads``,
+``kv_heads``, ``mlp``, ``vocab`` over ``model``, Megatron's column-then-row pairs) and expert
+parallelism (``experts`` over ``expert``); it is the layout the model computes with. The *strategy*
+then decides which of the three per-parameter quantities of Rajbhandari et al. 2020 (ZeRO, Sec. 5)
+are also split over the ``data`` axis:
 
     strategy  optimizer state  gradients  parameters   per-device bytes (K bytes/param of state)
     ddp       replicated       replicated replicated   (2 + 2 + K) Psi
@@ -9,17 +13,34 @@ Rajbhandari et al. 2020 (ZeRO, Sec. 5) are split over the ``data`` axis of the m
     zero2     sharded          sharded    replicated   2 Psi + (2 + K) Psi / N
     zero3     sharded          sharded    sharded      (2 + 2 + K) Psi / N
 
-A leaf is "sharded" by one rule that depends only on its shape (so Adam's ``mu``/``nu`` always
-get the same layout as their parameter): with a ``model`` axis, a leaf of rank >= 2 first has its
-last dimension split over ``model`` (column-parallel); a ZeRO-sharded leaf then has its largest
-remaining dimension divisible by the data size split over ``data``. Leaves with no such
-dimension (scalars such as Adam's step count, odd-sized biases) stay replicated; ``memory_report``
+(``Psi``: parameters per tensor-parallel shard, ``N = |data|``.) With the LM's logical axes
+(``models.lm.param_logical_axes``) on a ``data=2, model=4`` mesh, for example:
+
+    parameter            logical axes               compute layout          ZeRO adds ``data`` on
+    embed/embedding      (vocab, embed)             (model, None)           embed
+    mixer/query/kernel   (embed, heads, head_dim)   (None, model, None)     embed
+    mixer/out/kernel     (heads, head_dim, embed)   (model, None, None)     embed
+    ffn/up/kernel        (embed, mlp)               (None, model)           embed
+    ffn/down/kernel      (mlp, embed)               (model, None)           embed
+    *_norm/scale         (embed,)                   (None,)                 embed
+    (scan_layers)        (layers, ...)              (None, ...)             the same dimension
+
+A "sharded" leaf has its largest dimension not taken by the compute layout and divisible by the
+data size split over ``data`` (``zero_dim``; the first on ties). Leaves with no such dimension
+(scalars such as Adam's step count, odd-sized biases) keep their compute layout; ``memory_report``
 counts them as they are, so the measured 1/N is exact only for divisible shapes.
 
-``shard_train_state`` turns a flax ``TrainState`` (or a subclass, such as the spine's
-``jaxlab.train_state.TrainState``) into a ``ShardedTrainState`` (the same class plus a static
-``strategy`` field) whose arrays are placed with these shardings; fields other than ``params`` and
-``opt_state`` (the step, the base PRNG key) are replicated.
+Optimizer-state leaves (Adam's ``mu``/``nu``, ...) take the layout of the parameter they belong to:
+the parameter whose key path is the longest suffix of the leaf's path and whose shape is the
+leaf's (``.opt_state[0].mu['w']`` belongs to ``['w']``). Scalars are replicated; a leaf matching
+no parameter gets the ZeRO split alone.
+
+``param_axes`` (the tree of logical ``PartitionSpec``s, the structure of ``params``) is needed where
+the mesh splits parameters (``model`` or ``expert`` > 1; without it that is an error); without it
+every parameter's compute layout is replicated. ``shard_train_state`` turns a flax ``TrainState``
+(or a subclass, such as the spine's ``jaxlab.train_state.TrainState``) into a ``ShardedTrainState``
+(the same class plus a static ``strategy`` field) whose arrays are placed with these shardings;
+fields other than ``params`` and ``opt_state`` (the step, the base PRNG key) are replicated.
 """
 
 from __future__ import annotations
@@ -35,13 +56,15 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxlab.parallel.mesh import DATA, MODEL, data_size, model_size
+from jaxlab.parallel.mesh import DATA, data_size
+from jaxlab.parallel.rules import check_mesh, check_mesh_for, logical_to_mesh_specs
 
 __all__ = [
     "STRATEGIES",
     "ShardedTrainState",
     "Strategy",
     "abstract_train_state",
+    "compute_specs",
     "gradient_specs",
     "get_strategy",
     "is_sharded_state",
@@ -138,64 +161,99 @@ def is_sharded_state(state: Any) -> bool:
 # ----------------------------------------------------------------------------- leaf rules
 
 
-def zero_dim(shape: tuple[int, ...], mesh: Mesh) -> int | None:
-    """The dimension of a leaf that ZeRO splits over ``data`` (``None``: the leaf stays whole).
+def zero_dim(shape: tuple[int, ...], mesh: Mesh, compute: P = P()) -> int | None:
+    """The dimension of a leaf that ZeRO splits over ``data`` (``None``: the leaf stays whole on it).
 
-    The largest dimension not taken by the ``model`` axis and divisible by the data size
-    (the first one on ties). With a data axis of size 1 nothing is split.
+    The largest dimension not split by the leaf's compute layout ``compute`` (a mesh
+    ``PartitionSpec``) and divisible by the data size (the first one on ties). With a data axis of
+    size 1 nothing is split.
     """
     n = data_size(mesh)
     if n == 1:
         return None
-    taken = _model_dim(shape, mesh)
-    candidates = [d for d in range(len(shape)) if d != taken and shape[d] % n == 0]
+    taken = tuple(compute) + (None,) * (len(shape) - len(compute))
+    candidates = [d for d in range(len(shape)) if taken[d] is None and shape[d] % n == 0]
     if not candidates:
         return None
     return max(candidates, key=lambda d: (shape[d], -d))
 
 
-def _model_dim(shape: tuple[int, ...], mesh: Mesh) -> int | None:
-    m = model_size(mesh)
-    if m > 1 and len(shape) >= 2 and shape[-1] % m == 0:
-        return len(shape) - 1
-    return None
-
-
-def leaf_spec(shape: tuple[int, ...], mesh: Mesh, *, shard_data: bool) -> P:
-    """PartitionSpec of one leaf: the model-axis rule, plus the ZeRO rule when ``shard_data``."""
-    axes: list[str | None] = [None] * len(shape)
-    md = _model_dim(shape, mesh)
-    if md is not None:
-        axes[md] = MODEL
-    zd = zero_dim(shape, mesh) if shard_data else None
+def leaf_spec(shape: tuple[int, ...], mesh: Mesh, compute: P = P(), *, shard_data: bool) -> P:
+    """PartitionSpec of one leaf: its compute layout, plus the ZeRO split when ``shard_data``."""
+    axes = list(tuple(compute) + (None,) * (len(shape) - len(compute)))
+    zd = zero_dim(shape, mesh, compute) if shard_data else None
     if zd is not None:
         axes[zd] = DATA
     return P(*axes)
 
 
-def _specs(tree: Any, mesh: Mesh, shard_data: bool) -> Any:
-    return jax.tree.map(lambda x: leaf_spec(tuple(np.shape(x)), mesh, shard_data=shard_data), tree)
+def compute_specs(params: Any, mesh: Mesh, param_axes: Any = None) -> Any:
+    """``PartitionSpec``s of the parameters where the model uses them: the logical layout of
+    ``param_axes`` mapped by ``LOGICAL_AXIS_RULES`` (``data`` never split), padded to each rank;
+    every dimension whole without ``param_axes``.
+
+    Raises:
+      ValueError: an unknown mesh axis, a mesh that splits parameters without ``param_axes``, or a
+        parameter dimension its mesh axis does not divide (see ``check_mesh_for``).
+    """
+    check_mesh_for(mesh, params=params, param_axes=param_axes)
+    if param_axes is None:
+        return jax.tree.map(lambda x: P(*[None] * np.ndim(x)), params)
+    return logical_to_mesh_specs(param_axes, mesh, shapes=params)
 
 
-def state_specs(state: train_state.TrainState, mesh: Mesh, strategy: str | Strategy) -> Any:
+def _zero_specs(tree: Any, compute: Any, mesh: Mesh, shard_data: bool) -> Any:
+    return jax.tree.map(lambda x, c: leaf_spec(tuple(np.shape(x)), mesh, c, shard_data=shard_data),
+                        tree, compute)
+
+
+def _names(path: tuple) -> tuple[str, ...]:
+    """A key path as plain names: ``.opt_state[0].mu['w']`` ends in ``('w',)``, as ``['w']`` does."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _opt_state_specs(opt_state: Any, params: Any, compute: Any, mesh: Mesh, shard_data: bool) -> Any:
+    """Each optimizer-state leaf takes the layout of its parameter: the one whose path is the
+    longest suffix of the leaf's path and whose shape is the leaf's. Scalars are replicated; other
+    unmatched leaves get the ZeRO split alone."""
+    owners = {}
+    for (path, x), c in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                            jax.tree.leaves(compute, is_leaf=lambda v: isinstance(v, P))):
+        owners[_names(path)] = (tuple(np.shape(x)), c)
+
+    def spec(path, leaf):
+        shape = tuple(np.shape(leaf))
+        if not shape:
+            return P()
+        names = _names(path)
+        for start in range(len(names) + 1):
+            owner = owners.get(names[start:])
+            if owner is not None and owner[0] == shape:
+                return leaf_spec(shape, mesh, owner[1], shard_data=shard_data)
+        return leaf_spec(shape, mesh, shard_data=shard_data)
+
+    return jax.tree_util.tree_map_with_path(spec, opt_state)
+
+
+def state_specs(state: train_state.TrainState, mesh: Mesh, strategy: str | Strategy, *,
+                param_axes: Any = None) -> Any:
     """A pytree shaped like ``state`` whose leaves are the strategy's ``PartitionSpec``s.
 
-    ``params`` and ``opt_state`` follow the strategy; ``step`` and any other field replicate.
+    ``params`` and ``opt_state`` take their compute layout (from ``param_axes``) plus the
+    strategy's ZeRO split; ``step`` and any other field replicate.
     """
     s = get_strategy(strategy)
+    compute = compute_specs(state.params, mesh, param_axes)
     everything_replicated = jax.tree.map(lambda _: P(), state)
-    return everything_replicated.replace(params=_specs(state.params, mesh, s.shard_parameters),
-                                         opt_state=_specs(state.opt_state, mesh, s.shard_optimizer))
+    return everything_replicated.replace(
+        params=_zero_specs(state.params, compute, mesh, s.shard_parameters),
+        opt_state=_opt_state_specs(state.opt_state, state.params, compute, mesh, s.shard_optimizer))
 
 
-def gradient_specs(params: Any, mesh: Mesh, strategy: str | Strategy) -> Any:
+def gradient_specs(params: Any, mesh: Mesh, strategy: str | Strategy, *, param_axes: Any = None) -> Any:
     """``PartitionSpec``s of the gradients after the strategy's reduction."""
-    return _specs(params, mesh, get_strategy(strategy).shard_gradients)
-
-
-def compute_specs(params: Any, mesh: Mesh) -> Any:
-    """``PartitionSpec``s of the parameters where the model uses them (``data`` never split)."""
-    return _specs(params, mesh, False)
+    compute = compute_specs(params, mesh, param_axes)
+    return _zero_specs(params, compute, mesh, get_strategy(strategy).shard_gradients)
 
 
 def to_shardings(specs: Any, mesh: Mesh) -> Any:
@@ -204,9 +262,10 @@ def to_shardings(specs: Any, mesh: Mesh) -> Any:
                         is_leaf=lambda x: isinstance(x, P))
 
 
-def state_shardings(state: train_state.TrainState, mesh: Mesh, strategy: str | Strategy) -> Any:
+def state_shardings(state: train_state.TrainState, mesh: Mesh, strategy: str | Strategy, *,
+                    param_axes: Any = None) -> Any:
     """A pytree shaped like ``state`` whose leaves are the strategy's ``NamedSharding``s."""
-    return to_shardings(state_specs(state, mesh, strategy), mesh)
+    return to_shardings(state_specs(state, mesh, strategy, param_axes=param_axes), mesh)
 
 
 # ----------------------------------------------------------------------------- placement
@@ -236,24 +295,26 @@ def _place_global(x: Any, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def shard_train_state(state: train_state.TrainState, mesh: Mesh,
-                      strategy: str | Strategy = "ddp") -> ShardedTrainState:
+def shard_train_state(state: train_state.TrainState, mesh: Mesh, strategy: str | Strategy = "ddp", *,
+                      param_axes: Any = None) -> ShardedTrainState:
     """Lay ``state`` out on ``mesh`` by ``strategy``; also reshards an already sharded state.
 
-    In a multi-process run every process passes the same (e.g. same-seed) state.
+    ``param_axes``: the parameters' logical axes (``models.lm.param_logical_axes(model)``), needed
+    when the mesh splits parameters (``model`` or ``expert`` > 1). Every check runs on shapes
+    before anything is placed. In a multi-process run every process passes the same (e.g.
+    same-seed) state.
     """
     s = get_strategy(strategy)
-    if DATA not in mesh.axis_names:
-        raise ValueError(f"mesh axes {mesh.axis_names} have no {DATA!r} axis; build it with make_mesh")
+    check_mesh(mesh)
     state = _as_sharded_state(state, s)
-    shardings = state_shardings(state, mesh, s)
+    shardings = state_shardings(state, mesh, s, param_axes=param_axes)
     if jax.process_count() == 1:
         return jax.device_put(state, shardings)
     return jax.tree.map(_place_global, state, shardings)
 
 
-def abstract_train_state(state: train_state.TrainState, mesh: Mesh,
-                         strategy: str | Strategy = "ddp") -> ShardedTrainState:
+def abstract_train_state(state: train_state.TrainState, mesh: Mesh, strategy: str | Strategy = "ddp", *,
+                         param_axes: Any = None) -> ShardedTrainState:
     """``state`` as ``jax.ShapeDtypeStruct`` leaves carrying the strategy's shardings.
 
     The target for restoring a checkpoint onto another mesh or strategy, and for memory
@@ -262,4 +323,4 @@ def abstract_train_state(state: train_state.TrainState, mesh: Mesh,
     s = get_strategy(strategy)
     state = _as_sharded_state(state, s)
     return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sh),
-                        state, state_shardings(state, mesh, s))
+                        state, state_shardings(state, mesh, s, param_axes=param_axes))

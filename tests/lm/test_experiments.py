@@ -110,11 +110,11 @@ def test_quick_configs_are_valid(name):
 
 def _scanned_grad(depth, policy, tokens):
     from jaxlab.experiments.remat_tradeoff import policy_model
-    from jaxlab.models.lm import LMConfig, next_token_loss, shifted_targets
+    from jaxlab.models.lm import LMConfig, init_params, next_token_loss, shifted_targets
 
     cfg = LMConfig(vocab_size=32, d_model=32, num_layers=depth, num_heads=2, max_len=64, attention_impl="xla")
     model = policy_model(cfg, policy)
-    params = jax.jit(model.init, compiler_options=FAST_COMPILE)(jax.random.PRNGKey(0), tokens)["params"]
+    params = init_params(model, jax.random.PRNGKey(0), tokens)
 
     def loss(p):
         return next_token_loss(model.apply({"params": p}, tokens)[0][:, :-1], *shifted_targets(tokens))[0]

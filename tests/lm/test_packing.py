@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlab.models.lm import LM, LMConfig
+from jaxlab.models.lm import LM, LMConfig, init_params
 from jaxlab.models.packing import (StreamPacker, target_mask_from_segments, pack_documents, packing_stats,
                                    pad_documents, padded_efficiency)
 from jaxlab.xla_options import FAST_COMPILE
@@ -95,7 +95,7 @@ def test_packed_row_equals_documents_run_alone(mixer, key):
 
     @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
     def both(key):
-        params = model.init(key, packed["inputs"])["params"]
+        params = init_params(model, key, packed["inputs"])
         apply = lambda rows: model.apply({"params": params}, rows["inputs"], segment_ids=rows["segment_ids"],  # noqa: E731
                                          positions=rows["positions"])[0]
         return apply(packed), model.apply({"params": params}, alone["inputs"])[0]  # alone: no segment ids
@@ -116,7 +116,7 @@ def test_training_loss_of_one_document_per_row_needs_no_segment_ids(key):
 
     @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
     def both(key):
-        params = model.init(key, rows["inputs"])["params"]
+        params = init_params(model, key, rows["inputs"])
         loss_fn = make_loss_fn(model)
         return loss_fn(params, rows, key)[0], loss_fn(params, plain, key)[0]
 

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxlab.models.lm import LM, MIXERS, NO_DECAY_PARAMS, LMConfig
+from jaxlab.models.lm import LM, MIXERS, NO_DECAY_PARAMS, LMConfig, init_params
 from jaxlab.optim import OptimizerConfig, decay_mask, make_optimizer
 from jaxlab.xla_options import FAST_COMPILE
 
@@ -48,7 +48,7 @@ def _contract(cfg, key, a, L=20, split=9, prefill=7, steps=60):
     R = L + 1
     rows = jnp.stack([a] * (L - 1) + [a, jnp.roll(a, -split)])
     seg = jnp.zeros((R, L), jnp.int32).at[L - 1].set((jnp.arange(L) >= split).astype(jnp.int32))
-    params = jax.jit(model.init, compiler_options=FAST_COMPILE)(key, rows)["params"]
+    params = init_params(model, key, rows)
 
     def loss_fn(params, delta, mask, aux_weight):
         logits, aux = model.apply({"params": params, "perturbations": {"embedded": delta}}, rows, segment_ids=seg)
@@ -148,7 +148,7 @@ def test_config_is_frozen_and_derives_sizes():
 def test_weight_decay_spares_vectors_and_ssm_dynamics_and_decays_matrices(mixer):
     cfg = LMConfig(vocab_size=16, d_model=32, num_layers=1, num_heads=2, mixer=mixer, max_len=16, d_state=4,
                    ssm_head_dim=8, chunk_size=8)
-    params = jax.eval_shape(lambda: LM(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))["params"]
+    params = jax.eval_shape(lambda: init_params(LM(cfg), jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))
     mask = decay_mask(params, NO_DECAY_PARAMS)
     named = {jax.tree_util.keystr(path): (leaf, decays) for (path, leaf), decays in
              zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(mask))}
@@ -161,7 +161,7 @@ def test_weight_decay_spares_vectors_and_ssm_dynamics_and_decays_matrices(mixer)
     assert spared == {"mamba": {"A_log"}, "s4d": {"log_A_real", "A_imag", "B"}, "gau": {"gamma", "beta"},
                       "attention": set()}[mixer]
     # The optimizer factory with these names leaves a spared parameter where it was when its gradient is zero.
-    real = LM(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    real = init_params(LM(cfg), jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
     tx = make_optimizer(OptimizerConfig(lr=1e-2, weight_decay=1.0, clip_norm=0.0), no_decay=NO_DECAY_PARAMS)
     updates, _ = tx.update(jax.tree.map(jnp.zeros_like, real), tx.init(real), real)
     for (path, u), p, decays in zip(jax.tree_util.tree_leaves_with_path(updates), jax.tree_util.tree_leaves(real),

@@ -1,10 +1,13 @@
 """MoE: dropless grouped dispatch equals the dense reference (outputs and gradients, even when the
-routing is badly skewed), routing, load-balancing and z losses."""
+routing is badly skewed), routing, load-balancing and z losses, the parameters' logical axis names.
+The expert-parallel dispatch is tested in tests/parallel/test_expert_parallel.py."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from jaxlab.models.moe import MoE, expert_load, load_balance_loss, route, router_z_loss
 from jaxlab.xla_options import FAST_COMPILE
@@ -19,7 +22,7 @@ def test_ragged_dispatch_equals_dense_reference(key):
     gate = "sigmoid"
     x = jax.random.normal(key, (2, 9, D)) + 0.5  # T = 18 tokens, awkward length
     make = lambda dispatch: MoE(E, K, F, num_shared_experts=1, gate=gate, dispatch=dispatch)  # noqa: E731
-    params = jax.jit(make("ragged").init, compiler_options=FAST_COMPILE)(jax.random.PRNGKey(1), x)["params"]
+    params = nn.unbox(jax.jit(make("ragged").init, compiler_options=FAST_COMPILE)(jax.random.PRNGKey(1), x)["params"])
     skew = jnp.zeros((D, E)).at[:, :2].set(1.0)  # tokens with positive channel sums favour experts 0, 1
     params = {**params, "router": params["router"] + skew}
 
@@ -93,9 +96,24 @@ def test_balancing_loss_is_minimal_for_uniform_routing():
     assert float(v["z_collapsed"]) > float(v["z_uniform"])
 
 
+def test_parameters_carry_logical_axis_names():
+    """Routed experts split on ``experts``, the router replicated, the shared experts as the dense FFN."""
+    boxed = jax.eval_shape(MoE(E, K, F, num_shared_experts=1).init, jax.random.PRNGKey(0), jnp.zeros((1, 3, D)))
+    specs = nn.get_partition_spec(boxed)["params"]
+    assert specs["router"] == P("embed", None)
+    assert specs["w_gate"] == specs["w_up"] == P("experts", "embed", "mlp")
+    assert specs["w_down"] == P("experts", "mlp", "embed")
+    assert specs["shared"]["gate"]["kernel"] == P("embed", "mlp")
+    assert specs["shared"]["down"]["kernel"] == P("mlp", "embed")
+    shapes = nn.unbox(boxed)["params"]
+    assert shapes["w_gate"].shape == (E, D, F) and shapes["w_down"].shape == (E, F, D)
+
+
 def test_moe_module_errors():
     x = jnp.zeros((1, 3, D))
     with pytest.raises(ValueError, match="experts_per_token=7"):
         MoE(E, 7, F).init(jax.random.PRNGKey(0), x)
     with pytest.raises(ValueError, match="dispatch='sorted'"):
         MoE(E, K, F, dispatch="sorted").init(jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match="capacity_factor=-1"):
+        MoE(E, K, F, capacity_factor=-1.0).init(jax.random.PRNGKey(0), x)

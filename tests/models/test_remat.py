@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlab.models.lm import LM, LMConfig, lm_loss
+from jaxlab.models.lm import LM, LMConfig, init_params, lm_loss
 from jaxlab.models.remat import CHECKPOINT_NAMES, remat_policy, validate_remat
 from jaxlab.xla_options import FAST_COMPILE
 
@@ -17,13 +17,13 @@ def _compiled_grad(remat, tokens):
                    d_ff=128, remat=remat)
     model = LM(cfg)
     grad = jax.jit(jax.grad(lambda p, t: lm_loss(model, p, t)[0]), compiler_options=FAST_COMPILE)
-    return model, grad.lower(jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)["params"], tokens).compile()
+    return model, grad.lower(jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), tokens)), tokens).compile()
 
 
 def test_policies_give_identical_gradients_and_save_memory():
     tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 64), 0, 32)
     model, _ = _compiled_grad("none", tokens)
-    params = jax.jit(model.init, compiler_options=FAST_COMPILE)(jax.random.PRNGKey(0), tokens)["params"]
+    params = init_params(model, jax.random.PRNGKey(0), tokens)
     grads, temp = {}, {}
     for remat in POLICIES:
         _, compiled = _compiled_grad(remat, tokens)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlab.models.lm import LM, LMConfig
+from jaxlab.models.lm import LM, LMConfig, init_params
 from jaxlab.models.sampling import response_logprobs, sample, sampling_logits
 from jaxlab.xla_options import FAST_COMPILE
 
@@ -23,7 +23,7 @@ def lm():
     """(model, params, prompts [4, LP], jitted full forward)."""
     model = LM(CFG)
     prompts = jax.random.randint(jax.random.PRNGKey(4), (4, LP), 0, V)
-    params = jax.jit(model.init, compiler_options=FAST_COMPILE)(jax.random.PRNGKey(0), prompts)["params"]
+    params = init_params(model, jax.random.PRNGKey(0), prompts)
     forward = jax.jit(lambda p, t: model.apply({"params": p}, t)[0], compiler_options=FAST_COMPILE)
     return model, params, prompts, forward
 

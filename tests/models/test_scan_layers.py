@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlab.models.lm import LM, LMConfig, lm_loss, scan_to_unrolled, unrolled_to_scan
+from jaxlab.models.lm import LM, LMConfig, init_params, lm_loss, scan_to_unrolled, unrolled_to_scan
 from jaxlab.xla_options import FAST_COMPILE
 
 CASES = {
@@ -27,9 +27,9 @@ def _configs(case):
 def test_scanned_equals_unrolled_from_the_same_weights(case):
     cfg, scfg = _configs(case)
     tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 12), 0, cfg.vocab_size)
-    params = LM(cfg).init(jax.random.PRNGKey(1), tokens)["params"]
+    params = init_params(LM(cfg), jax.random.PRNGKey(1), tokens)
     stacked = unrolled_to_scan(params, cfg)
-    scanned_init = LM(scfg).init(jax.random.PRNGKey(1), tokens)["params"]
+    scanned_init = init_params(LM(scfg), jax.random.PRNGKey(1), tokens)
     assert jax.tree.structure(stacked) == jax.tree.structure(scanned_init)
     assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, scanned_init)
     jax.tree.map(np.testing.assert_array_equal, scan_to_unrolled(stacked, cfg), params)  # exact round trip
@@ -52,7 +52,7 @@ def test_scanned_decoding_equals_full_forward():
     _, scfg = _configs("hybrid")
     model = LM(scfg)
     tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 10), 0, scfg.vocab_size)
-    params = model.init(jax.random.PRNGKey(3), tokens)["params"]
+    params = init_params(model, jax.random.PRNGKey(3), tokens)
     full = model.apply({"params": params}, tokens)[0]
     cache = model.init_cache(2, 16)
     assert len(cache.layers) == scfg.group_size  # one state per pattern position, stacked over groups

@@ -1,6 +1,7 @@
 """Encoder-decoder Transformer: learns to reverse sequences; greedy (KV cache) and beam search agree
 with the full forward; source padding changes nothing; config validation."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +29,7 @@ def test_learns_reverse_and_decoders_agree_with_full_forward():
 
     def train(key):
         src, tgt = reverse_batch(key)
-        params = model.init(key, src, shift_right(tgt, BOS))["params"]
+        params = nn.unbox(model.init(key, src, shift_right(tgt, BOS)))["params"]
 
         def step(carry, key):
             params, opt_state = carry

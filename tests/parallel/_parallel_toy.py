@@ -1,7 +1,8 @@
 """A tiny MLP regression problem shared by the parallel tests and the 2-process worker script.
 
 Shapes are chosen so that ZeRO splits most leaves over 8 devices and one leaf (``b2``, 6
-entries) is not divisible and stays replicated, exercising the fallback.
+entries) is not divisible and stays replicated, exercising the fallback. ``PARAM_AXES`` names the
+parameters' dimensions logically: the hidden layer is Megatron's column-then-row pair over ``mlp``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from jaxlab.train_state import TrainState, create_train_state, make_train_step, step_key
 
@@ -27,6 +29,10 @@ def init_params(seed: int = 0) -> dict:
         "w2": (rng.normal(size=(D_HIDDEN, D_OUT)) / np.sqrt(D_HIDDEN)).astype(np.float32),
         "b2": np.full(D_OUT, 0.1, np.float32),
     }
+
+
+PARAM_AXES = {"w1": P("embed", "mlp"), "b1": P("mlp"), "w2": P("mlp", None), "b2": P(None)}
+"""Logical axes of ``init_params``: w1 column-parallel, w2 row-parallel over ``mlp`` (-> ``model``)."""
 
 
 def loss_fn(params: dict, batch: tuple, key: jax.Array) -> tuple[jax.Array, dict]:

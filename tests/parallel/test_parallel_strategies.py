@@ -69,9 +69,11 @@ def test_leaf_rules():
     assert zero_dim((24, 64), mesh) == 1  # the largest divisible dimension
     assert zero_dim((64, 64), mesh) == 0  # first on ties
     assert zero_dim((6,), mesh) is None and zero_dim((), mesh) is None
+    assert zero_dim((64, 24), mesh, P("model", None)) == 1  # not the dimension the compute layout splits
     assert leaf_spec((24, 64), mesh, shard_data=False) == P(None, None)
-    assert leaf_spec((16, 8), mesh2d, shard_data=True) == P("data", "model")
-    assert leaf_spec((16, 8), mesh2d, shard_data=False) == P(None, "model")
+    assert leaf_spec((16, 8), mesh2d, P(None, "model"), shard_data=True) == P("data", "model")
+    assert leaf_spec((16, 8), mesh2d, P(None, "model"), shard_data=False) == P(None, "model")
+    assert leaf_spec((16, 8), mesh2d, shard_data=True) == P("data", None)  # no logical axes: data only
     assert leaf_spec((6,), mesh2d, shard_data=True) == P("data")  # 6 % 2 == 0
     assert leaf_spec((5,), mesh2d, shard_data=True) == P(None)
 

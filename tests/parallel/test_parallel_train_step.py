@@ -61,9 +61,9 @@ def _check_collectives(impl: str, strategy: str, ops) -> None:
         assert ag == 0
 
 
-def _run(mesh, strategy, impl, **kwargs):
-    state = shard_train_state(toy.make_state(), mesh, strategy)
-    step = _step(mesh, strategy, impl=impl, **kwargs)
+def _run(mesh, strategy, impl, param_axes=None, **kwargs):
+    state = shard_train_state(toy.make_state(), mesh, strategy, param_axes=param_axes)
+    step = _step(mesh, strategy, impl=impl, param_axes=param_axes, **kwargs)
     data = toy.batches()
     compiled = step.lower(state, data[0], step_key(state)).compile()
     metrics = []
@@ -121,13 +121,17 @@ def test_strategy_equals_single_device(reference, impl, strategy):
     assert metrics[0]["loss"].sharding.is_fully_replicated
 
 
-@pytest.mark.parametrize("impl, strategy", [("jit", "zero3"), ("shard_map", "zero2")])
-def test_2d_mesh_data_and_model_axes(reference, impl, strategy):
+@pytest.mark.parametrize("strategy", ["zero3", "zero1"])
+def test_2d_mesh_data_and_model_axes(reference, strategy):
+    """The toy MLP's hidden layer split over model=4 (w1 by columns, w2 by rows), ZeRO over data=2."""
     mesh = make_mesh(data=2, model=4)
-    state, metrics, _ = _run(mesh, strategy, impl)
+    state, metrics, _ = _run(mesh, strategy, "jit", param_axes=toy.PARAM_AXES)
     _assert_matches(state, metrics, reference)
-    assert state.params["w1"].sharding.spec == leaf_spec((toy.D_IN, toy.D_HIDDEN), mesh,
-                                                         shard_data=strategy == "zero3")
+    assert state.params["w1"].sharding.spec == (P("data", "model") if strategy == "zero3"
+                                                else P(None, "model"))
+    assert state.params["w2"].sharding.spec == (P("model", "data") if strategy == "zero3"  # rows taken
+                                                else P("model", None))
+    assert state.opt_state[0].mu["w1"].sharding.spec == P("data", "model")  # ZeRO-1 and 3 alike
 
 
 def test_ring_allreduce_ddp(reference):
@@ -201,6 +205,13 @@ def test_errors():
         _step(mesh, "ddp", allreduce="ring")
     with pytest.raises(ValueError, match="grad_accum=0"):
         sharded_train_step(toy.loss_fn, toy.TX, mesh, grad_accum=0)
+    with pytest.raises(ValueError, match=r"impl='shard_map' is data parallel only, but the mesh also splits "
+                                         r"\{'model': 4\}"):
+        _step(make_mesh(data=2, model=4), "zero2", impl="shard_map", param_axes=toy.PARAM_AXES)
+    with pytest.raises(ValueError, match=r"laid out as .* but the step expects .*param_axes=given"):
+        _step(make_mesh(data=2, model=4), "zero1", param_axes=toy.PARAM_AXES)(
+            shard_train_state(state, make_mesh(data=2, model=4), "zero1",
+                              param_axes={**toy.PARAM_AXES, "w1": P("mlp", None)}), (x, y), key)
     with pytest.raises(ValueError, match="must return a scalar loss"):
         per_example = make_train_step(lambda p, b, k: ((b[0] @ p["w1"]).sum(-1), {}), toy.TX, mesh=mesh)
         per_example(shard_train_state(state, mesh, "ddp"), (x, y), key)
@@ -224,7 +235,7 @@ def test_zero3_regathers_weights_in_the_backward_pass(regather):
     mesh = make_mesh(data=N)
     state = shard_train_state(toy.make_state(), mesh, "zero3")
     step = _step(mesh, "zero3", impl="shard_map", regather=regather)
-    ops = jaxpr_collectives(jax.make_jaxpr(step.jitted(state))(state, toy.batches()[0], state.key),
+    ops = jaxpr_collectives(jax.make_jaxpr(step.jitted(state, toy.batches()[0]))(state, toy.batches()[0], state.key),
                             dict(mesh.shape))
     w2_bytes = 4 * toy.D_HIDDEN * toy.D_OUT
     assert _bytes(ops, "all-gather") == SPLIT_BYTES + (w2_bytes if regather else 0)
