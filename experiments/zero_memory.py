@@ -1,14 +1,16 @@
 """``zero-memory``: per-device memory of DDP and ZeRO-1/2/3 against the device count
 (Rajbhandari et al. 2020, ZeRO, Figure 1 and Sec. 5).
 
-A small decoder-only Transformer LM (flax.linen built-ins) with fp32 AdamW (``make_optimizer``) is
-laid out by each strategy on 1..N devices and the bytes that actually sit on device 0 are measured
+jaxlab's own decoder-only LM (``models.lm.LM``: attention + SwiGLU blocks, tied embeddings, layers scanned
+on a leading axis unless ``scan_layers=False``) with fp32 AdamW (``make_optimizer``) is laid out by each
+strategy on 1..N devices and the bytes that actually sit on device 0 are measured
 from the arrays' shards (``memory_report``); gradients, which only live inside the step, are
 counted from the strategy's gradient layout. Next to them: the ZeRO formula for the same model
 (fp32 AdamW is 4 + 4 + 8 bytes per parameter), and for the largest mesh XLA's own memory
 analysis of each compiled training step (the spine's ``make_train_step(..., mesh=, strategy=)``;
 arguments + temporaries, i.e. including the transient gradients and, for ZeRO-3, the gathered
-parameters).
+parameters), compiled under ``FAST_COMPILE``: it turns off only the backend's code optimisation, so
+the buffer assignment the analysis reads is the default one, and the step compiles faster.
 
 The paper's worked example (7.5B parameters, 64 GPUs, mixed-precision Adam, K = 12) and the
 7B x 16 bytes = 112 GB figure are computed by ``zero_memory_bytes``.
@@ -52,15 +54,18 @@ class ZeroMemoryConfig:
     device_counts: tuple[int, ...] = (1, 2, 4, 8, 16)
     """Data-parallel degrees N to measure (simulated CPU devices when there are too few real ones)."""
     vocab_size: int = 2048
-    """Vocabulary of the Transformer LM."""
+    """Vocabulary of the LM."""
     d_model: int = 256
     """Model width."""
     num_layers: int = 4
-    """Transformer blocks."""
+    """LM blocks (attention + SwiGLU)."""
     num_heads: int = 4
     """Attention heads."""
     seq_len: int = 64
     """Tokens per sequence of the compiled training step."""
+    scan_layers: bool = True
+    """Stack the blocks on a leading layer axis under ``nn.scan`` (``LMConfig.scan_layers``): the same
+    parameters and bytes, one block compiled instead of ``num_layers``."""
     compile_steps: bool = True
     """Also compile each strategy's train step on the largest mesh and read XLA's memory analysis."""
 
@@ -78,48 +83,31 @@ class ZeroMemoryConfig:
 
 
 def _model(cfg: ZeroMemoryConfig):
-    import flax.linen as nn
-    import jax.numpy as jnp
+    from jaxlab.models.lm import LM, LMConfig
 
-    class Block(nn.Module):
-        @nn.compact
-        def __call__(self, x):  # [B, L, D]
-            mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
-            h = nn.LayerNorm()(x)
-            x = x + nn.MultiHeadDotProductAttention(num_heads=cfg.num_heads)(h, h, mask=mask)
-            h = nn.Dense(4 * cfg.d_model)(nn.LayerNorm()(x))  # [B, L, 4D]
-            return x + nn.Dense(cfg.d_model)(nn.gelu(h))
-
-    class LM(nn.Module):
-        @nn.compact
-        def __call__(self, tokens):  # [B, L] -> logits [B, L, V]
-            embed = nn.Embed(cfg.vocab_size, cfg.d_model)
-            pos = self.param("pos", nn.initializers.normal(0.02), (cfg.seq_len, cfg.d_model))
-            x = embed(tokens) + pos[: tokens.shape[1]]
-            for _ in range(cfg.num_layers):
-                x = Block()(x)
-            return embed.attend(nn.LayerNorm()(x))  # tied unembedding
-
-    return LM()
+    return LM(LMConfig(vocab_size=cfg.vocab_size, d_model=cfg.d_model, num_layers=cfg.num_layers,
+                       num_heads=cfg.num_heads, mixer="attention", ffn="swiglu", scan_layers=cfg.scan_layers,
+                       max_len=cfg.seq_len))
 
 
 def measure(cfg: ZeroMemoryConfig) -> dict:
     """Per-device bytes on device 0 for every strategy and device count (needs the devices)."""
     import jax
-    import optax
 
+    from jaxlab.models.lm import NO_DECAY_PARAMS, init_params, lm_loss
     from jaxlab.optim import OptimizerConfig, make_optimizer
     from jaxlab.parallel import make_mesh, memory_report, shard_train_state
     from jaxlab.parallel.memory import compiled_memory
     from jaxlab.train_state import create_train_state, make_train_step, step_key
+    from jaxlab.xla_options import FAST_COMPILE
 
     model = _model(cfg)
     tokens = np.zeros((max(cfg.device_counts), cfg.seq_len), np.int32)  # [B, L], B = N_max
-    optimizer = make_optimizer(OptimizerConfig(lr=1e-3, weight_decay=0.01))  # AdamW: 2 fp32 moments
+    optimizer = make_optimizer(OptimizerConfig(lr=1e-3, weight_decay=0.01),  # AdamW: 2 fp32 moments
+                               no_decay=NO_DECAY_PARAMS)
 
     def create(key):
-        return create_train_state(model.init(key, tokens[:1])["params"], optimizer, key,
-                                  apply_fn=model.apply)
+        return create_train_state(init_params(model, key, tokens[:1]), optimizer, key, apply_fn=model.apply)
 
     # Bytes do not depend on values: zeros of the right shapes, placed straight from the host,
     # spare compiling the initialisers and any device-to-device resharding.
@@ -132,10 +120,8 @@ def measure(cfg: ZeroMemoryConfig) -> dict:
             rep = memory_report(shard_train_state(state, mesh, strategy))
             rows.append({"devices": n, **rep.as_dict()})
 
-    def loss_fn(params, batch, key):
-        logits = model.apply({"params": params}, batch)  # [B, L, V]
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], batch[:, 1:]).mean()
-        return loss, {}
+    def loss_fn(params, batch, key):  # batch: tokens [B, L]
+        return lm_loss(model, params, batch)
 
     compiled = {}
     if cfg.compile_steps:
@@ -143,7 +129,7 @@ def measure(cfg: ZeroMemoryConfig) -> dict:
         for strategy in STRATEGIES:
             sharded = shard_train_state(state, mesh, strategy)
             step = make_train_step(loss_fn, optimizer, mesh=mesh, strategy=strategy)
-            compiled[strategy] = compiled_memory(step.lower(sharded, tokens, step_key(sharded)).compile())
+            compiled[strategy] = compiled_memory(step.lower(sharded, tokens, step_key(sharded)).compile(FAST_COMPILE))
     return {"num_params": int(num_params), "rows": rows, "compiled": compiled,
             "backend": jax.default_backend(), "device_count": jax.device_count()}
 
@@ -177,7 +163,7 @@ def _plot(path, counts, measured, formula, psi, example_n=64):
         ax.plot(counts, np.array(formula[s]) / 2**20, "--", color=colors[s], alpha=0.7)
     ax.set(xscale="log", yscale="log", xlabel="data-parallel devices N",
            ylabel="MiB per device (params + grads + Adam)",
-           title=f"Transformer LM, {psi / 1e6:.2f}M params, fp32 AdamW\n(dashed: ZeRO formula)")
+           title=f"jaxlab LM, {psi / 1e6:.2f}M params, fp32 AdamW\n(dashed: ZeRO formula)")
     ax.set_xticks(counts, [str(n) for n in counts])
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
@@ -224,7 +210,7 @@ def zero_memory(cfg: ZeroMemoryConfig, ctx: RunContext) -> ExperimentResult:
     reduction = measured["ddp"][-1] / measured["zero3"][-1]
     mib = 2**20
     summary = (
-        f"A {psi / 1e6:.2f}M-parameter Transformer LM with fp32 AdamW (16 bytes/param) holds "
+        f"jaxlab's {psi / 1e6:.2f}M-parameter LM with fp32 AdamW (16 bytes/param) holds "
         f"{measured['ddp'][-1] / mib:.1f} MiB per device under DDP regardless of N; on {n_max} "
         f"devices ZeRO-1/2/3 bring device 0 down to {measured['zero1'][-1] / mib:.2f} / "
         f"{measured['zero2'][-1] / mib:.2f} / {measured['zero3'][-1] / mib:.2f} MiB "

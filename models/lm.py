@@ -47,10 +47,10 @@ from jaxlab.kernels.attention import IMPLEMENTATIONS
 from jaxlab.models.attention import Attention
 from jaxlab.models.layers import FeedForward, RMSNorm, default_positions, embed_init, resolve_dtype
 from jaxlab.models.linear_mixers import FEATURE_MAPS, GAU, LinearAttention
-from jaxlab.models.moe import GATES, MoE
+from jaxlab.models.moe import DISPATCH, GATES, MoE
 from jaxlab.models.remat import remat_module, validate_remat
 from jaxlab.models.ssm_mixers import S4D, S5, Mamba, Mamba2
-from jaxlab.validation import check_positive
+from jaxlab.validation import check_choice, check_greater, check_positive
 from jaxlab.xla_options import FAST_COMPILE
 
 __all__ = ["FFNS", "LM", "LMCache", "LMConfig", "MIXERS", "NO_DECAY_PARAMS", "RESIDUAL_AXES", "cross_entropy_sums",
@@ -103,7 +103,11 @@ class LMConfig:
     match d_ff)."""
     moe_gate: str = "softmax"
     moe_dispatch: str = "ragged"
-    """"ragged" (sort + grouped matmul, dropless) or "dense" (every expert on every token; the reference)."""
+    """"ragged" (sort + grouped matmul, dropless; expert parallel with all-to-all under a mesh with an ``expert``
+    axis) or "dense" (every expert on every token; the reference)."""
+    moe_capacity_factor: float | None = None
+    """Expert parallel only: room per destination device for ``capacity_factor`` times the balanced share of
+    token-expert assignments, overflow dropped and counted in ``aux["dropped_fraction"]`` (None: dropless)."""
     load_balance_coef: float = 0.01
     router_z_coef: float = 1e-3
     window: int = 128
@@ -155,8 +159,9 @@ class LMConfig:
             raise ValueError(f"experts_per_token={self.experts_per_token} must be <= num_experts={self.num_experts}")
         if self.moe_gate not in GATES:
             raise ValueError(f"moe_gate={self.moe_gate!r} must be one of {GATES}")
-        if self.moe_dispatch not in ("ragged", "dense"):
-            raise ValueError(f"moe_dispatch={self.moe_dispatch!r} must be 'ragged' or 'dense'")
+        check_choice(self, "moe_dispatch", DISPATCH)
+        if self.moe_capacity_factor is not None:
+            check_greater(self, "moe_capacity_factor")
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map={self.feature_map!r} must be one of {FEATURE_MAPS}")
         if "mamba2" in mixers and (self.expand * self.d_model) % self.ssm_head_dim:
@@ -264,7 +269,8 @@ class Block(nn.Module):
         y = residual(norm("ffn_norm")(x))
         if cfg.ffn == "moe":
             f, aux = MoE(cfg.num_experts, cfg.experts_per_token, cfg.expert_hidden, cfg.num_shared_experts,
-                         gate=cfg.moe_gate, dispatch=cfg.moe_dispatch, dtype=cfg.compute_dtype,
+                         gate=cfg.moe_gate, dispatch=cfg.moe_dispatch, capacity_factor=cfg.moe_capacity_factor,
+                         dtype=cfg.compute_dtype,
                          param_dtype=cfg.storage_dtype, name="moe")(y)
         else:
             f = FeedForward(cfg.ffn_hidden, cfg.ffn, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
@@ -339,7 +345,8 @@ class LM(nn.Module):
     """Decoder-only LM: ``apply(params, tokens [B, L]) -> (logits [B, L, V] fp32, aux)``.
 
     ``aux``: ``load_balance_loss``, ``router_z_loss`` (means over MoE layers; 0 without MoE),
-    ``aux_loss`` (their weighted sum, add it to the loss), ``expert_load`` [num_layers, E] (MoE) and
+    ``aux_loss`` (their weighted sum, add it to the loss), ``expert_load`` [num_layers, E] and
+    ``dropped_fraction`` (MoE; nonzero only expert parallel with ``moe_capacity_factor``), and
     ``residual_rms`` [num_layers] (RMS of the residual stream after each block).
     """
 
@@ -393,6 +400,7 @@ class LM(nn.Module):
             for name in ("load_balance_loss", "router_z_loss"):
                 aux[name] = jnp.mean(layers[name])
             aux["expert_load"] = layers["expert_load"]  # [num_layers, E]
+            aux["dropped_fraction"] = jnp.mean(layers["dropped_fraction"])
         else:
             aux["load_balance_loss"] = aux["router_z_loss"] = jnp.zeros((), jnp.float32)
         aux["aux_loss"] = cfg.load_balance_coef * aux["load_balance_loss"] + cfg.router_z_coef * aux["router_z_loss"]

@@ -155,8 +155,8 @@ def _tree_bytes(tree: Any) -> int:
     return sum(_nbytes(np.shape(x), _dtype(x)) for x in jax.tree.leaves(tree))
 
 
-def memory_report(state: Any, strategy: str | None = None, *,
-                  device: jax.Device | None = None) -> MemoryReport:
+def memory_report(state: Any, strategy: str | None = None, *, device: jax.Device | None = None,
+                  param_axes: Any = None) -> MemoryReport:
     """Per-device bytes of params / grads / optimizer state, and whole-copy totals.
 
     Args:
@@ -167,6 +167,9 @@ def memory_report(state: Any, strategy: str | None = None, *,
         plain ``TrainState``).
       device: the device to measure (default: the lowest-id device holding the params,
         device 0 on a full mesh).
+      param_axes: the parameters' logical axes (``models.lm.param_logical_axes(model)``), as given
+        to ``shard_train_state``; needed on a mesh that splits parameters (``model`` > 1), where
+        the gradients take the parameters' tensor-parallel layout.
     """
     strategy = strategy or getattr(state, "strategy", "ddp")
     normalize_stage(strategy)
@@ -180,8 +183,8 @@ def memory_report(state: Any, strategy: str | None = None, *,
 
     if isinstance(sharding, NamedSharding):
         mesh = sharding.mesh
-        grad_shardings = jax.tree.leaves(to_shardings(gradient_specs(state.params, mesh, strategy),
-                                                      mesh))
+        grad_specs = gradient_specs(state.params, mesh, strategy, param_axes=param_axes)
+        grad_shardings = jax.tree.leaves(to_shardings(grad_specs, mesh))
         grads = sum(_nbytes(s.shard_shape(p.shape), p.dtype) if device in s.device_set else 0
                     for p, s in zip(params, grad_shardings))
         num_devices = mesh.size

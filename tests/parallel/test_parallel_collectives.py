@@ -96,6 +96,23 @@ def test_psum_compiles_to_all_reduce():
     assert op == CollectiveOp("all-reduce", 64, 8)
 
 
+def test_hlo_collectives_counts_loop_iterations():
+    """A psum inside a scan of 3 steps is one op in the text and 3 executions."""
+    mesh = make_mesh(data=8)
+
+    def body(c, x):  # c, x [16]
+        return c + lax.psum(jnp.sin(c * x), "data"), None
+
+    def f(c, xs):  # xs [3, 16]
+        return lax.scan(body, c, xs)[0]
+
+    g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(), P()), out_specs=P(), check_vma=False))
+    hlo = g.lower(jnp.ones(16), jnp.ones((3, 16))).compile().as_text()
+    assert " while(" in hlo and '"known_trip_count":{"n":"3"}' in hlo
+    assert count_collectives(hlo)["all-reduce"] == 1
+    assert hlo_collectives(hlo) == [CollectiveOp("all-reduce", 64, 8)] * 3
+
+
 def test_zero_comm_bytes():
     """ZeRO paper Sec. 7: DP and ZeRO-1/2 move 2 Psi per device, ZeRO-3 3 Psi (1.5x)."""
     psi = 1e9

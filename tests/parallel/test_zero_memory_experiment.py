@@ -16,13 +16,32 @@ TINY = zm.ZeroMemoryConfig(device_counts=(1, 2, 4), vocab_size=64, d_model=32, n
                            num_heads=2, seq_len=8, compile_steps=False)
 
 
+def _lm_num_params(cfg: zm.ZeroMemoryConfig) -> int:
+    """Parameters of jaxlab's LM at the experiment's sizes (shapes only)."""
+    import jax
+
+    from jaxlab.models.lm import init_params
+
+    tokens = jax.ShapeDtypeStruct((1, cfg.seq_len), np.int32)
+    shapes = jax.eval_shape(lambda key: init_params(zm._model(cfg), key, tokens), jax.random.key(0))
+    return sum(x.size for x in jax.tree.leaves(shapes))
+
+
+def test_zero_memory_measures_jaxlabs_lm():
+    from jaxlab.models.lm import LM
+
+    model = zm._model(TINY)
+    assert isinstance(model, LM) and model.cfg.scan_layers and model.cfg.d_model == TINY.d_model
+    assert not zm._model(dataclasses.replace(TINY, scan_layers=False)).cfg.scan_layers
+
+
 def test_zero_memory_tiny_in_process(tmp_path):
     exp = get_experiment("zero-memory")
     assert isinstance(exp.quick, zm.ZeroMemoryConfig)
     result = exp.fn(TINY, RunContext("zero-memory", tmp_path, quick=True, show_progress=False))
     m = json.loads(json.dumps(result.metrics))  # JSON-able
     assert (tmp_path / "zero-memory.png").exists()
-    assert m["device_counts"] == [1, 2, 4] and m["num_params"] > 10_000
+    assert m["device_counts"] == [1, 2, 4] and m["num_params"] == _lm_num_params(TINY)
     measured, formula = m["measured_bytes_per_device"], m["formula_bytes_per_device"]
     # one device: every strategy holds everything, 16 bytes per fp32-AdamW parameter (+ counter)
     assert {measured[s][0] for s in zm.STRATEGIES} == {measured["ddp"][0]}
@@ -55,3 +74,28 @@ def test_config_validation():
         zm.ZeroMemoryConfig(d_model=30, num_heads=4)
     with pytest.raises(ValueError, match="device_counts"):
         zm.ZeroMemoryConfig(device_counts=())
+
+
+def test_memory_report_on_a_tensor_parallel_mesh():
+    """With param_axes, gradients take the parameters' model-axis layout plus the ZeRO split over data."""
+    import jax
+
+    from jaxlab.models.lm import init_params, param_logical_axes
+    from jaxlab.optim import OptimizerConfig, make_optimizer
+    from jaxlab.parallel import make_mesh, memory_report, shard_train_state
+    from jaxlab.train_state import create_train_state
+
+    model = zm._model(TINY)
+    axes = param_logical_axes(model)
+    tokens = jax.ShapeDtypeStruct((1, TINY.seq_len), np.int32)
+    shapes = jax.eval_shape(lambda key: init_params(model, key, tokens), jax.random.key(0))
+    params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes)
+    state = create_train_state(params, make_optimizer(OptimizerConfig(lr=1e-3)), jax.random.PRNGKey(0))
+    whole = sum(x.nbytes for x in jax.tree.leaves(params))
+    mesh = make_mesh(data=2, model=2)
+    sharded = shard_train_state(state, mesh, "zero2", param_axes=axes)
+    rep = memory_report(sharded, param_axes=axes)
+    assert whole / 2 < rep.params < whole  # norms stay whole on the model axis
+    assert rep.grads == pytest.approx(rep.params / 2, rel=0.02)  # ZeRO-2 splits them again over data
+    with pytest.raises(ValueError, match="param_axes"):
+        memory_report(sharded)
