@@ -37,6 +37,7 @@ from flax import struct
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxlab.kernels.attention import dot_product_attention
+from jaxlab.kernels.ring_attention import context_parallel_attention
 from jaxlab.models.layers import Projection, RMSNorm, apply_rope
 
 __all__ = ["Attention", "KVCache", "cached_attention"]
@@ -107,6 +108,18 @@ def cached_attention(q, k, v, cache: KVCache, *, impl: str = "auto", softcap=Non
     k_c = cache.k.at[:, slots].set(k[:, Lq - n:])
     v_c = cache.v.at[:, slots].set(v[:, Lq - n:])
     return out, cache.replace(k=k_c, v=v_c, index=idx + Lq)
+
+
+SEQ_AXIS = "seq"
+"""The mesh axis of context parallelism: self-attention under a mesh (``jax.set_mesh``) whose ``seq`` axis has
+size > 1 runs as ring attention (``kernels.ring_attention.context_parallel_attention``), the length split
+over that axis and K/V blocks passed around the ring, instead of gathering the whole sequence."""
+
+
+def _seq_shards() -> int:
+    """Size of the ``seq`` axis of the mesh in effect (1 without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else int(dict(mesh.shape).get(SEQ_AXIS, 1))
 
 
 class Attention(nn.Module):
@@ -196,7 +209,12 @@ class Attention(nn.Module):
             if positions is None:
                 raise ValueError("positions are required with rotary embeddings")
             q, k = apply_rope(q, positions, self.rope_base), apply_rope(k, positions, self.rope_base)
-        if cache is None:
+        seq_shards = _seq_shards()
+        if cache is None and kv is None and seq_shards > 1:  # context parallel: ring attention over "seq"
+            out = context_parallel_attention(q, k, v, jax.sharding.get_abstract_mesh(), seq_axis=SEQ_AXIS,
+                                             causal=self.causal, segment_ids=segment_ids, window=self.window,
+                                             softcap=self.softcap)
+        elif cache is None:
             out = dot_product_attention(q, k, v, causal=self.causal, segment_ids=segment_ids,
                                         window=self.window, softcap=self.softcap,
                                         impl=self.impl)
