@@ -53,7 +53,8 @@ class LMStdlibConfig:
         self.train_config(self.mixers[0], seed=0)  # LMTrainConfig validates the sizes and the optimiser fields
 
     def train_config(self, mixer: str, seed: int) -> LMTrainConfig:
-        return LMTrainConfig(mixer=mixer, steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len,
+        """One device (``mesh="data=1"``) whatever the machine has, so every mixer's run is the same program."""
+        return LMTrainConfig(mesh="data=1", mixer=mixer, steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len,
                              d_model=self.d_model, num_layers=self.num_layers, num_heads=self.num_heads, lr=self.lr,
                              warmup_steps=self.warmup_steps, eval_every=self.eval_every,
                              eval_batches=self.eval_batches, sample_every=0, log_every=self.eval_every,

@@ -33,7 +33,7 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-__all__ = ["LossFn", "TrainState", "apply_update", "check_step_arguments", "create_train_state", "jit_train_step",
+__all__ = ["LOSS_WEIGHT", "LossFn", "TrainState", "apply_update", "check_step_arguments", "create_train_state", "jit_train_step",
            "loss_and_grads", "make_train_step", "step_key"]
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -58,6 +58,11 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation, key
         raise ValueError(f"key must be a raw jax.random.PRNGKey (uint32[2]), got {key!r}")
     state = TrainState.create(apply_fn=apply_fn, params=params, tx=optimizer, key=key)
     return state.replace(step=jnp.zeros((), jnp.int32))  # the dtype a jitted step returns
+
+
+LOSS_WEIGHT = "loss_weight"
+"""Metric a loss may report: the number of terms its mean is over; gradient accumulation weighs
+microbatches by it (see :func:`loss_and_grads`)."""
 
 
 def step_key(state: Any) -> jax.Array:
@@ -94,12 +99,15 @@ def _loss_with_metrics(loss_fn: LossFn):
 
 def loss_and_grads(loss_fn: LossFn, params: Any, batch: Any, key: jax.Array,
                    grad_accum: int = 1) -> tuple[jax.Array, dict, Any]:
-    """``(loss, metrics, grads)`` of ``loss_fn`` at ``params``, averaged over ``grad_accum`` microbatches.
+    """``(loss, metrics, grads)`` of ``loss_fn`` at ``params``, accumulated over ``grad_accum`` microbatches.
 
     With ``grad_accum=K`` the batch's leading axis is cut into K equal microbatches, run one after
-    another in a ``lax.scan`` (activation memory of one microbatch), and the loss, metrics and
-    gradients are the means over microbatches: for a loss that is a mean over equal-sized rows this
-    is the gradient of the whole batch.
+    another in a ``lax.scan`` (activation memory of one microbatch). The loss, metrics and gradients
+    are the microbatches' means, weighted by ``metrics[LOSS_WEIGHT]`` when the loss reports it (the
+    number of terms its mean is over, e.g. the LM's unmasked targets): then a loss that is a mean over
+    tokens gets exactly the whole batch's gradient even when microbatches hold different numbers of
+    tokens (packed rows); without it, microbatches weigh equally, exact for a mean over equal-sized
+    rows. The returned ``metrics[LOSS_WEIGHT]`` is the total weight.
     """
     grad_fn = jax.value_and_grad(_loss_with_metrics(loss_fn), has_aux=True)
     if grad_accum == 1:
@@ -110,14 +118,20 @@ def loss_and_grads(loss_fn: LossFn, params: Any, batch: Any, key: jax.Array,
     def body(carry, inputs):
         i, mb = inputs
         (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(key, i))
-        total = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
-        return total, None
+        weight = jnp.asarray(metrics.get(LOSS_WEIGHT, 1.0), jnp.float32)
+        weighted = jax.tree.map(lambda x: x * weight.astype(x.dtype), (loss, metrics, grads))
+        return jax.tree.map(jnp.add, carry, (*weighted, weight)), None
 
     first = jax.tree.map(lambda x: x[0], micro)
     shapes = jax.eval_shape(grad_fn, params, first, key)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][0], shapes[0][1], shapes[1]))
-    (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
-    return jax.tree.map(lambda x: x / grad_accum, (loss, metrics, grads))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         (shapes[0][0], shapes[0][1], shapes[1], jax.ShapeDtypeStruct((), jnp.float32)))
+    (loss, metrics, grads, total), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
+    total_safe = jnp.maximum(total, jnp.finfo(jnp.float32).tiny)
+    loss, metrics, grads = jax.tree.map(lambda x: x / total_safe.astype(x.dtype), (loss, metrics, grads))
+    if LOSS_WEIGHT in metrics:
+        metrics = {**metrics, LOSS_WEIGHT: total}
+    return loss, metrics, grads
 
 
 def apply_update(state: TrainState, grads: Any, optimizer: optax.GradientTransformation,

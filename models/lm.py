@@ -522,10 +522,11 @@ def cross_entropy_sums(logits, targets, mask):
 
 def next_token_loss(logits, targets, mask):
     """Mean cross-entropy over the masked targets (aligned with ``logits``; see :func:`cross_entropy_sums`).
-    Returns ``(loss, {"accuracy", "targets"})``; no targets gives loss 0, not NaN."""
+    Returns ``(loss, {"accuracy", "loss_weight"})``, ``loss_weight`` the number of targets the mean is over
+    (``jaxlab.train_state.LOSS_WEIGHT``: gradient accumulation weighs microbatches by it, so it equals the
+    whole batch's gradient); no targets gives loss 0, not NaN."""
     nll, correct, count = cross_entropy_sums(logits, targets, mask)
-    count = jnp.maximum(count, 1.0)
-    return nll / count, {"accuracy": correct / count, "targets": count}
+    return nll / jnp.maximum(count, 1.0), {"accuracy": correct / jnp.maximum(count, 1.0), "loss_weight": count}
 
 
 def shifted_targets(tokens, segment_ids=None):
@@ -544,4 +545,4 @@ def lm_loss(model: LM, params, tokens, segment_ids=None):
     targets, mask = shifted_targets(tokens, segment_ids)
     ce, metrics = next_token_loss(logits[:, :-1], targets, mask)
     loss = ce + aux["aux_loss"]
-    return loss, {"cross_entropy": ce, "accuracy": metrics["accuracy"], "aux_loss": aux["aux_loss"]}
+    return loss, {"cross_entropy": ce, "aux_loss": aux["aux_loss"], **metrics}

@@ -36,13 +36,19 @@ import numpy as np
 from jaxlab.loop import LoopConfig, fit
 from jaxlab.metrics import to_jsonable
 from jaxlab.models.corpus import PAD_ID, VOCAB_SIZE, PackedIterator, decode, encode, load_corpus
-from jaxlab.models.lm import LM, MIXERS, NO_DECAY_PARAMS, LMConfig, cross_entropy_sums, next_token_loss
+from jaxlab.models.lm import (FFNS, LM, MIXERS, NO_DECAY_PARAMS, LMConfig, cross_entropy_sums, init_params,
+                              next_token_loss, param_logical_axes)
 from jaxlab.models.packing import pack_documents, packing_stats, padded_efficiency
 from jaxlab.models.remat import validate_remat
 from jaxlab.models.sampling import sample
 from jaxlab.optim import OptimizerConfig, lr_schedule, make_optimizer
 from jaxlab.train_state import create_train_state, jit_train_step, make_train_step
-from jaxlab.validation import check_positive
+from jaxlab.parallel.mesh import format_mesh, mesh_from_spec, parse_mesh
+from jaxlab.parallel.rules import check_mesh_for
+from jaxlab.parallel.strategies import STRATEGIES, shard_train_state
+from jaxlab.validation import check, check_choice, check_positive
+
+STRATEGY_NAMES = tuple(STRATEGIES)
 
 __all__ = ["LMTrainConfig", "eval_batches", "make_eval_fn", "make_loss_fn", "sample_text",
            "train_lm"]
@@ -68,6 +74,11 @@ class LMTrainConfig:
     """Residual blocks."""
     num_heads: int = 4
     """Attention heads (attention / sliding / linear mixers)."""
+    ffn: str = "swiglu"
+    """Feed-forward: swiglu | gelu | moe (routed + shared experts; expert parallel on a mesh's expert axis)."""
+    scan_layers: bool = False
+    """Run the blocks as one scan over parameters stacked on a layer axis (faster compiles of deep models;
+    remat per scanned block)."""
     dtype: str = "float32"
     """Compute dtype: float32 or bfloat16 (parameters and optimizer state stay float32)."""
     remat: str = "none"
@@ -110,6 +121,13 @@ class LMTrainConfig:
     """Show a progress bar."""
     skip_nonfinite: bool = False
     """Skip steps with a non-finite loss or gradient (counted in the metrics) instead of stopping the run."""
+    mesh: str | None = None
+    """Device mesh, e.g. "data=4,model=2" (axes data, model, expert, seq; data left out takes the devices
+    the others leave). None: every device on data (plain one-device training on one device)."""
+    strategy: str = "ddp"
+    """How the training state is split over the data axis: ddp | zero1 | zero2 | zero3."""
+    grad_accum: int = 1
+    """Microbatches per step, their gradients summed inside one jitted step (lax.scan)."""
 
     def __post_init__(self):
         if self.mixer not in MIXERS:
@@ -117,6 +135,13 @@ class LMTrainConfig:
         check_positive(self, "steps", "batch_size", "d_model", "num_layers", "num_heads", "eval_every",
                        "eval_batches", "sample_tokens", "log_every", "checkpoint_every")
         check_positive(self, "seq_len", minimum=2)
+        check_positive(self, "grad_accum", integer=True)
+        check_choice(self, "strategy", STRATEGY_NAMES)
+        check_choice(self, "ffn", FFNS)
+        check(self.batch_size % self.grad_accum == 0,
+              f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}")
+        if self.mesh is not None:
+            parse_mesh(self.mesh)
         if self.warmup_steps is not None and not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps!r} must be in [0, steps={self.steps})")
         if self.dtype not in ("float32", "bfloat16"):
@@ -141,8 +166,8 @@ class LMTrainConfig:
     def model_config(self) -> LMConfig:
         max_len = max(self.seq_len, len(encode(self.sample_prompt)) + self.sample_tokens)
         return LMConfig(vocab_size=VOCAB_SIZE, d_model=self.d_model, num_layers=self.num_layers,
-                        num_heads=self.num_heads, mixer=self.mixer, remat=self.remat, max_len=max_len,
-                        dtype=self.dtype, param_dtype="float32")
+                        num_heads=self.num_heads, mixer=self.mixer, ffn=self.ffn, remat=self.remat,
+                        scan_layers=self.scan_layers, max_len=max_len, dtype=self.dtype, param_dtype="float32")
 
 
 def _apply(model: LM, params, batch):
@@ -206,6 +231,27 @@ def _log(message: str) -> None:
     tqdm.write(message)
 
 
+def _sharded(cfg: LMTrainConfig, mesh, model: LM, state, tx, schedule):
+    """The state laid out on ``mesh`` by ``cfg.strategy`` and the sharded spine step (tensor, expert and
+    context parallel from the model's logical axes, ZeRO over ``data``); the mesh is checked against the
+    model and the batch before anything compiles."""
+    axes = param_logical_axes(model)
+    rows = cfg.batch_size // cfg.grad_accum
+    check_mesh_for(mesh, params=state.params, param_axes=axes,
+                   batch={"inputs": jax.ShapeDtypeStruct((rows, cfg.seq_len), jnp.int32)})
+    _log(f"mesh: {format_mesh(mesh)} ({mesh.size} devices), strategy {cfg.strategy}, grad_accum {cfg.grad_accum}")
+    state = shard_train_state(state, mesh, cfg.strategy, param_axes=axes)
+    step = make_train_step(make_loss_fn(model), tx, mesh=mesh, strategy=cfg.strategy, param_axes=axes,
+                           grad_accum=cfg.grad_accum)
+
+    def train_step(state, batch, key):
+        lr = schedule(state.step)
+        state, metrics = step(state, batch, key)
+        return state, {**metrics, "lr": lr}
+
+    return state, train_step
+
+
 def train_lm(cfg: LMTrainConfig, out_dir: str | pathlib.Path) -> dict:
     """Train (or resume) under ``out_dir`` (checkpoints/, metrics.jsonl, samples.jsonl, config.json);
     returns a summary dict (final validation loss/bpb, step, packing efficiency, timing)."""
@@ -225,16 +271,22 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | pathlib.Path) -> dict:
     opt_cfg = cfg.optimizer_config()
     tx, schedule = make_optimizer(opt_cfg, no_decay=NO_DECAY_PARAMS), lr_schedule(opt_cfg)
     dummy = jnp.zeros((1, cfg.seq_len), jnp.int32)
-    params = jax.jit(model.init)(jax.random.fold_in(key, 0), dummy)["params"]
+    params = init_params(model, jax.random.fold_in(key, 0), dummy)
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     _log(f"model: {cfg.mixer}, {cfg.num_layers} layers, d_model={cfg.d_model}, {num_params:,} parameters")
     state = create_train_state(params, tx, jax.random.fold_in(key, 1))
-    base_step = make_train_step(make_loss_fn(model), tx)
+    mesh = mesh_from_spec(cfg.mesh)
+    if mesh.size == 1:  # one device: the plain jitted step
+        base_step = make_train_step(make_loss_fn(model), tx, grad_accum=cfg.grad_accum)
 
-    def train_step(state, batch, key):
-        lr = schedule(state.step)
-        state, metrics = base_step(state, batch, key)
-        return state, {**metrics, "lr": lr}
+        def train_step(state, batch, key):
+            lr = schedule(state.step)
+            state, metrics = base_step(state, batch, key)
+            return state, {**metrics, "lr": lr}
+
+        train_step = jit_train_step(train_step)
+    else:
+        state, train_step = _sharded(cfg, mesh, model, state, tx, schedule)
 
     val = eval_batches(corpus.validation, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
     evaluate = make_eval_fn(model, val)
@@ -258,7 +310,7 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | pathlib.Path) -> dict:
     loop = LoopConfig(num_steps=cfg.steps, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                       resume=cfg.resume, progress=cfg.progress, skip_nonfinite=cfg.skip_nonfinite)
     start = time.perf_counter()
-    result = fit(jit_train_step(train_step), state, data, loop, out_dir, eval_fn=eval_fn,
+    result = fit(train_step, state, data, loop, out_dir, eval_fn=eval_fn,
                  eval_every=cfg.eval_every, on_step=on_step)
     elapsed = time.perf_counter() - start
     if result.resumed_from is not None:

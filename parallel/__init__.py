@@ -12,7 +12,7 @@ param_axes=param_axes)``.
 
 from jaxlab.parallel.collectives import ring_allreduce
 from jaxlab.parallel.memory import memory_report, zero_memory_bytes
-from jaxlab.parallel.mesh import make_mesh, shard_batch
+from jaxlab.parallel.mesh import make_mesh, mesh_from_spec, parse_mesh, shard_batch
 from jaxlab.parallel.rules import LOGICAL_AXIS_RULES, check_mesh_for, logical_to_mesh_specs, rules_for_mesh
 from jaxlab.parallel.strategies import shard_train_state
 from jaxlab.parallel.train_step import TrainStep, sharded_train_step
@@ -24,6 +24,8 @@ __all__ = [
     "logical_to_mesh_specs",
     "make_mesh",
     "memory_report",
+    "mesh_from_spec",
+    "parse_mesh",
     "ring_allreduce",
     "rules_for_mesh",
     "shard_batch",

@@ -1,9 +1,10 @@
-"""Device meshes and batch placement for data-parallel training.
+"""Device meshes and batch placement.
 
-A mesh names the devices' axes. Every strategy in ``jaxlab.parallel`` splits the batch and
-(for ZeRO) the training state over the ``data`` axis; an optional ``model`` axis shards the
-last dimension of every matrix (column-parallel, Megatron-style) and is left to the XLA SPMD
-partitioner (GSPMD/Shardy) to turn into collectives.
+A mesh names the devices' axes: ``data`` (the batch and, under ZeRO, the training state), and
+optionally ``model`` (tensor parallel), ``expert`` (expert parallel) and ``seq`` (context
+parallel). Which dimension of which array lives on which axis is decided by the logical-axis
+rules of ``jaxlab.parallel.rules``; the XLA SPMD partitioner (GSPMD/Shardy) turns the layouts
+into collectives.
 
 Axis types. ``jax.make_mesh`` defaults to ``AxisType.Explicit`` axes, where shardings are part
 of array types and every op must have an unambiguous output sharding. The strategies here are
@@ -14,11 +15,13 @@ partitioner propagates shardings through the user's code) is for. Hence ``make_m
 
     mesh = make_mesh(data=8)              # 1-D: {'data': 8}
     mesh = make_mesh(data=2, model=4)     # 2-D: {'data': 2, 'model': 4}
+    mesh = mesh_from_spec("data=2,model=2,seq=2")   # what the trainers' --mesh takes
     batch = shard_batch(batch, mesh)      # leading axis B split over 'data'
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,12 +32,18 @@ from jax.sharding import PartitionSpec as P
 
 __all__ = [
     "DATA",
+    "EXPERT",
+    "MESH_AXES",
     "MODEL",
+    "SEQ",
     "batch_sharding",
     "check_batch",
     "data_size",
+    "format_mesh",
     "make_mesh",
+    "mesh_from_spec",
     "model_size",
+    "parse_mesh",
     "replicated",
     "shard_batch",
 ]
@@ -42,42 +51,90 @@ __all__ = [
 DATA = "data"
 """Mesh axis over which the batch (and, under ZeRO, the training state) is split."""
 MODEL = "model"
-"""Optional mesh axis over which the last dimension of every matrix is split."""
+"""Tensor-parallel axis: attention heads, MLP hidden units and the vocabulary split over it
+(``jaxlab.parallel.rules``)."""
+EXPERT = "expert"
+"""Expert-parallel axis: the MoE's experts split over it, tokens exchanged with all-to-all."""
+SEQ = "seq"
+"""Context-parallel axis: the sequence split over it, attention as ring attention."""
+MESH_AXES = (DATA, MODEL, EXPERT, SEQ)
+"""Every mesh axis, in mesh order."""
 
 
-def make_mesh(data: int | None = None, model: int = 1, *,
+def make_mesh(data: int | None = None, model: int = 1, expert: int = 1, seq: int = 1, *,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with a ``data`` axis and, when ``model > 1``, a ``model`` axis.
+    """A mesh with a ``data`` axis and each of ``model``, ``expert``, ``seq`` whose size is > 1, in that order.
 
     Args:
-      data: size of the data axis; ``None`` uses every device left after ``model``.
-      model: size of the model axis (1 means no model axis).
+      data: size of the data axis; ``None`` uses every device left after the other axes.
+      model: tensor-parallel axis size (1 means no ``model`` axis).
+      expert: expert-parallel axis size (1 means no ``expert`` axis).
+      seq: context-parallel axis size (1 means no ``seq`` axis).
       devices: devices to use (default ``jax.devices()``, all processes' devices). A mesh
-        smaller than the device list takes its first ``data * model`` devices, so
-        ``make_mesh(data=2)`` on 8 devices is a sub-mesh of devices 0 and 1.
+        smaller than the device list takes its first devices, so ``make_mesh(data=2)`` on 8
+        devices is a sub-mesh of devices 0 and 1.
 
     Raises:
-      ValueError: non-positive sizes, or a mesh larger than the available devices.
+      ValueError: non-positive sizes, or a mesh larger than (or, with ``data=None``, not dividing)
+        the available devices.
     """
     devices = list(jax.devices() if devices is None else devices)
-    if not isinstance(model, int) or model < 1:
-        raise ValueError(f"model={model!r} must be a positive int")
+    others = {MODEL: model, EXPERT: expert, SEQ: seq}
+    for name, size in others.items():
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{name}={size!r} must be a positive int")
+    rest = math.prod(others.values())
     if data is None:
-        if len(devices) % model:
-            raise ValueError(f"model={model} does not divide the {len(devices)} available devices; "
-                             "pass data= explicitly")
-        data = len(devices) // model
-    if not isinstance(data, int) or data < 1:
+        if len(devices) % rest:
+            raise ValueError(f"{' x '.join(f'{k}={v}' for k, v in others.items() if v > 1)} does not divide the "
+                             f"{len(devices)} available devices; pass data= explicitly")
+        data = len(devices) // rest
+    if isinstance(data, bool) or not isinstance(data, int) or data < 1:
         raise ValueError(f"data={data!r} must be a positive int")
-    needed = data * model
+    axes = {DATA: data, **{k: v for k, v in others.items() if v > 1}}
+    needed = math.prod(axes.values())
     if needed > len(devices):
-        raise ValueError(f"a mesh of data={data} x model={model} needs {needed} devices but only "
-                         f"{len(devices)} are available (jax.device_count()={jax.device_count()}); "
-                         "on CPU, simulate more with XLA_FLAGS=--xla_force_host_platform_device_count=N "
-                         "set before JAX starts")
-    shape, names = ((data,), (DATA,)) if model == 1 else ((data, model), (DATA, MODEL))
-    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape),
+        raise ValueError(f"a mesh of {format_mesh(axes)} needs {needed} devices but only {len(devices)} are "
+                         f"available (jax.device_count()={jax.device_count()}); on CPU, simulate more with "
+                         "XLA_FLAGS=--xla_force_host_platform_device_count=N set before JAX starts")
+    return jax.make_mesh(tuple(axes.values()), tuple(axes), axis_types=(AxisType.Auto,) * len(axes),
                          devices=devices[:needed])
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """``"data=4,model=2"`` -> ``{"data": 4, "model": 2}``: axis names from ``MESH_AXES``, each once, sizes >= 1.
+
+    Raises:
+      ValueError: an unknown or repeated axis, a malformed entry or a size that is not a positive int.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"mesh={spec!r} must look like 'data=4,model=2' (axes {MESH_AXES})")
+    axes: dict[str, int] = {}
+    for entry in spec.split(","):
+        name, sep, size = (part.strip() for part in entry.partition("="))
+        if not sep:
+            raise ValueError(f"mesh={spec!r}: entry {entry!r} must be AXIS=SIZE (axes {MESH_AXES})")
+        if name not in MESH_AXES:
+            raise ValueError(f"mesh={spec!r}: unknown axis {name!r}; the axes are {MESH_AXES}")
+        if name in axes:
+            raise ValueError(f"mesh={spec!r}: axis {name!r} given twice")
+        if not size.isdigit() or int(size) < 1:
+            raise ValueError(f"mesh={spec!r}: {name}={size!r} must be a positive int")
+        axes[name] = int(size)
+    return axes
+
+
+def mesh_from_spec(spec: str | None, *, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh a trainer's ``--mesh`` names (``None``: every device on ``data``); ``data`` left out takes
+    the devices the other axes leave."""
+    axes = {} if spec is None else parse_mesh(spec)
+    return make_mesh(axes.get(DATA), axes.get(MODEL, 1), axes.get(EXPERT, 1), axes.get(SEQ, 1), devices=devices)
+
+
+def format_mesh(axes: dict[str, int] | Mesh) -> str:
+    """``{"data": 4, "model": 2}`` (or a mesh) -> ``"data=4,model=2"``."""
+    shape = dict(axes.shape) if isinstance(axes, Mesh) else axes
+    return ",".join(f"{k}={v}" for k, v in shape.items())
 
 
 def data_size(mesh: Mesh) -> int:

@@ -42,6 +42,8 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jaxlab.parallel.mesh import MESH_AXES
+
 __all__ = [
     "BATCH_AXES",
     "LOGICAL_AXIS_RULES",
@@ -68,8 +70,6 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
 )
 """``(logical name, mesh axis or None)`` pairs: where every named dimension of the models lives."""
 
-MESH_AXES = ("data", "model", "expert", "seq")
-"""The mesh axes the rules map to; a mesh has ``data`` and any of the others."""
 
 BATCH_AXES = ("batch", "length")
 """Logical names of a batch leaf's leading dimensions: rows, then (rank >= 2) positions."""

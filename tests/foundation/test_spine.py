@@ -10,7 +10,7 @@ import pytest
 from jaxlab.loop import ArrayIterator, LoopConfig, NonFiniteError, fit
 from jaxlab.metrics import MetricsWriter
 from jaxlab.optim import OptimizerConfig, decay_mask, lr_schedule, make_optimizer
-from jaxlab.train_state import create_train_state, jit_train_step, make_train_step, step_key
+from jaxlab.train_state import LOSS_WEIGHT, create_train_state, jit_train_step, make_train_step, step_key
 
 
 def _regression(n=64):
@@ -52,6 +52,27 @@ def test_grad_accum_equals_one_big_batch():
         make_train_step(quiet, TX, grad_accum=0)
     with pytest.raises(ValueError, match="need a mesh"):
         make_train_step(quiet, TX, strategy="zero1")
+
+
+def test_grad_accum_weighs_microbatches_by_the_loss_weight():
+    """A mean over masked terms whose microbatches hold 1, 1, 2 and 2 unmasked rows: weighted by the
+    reported ``loss_weight`` the accumulated loss and gradient are the whole batch's (equal weights would
+    give the mean of the four means instead)."""
+    x, y = _regression(8)
+    mask = np.array([1, 0, 0, 1, 1, 1, 1, 1], np.float32)
+    state = _state(TX)
+
+    def masked(params, batch, key):
+        x, y, m = batch
+        count = jnp.sum(m)
+        return jnp.sum(m * (x @ params["w"] + params["b"] - y) ** 2) / count, {LOSS_WEIGHT: count}
+
+    one, m1 = jax.jit(make_train_step(masked, TX))(state, (x, y, mask), step_key(state))
+    four, m4 = jax.jit(make_train_step(masked, TX, grad_accum=4))(state, (x, y, mask), step_key(state))
+    assert [mask[i:i + 2].sum() for i in range(0, 8, 2)] == [1, 1, 2, 2] and float(m4[LOSS_WEIGHT]) == 6
+    np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), one.params, four.params)
 
 
 def test_nonfinite_step_keeps_state_and_flags_it():
