@@ -61,17 +61,23 @@ class MetricsWriter:
         (``pip install jaxlab[tensorboard]``).
       keep_through: drop the file's records of later steps first (a run resumed from the checkpoint of
         step ``keep_through`` rewrites what it logged after that checkpoint; 0 starts the file afresh).
+
+    In a multi-process run (``jaxlab launch``) only process 0 writes; the others' writes are no-ops, so
+    the file holds each step once.
     """
 
     def __init__(self, path: str | pathlib.Path, *, tensorboard_dir: str | pathlib.Path | None = None,
                  keep_through: int | None = None):
         self.path = pathlib.Path(path)
+        self.enabled = jax.process_index() == 0
+        self._file = self._tb = None
+        if not self.enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if keep_through is not None and self.path.exists():
             kept = [r for r in self.read(self.path) if int(r.get("step", 0)) <= keep_through]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         self._file = self.path.open("a", encoding="utf-8")
-        self._tb = None
         if tensorboard_dir is not None:
             try:
                 from tensorboardX import SummaryWriter
@@ -81,6 +87,8 @@ class MetricsWriter:
             self._tb = SummaryWriter(str(tensorboard_dir))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         values = to_jsonable(jax.device_get(metrics))
         record = {"step": int(step), "time": time.time(), **values}
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
@@ -91,7 +99,8 @@ class MetricsWriter:
                     self._tb.add_scalar(name, value, int(step))
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 

@@ -226,6 +226,9 @@ def sample_text(model: LM, params, prompt: str, max_new_tokens: int, key: jax.Ar
 
 
 def _log(message: str) -> None:
+    """Print a progress message (process 0 only in a multi-process run)."""
+    if jax.process_index():
+        return
     from tqdm.auto import tqdm
 
     tqdm.write(message)
@@ -296,7 +299,9 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | pathlib.Path) -> dict:
         last_eval.update(evaluate(state.params))
         return dict(last_eval)
 
-    (out_dir / "config.json").write_text(json.dumps(to_jsonable(cfg), indent=2))
+    primary = jax.process_index() == 0  # the one process that writes files in a multi-process run
+    if primary:
+        (out_dir / "config.json").write_text(json.dumps(to_jsonable(cfg), indent=2))
     samples_path = out_dir / "samples.jsonl"
 
     def on_step(step, state, metrics):
@@ -304,8 +309,9 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | pathlib.Path) -> dict:
             text = sample_text(model, state.params, cfg.sample_prompt, cfg.sample_tokens,
                                jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), step), cfg.temperature)
             _log(f"--- sample at step {step} ---\n{text}\n---")
-            with samples_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, "text": text}) + "\n")
+            if primary:
+                with samples_path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": step, "text": text}) + "\n")
 
     loop = LoopConfig(num_steps=cfg.steps, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                       resume=cfg.resume, progress=cfg.progress, skip_nonfinite=cfg.skip_nonfinite)
@@ -322,7 +328,8 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | pathlib.Path) -> dict:
                "val_loss": last_eval.get("loss"), "val_bpb": last_eval.get("bpb"), "num_params": num_params,
                "skipped_nonfinite": result.skipped_nonfinite, "packing_efficiency": packed, "padded_efficiency": padded, "seconds": elapsed,
                "train_documents": len(corpus.train), "skipped": corpus.skipped}
-    (out_dir / "summary.json").write_text(json.dumps(to_jsonable(summary), indent=2))
+    if primary:
+        (out_dir / "summary.json").write_text(json.dumps(to_jsonable(summary), indent=2))
     if summary["val_bpb"] is not None:
         _log(f"step {step}: validation loss {summary['val_loss']:.4f} nats, {summary['val_bpb']:.4f} bits/byte")
     return summary

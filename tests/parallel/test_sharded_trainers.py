@@ -1,5 +1,6 @@
 """`jaxlab train lm` on a mesh: the same losses as one device, resumed onto another mesh and strategy,
-gradient accumulation, the MoE on an expert axis, and clear errors for meshes that do not fit.
+gradient accumulation, the MoE on an expert axis, two processes launched with `jaxlab launch`, and clear
+errors for meshes that do not fit.
 
 Tolerance: losses rtol 1e-5 over 8 AdamW steps (the meshes sum in other orders than one device).
 """
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxlab.models.lm_training import LMTrainConfig, train_lm
+from jaxlab.parallel import launch
 
 STEPS = 8
 TINY = LMTrainConfig(steps=STEPS, batch_size=8, seq_len=32, d_model=32, num_layers=2, num_heads=4, warmup_steps=2,
@@ -85,3 +87,30 @@ def test_bad_meshes_fail_before_training(corpus, tmp_path, fields, message):
     with pytest.raises(ValueError, match=message):
         _train(corpus, tmp_path / "bad", **fields)
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_two_process_launch_trains_resumes_and_matches_one_process(corpus, tmp_path):
+    """`jaxlab launch --nproc 2 -- train lm --mesh data=2`: two processes (one CPU device each) joined by
+    jax.distributed write one run folder (metrics once, one checkpoint per step), resume after the
+    step-8 checkpoint is lost, and log the losses of one process with two devices."""
+    fields = dict(TINY.__dict__, data=str(corpus), mesh="data=2")
+    flags = []
+    for name, value in fields.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif value is not None:
+            flags += [flag, str(value)]
+    out = tmp_path / "launched"
+    argv = ["--nproc", "2", "--cpu-devices", "1", "--", "train", "lm", "--out", str(out), *flags]
+    assert launch.main(argv) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "8"]
+    shutil.rmtree(out / "checkpoints" / str(STEPS))
+    assert launch.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] == 4 and summary["step"] == STEPS
+    _, one_process = _train(corpus, tmp_path / "one", mesh="data=2")
+    launched = _losses(out)
+    assert len(launched) == STEPS  # process 1 wrote nothing
+    np.testing.assert_allclose(launched, one_process, rtol=1e-6)
