@@ -12,7 +12,8 @@ CITATIONS = ("DeepSeek-AI 2025, DeepSeek-R1 (arXiv:2501.12948); Shao et al. 2024
 
 
 def run_config(cfg, method: str, **overrides) -> PostTrainConfig:
-    """A :class:`PostTrainConfig` for ``method`` from an experiment config's shared fields."""
+    """A :class:`PostTrainConfig` for ``method`` from an experiment config's shared fields, on one device
+    whatever the machine has (the figures compare methods on the same program)."""
     fields = {f.name for f in dataclasses.fields(PostTrainConfig)}
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in fields}
-    return PostTrainConfig(**{**shared, "method": method, "progress": False, **overrides})
+    return PostTrainConfig(**{"mesh": "data=1", **shared, "method": method, "progress": False, **overrides})

@@ -124,7 +124,10 @@ def grpo_advantages(rewards: jax.Array, group_size: int, scale: bool = True) -> 
     near-impossible prompts). A group of identical rewards gets zero advantages. Returns [N * G].
     """
     r = _grouped(jnp.asarray(rewards, jnp.float32), group_size, "rewards")  # [N, G]
-    centred = r - jnp.mean(r, axis=1, keepdims=True)
+    # A group of equal rewards has no signal: exactly zero, not the rounding of r - mean(r) (a reduction
+    # order other than one device's leaves an ulp there, which the std division would blow up to ~1e-2).
+    tied = jnp.max(r, axis=1, keepdims=True) == jnp.min(r, axis=1, keepdims=True)
+    centred = jnp.where(tied, 0.0, r - jnp.mean(r, axis=1, keepdims=True))
     if scale:
         var = jnp.mean(jnp.square(centred), axis=1, keepdims=True)  # population variance (ddof = 0)
         std = jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1.0)), 0.0)  # no NaN gradient at var = 0

@@ -37,7 +37,7 @@ import numpy as np
 
 from jaxlab.loop import ArrayIterator, DataIterator, LoopConfig, fit
 from jaxlab.metrics import to_jsonable
-from jaxlab.models.lm import LM, LMConfig
+from jaxlab.models.lm import LM, LMConfig, init_params
 from jaxlab.models.sampling import response_logprobs, sample
 from jaxlab.optim import OptimizerConfig, make_optimizer
 from jaxlab.rl.llm.dpo import make_dpo_step, preference_pairs
@@ -48,7 +48,9 @@ from jaxlab.rl.llm.reward_model import init_reward_params, make_reward_model_ste
 from jaxlab.rl.llm.sft import make_sft_step
 from jaxlab.rl.llm.task import EOS, PAD, TASKS, VOCAB_SIZE, Task, format_ok, is_correct, response_lengths
 from jaxlab.train_state import create_train_state
-from jaxlab.validation import check_greater, check_positive
+from jaxlab.parallel.mesh import format_mesh, mesh_from_spec, parse_mesh, replicated, shard_batch
+from jaxlab.parallel.strategies import STRATEGIES, shard_train_state, state_shardings
+from jaxlab.validation import check_choice, check_greater, check_positive
 from jaxlab.xla_options import FAST_COMPILE
 
 __all__ = ["METHODS", "PostTrainConfig", "ProblemIterator", "WithFrozen", "evaluate_policy", "posttrain",
@@ -135,6 +137,11 @@ class PostTrainConfig:
     progress: bool = True
     skip_nonfinite: bool = False
     """Skip steps with a non-finite loss or gradient (counted in the metrics) instead of stopping the run."""
+    mesh: str | None = None
+    """Device mesh of the data-parallel stages, "data=N" (None: every device). Each step's batch rows are
+    split over the devices; the frozen reference and reward model are replicated."""
+    strategy: str = "ddp"
+    """How the trained state is split over the data axis: ddp | zero1 | zero2 | zero3."""
 
     def __post_init__(self):
         choices = {"method": METHODS, "task": TASKS, "aggregation": AGGREGATIONS, "dpo_loss": DPO_LOSSES}
@@ -158,6 +165,10 @@ class PostTrainConfig:
         if self.response_len < self.task_spec.answer_len:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} is shorter than the longest answer "
                              f"({self.task_spec.answer_len} tokens with EOS)")
+        check_choice(self, "strategy", tuple(STRATEGIES))
+        if self.mesh is not None and set(parse_mesh(self.mesh)) - {"data"}:
+            raise ValueError(f"mesh={self.mesh!r}: post-training stages run data parallel; only the data axis "
+                             "(e.g. 'data=4') is supported")
         self.model_config()  # validates d_model vs num_heads
 
     # ---- derived values -------------------------------------------------------------------------
@@ -244,14 +255,59 @@ def stage_optimizer_config(lr: float) -> OptimizerConfig:
 _optimizer = functools.lru_cache(maxsize=16)(make_optimizer)
 
 
-@functools.lru_cache(maxsize=16)
-def _jit_step(kind: str, model_cfg: LMConfig, task: Task, spec, opt_cfg: OptimizerConfig):
+def _build_step(kind: str, model_cfg: LMConfig, task: Task, spec, opt_cfg: OptimizerConfig):
     model, tx = LM(model_cfg), _optimizer(opt_cfg)
     build = {"sft": lambda: make_sft_step(model, tx), "grpo": lambda: make_grpo_step(model, task, spec, tx),
              "ppo-rlhf": lambda: make_ppo_rlhf_step(model, task, spec, tx),
              "dpo": lambda: make_dpo_step(model, tx, task.prompt_len, *spec),
              "reward_model": lambda: make_reward_model_step(model, tx)}[kind]
-    return jax.jit(build(), donate_argnums=0, compiler_options=FAST_COMPILE)
+    return build()
+
+
+@functools.lru_cache(maxsize=16)
+def _jit_step(kind: str, model_cfg: LMConfig, task: Task, spec, opt_cfg: OptimizerConfig):
+    return jax.jit(_build_step(kind, model_cfg, task, spec, opt_cfg), donate_argnums=0,
+                   compiler_options=FAST_COMPILE)
+
+
+class _OnMesh:
+    """A data iterator whose batches are placed on ``mesh``: row arrays split over ``data``, the frozen
+    parameters (``frozen`` keys) replicated."""
+
+    def __init__(self, data: DataIterator, mesh, frozen: tuple[str, ...] = ("ref_params", "reward_params")):
+        self.data, self.mesh, self.frozen = data, mesh, frozen
+        self._placed: dict[str, tuple[int, object]] = {}  # frozen parameters are placed once
+
+    def __iter__(self):
+        return self
+
+    def _replicated(self, name: str, value):
+        if name not in self._placed or self._placed[name][0] != id(value):
+            self._placed[name] = (id(value), jax.device_put(value, replicated(self.mesh)))
+        return self._placed[name][1]
+
+    def __next__(self) -> dict:
+        batch = next(self.data)
+        rows = {k: v for k, v in batch.items() if k not in self.frozen}
+        frozen = {k: self._replicated(k, v) for k, v in batch.items() if k in self.frozen}
+        return {**shard_batch(rows, self.mesh), **frozen}
+
+    def get_state(self) -> dict:
+        return self.data.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.data.set_state(state)
+
+
+def _mesh_stage(kind: str, model_cfg: LMConfig, task: Task, spec, opt_cfg: OptimizerConfig, state, mesh,
+                strategy: str):
+    """A stage's state laid out on ``mesh`` by ``strategy`` (ZeRO over ``data``) and its step compiled to keep
+    that layout; the partitioner splits the work by the batch rows."""
+    state = shard_train_state(state, mesh, strategy)
+    shardings = state_shardings(state, mesh, strategy)
+    step = jax.jit(_build_step(kind, model_cfg, task, spec, opt_cfg), donate_argnums=0,
+                   out_shardings=(shardings, replicated(mesh)), compiler_options=FAST_COMPILE)
+    return state, step
 
 
 @functools.lru_cache(maxsize=16)
@@ -289,6 +345,13 @@ def _log(message: str) -> None:
     tqdm.write(message)
 
 
+def _local(tree):
+    """Arrays of a (possibly mesh-sharded) stage result as one-device arrays: the frozen parameters and
+    starting points of later stages."""
+    spread = any(len(x.sharding.device_set) > 1 for x in jax.tree.leaves(tree) if isinstance(x, jax.Array))
+    return jax.device_put(tree, jax.devices()[0]) if spread else tree
+
+
 def _copy(tree):
     """Fresh buffers (a stage's state is donated to its step; the reference must survive)."""
     return jax.tree.map(jnp.copy, tree)
@@ -319,11 +382,23 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
     eval_prompts, eval_answers = task.sample(stream(_EVAL), cfg.eval_problems)
     eval_key = jax.random.fold_in(stream(_EVAL), 1)
 
+    mesh = mesh_from_spec(cfg.mesh)
+    if mesh.size > 1:
+        _log(f"mesh: {format_mesh(mesh)}, strategy {cfg.strategy}")
+
+    def stage(kind, spec, opt, state):
+        """The stage's (state, step): on one device the cached jitted step, else laid out on the mesh."""
+        if mesh.size == 1:
+            return state, _jit_step(kind, model_cfg, task, spec, opt)
+        return _mesh_stage(kind, model_cfg, task, spec, opt, state, mesh, cfg.strategy)
+
     def run_stage(name, train_step, state, data, steps, ref=None):
+        if mesh.size > 1:
+            data = _OnMesh(data, mesh)
         loop = LoopConfig(num_steps=steps, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                           resume=cfg.resume, progress=cfg.progress, skip_nonfinite=cfg.skip_nonfinite)
         eval_fn = None if ref is None else (lambda s: evaluate_policy(
-            model, s.params["policy"] if name == "ppo-rlhf" else s.params, ref, eval_prompts, eval_answers,
+            model, _local(s.params["policy"] if name == "ppo-rlhf" else s.params), ref, eval_prompts, eval_answers,
             eval_key, cfg.response_len))
         result = fit(train_step, state, data, loop, out_dir / name, eval_fn=eval_fn, eval_every=cfg.eval_every)
         if result.resumed_from is not None:
@@ -331,13 +406,13 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
         return result
 
     # Stage 1: supervised warm start (shared by every method run in this folder; none with sft_steps=0).
-    init = jax.jit(model.init)(stream(_INIT), eval_prompts[:1])["params"]
+    init = init_params(model, stream(_INIT), eval_prompts[:1])
     if cfg.sft_steps:
         opt = stage_optimizer_config(cfg.sft_lr)
-        sft = run_stage("sft", _jit_step("sft", model_cfg, task, None, opt),
-                        create_train_state(init, _optimizer(opt), stream(_SFT_KEY)),
-                        ProblemIterator(task, cfg.sft_batch_size, stream(_SFT_DATA)), cfg.sft_steps)
-        ref, resumed_from, preempted = sft.state.params, sft.resumed_from, sft.preempted
+        state, step = stage("sft", None, opt, create_train_state(init, _optimizer(opt), stream(_SFT_KEY)))
+        sft = run_stage("sft", step, state, ProblemIterator(task, cfg.sft_batch_size, stream(_SFT_DATA)),
+                        cfg.sft_steps)
+        ref, resumed_from, preempted = _local(sft.state.params), sft.resumed_from, sft.preempted
     else:
         ref, resumed_from, preempted = init, None, False
     sft_eval = evaluate_policy(model, ref, ref, eval_prompts, eval_answers, eval_key, cfg.response_len)
@@ -348,14 +423,14 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
     def new_stage(params, lr: float, kind: str, spec=None):
         """A method stage's fresh state and its jitted step."""
         opt = stage_optimizer_config(lr)
-        return create_train_state(params, _optimizer(opt), stream(_RL_KEY)), _jit_step(kind, model_cfg, task, spec,
-                                                                                        opt)
+        return stage(kind, spec, opt, create_train_state(params, _optimizer(opt), stream(_RL_KEY)))
 
     if cfg.method == "grpo" and not preempted:
         state, step = new_stage(_copy(ref), cfg.lr, "grpo", cfg.grpo_spec())
         result = run_stage("grpo", step, state, WithFrozen(ProblemIterator(task, cfg.batch_size, stream(_RL_DATA)),
                                                            ref_params=ref), cfg.steps, ref)
-        final_params, preempted, summary["resumed_from"] = result.state.params, result.preempted, result.resumed_from
+        final_params, preempted, summary["resumed_from"] = (_local(result.state.params), result.preempted,
+                                                            result.resumed_from)
     elif cfg.method in ("dpo", "ppo-rlhf") and not preempted:
         all_pairs = cfg.method == "ppo-rlhf" and cfg.rm_all_pairs
         pairs = preference_pairs(model, ref, task, stream(_PAIRS), cfg.pair_prompts, cfg.group_size,
@@ -369,15 +444,14 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
         if cfg.method == "dpo":
             state, step = new_stage(_copy(ref), cfg.dpo_lr, "dpo", (cfg.dpo_beta, cfg.dpo_loss, cfg.dpo_nll_coef))
             result = run_stage("dpo", step, state, data, cfg.steps, ref)
-            final_params = result.state.params
+            final_params = _local(result.state.params)
         else:
             opt = stage_optimizer_config(cfg.rm_lr)
-            rm_state = create_train_state(init_reward_params(_copy(ref), cfg.d_model), _optimizer(opt),
-                                          stream(_RM_KEY))
+            rm_state, rm_step = stage("reward_model", None, opt, create_train_state(
+                init_reward_params(_copy(ref), cfg.d_model), _optimizer(opt), stream(_RM_KEY)))
             rm_batch = cfg.batch_size if cfg.rm_batch_size is None else min(cfg.rm_batch_size, summary["pairs"])
             rm_data = ArrayIterator(pairs, rm_batch, seed=cfg.seed)
-            rm = run_stage("reward_model", _jit_step("reward_model", model_cfg, task, None, opt), rm_state, rm_data,
-                           cfg.rm_steps)
+            rm = run_stage("reward_model", rm_step, rm_state, rm_data, cfg.rm_steps)
             # How well the learned reward tracks the verifier it stands for: pairs of fresh prompts that no
             # training pair shares.
             heldout = preference_pairs(model, ref, task, stream(_RM_EVAL), cfg.eval_problems, cfg.group_size,
@@ -386,17 +460,17 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
             fresh = np.array([p.tobytes() not in seen for p in heldout["chosen"][:, :task.prompt_len]], bool)
             heldout = {k: v[fresh] for k, v in heldout.items()}
             summary["reward_model"] = {"train_pairs": summary["pairs"], "heldout_pairs": int(len(heldout["chosen"])),
-                                       "heldout_accuracy": pair_accuracy(model, rm.state.params, heldout)
+                                       "heldout_accuracy": pair_accuracy(model, _local(rm.state.params), heldout)
                                        if len(heldout["chosen"]) else None}
             if summary["reward_model"]["heldout_accuracy"] is not None:
                 _log(f"reward model: {summary['reward_model']['heldout_accuracy']:.3f} accuracy on "
                      f"{summary['reward_model']['heldout_pairs']} held-out pairs")
-            state, step = new_stage({"policy": _copy(ref), "value": _copy(rm.state.params)}, cfg.lr, "ppo-rlhf",
+            state, step = new_stage({"policy": _copy(ref), "value": _copy(_local(rm.state.params))}, cfg.lr, "ppo-rlhf",
                                 cfg.ppo_spec())
             data = WithFrozen(ProblemIterator(task, cfg.batch_size, stream(_RL_DATA)), ref_params=ref,
-                              reward_params=rm.state.params)
+                              reward_params=_local(rm.state.params))
             result = run_stage("ppo-rlhf", step, state, data, cfg.steps, ref)
-            final_params = result.state.params["policy"]
+            final_params = _local(result.state.params["policy"])
         preempted, summary["resumed_from"] = result.preempted, result.resumed_from
 
     final = sft_eval if cfg.method == "sft" else evaluate_policy(model, final_params, ref, eval_prompts,

@@ -160,3 +160,13 @@ def test_reward_model_and_value_losses():
     assert np.all(white[np.asarray(mask) == 0] == 0)
     targets = jnp.zeros_like(x)
     np.testing.assert_allclose(masked_value_loss(x, targets, x, mask), 0.5 * np.mean(valid**2), rtol=1e-6)
+
+
+def test_grpo_advantages_of_a_tied_group_are_exactly_zero():
+    """Seven rewards of 0.1: fp32's mean is an ulp off 0.1, and dividing that residue by its own tiny std
+    would give advantages of -0.0074 instead of 0 (a group with no signal must not move the policy)."""
+    rewards = jnp.concatenate([jnp.full(7, 0.1, jnp.float32), jnp.arange(7, dtype=jnp.float32)])
+    adv = grpo_advantages(rewards, 7)
+    assert np.all(np.asarray(adv[:7]) == 0.0)
+    np.testing.assert_allclose(np.asarray(adv[7:]), (np.arange(7) - 3) / (2 + 1e-6), rtol=1e-6, atol=1e-6)
+    assert np.all(np.asarray(grpo_advantages(rewards, 7, scale=False)[:7]) == 0.0)
