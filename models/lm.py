@@ -51,7 +51,6 @@ from jaxlab.models.moe import DISPATCH, GATES, MoE
 from jaxlab.models.remat import remat_module, validate_remat
 from jaxlab.models.ssm_mixers import S4D, S5, Mamba, Mamba2
 from jaxlab.validation import check_choice, check_greater, check_positive
-from jaxlab.xla_options import FAST_COMPILE
 
 __all__ = ["FFNS", "LM", "LMCache", "LMConfig", "MIXERS", "NO_DECAY_PARAMS", "RESIDUAL_AXES", "cross_entropy_sums",
            "init_params", "lm_loss", "make_mixer", "next_token_loss", "param_logical_axes", "scan_to_unrolled",
@@ -456,7 +455,7 @@ def init_params(model: LM, key, tokens, positions=None, segment_ids=None) -> dic
     """The parameters of ``model`` as plain arrays (``model.init(...)["params"]`` with the logical-axis boxes
     removed), initialised for tokens int [B, L]; ``LM.apply`` takes them as they are.
 
-    Called on arrays, it runs one program compiled under ``FAST_COMPILE`` (kept per model, argument shapes,
+    Called on arrays, it runs one compiled program (kept per model, argument shapes,
     mesh and rules); called on traced values (inside ``jit``, ``vmap``, ``eval_shape``), it becomes part of
     the caller's program. Under ``jax.set_mesh(mesh)`` and ``nn.logical_axis_rules(rules)`` every parameter
     is created with the sharding its logical names map to."""
@@ -470,7 +469,8 @@ def init_params(model: LM, key, tokens, positions=None, segment_ids=None) -> dic
     if signature not in _COMPILED_INIT:
         if len(_COMPILED_INIT) >= 64:
             _COMPILED_INIT.clear()
-        _COMPILED_INIT[signature] = _init.lower(model, *args).compile(FAST_COMPILE)
+        # XLA's default options: FAST_COMPILE changes the normal sampler's last bit, and so every run
+        _COMPILED_INIT[signature] = _init.lower(model, *args).compile()
     return _COMPILED_INIT[signature](*args)
 
 
