@@ -39,7 +39,8 @@ class RLConfig:
     ACTION_SPACES: ClassVar[tuple[str, ...]] = ("discrete", "continuous")
 
     env_id: str = "CartPole-v1"
-    """gymnax environment id, or a probe id (Bandit-probe, TimeLimitBandit-probe, Continuous-probe)."""
+    """gymnax environment id, or a probe id (Bandit-probe, TimeLimitBandit-probe, Survival-probe,
+    Continuous-probe, ContinuousTimeLimit-probe)."""
     total_timesteps: int = 500_000
     """Environment steps in all, summed over the parallel environments."""
     num_envs: int = 4

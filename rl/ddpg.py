@@ -15,6 +15,7 @@ targets update every ``policy_delay`` critic steps). Actions are in the unit box
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import ClassVar
 
 import jax
@@ -28,7 +29,7 @@ from jaxlab.rl.off_policy import Agent, OffPolicyConfig, make_off_policy_train
 from jaxlab.rl.policies import scale_action, unscale_action
 from jaxlab.validation import check, check_greater, check_positive, check_range
 
-__all__ = ["DDPGConfig", "DeterministicState", "make_agent", "make_train"]
+__all__ = ["DDPGConfig", "DeterministicState", "make_agent", "make_train", "td_target"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,26 @@ class DeterministicState:
     critic_steps: jax.Array
 
 
+def td_target(cfg: DDPGConfig, actor_fn: Callable, critic_fn: Callable, agent: DeterministicState, batch: dict,
+              key: jax.Array) -> jax.Array:
+    """The critics' regression target ``y [B]``, a constant (no gradient flows through it).
+
+    ``y = r + gamma (1 - terminated) min_k Q'_k(s', a')`` with the target actor's smoothed action
+    ``a' = clip(mu'(s') + clip(sigma eps, -c, c), -1, 1)``, ``eps ~ N(0, 1)`` drawn with ``key``
+    (``sigma = target_noise``, ``c = target_noise_clip``; DDPG: ``sigma = 0`` and one critic). Both ``mu'`` and
+    ``Q'`` are the *target* networks (Lillicrap et al. 2016, eq. 5; Fujimoto et al. 2018, eq. 10 and 14).
+    ``actor_fn(params, obs [B, *O]) -> [B, A]`` and ``critic_fn(params, obs, action [B, A]) -> [K, B]`` apply
+    the networks; ``batch`` holds ``reward [B]``, ``next_obs`` and ``terminated [B]``.
+    """
+    next_action = actor_fn(agent.target_actor_params, batch["next_obs"])  # [B, A]
+    noise = jnp.clip(cfg.target_noise * jax.random.normal(key, next_action.shape),
+                     -cfg.target_noise_clip, cfg.target_noise_clip)
+    next_action = jnp.clip(next_action + noise, -1.0, 1.0)
+    next_q = jnp.min(critic_fn(agent.target_critic_params, batch["next_obs"], next_action), axis=0)  # [B]
+    return jax.lax.stop_gradient(
+        batch["reward"] + cfg.gamma * (1.0 - batch["terminated"].astype(jnp.float32)) * next_q)
+
+
 def make_agent(cfg: DDPGConfig) -> Agent:
     """The deterministic-actor agent (DDPG, or TD3 with its options on)."""
     spec = cfg.action_spec
@@ -112,13 +133,7 @@ def make_agent(cfg: DDPGConfig) -> Agent:
         return scale_action(unit.reshape((-1, *spec.shape)), low, high)
 
     def critic_loss(critic_params, agent: DeterministicState, batch, key):
-        next_action = actor.apply(agent.target_actor_params, batch["next_obs"])  # [B, A]
-        noise = jnp.clip(cfg.target_noise * jax.random.normal(key, next_action.shape),
-                         -cfg.target_noise_clip, cfg.target_noise_clip)
-        next_action = jnp.clip(next_action + noise, -1.0, 1.0)
-        next_q = jnp.min(critic.apply(agent.target_critic_params, batch["next_obs"], next_action), axis=0)  # [B]
-        y = jax.lax.stop_gradient(
-            batch["reward"] + cfg.gamma * (1.0 - batch["terminated"].astype(jnp.float32)) * next_q)
+        y = td_target(cfg, actor.apply, critic.apply, agent, batch, key)  # [B]
         q = critic.apply(critic_params, batch["obs"], flat(unscale_action(batch["action"], low, high)))  # [K, B]
         loss = 0.5 * jnp.mean(jnp.sum((q - y) ** 2, axis=0))
         return loss, {"critic_loss": loss, "q_value": jnp.mean(q)}

@@ -36,15 +36,15 @@ def ppo_clip_loss(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), negated for minimisation.
 
     ``L = -E[min(rho A, clip(rho, 1 - eps, 1 + eps) A)]`` with ``rho = pi(a|s) / pi_old(a|s)``.
-    Also returns the fraction of clipped ratios and the ``k3`` estimate of ``KL(pi_old || pi)``,
-    ``E[(rho - 1) - log rho]`` (Schulman 2020, "Approximating KL divergence").
+    Also returns the fraction of clipped ratios, the ``k3`` estimate of ``KL(pi_old || pi)``,
+    ``E[(rho - 1) - log rho]`` (Schulman 2020, "Approximating KL divergence"), and the mean ratio.
     """
     log_ratio = log_prob - sg(old_log_prob)
     ratio = jnp.exp(log_ratio)
     advantages = sg(advantages)
     surrogate = jnp.minimum(ratio * advantages, jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages)
     stats = {"clip_fraction": jnp.mean((jnp.abs(ratio - 1.0) > clip_eps).astype(jnp.float32)),
-             "approx_kl": sg(jnp.mean((ratio - 1.0) - log_ratio))}
+             "approx_kl": sg(jnp.mean((ratio - 1.0) - log_ratio)), "ratio": sg(jnp.mean(ratio))}
     return -jnp.mean(surrogate), stats
 
 

@@ -19,13 +19,15 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from jaxlab.rl.core import Train
 from jaxlab.rl.losses import normalize_advantages, ppo_clip_loss, value_loss
-from jaxlab.rl.on_policy import ActorCritic, Batch, OnPolicyConfig, gae_estimator, make_on_policy_train, minibatches
+from jaxlab.rl.on_policy import (ActorCritic, Batch, Learn, OnPolicyConfig, gae_estimator, make_on_policy_train,
+                                 minibatches)
 from jaxlab.validation import check, check_greater, check_positive, check_range
 
-__all__ = ["PPOConfig", "make_train"]
+__all__ = ["PPOConfig", "make_learn", "make_train", "ppo_loss", "ppo_optimizer"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,26 +66,37 @@ class PPOConfig(OnPolicyConfig):
         super().__post_init__()
 
 
-def make_train(cfg: PPOConfig) -> Train:
-    """``train(key) -> {"state", "metrics"}`` for PPO; jit- and vmap-able."""
-    ac = ActorCritic.from_config(cfg, cfg.action_spec)
-    optimizer = cfg.optimizer(anneal_steps=cfg.num_updates * cfg.num_epochs * cfg.num_minibatches
-                              if cfg.anneal_lr else None)
+def ppo_optimizer(cfg: PPOConfig) -> optax.GradientTransformation:
+    """Adam whose learning rate (with ``anneal_lr``) decays linearly from ``learning_rate`` to 0 over the run's
+    ``num_updates * num_epochs * num_minibatches`` optimizer steps (Huang et al. 2022, detail 4)."""
+    return cfg.optimizer(anneal_steps=cfg.num_updates * cfg.num_epochs * cfg.num_minibatches
+                         if cfg.anneal_lr else None)
 
-    def loss_fn(params, mb: Batch):
-        dist = ac.policy(params["actor"], mb.obs)
-        log_prob = dist.log_prob(mb.action)  # [M]
-        advantages = normalize_advantages(mb.advantage) if cfg.normalize_advantages else mb.advantage
-        policy_loss, stats = ppo_clip_loss(log_prob, mb.log_prob, advantages, cfg.clip_eps)
-        values = ac.value(params["critic"], mb.obs)
-        v_loss = value_loss(values, mb.target, mb.value, cfg.clip_eps if cfg.clip_value else None)
-        entropy = jnp.mean(dist.entropy())
-        loss = policy_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy
-        return loss, {"loss": loss, "policy_loss": policy_loss, "value_loss": v_loss, "entropy": entropy, **stats}
+
+def ppo_loss(cfg: PPOConfig, ac: ActorCritic, params, mb: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``L^CLIP + vf_coef L^V - ent_coef H`` of one minibatch ``[M, ...]`` and its metrics. With
+    ``normalize_advantages`` the advantages are standardised over this minibatch (not the whole batch)."""
+    dist = ac.policy(params["actor"], mb.obs)
+    log_prob = dist.log_prob(mb.action)  # [M]
+    advantages = normalize_advantages(mb.advantage) if cfg.normalize_advantages else mb.advantage
+    policy_loss, stats = ppo_clip_loss(log_prob, mb.log_prob, advantages, cfg.clip_eps)
+    values = ac.value(params["critic"], mb.obs)
+    v_loss = value_loss(values, mb.target, mb.value, cfg.clip_eps if cfg.clip_value else None)
+    entropy = jnp.mean(dist.entropy())
+    loss = policy_loss + cfg.vf_coef * v_loss - cfg.ent_coef * entropy
+    return loss, {"loss": loss, "policy_loss": policy_loss, "value_loss": v_loss, "entropy": entropy, **stats}
+
+
+def make_learn(cfg: PPOConfig, ac: ActorCritic, optimizer: optax.GradientTransformation) -> Learn:
+    """PPO's ``learn(params, opt_state, batch, key)``: ``num_epochs`` passes, each over ``num_minibatches``
+    minibatches of one fresh shuffle of the batch (epoch ``e`` shuffles with ``split(key, num_epochs)[e]``),
+    one Adam step per minibatch. Every metric (losses, ``clip_fraction``, ``approx_kl``, ``ratio``) is the
+    mean over all epochs and minibatches: the first minibatch sees ratio 1, so the clipping statistics live
+    in the later ones."""
 
     def minibatch_step(carry, mb: Batch):
         params, opt_state = carry
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(params, mb)
+        grads, metrics = jax.grad(lambda p: ppo_loss(cfg, ac, p, mb), has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (jax.tree.map(jnp.add, params, updates), opt_state), metrics
 
@@ -92,8 +105,15 @@ def make_train(cfg: PPOConfig) -> Train:
             return jax.lax.scan(minibatch_step, carry, minibatches(batch, k, cfg.num_minibatches))
 
         (params, opt_state), metrics = jax.lax.scan(epoch, (params, opt_state),
-                                                    jax.random.split(key, cfg.num_epochs))
+                                                    jax.random.split(key, cfg.num_epochs))  # [num_epochs, M]
         return params, opt_state, jax.tree.map(jnp.mean, metrics)
 
-    return make_on_policy_train(cfg, ac, init_opt=optimizer.init, learn=learn,
+    return learn
+
+
+def make_train(cfg: PPOConfig) -> Train:
+    """``train(key) -> {"state", "metrics"}`` for PPO; jit- and vmap-able."""
+    ac = ActorCritic.from_config(cfg, cfg.action_spec)
+    optimizer = ppo_optimizer(cfg)
+    return make_on_policy_train(cfg, ac, init_opt=optimizer.init, learn=make_learn(cfg, ac, optimizer),
                                 estimator=gae_estimator(cfg.gamma, cfg.gae_lambda))

@@ -3,14 +3,18 @@
 Each probe isolates what an agent must get right (Andy Jones, "Debugging RL, Without the Agonizing
 Pain", 2021): the contextual bandit checks that the policy (or Q-function) reads its observation; its
 time-limited form also checks that truncation is bootstrapped rather than treated as termination;
-the one-step continuous task checks continuous-action actors. ``jaxlab.rl.wrappers.make_env`` knows
+the survival probe's random termination checks that a learnt value is the mean of its bootstrap target;
+the one-step continuous task checks continuous-action actors, and its time-limited form the
+continuous agents' bootstrapped critic targets (DDPG, TD3, SAC). ``jaxlab.rl.wrappers.make_env`` knows
 them by id, so every algorithm config accepts them.
 
 | id | observation | optimal return | what a wrong agent shows |
 |---|---|---|---|
 | ``Bandit-probe`` | one-hot context ``c`` of 2 | 1 (reward ``[a == c]``, one step) | 1/2 for a context-blind policy |
 | ``TimeLimitBandit-probe`` | a fresh context every step | 5 (cut after 5 steps); ``V = 1/(1 - gamma)`` | ``V <= (1 - gamma^5)/(1 - gamma)`` if the cut is taken as terminal |
+| ``Survival-probe`` | constant | ``1/p = 5`` (reward 1 per step, terminates with probability ``p = 0.2``) | ``Q != 1/(1 - gamma (1 - p))``: a value estimate that is not the mean of its target (below) |
 | ``Continuous-probe`` | target ``x ~ U[-1, 1]`` | 0 (reward ``-(a - x)^2``, one step) | -2/3 for a random action |
+| ``ContinuousTimeLimit-probe`` | a fresh target every step | 5 (reward ``1 - (a - x)^2``, cut after 5 steps); ``Q(s, x) = 1/(1 - gamma)`` | 5/3 for a random action; ``Q <= (1 - gamma^5)/(1 - gamma)`` if the cut is taken as terminal |
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import jax.numpy as jnp
 from flax import struct
 from gymnax.environments import environment, spaces
 
-__all__ = ["PROBE_ENVS", "BanditProbe", "ContinuousProbe", "ProbeParams", "ProbeState"]
+__all__ = ["PROBE_ENVS", "BanditProbe", "ContinuousProbe", "ProbeParams", "ProbeState", "SurvivalProbe"]
 
 
 @struct.dataclass
@@ -110,15 +114,65 @@ class BanditProbe(_Probe):
         return spaces.Discrete(self._num_actions)
 
 
+class SurvivalProbe(_Probe):
+    """Reward 1 every step whatever the action (of 2); after each step the episode terminates with probability
+    ``p``. The observation is constant, so every value is a number: ``Q(s, a) = 1 / (1 - gamma (1 - p))``,
+    the mean of the bootstrap target ``y = 1 + gamma (1 - terminated) Q``, which takes two values.
+
+    A loss whose minimiser is not the mean of ``y`` converges elsewhere: the Huber loss with threshold
+    ``delta`` below ``|y - Q|`` at the terminal steps balances ``p delta`` against the non-terminal steps' TD
+    error, ``Q = (1 - delta p / (1 - p)) / (1 - gamma)`` (for ``p <= 1/2`` and ``Q > 1 + delta``; gamma 0.9,
+    p 0.2: 7.5 instead of 3.57).
+    """
+
+    max_steps = 1000
+
+    def __init__(self, terminate_prob: float = 0.2):
+        if not 0.0 < terminate_prob < 1.0:
+            raise ValueError(f"{terminate_prob=} must be in (0, 1)")
+        self.terminate_prob = terminate_prob
+
+    def _start(self, key):
+        return jnp.ones((1,), jnp.float32)
+
+    def _transition(self, key, obs, action):
+        return obs, jnp.float32(1.0), jax.random.uniform(key) < self.terminate_prob
+
+    @property
+    def num_actions(self) -> int:
+        return 2
+
+    def action_space(self, params=None) -> spaces.Discrete:
+        return spaces.Discrete(2)
+
+
 class ContinuousProbe(_Probe):
-    """One-step continuous task: observe ``x ~ U[-1, 1]``, act ``a`` in ``[-1, 1]``, reward ``-(a - x)^2``."""
+    """Continuous task: observe a target ``x ~ U[-1, 1]``, act ``a`` in ``[-1, 1]``.
+
+    ``episode_steps=None``: reward ``-(a - x)^2``, then the episode terminates. ``episode_steps=k``: reward
+    ``1 - (a - x)^2`` and a fresh target every step, never terminating, truncated after ``k`` steps. The
+    reward of 1 per step gives the bootstrapped part of the value a known size: under the optimal policy
+    (``a = x``) every state is worth ``V = 1 / (1 - gamma)`` and ``Q(s, a) = V - (a - x)^2``, for an agent
+    that bootstraps through the time limit; one that treats it as termination sees at most
+    ``(1 - gamma^k) / (1 - gamma)``. The reward does not depend on the state reached, so the optimal action
+    is ``x`` at every step.
+    """
+
+    def __init__(self, episode_steps: int | None = None):
+        if episode_steps is not None and episode_steps < 1:
+            raise ValueError(f"{episode_steps=} must be >= 1 or None")
+        self.episode_steps = episode_steps
+        self.max_steps = episode_steps or 1
 
     def _start(self, key):
         return jax.random.uniform(key, (1,), minval=-1.0, maxval=1.0)
 
     def _transition(self, key, obs, action):
         action = jnp.reshape(action, (1,))
-        return obs, -jnp.sum((action - obs) ** 2), jnp.array(True)
+        error = jnp.sum((action - obs) ** 2)
+        if self.episode_steps is None:
+            return obs, -error, jnp.array(True)
+        return self._start(key), 1.0 - error, jnp.array(False)
 
     def action_space(self, params=None) -> spaces.Box:
         return spaces.Box(-1.0, 1.0, (1,), jnp.float32)
@@ -127,6 +181,8 @@ class ContinuousProbe(_Probe):
 PROBE_ENVS: dict[str, Any] = {
     "Bandit-probe": BanditProbe,
     "TimeLimitBandit-probe": functools.partial(BanditProbe, episode_steps=5),
+    "Survival-probe": SurvivalProbe,
     "Continuous-probe": ContinuousProbe,
+    "ContinuousTimeLimit-probe": functools.partial(ContinuousProbe, episode_steps=5),
 }
 """Probe factories by id; ``make_env`` accepts these ids beside gymnax's."""

@@ -18,6 +18,7 @@ actions) and are scaled onto the env's box when acting.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import ClassVar
 
 import jax
@@ -31,7 +32,7 @@ from jaxlab.rl.off_policy import Agent, OffPolicyConfig, make_off_policy_train
 from jaxlab.rl.policies import scale_action, tanh_gaussian, unscale_action
 from jaxlab.validation import check_greater, check_range
 
-__all__ = ["SACConfig", "SACState", "make_train"]
+__all__ = ["SACConfig", "SACState", "alpha_loss", "make_agent", "make_train", "soft_td_target"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,11 @@ class SACConfig(OffPolicyConfig):
         check_greater(self, "init_alpha")
         super().__post_init__()
 
+    @property
+    def target_entropy(self) -> float:
+        """``H_target = -target_entropy_scale * dim(A)`` (Haarnoja et al. 2018, Sec. 5: ``-dim(A)``)."""
+        return -self.target_entropy_scale * self.action_spec.dim
+
 
 @struct.dataclass
 class SACState:
@@ -78,13 +84,36 @@ class SACState:
     alpha_opt_state: optax.OptState
 
 
+def soft_td_target(cfg: SACConfig, policy_fn: Callable, critic_fn: Callable, agent: SACState, batch: dict,
+                   key: jax.Array) -> jax.Array:
+    """The critics' regression target ``y [B]``, a constant (no gradient flows through it):
+    ``y = r + gamma (1 - terminated) (min_k Q'_k(s', a') - alpha log pi(a'|s'))`` with ``a' ~ pi(.|s')``
+    drawn with ``key`` from the *online* actor and ``Q'`` the *target* critics (Haarnoja et al. 2018, eq. 3
+    and 6: the soft value adds the entropy bonus ``-alpha log pi``). ``policy_fn(params, obs [B, *O])`` gives
+    a distribution with ``sample_and_log_prob`` (``[B, A]``, ``[B]``), ``critic_fn(params, obs, action) -> [K, B]``.
+    """
+    alpha = jnp.exp(agent.log_alpha)
+    next_action, next_log_prob = policy_fn(agent.actor_params, batch["next_obs"]).sample_and_log_prob(seed=key)
+    next_q = jnp.min(critic_fn(agent.target_critic_params, batch["next_obs"], next_action), axis=0)  # [B]
+    soft_value = next_q - alpha * next_log_prob
+    return jax.lax.stop_gradient(
+        batch["reward"] + cfg.gamma * (1.0 - batch["terminated"].astype(jnp.float32)) * soft_value)
+
+
+def alpha_loss(log_alpha: jax.Array, entropy: jax.Array, target_entropy: float) -> jax.Array:
+    """The temperature's loss ``-alpha (H_target - H)`` (Haarnoja et al. 2018, eq. 18 with ``H = -E[log pi]``,
+    a constant here): its gradient descent raises ``alpha`` while the entropy is below the target and lowers
+    it while above."""
+    return -jnp.exp(log_alpha) * (target_entropy - jax.lax.stop_gradient(entropy))
+
+
 def make_agent(cfg: SACConfig) -> Agent:
     spec = cfg.action_spec
     low, high = spec.bounds()
     actor = GaussianActor(spec.dim, cfg.hidden_sizes, cfg.activation, state_dependent_std=True)
     critic = ContinuousQ(2, cfg.hidden_sizes, cfg.activation)
     opt = cfg.optimizer()
-    target_entropy = -cfg.target_entropy_scale * spec.dim
+    target_entropy = cfg.target_entropy
 
     def policy(actor_params, obs):
         return tanh_gaussian(*actor.apply(actor_params, obs))  # unit box
@@ -102,12 +131,7 @@ def make_agent(cfg: SACConfig) -> Agent:
         return scale_action(unit.reshape((-1, *spec.shape)), low, high)
 
     def critic_loss(critic_params, agent: SACState, batch, key):
-        alpha = jnp.exp(agent.log_alpha)
-        next_action, next_log_prob = policy(agent.actor_params, batch["next_obs"]).sample_and_log_prob(seed=key)
-        next_q = jnp.min(critic.apply(agent.target_critic_params, batch["next_obs"], next_action), axis=0)  # [B]
-        soft_value = next_q - alpha * next_log_prob
-        y = jax.lax.stop_gradient(
-            batch["reward"] + cfg.gamma * (1.0 - batch["terminated"].astype(jnp.float32)) * soft_value)
+        y = soft_td_target(cfg, policy, critic.apply, agent, batch, key)  # [B]
         action = unscale_action(batch["action"], low, high).reshape(batch["obs"].shape[0], -1)
         q = critic.apply(critic_params, batch["obs"], action)  # [2, B]
         loss = 0.5 * jnp.mean(jnp.sum((q - y) ** 2, axis=0))
@@ -118,9 +142,6 @@ def make_agent(cfg: SACConfig) -> Agent:
         q = jnp.min(critic.apply(critic_params, obs, action), axis=0)
         loss = jnp.mean(jnp.exp(log_alpha) * log_prob - q)
         return loss, {"actor_loss": loss, "entropy": -jnp.mean(log_prob)}
-
-    def alpha_loss(log_alpha, entropy):
-        return -jnp.exp(log_alpha) * (target_entropy - jax.lax.stop_gradient(entropy))
 
     def learn(agent: SACState, batch, key, env_steps):
         k_critic, k_actor = jax.random.split(key)
@@ -135,7 +156,7 @@ def make_agent(cfg: SACConfig) -> Agent:
 
         log_alpha, alpha_opt_state = agent.log_alpha, agent.alpha_opt_state
         if cfg.autotune_alpha:
-            grad = jax.grad(alpha_loss)(agent.log_alpha, actor_metrics["entropy"])
+            grad = jax.grad(alpha_loss)(agent.log_alpha, actor_metrics["entropy"], target_entropy)
             updates, alpha_opt_state = opt.update(grad, agent.alpha_opt_state, agent.log_alpha)
             log_alpha = optax.apply_updates(agent.log_alpha, updates)
 

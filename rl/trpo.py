@@ -31,7 +31,8 @@ from jaxlab.rl.losses import normalize_advantages, value_loss
 from jaxlab.rl.on_policy import ActorCritic, Batch, OnPolicyConfig, gae_estimator, make_on_policy_train, minibatches
 from jaxlab.validation import check, check_greater, check_positive, check_range
 
-__all__ = ["TRPOConfig", "conjugate_gradient", "make_train"]
+__all__ = ["TRPOConfig", "conjugate_gradient", "fisher_vector_product", "make_train", "natural_gradient_step",
+           "trpo_objectives"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +98,62 @@ def conjugate_gradient(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, i
     return x
 
 
+def trpo_objectives(ac: ActorCritic, actor_params, batch: Batch, normalize: bool,
+                    ) -> tuple[jax.Array, Callable, Callable, Callable]:
+    """``(theta_old [P], unravel, surrogate, mean_kl)`` of a flattened batch ``[N, ...]``: the policy's
+    parameters as one vector, the importance-sampled surrogate ``L(theta) = mean(pi_theta(a|s) / pi_old(a|s) A)``
+    (against the log-probabilities stored at collection) and ``mean_kl(theta) = mean_s KL(pi_old(.|s) ||
+    pi_theta(.|s))`` with ``pi_old`` held fixed (no gradient reaches it, so the KL's Hessian at ``theta_old``
+    is the Fisher matrix)."""
+    theta_old, unravel = ravel_pytree(actor_params)  # [P]
+    old_dist = ac.policy(jax.lax.stop_gradient(actor_params), batch.obs)
+    advantages = normalize_advantages(batch.advantage) if normalize else batch.advantage
+
+    def surrogate(theta):
+        log_prob = ac.policy(unravel(theta), batch.obs).log_prob(batch.action)
+        return jnp.mean(jnp.exp(log_prob - batch.log_prob) * advantages)
+
+    def mean_kl(theta):
+        return jnp.mean(old_dist.kl_divergence(ac.policy(unravel(theta), batch.obs)))
+
+    return theta_old, unravel, surrogate, mean_kl
+
+
+def fisher_vector_product(mean_kl: Callable[[jax.Array], jax.Array], theta: jax.Array,
+                          damping: float) -> Callable[[jax.Array], jax.Array]:
+    """``v -> F v + damping v`` with ``F`` the Hessian of ``mean_kl`` at ``theta`` (the Fisher information
+    matrix ``E[grad log pi grad log pi^T]`` when ``mean_kl`` is the KL from the policy at ``theta``),
+    computed as a forward-over-reverse ``jvp`` of the gradient, never forming ``F``."""
+    return lambda v: jax.jvp(jax.grad(mean_kl), (theta,), (v,))[1] + damping * v
+
+
+def natural_gradient_step(cfg: TRPOConfig, surrogate: Callable[[jax.Array], jax.Array],
+                          mean_kl: Callable[[jax.Array], jax.Array], theta_old: jax.Array,
+                          ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """TRPO's step from ``theta_old [P]`` (Appendix C): ``x ~ F^-1 g`` by conjugate gradient, the full step
+    ``beta x`` with ``beta = sqrt(2 max_kl / x^T F x)`` (the KL's quadratic model reaches ``max_kl`` there),
+    then the first of ``beta x backtrack_ratio^k`` that improves ``surrogate`` with ``mean_kl <= max_kl``;
+    ``theta_old`` if none does. Returns the new ``theta [P]`` and the step's metrics."""
+    fvp = fisher_vector_product(mean_kl, theta_old, cfg.cg_damping)
+    surrogate_old, g = jax.value_and_grad(surrogate)(theta_old)
+    x = conjugate_gradient(fvp, g, cfg.cg_iters)  # ~ F^-1 g
+    xFx = jnp.vdot(x, fvp(x))
+    full_step = jnp.sqrt(2.0 * cfg.max_kl / jnp.maximum(xFx, 1e-12)) * x
+    fractions = cfg.backtrack_ratio ** jnp.arange(cfg.line_search_steps)  # [K]
+    candidates = theta_old + fractions[:, None] * full_step  # [K, P]
+    surrogates, kls = jax.vmap(lambda th: (surrogate(th), mean_kl(th)))(candidates)  # [K] each
+    ok = jnp.logical_and(surrogates > surrogate_old, kls <= cfg.max_kl)
+    ok = jnp.logical_and(ok, jnp.all(jnp.isfinite(candidates), axis=-1))
+    accepted = jnp.any(ok)
+    first = jnp.argmax(ok)
+    theta = jnp.where(accepted, candidates[first], theta_old)
+    metrics = {"surrogate_improvement": jnp.where(accepted, surrogates[first] - surrogate_old, 0.0),
+               "kl": jnp.where(accepted, kls[first], 0.0),
+               "step_fraction": jnp.where(accepted, fractions[first], 0.0),
+               "line_search_accepted": accepted.astype(jnp.float32)}
+    return theta, metrics
+
+
 def make_train(cfg: TRPOConfig) -> Train:
     """``train(key) -> {"state", "metrics"}`` for TRPO; jit- and vmap-able."""
     ac = ActorCritic.from_config(cfg, cfg.action_spec)
@@ -110,36 +167,8 @@ def make_train(cfg: TRPOConfig) -> Train:
 
     def policy_step(actor_params, batch: Batch):
         """The natural-gradient step with line search on the flattened batch ``[N, ...]``."""
-        theta_old, unravel = ravel_pytree(actor_params)  # [P]
-        old_dist = ac.policy(jax.lax.stop_gradient(actor_params), batch.obs)
-        advantages = normalize_advantages(batch.advantage) if cfg.normalize_advantages else batch.advantage
-
-        def surrogate(theta):
-            log_prob = ac.policy(unravel(theta), batch.obs).log_prob(batch.action)
-            return jnp.mean(jnp.exp(log_prob - batch.log_prob) * advantages)
-
-        def mean_kl(theta):
-            return jnp.mean(old_dist.kl_divergence(ac.policy(unravel(theta), batch.obs)))
-
-        def fisher_vector_product(v):  # (d^2 KL / d theta^2) v + damping v
-            return jax.jvp(jax.grad(mean_kl), (theta_old,), (v,))[1] + cfg.cg_damping * v
-
-        surrogate_old, g = jax.value_and_grad(surrogate)(theta_old)
-        x = conjugate_gradient(fisher_vector_product, g, cfg.cg_iters)  # ~ F^-1 g
-        xFx = jnp.vdot(x, fisher_vector_product(x))
-        full_step = jnp.sqrt(2.0 * cfg.max_kl / jnp.maximum(xFx, 1e-12)) * x
-        fractions = cfg.backtrack_ratio ** jnp.arange(cfg.line_search_steps)  # [K]
-        candidates = theta_old + fractions[:, None] * full_step  # [K, P]
-        surrogates, kls = jax.vmap(lambda th: (surrogate(th), mean_kl(th)))(candidates)  # [K] each
-        ok = jnp.logical_and(surrogates > surrogate_old, kls <= cfg.max_kl)
-        ok = jnp.logical_and(ok, jnp.all(jnp.isfinite(candidates), axis=-1))
-        accepted = jnp.any(ok)
-        first = jnp.argmax(ok)
-        theta = jnp.where(accepted, candidates[first], theta_old)
-        metrics = {"surrogate_improvement": jnp.where(accepted, surrogates[first] - surrogate_old, 0.0),
-                   "kl": jnp.where(accepted, kls[first], 0.0),
-                   "step_fraction": jnp.where(accepted, fractions[first], 0.0),
-                   "line_search_accepted": accepted.astype(jnp.float32)}
+        theta_old, unravel, surrogate, mean_kl = trpo_objectives(ac, actor_params, batch, cfg.normalize_advantages)
+        theta, metrics = natural_gradient_step(cfg, surrogate, mean_kl, theta_old)
         return unravel(theta), metrics
 
     def learn(params, opt_state, batch: Batch, key):

@@ -73,9 +73,10 @@ def update_epochs(state: TrainState, loss_fn: LossFn, batch: Any, key: jax.Array
     experience: the spine's ``loss_and_grads`` and ``apply_update`` (which skips a non-finite update) in a
     ``lax.scan``; epoch ``e`` gets ``fold_in(key, e)``.
 
-    ``state.step`` advances by one (it counts loop steps, the key schedule and checkpoints depend on it);
-    the metrics are those of the first epoch (before any update: ratio 1, the on-policy loss), with
-    ``nonfinite`` the number of epochs whose update was skipped."""
+    ``state.step`` advances by one (it counts loop steps, the key schedule and checkpoints depend on it).
+    Every metric is the mean over the epochs (as PPO codebases log ``clip_fraction``, ``kl`` and ``ratio``:
+    the first epoch sees ratio 1 and clips nothing, so its statistics alone would always read 1 and 0),
+    except ``nonfinite``, the number of epochs whose update was skipped."""
     step = state.step
 
     def one(state, e):
@@ -84,7 +85,7 @@ def update_epochs(state: TrainState, loss_fn: LossFn, batch: Any, key: jax.Array
         return state, {"loss": loss, **update, **metrics}
 
     state, history = jax.lax.scan(one, state, jnp.arange(epochs))
-    metrics = jax.tree.map(lambda x: x[0], history)
+    metrics = jax.tree.map(lambda x: jnp.mean(x.astype(jnp.float32), axis=0), history)  # [epochs] -> mean
     metrics["nonfinite"] = jnp.sum(history["nonfinite"])
     return state.replace(step=step + 1), metrics
 

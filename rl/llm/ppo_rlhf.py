@@ -37,7 +37,7 @@ from jaxlab.rl.returns import gae
 from jaxlab.train_state import TrainState
 from jaxlab.validation import check_positive
 
-__all__ = ["PPOSpec", "make_ppo_rlhf_step", "token_rewards"]
+__all__ = ["PPOSpec", "make_ppo_rlhf_step", "rlhf_advantages", "token_rewards", "values_before_tokens"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +73,25 @@ def token_rewards(score: jax.Array, logp: jax.Array, ref_logp: jax.Array, mask: 
     return rewards, is_last
 
 
+def values_before_tokens(scores: jax.Array, prompt_len: int) -> jax.Array:
+    """``V(s_t)`` of each response token from the value head at every position, scores [B, L] -> [B, R]
+    (``R = L - prompt_len``): the state before response token ``t`` (at position ``prompt_len + t``) is the
+    prefix up to position ``prompt_len + t - 1``, whose output also predicts that token."""
+    return scores[:, prompt_len - 1:-1]
+
+
+def rlhf_advantages(rewards: jax.Array, values: jax.Array, is_last: jax.Array, mask: jax.Array, gamma: float,
+                    gae_lambda: float) -> tuple[jax.Array, jax.Array]:
+    """GAE over the response tokens (all [B, R]) -> ``(advantages, targets)``, the advantages whitened over
+    ``mask = 1``. Token ``t``'s next value is ``V(s_{t+1})`` (0 after the last position), and the episode
+    terminates at ``is_last`` (the response's last token), so nothing is bootstrapped past it; ``values`` must
+    be 0 under ``mask = 0``."""
+    next_values = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1)  # V(s_{t+1}), [B, R]
+    adv, targets = gae(rewards.T, values.T, next_values.T, is_last.T > 0, jnp.zeros_like(is_last.T, bool),
+                       gamma, gae_lambda)  # time-major [R, B]
+    return masked_whiten(adv.T, mask), targets.T
+
+
 def make_ppo_rlhf_step(model: LM, task: Task, spec: PPOSpec, optimizer: optax.GradientTransformation) -> Callable:
     """``train_step(state, batch, key) -> (state, metrics)`` with ``batch = {"prompts" [N, Lp], "answers"
     [N, Ra], "ref_params", "reward_params"}`` (the frozen reference policy and reward model).
@@ -84,7 +103,7 @@ def make_ppo_rlhf_step(model: LM, task: Task, spec: PPOSpec, optimizer: optax.Gr
     def loss_fn(params, exp: dict, key: jax.Array):
         del key
         logp = response_logprobs(model, params["policy"], exp["tokens"], Lp)
-        values = token_scores(model, params["value"], exp["tokens"])[:, Lp - 1:-1]
+        values = values_before_tokens(token_scores(model, params["value"], exp["tokens"]), Lp)
         policy_loss, metrics = grpo_loss(logp, exp["old_logp"], exp["ref_logp"], exp["advantages"], exp["mask"],
                                          clip_eps=spec.clip_eps, beta=0.0)
         v_loss = masked_value_loss(values, exp["targets"], exp["old_values"], exp["mask"], clip_eps=spec.clip_eps)
@@ -98,13 +117,11 @@ def make_ppo_rlhf_step(model: LM, task: Task, spec: PPOSpec, optimizer: optax.Gr
         mask = roll.mask  # [B, R]
         ref_logp = response_logprobs(model, batch["ref_params"], roll.tokens, Lp)  # [B, R]
         score = sequence_scores(model, batch["reward_params"], roll.tokens, mask)  # [B]
-        old_values = token_scores(model, state.params["value"], roll.tokens)[:, Lp - 1:-1] * mask  # V(s_t), [B, R]
+        old_values = values_before_tokens(token_scores(model, state.params["value"], roll.tokens), Lp) * mask  # [B, R]
         rewards, is_last = token_rewards(score, roll.model_logps, ref_logp, mask, spec.kl_coef)
-        next_values = jnp.concatenate([old_values[:, 1:], jnp.zeros_like(old_values[:, :1])], axis=1)
-        adv, targets = gae(rewards.T, old_values.T, next_values.T, is_last.T > 0, jnp.zeros_like(is_last.T, bool),
-                           spec.gamma, spec.gae_lambda)  # time-major [R, B]
+        advantages, targets = rlhf_advantages(rewards, old_values, is_last, mask, spec.gamma, spec.gae_lambda)
         exp = {"tokens": roll.tokens, "old_logp": roll.model_logps, "ref_logp": ref_logp, "mask": mask,
-               "advantages": masked_whiten(adv.T, mask), "targets": targets.T, "old_values": old_values}  # [B, R]
+               "advantages": advantages, "targets": targets, "old_values": old_values}  # [B, R]
         state, metrics = update_epochs(state, loss_fn, exp, jax.random.split(key)[1], optimizer, spec.ppo_epochs)
         metrics.update(rm_score=jnp.mean(score), accuracy=jnp.mean(is_correct(roll.response, answers)),
                        response_length=jnp.mean(response_lengths(roll.response)),

@@ -20,8 +20,8 @@ from jaxlab.models.lm import LM, LMConfig
 from jaxlab.rl.llm.losses import reward_model_loss
 from jaxlab.train_state import make_train_step
 
-__all__ = ["hidden_states", "init_reward_params", "make_reward_model_step", "pair_accuracy", "sequence_scores",
-           "token_scores"]
+__all__ = ["hidden_states", "init_reward_params", "last_token_positions", "make_reward_model_step", "pair_accuracy",
+           "sequence_scores", "token_scores"]
 
 
 def hidden_states(model: LM, params, tokens: jax.Array) -> jax.Array:
@@ -44,10 +44,16 @@ def token_scores(model: LM, params: dict, tokens: jax.Array) -> jax.Array:
     return h @ params["head"]["w"] + params["head"]["b"]  # [B, L]
 
 
+def last_token_positions(mask: jax.Array, length: int) -> jax.Array:
+    """Position [B] of each response's last unmasked token in rows of ``length`` tokens whose last ``R`` are
+    the response (mask [B, R], 1 up to and including EOS); an empty response points at its first position."""
+    R = mask.shape[1]
+    return length - R + jnp.maximum(jnp.sum(mask, axis=1).astype(jnp.int32), 1) - 1  # [B]
+
+
 def sequence_scores(model: LM, params: dict, tokens: jax.Array, mask: jax.Array) -> jax.Array:
     """Reward [B] of each response: the head at its last unmasked token (mask [B, R] over the last R tokens)."""
-    R = mask.shape[1]
-    last = tokens.shape[1] - R + jnp.maximum(jnp.sum(mask, axis=1).astype(jnp.int32), 1) - 1  # [B]
+    last = last_token_positions(mask, tokens.shape[1])  # [B]
     return jnp.take_along_axis(token_scores(model, params, tokens), last[:, None], axis=1)[:, 0]
 
 

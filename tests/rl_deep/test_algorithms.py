@@ -6,8 +6,11 @@ Discrete algorithms face ``TimeLimitBandit-probe``: a fresh one-hot context ever
 the matching action, never terminating, cut after 5 steps. The optimal undiscounted return is 5 (a
 context-blind policy gets 2.5), and with gamma = 0.9 the optimal critic says ``V = 1/(1 - gamma) = 10``
 everywhere, but only if the time limit is bootstrapped: treating it as terminal caps the value targets
-at ``(1 - 0.9^5)/0.1 = 4.1``. Continuous algorithms face ``Continuous-probe`` (reward ``-(a - x)^2``
-for an observed ``x``: optimal return 0, a random action gets -2/3).
+at ``(1 - 0.9^5)/0.1 = 4.1``. Continuous algorithms face ``ContinuousTimeLimit-probe``: a fresh target ``x``
+every step, reward ``1 - (a - x)^2``, never terminating, cut after 5 steps. The optimal return is 5 (a
+random action gets 5/3, the context-blind ``a = 0`` gets 10/3), and with gamma = 0.8 the optimal critic says
+``Q(x, x) = 1/(1 - gamma) = 5``, but only if the critics' targets bootstrap through the time limit (``r +
+gamma Q'(s', mu'(s'))``): treating it as terminal caps them at ``(1 - 0.8^5)/0.2 = 3.4``.
 
 Tests compile with XLA's backend optimisation off and one hidden layer: compile time dominates.
 """
@@ -20,12 +23,13 @@ import numpy as np
 import pytest
 
 from jaxlab.rl import a2c, ddpg, dqn, ppo, reinforce, sac, td3, trpo
-from jaxlab.rl.networks import Critic, QNetwork
+from jaxlab.rl.networks import ContinuousQ, Critic, QNetwork
 from jaxlab.xla_options import FAST_COMPILE
 
 VMAPPED = ("dqn",)  # on-policy runs are vmapped over seeds in the trainer test (test_drivers.py)
 DISCRETE = dict(env_id="TimeLimitBandit-probe", gamma=0.9, hidden_sizes=(32,))
 OFF_POLICY = dict(num_envs=4, buffer_size=2_000, batch_size=64, learning_starts=256, hidden_sizes=(32,))
+CONTINUOUS = dict(env_id="ContinuousTimeLimit-probe", gamma=0.8, tau=0.2, **OFF_POLICY)
 CONTEXTS = jnp.eye(2)  # both observations of the bandit
 
 CASES = {
@@ -37,14 +41,19 @@ CASES = {
                                    learning_rate=3e-3, **DISCRETE)),
     "dqn": (dqn, dqn.DQNConfig(total_timesteps=6_000, learning_rate=3e-3, exploration_fraction=0.3,
                                target_update_interval=100, **{**OFF_POLICY, **DISCRETE})),
-    "ddpg": (ddpg, ddpg.DDPGConfig(env_id="Continuous-probe", total_timesteps=2_000, **OFF_POLICY)),
-    "td3": (td3, td3.TD3Config(env_id="Continuous-probe", total_timesteps=2_000, **OFF_POLICY)),
-    "sac": (sac, sac.SACConfig(env_id="Continuous-probe", total_timesteps=3_000, init_alpha=0.05, **OFF_POLICY)),
+    "ddpg": (ddpg, ddpg.DDPGConfig(total_timesteps=3_000, **CONTINUOUS)),
+    "td3": (td3, td3.TD3Config(total_timesteps=3_000, **CONTINUOUS)),
+    "sac": (sac, sac.SACConfig(total_timesteps=3_000, init_alpha=0.05, **CONTINUOUS)),
 }
+TARGETS = jnp.linspace(-0.9, 0.9, 5)[:, None]  # observations of the continuous probe
 
 
 def _state_values(name, cfg, state):
-    """The learnt value of each bandit context, ``[seeds, 2]``."""
+    """The learnt value of each bandit context, ``[seeds, 2]``, or each critic's ``Q(x, x)`` at the continuous
+    probe's ``TARGETS``, ``[seeds, K, 5]``."""
+    if name in ("ddpg", "td3", "sac"):
+        critic = ContinuousQ(cfg.num_critics if name != "sac" else 2, cfg.hidden_sizes, cfg.activation)
+        return jax.vmap(lambda p: critic.apply(p, TARGETS, TARGETS))(state.agent.critic_params)
     if name == "dqn":
         q = QNetwork(2, cfg.hidden_sizes, cfg.activation, cfg.layer_norm)
         return jax.vmap(lambda p: q.apply(p, CONTEXTS).max(-1))(state.agent.params)
@@ -67,11 +76,12 @@ def test_learns_probe(name, key):
     assert m["episode_return"].shape[1:] == (cfg.num_updates,)
     np.testing.assert_array_equal(m["env_steps"][0], cfg.steps_per_update * np.arange(1, cfg.num_updates + 1))
     final = np.nanmean(np.asarray(m["episode_return"])[:, -max(cfg.num_updates // 10, 2):], axis=1)  # per seed
-    if cfg.env_id == "Continuous-probe":
-        assert np.all(final > -0.05), final        # a random action gets -2/3
+    values = np.asarray(_state_values(name, cfg, out["state"]))
+    if cfg.env_id == "ContinuousTimeLimit-probe":
+        assert np.all(final > 4.6), final          # out of 5; a random action gets 5/3, a context-blind one 10/3
+        assert np.all((values > 4.2) & (values < 5.6)), values  # 1/(1 - gamma) = 5, not <= 3.4
     else:
         assert np.all(final > 4.6), final          # out of 5; a context-blind policy gets 2.5
-        values = np.asarray(_state_values(name, cfg, out["state"]))
         assert np.all((values > 8.0) & (values < 11.0)), values  # 1/(1 - gamma) = 10, not <= 4.1
     assert np.all(np.isfinite(jax.tree.leaves(jax.tree.map(lambda x: x[:, -1], m))))
 

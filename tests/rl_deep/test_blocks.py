@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from jaxlab.rl.losses import huber, policy_gradient_loss, ppo_clip_loss, q_learning_target, value_loss
 from jaxlab.rl.networks import ContinuousQ, Critic, GaussianActor, QNetwork, polyak_update

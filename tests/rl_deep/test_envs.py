@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from jaxlab.rl.rollout import env_reset, episode_metrics, rollout
-from jaxlab.rl.wrappers import (ActionSpec, RunningMeanStd, check_action_space, make_env, make_vec_env, normalize,
-                                update_running_mean_std)
+from jaxlab.rl.wrappers import (ActionSpec, NormalizeReward, RunningMeanStd, check_action_space, make_env, make_vec_env,
+                                normalize, update_running_mean_std)
 from jaxlab.xla_options import FAST_COMPILE
 
 
@@ -109,3 +109,64 @@ def test_normalisation_wrappers(key):
     assert np.abs(np.asarray(traj.reward)).max() < 10.0
     assert float(episode_metrics(traj)["episode_return"]) < -500.0
     assert np.all(np.isfinite(traj.next_obs))
+
+
+class _ScriptedEnv:
+    """Two envs whose rewards and episode ends follow a script (``[T, 2]`` arrays), in the batched API."""
+
+    def __init__(self, rewards, terminated, truncated):
+        self.rewards, self.terminated, self.truncated = map(jnp.asarray, (rewards, terminated, truncated))
+
+    def reset(self, key, params):
+        return jnp.zeros((2, 1)), jnp.int32(0)
+
+    def step(self, key, t, action, params):
+        return (jnp.zeros((2, 1)), t + 1, self.rewards[t], self.terminated[t], self.truncated[t],
+                {"final_observation": jnp.zeros((2, 1))})
+
+
+def test_normalize_reward_divides_by_the_std_of_the_discounted_return():
+    """By hand: each env's discounted return ``G_t = gamma G_{t-1} + r_t`` restarts at 0 after a termination or
+    a truncation, the running variance pools every ``G`` seen so far (from a prior of variance 1 and weight
+    1e-4), and the reward is divided by its square root."""
+    gamma = 0.5
+    rewards = np.array([[1.0, 2.0], [3.0, -1.0], [2.0, 0.5], [-2.0, 4.0], [1.0, 1.0], [0.0, 3.0]], np.float32)
+    terminated = np.zeros((6, 2), bool)
+    truncated = np.zeros((6, 2), bool)
+    terminated[1, 0] = True   # env 0's first episode ends at step 1
+    truncated[3, 1] = True    # env 1's is cut at step 3
+    env = NormalizeReward(_ScriptedEnv(rewards, terminated, truncated), gamma=gamma, clip=1e6)
+    _, state = env.reset(None, None)
+    seen, ret, got, want = [], np.zeros(2), [], []
+    step = jax.jit(lambda s: env.step(None, s, None, None))
+    for t in range(6):
+        _, state, scaled, *_ = step(state)
+        ret = gamma * ret + rewards[t]
+        seen.extend(ret)
+        x, w = np.array(seen, np.float64), 1e-4  # the prior: mean 0, variance 1, weight w
+        mean = x.sum() / (w + len(x))
+        var = (w * (1.0 + mean**2) + np.sum((x - mean) ** 2)) / (w + len(x))
+        got.append(np.asarray(scaled))
+        want.append(rewards[t] / np.sqrt(var + 1e-8))
+        ret = np.where(terminated[t] | truncated[t], 0.0, ret)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4)
+    # the first step's returns 1 and 2 have std 0.5: rewards 2 and 4, the second clipped to 3
+    clipped = NormalizeReward(_ScriptedEnv(rewards, terminated, truncated), gamma=gamma, clip=3.0)
+    scaled = clipped.step(None, clipped.reset(None, None)[1], None, None)[2]
+    np.testing.assert_allclose(scaled, [2.0, 3.0], rtol=1e-3)
+
+
+def test_continuous_and_survival_probes(key):
+    """ContinuousTimeLimit-probe pays ``1 - (a - x)^2`` with a fresh ``x`` every step and is cut (never
+    terminated) after 5 steps; Survival-probe pays 1 per step and terminates with probability 0.2."""
+    env, params = make_vec_env("ContinuousTimeLimit-probe", num_envs=2)
+    follow = lambda obs, k: (obs * 0.5, {})  # noqa: E731  (a = x / 2)
+    _, traj = _rollout(env, params, follow, key, 10)
+    np.testing.assert_allclose(traj.reward, 1.0 - (0.5 * np.asarray(traj.obs)[..., 0]) ** 2, rtol=1e-6)
+    np.testing.assert_array_equal(traj.truncated, (np.arange(10) % 5 == 4)[:, None].repeat(2, 1))
+    np.testing.assert_array_equal(traj.terminated, False)
+    assert not np.allclose(traj.obs[1:], traj.obs[:-1])  # a fresh target every step
+    env, params = make_vec_env("Survival-probe", num_envs=8)
+    _, traj = _rollout(env, params, _constant_policy(1), key, 100)
+    np.testing.assert_array_equal(traj.reward, 1.0)
+    assert 0.1 < float(np.mean(traj.terminated)) < 0.3 and not np.asarray(traj.truncated).any()

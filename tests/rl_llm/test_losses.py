@@ -146,6 +146,9 @@ def test_kimi_length_reward_by_hand():
     correct = jnp.array([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
     # group 1: lambda = 0.5, 0, -0.5 -> correct keeps it, wrong gets min(0, lambda); group 2: equal lengths
     np.testing.assert_allclose(kimi_length_reward(lengths, correct, 3), [0.5, 0.0, -0.5, 0, 0, 0])
+    # the deciding case: the shortest response is wrong, so its positive lambda = 0.5 becomes min(0, 0.5) = 0
+    np.testing.assert_allclose(kimi_length_reward(jnp.array([2.0, 4.0, 6.0]), jnp.array([0.0, 1.0, 1.0]), 3),
+                               [0.0, 0.0, -0.5])
 
 
 def test_reward_model_and_value_losses():
