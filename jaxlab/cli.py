@@ -8,6 +8,8 @@
     jaxlab train NAME [--out DIR] [--FIELD VALUE ...]
                                                     a registered trainer
     jaxlab launch --nproc N -- COMMAND ...          N processes joined by jax.distributed
+    jaxlab generate PATH --prompt TEXT [--max-new-tokens N] [--temperature T] [--chat]
+                                                    sample from a Hugging Face checkpoint folder
 
 Arguments are parsed by tyro from the frozen config dataclasses, so ``--help`` documents every
 field. Bad input (an unknown name, an invalid value, a config that fails validation) exits with
@@ -38,6 +40,7 @@ COMMANDS = {
     "run": "run one experiment with config overrides",
     "train": "run a registered trainer",
     "launch": "start N processes joined by jax.distributed",
+    "generate": "sample a continuation from a Hugging Face checkpoint folder (KV cache)",
 }
 
 
@@ -79,6 +82,31 @@ class TrainArgs(Generic[T]):
     config: Annotated[T, tyro.conf.arg(name="")]
     out: pathlib.Path = pathlib.Path("runs")
     """Output folder (checkpoints, metrics.jsonl); a run resumes from a checkpoint found there."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateArgs:
+    """Sample a continuation of a prompt from a Hugging Face checkpoint folder (Llama, Qwen2, Mistral, GPT-2
+    with a tokenizer.json), decoding with the KV cache; prints the generated text."""
+
+    path: tyro.conf.Positional[pathlib.Path]
+    """Checkpoint folder: config.json, safetensors weights, tokenizer.json."""
+    prompt: str
+    """The prompt text."""
+    max_new_tokens: int = 64
+    """Tokens to generate (the response stops earlier at the tokenizer's EOS)."""
+    temperature: float = 0.0
+    """Sampling temperature; 0 is greedy."""
+    top_k: int | None = None
+    """Keep the k most likely tokens (None: all)."""
+    top_p: float | None = None
+    """Nucleus sampling: keep the most likely tokens up to this probability (None: all)."""
+    seed: int = 0
+    """Sampling seed."""
+    dtype: str | None = None
+    """Parameter and compute dtype ("float32", "bfloat16", "float16"; None: the checkpoint's)."""
+    chat: bool = False
+    """Wrap the prompt as one user message in the checkpoint's chat template."""
 
 
 _RULE = re.compile(r"[─━═-]{5,}")      # a horizontal rule of the panel (unicode or ASCII)
@@ -205,6 +233,40 @@ def _cmd_train(args: Sequence[str]) -> int:
     return 0
 
 
+def _cmd_generate(args: Sequence[str]) -> int:
+    opts = _parse(GenerateArgs, args, default=None, prog="jaxlab generate")
+    import jax
+    import jax.numpy as jnp
+
+    from jaxlab.models.hub import load_pretrained
+    from jaxlab.models.sampling import sample
+
+    try:
+        model, params, tokenizer = load_pretrained(opts.path, dtype=opts.dtype)
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(f"jaxlab generate: {e}") from None
+    if tokenizer is None:
+        raise CLIError(f"jaxlab generate: {opts.path} has no tokenizer.json")
+    try:
+        if opts.chat:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": opts.prompt}])
+            prompt = tokenizer.encode(text, add_special_tokens=False)
+        else:
+            prompt = tokenizer.encode(opts.prompt)
+        if prompt.size == 0:
+            raise ValueError(f"prompt={opts.prompt!r} encodes to no tokens")
+        eos = tokenizer.eos_id
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else (eos or 0)
+        out = sample(model, params, jnp.asarray(prompt[None], jnp.int32), jax.random.key(opts.seed),
+                     opts.max_new_tokens, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
+                     eos_id=eos, pad_id=pad)
+    except ValueError as e:
+        raise CLIError(f"jaxlab generate: {e}") from None
+    response = [int(t) for t, keep in zip(out.response[0], out.mask[0]) if keep and int(t) != eos]
+    print(tokenizer.decode(response, skip_special_tokens=True))
+    return 0
+
+
 def _cmd_launch(args: Sequence[str]) -> int:
     try:
         from jaxlab.parallel.launch import main as launch_main
@@ -260,13 +322,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     handlers = {"list": _cmd_list, "reproduce": _cmd_reproduce, "run": _cmd_run, "train": _cmd_train,
-                "launch": _cmd_launch}
+                "launch": _cmd_launch, "generate": _cmd_generate}
     try:
         if command not in handlers:
             close = difflib.get_close_matches(command, list(handlers), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise CLIError(f"unknown command {command!r}{hint} (commands: {', '.join(handlers)})")
-        if command in ("reproduce", "run", "train"):
+        if command in ("reproduce", "run", "train", "generate"):
             _configure_cpu_dispatch()
             # Under `jaxlab launch` this joins the multi-process job before JAX sees devices;
             # on its own it does nothing.

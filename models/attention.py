@@ -38,7 +38,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxlab.kernels.attention import dot_product_attention
 from jaxlab.kernels.ring_attention import context_parallel_attention
-from jaxlab.models.layers import Projection, RMSNorm, apply_rope
+from jaxlab.models.layers import Projection, RMSNorm, RopeScaling, apply_rope
 
 __all__ = ["Attention", "KVCache", "cached_attention"]
 
@@ -133,8 +133,11 @@ class Attention(nn.Module):
       window: sliding window of W keys per query, the query included (None: unlimited); without
         ``causal``, W keys on each side, the query's own counted on both.
       rope_base: rotary base frequency; None disables rotary positions.
+      rope_scaling: Llama 3.1's rescaling of the rotary frequencies (None: none).
       qk_norm: RMS-normalise queries and keys per head before the rotary embedding.
       impl: attention implementation passed to the kernel ("auto", "xla", "pallas", ...).
+      use_bias: biases on every projection; ``qkv_bias`` / ``out_bias`` (None: ``use_bias``) set them apart
+        for the query/key/value projections (Qwen2) and the output projection.
     """
 
     num_heads: int
@@ -147,6 +150,9 @@ class Attention(nn.Module):
     impl: str = "auto"
     softcap: float | None = None
     use_bias: bool = False
+    qkv_bias: bool | None = None
+    out_bias: bool | None = None
+    rope_scaling: RopeScaling | None = None
     norm_eps: float = 1e-6
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -187,8 +193,11 @@ class Attention(nn.Module):
                 raise ValueError("cache needs causal self-attention (causal=True, kv=None)")
             if segment_ids is not None:
                 raise ValueError("segment_ids must be None when decoding with a cache (one document per row)")
-        def dense(feats, axes, name, contract=1):
-            return Projection(feats, axes, contract, use_bias=self.use_bias, dtype=self.dtype,
+        qkv_bias = self.use_bias if self.qkv_bias is None else self.qkv_bias
+        out_bias = self.use_bias if self.out_bias is None else self.out_bias
+
+        def dense(feats, axes, name, contract=1, bias=qkv_bias):
+            return Projection(feats, axes, contract, use_bias=bias, dtype=self.dtype,
                               param_dtype=self.param_dtype, name=name)
 
         q_axes, kv_axes = ("batch", "length", "heads", "head_dim"), ("batch", "length", "kv_heads", "head_dim")
@@ -208,7 +217,8 @@ class Attention(nn.Module):
                 raise ValueError("rotary positions apply to self-attention only; set rope_base=None")
             if positions is None:
                 raise ValueError("positions are required with rotary embeddings")
-            q, k = apply_rope(q, positions, self.rope_base), apply_rope(k, positions, self.rope_base)
+            q = apply_rope(q, positions, self.rope_base, self.rope_scaling)
+            k = apply_rope(k, positions, self.rope_base, self.rope_scaling)
         seq_shards = _seq_shards()
         if cache is None and kv is None and seq_shards > 1:  # context parallel: ring attention over "seq"
             out = context_parallel_attention(q, k, v, jax.sharding.get_abstract_mesh(), seq_axis=SEQ_AXIS,
@@ -221,5 +231,5 @@ class Attention(nn.Module):
         else:
             out, cache = cached_attention(q, k, v, cache, impl=self.impl, softcap=self.softcap)
         out = checkpoint_name(nn.with_logical_constraint(out, q_axes), "context")  # [B, Lq, Hq, D]
-        y = dense((d_model,), ("heads", "head_dim", "embed"), "out", contract=2)(out)  # [B, Lq, d_model]
+        y = dense((d_model,), ("heads", "head_dim", "embed"), "out", contract=2, bias=out_bias)(out)  # [B, Lq, d_model]
         return y, cache

@@ -2,9 +2,15 @@
 
 Pre-norm residual blocks (GPT-2/LLaMA layout)::
 
-    x = x + Mixer(RMSNorm(x))          # "attention" | "sliding" | "linear" | "gau" | "s4d" | "s5" | "mamba" | "mamba2"
-    x = x + FFN(RMSNorm(x))            # "swiglu" | "gelu" | "moe"
-    logits = RMSNorm(x) E^T            # tied embeddings (or a separate head)
+    x = E[tokens] (+ P[positions])     # rotary positions inside attention, or learned absolute ones (GPT-2)
+    x = x + Mixer(Norm(x))             # "attention" | "sliding" | "linear" | "gau" | "s4d" | "s5" | "mamba" | "mamba2"
+    x = x + FFN(Norm(x))               # "swiglu" | "gelu" | "gelu_tanh" | "moe"
+    logits = Norm(x) E^T               # tied embeddings (or a separate head); Norm: RMSNorm or LayerNorm
+
+The options that Hugging Face's Llama, Qwen2, Mistral and GPT-2 checkpoints need (``qkv_bias``,
+``attn_out_bias``, ``mlp_bias``, ``position_embedding="learned"``, ``norm="layer"``, ``rope_scaling``,
+``d_head``, the "sliding" mixer's ``window``) make ``jaxlab.models.hub.load_pretrained`` a name and
+layout mapping; their defaults are the model above.
 
 Every mixer has one interface, ``mixer(x, positions, segment_ids, state) -> (y, state)``: with
 ``state=None`` it runs a whole (possibly packed) sequence; with a state from ``init_state`` it
@@ -41,23 +47,26 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
+from flax.linen.dtypes import promote_dtype
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxlab.kernels.attention import IMPLEMENTATIONS
 from jaxlab.models.attention import Attention
-from jaxlab.models.layers import FeedForward, RMSNorm, default_positions, embed_init, resolve_dtype
+from jaxlab.models.layers import (NORMS, FeedForward, RopeScaling, contract_last, default_positions, embed_init,
+                                  make_norm, resolve_dtype)
 from jaxlab.models.linear_mixers import FEATURE_MAPS, GAU, LinearAttention
 from jaxlab.models.moe import DISPATCH, GATES, MoE
 from jaxlab.models.remat import remat_module, validate_remat
 from jaxlab.models.ssm_mixers import S4D, S5, Mamba, Mamba2
 from jaxlab.validation import check_choice, check_greater, check_positive
 
-__all__ = ["FFNS", "LM", "LMCache", "LMConfig", "MIXERS", "NO_DECAY_PARAMS", "RESIDUAL_AXES", "cross_entropy_sums",
-           "init_params", "lm_loss", "make_mixer", "next_token_loss", "param_logical_axes", "scan_to_unrolled",
-           "shifted_targets", "token_logprobs", "unrolled_to_scan"]
+__all__ = ["FFNS", "LM", "LMCache", "LMConfig", "MIXERS", "NO_DECAY_PARAMS", "POSITION_EMBEDDINGS", "RESIDUAL_AXES",
+           "cross_entropy_sums", "init_params", "lm_loss", "make_mixer", "next_token_loss", "param_logical_axes",
+           "scan_to_unrolled", "shifted_targets", "token_logprobs", "unrolled_to_scan"]
 
 MIXERS = ("attention", "sliding", "linear", "gau", "s4d", "s5", "mamba", "mamba2")
-FFNS = ("swiglu", "gelu", "moe")
+FFNS = ("swiglu", "gelu", "gelu_tanh", "moe")
+POSITION_EMBEDDINGS = ("rope", "learned")
 RESIDUAL_AXES = ("batch", "length", "embed")
 """Logical axes of the residual stream [B, L, d_model], constrained at every block boundary."""
 
@@ -112,7 +121,24 @@ class LMConfig:
     window: int = 128
     """Keys seen by each query of the "sliding" mixer (itself included)."""
     rope_base: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    """Llama 3.1's rescaling of the rotary frequencies (``models.layers.RopeScaling``: factor,
+    low_freq_factor, high_freq_factor, original_max_position_embeddings); None: plain RoPE."""
+    position_embedding: str = "rope"
+    """"rope" (rotary, inside attention) or "learned" (GPT-2: a trained [max_len, d_model] table added to the
+    token embedding; attention then has no rotary positions)."""
+    norm: str = "rms"
+    """"rms" (RMSNorm) or "layer" (LayerNorm with a bias, GPT-2) for the block and final norms."""
     norm_eps: float = 1e-6
+    d_head: int | None = None
+    """Attention head dim D (Hugging Face's ``head_dim``) when it differs from d_model // num_heads (None);
+    "attention" and "sliding" mixers only."""
+    qkv_bias: bool = False
+    """Biases on the query/key/value projections (Qwen2, GPT-2)."""
+    attn_out_bias: bool = False
+    """A bias on the attention output projection (GPT-2)."""
+    mlp_bias: bool = False
+    """Biases on the dense feed-forward's projections (GPT-2)."""
     feature_map: str = "elu"
     """Linear attention feature map: "elu" (elu + 1) or "favor" (Performer FAVOR+)."""
     num_features: int = 64
@@ -133,7 +159,7 @@ class LMConfig:
         check_positive(self, "vocab_size", "d_model", "num_layers", "num_heads", "num_experts", "experts_per_token",
                        "max_len", "window", "num_features", "d_state", "d_conv", "expand", "ssm_head_dim",
                        "chunk_size", "gau_qk_dim", integer=True)
-        for name in ("num_kv_heads", "d_ff", "d_expert"):
+        for name in ("num_kv_heads", "d_ff", "d_expert", "d_head"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r} must be None or a positive int")
@@ -146,14 +172,22 @@ class LMConfig:
             raise ValueError(f"mixer_pattern={self.mixer_pattern!r} must be None or a non-empty tuple of {MIXERS}")
         if self.ffn not in FFNS:
             raise ValueError(f"ffn={self.ffn!r} must be one of {FFNS}")
-        if self.d_model % self.num_heads:
+        check_choice(self, "position_embedding", POSITION_EMBEDDINGS)
+        check_choice(self, "norm", NORMS)
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(f"rope_scaling={self.rope_scaling!r} must be None or a models.layers.RopeScaling")
+        if self.mlp_bias and self.ffn == "moe":
+            raise ValueError("mlp_bias=True applies to the dense feed-forwards, not ffn='moe'")
+        if self.d_head is None and self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
         if self.num_heads % self.kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         mixers = set(self.layer_mixers)
+        if self.d_head is not None and mixers - {"attention", "sliding"}:
+            raise ValueError(f"d_head={self.d_head} applies to the attention mixers only, not {sorted(mixers)}")
         if mixers & {"attention", "sliding", "linear"} and self.head_dim % 2:
-            raise ValueError(f"head dim d_model // num_heads = {self.head_dim} must be even for rotary "
-                             f"embeddings ({self.d_model=}, {self.num_heads=})")
+            raise ValueError(f"head dim (d_head, or d_model // num_heads) = {self.head_dim} must be even for "
+                             f"rotary embeddings ({self.d_model=}, {self.num_heads=}, {self.d_head=})")
         if self.experts_per_token > self.num_experts:
             raise ValueError(f"experts_per_token={self.experts_per_token} must be <= num_experts={self.num_experts}")
         if self.moe_gate not in GATES:
@@ -196,13 +230,14 @@ class LMConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.num_heads
+        """Attention head dim: ``d_head``, or d_model // num_heads without it."""
+        return self.d_model // self.num_heads if self.d_head is None else self.d_head
 
     @property
     def ffn_hidden(self) -> int:
         if self.d_ff is not None:
             return self.d_ff
-        if self.ffn == "gelu":
+        if self.ffn in ("gelu", "gelu_tanh"):
             return 4 * self.d_model
         return -(-(8 * self.d_model // 3) // 8) * 8
 
@@ -231,9 +266,12 @@ def make_mixer(cfg: LMConfig, mixer: str | None = None, **kwargs) -> nn.Module:
         raise ValueError(f"mixer={mixer!r} must be one of {MIXERS}")
     common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, **kwargs)
     if mixer in ("attention", "sliding"):
-        return Attention(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, causal=True,
-                         window=cfg.window if mixer == "sliding" else None, rope_base=cfg.rope_base,
-                         qk_norm=cfg.qk_norm, impl=cfg.attention_impl, norm_eps=cfg.norm_eps, **common)
+        rope = cfg.position_embedding == "rope"
+        return Attention(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.d_head, causal=True,
+                         window=cfg.window if mixer == "sliding" else None,
+                         rope_base=cfg.rope_base if rope else None, rope_scaling=cfg.rope_scaling if rope else None,
+                         qkv_bias=cfg.qkv_bias, out_bias=cfg.attn_out_bias, qk_norm=cfg.qk_norm,
+                         impl=cfg.attention_impl, norm_eps=cfg.norm_eps, **common)
     if mixer == "linear":
         return LinearAttention(num_heads=cfg.num_heads, feature_map=cfg.feature_map, num_features=cfg.num_features,
                                **common)
@@ -258,8 +296,8 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, positions, segment_ids=None, state=None):
         cfg = self.cfg
-        norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.storage_dtype, "embed",  # noqa: E731
-                                    name=name)
+        norm = lambda name: make_norm(cfg.norm, cfg.norm_eps, cfg.compute_dtype, cfg.storage_dtype,  # noqa: E731
+                                      "embed", name=name)
         residual = functools.partial(nn.with_logical_constraint, logical_axis_resources=RESIDUAL_AXES)
         x = residual(x)
         h, state = make_mixer(cfg, self.mixer, name="mixer")(residual(norm("mixer_norm")(x)), positions,
@@ -272,8 +310,8 @@ class Block(nn.Module):
                          dtype=cfg.compute_dtype,
                          param_dtype=cfg.storage_dtype, name="moe")(y)
         else:
-            f = FeedForward(cfg.ffn_hidden, cfg.ffn, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
-                            name="ffn")(y)
+            f = FeedForward(cfg.ffn_hidden, cfg.ffn, use_bias=cfg.mlp_bias, dtype=cfg.compute_dtype,
+                            param_dtype=cfg.storage_dtype, name="ffn")(y)
             aux = {}
         x = residual(x + checkpoint_name(f, "ffn_out"))
         aux["residual_rms"] = jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
@@ -360,7 +398,11 @@ class LM(nn.Module):
         else:
             block = remat_module(Block, cfg.remat)
             self.blocks = [block(cfg, mixer, name=f"block_{i}") for i, mixer in enumerate(cfg.layer_mixers)]
-        self.final_norm = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.storage_dtype, "embed")
+        if cfg.position_embedding == "learned":
+            self.pos_embed = nn.Embed(cfg.max_len, cfg.d_model, dtype=cfg.compute_dtype,
+                                      param_dtype=cfg.storage_dtype,
+                                      embedding_init=nn.with_logical_partitioning(embed_init, (None, "embed")))
+        self.final_norm = make_norm(cfg.norm, cfg.norm_eps, cfg.compute_dtype, cfg.storage_dtype, "embed")
         if not cfg.tie_embeddings:
             self.head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
                                  kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
@@ -375,7 +417,10 @@ class LM(nn.Module):
     def _run(self, tokens, positions, segment_ids, states):
         # perturb: adds a zero "perturbations" variable when that collection is passed, so gradients with
         # respect to the embedded inputs (e.g. causality checks) come from jax.grad on it.
-        x = self.perturb("embedded", nn.with_logical_constraint(self.embed(tokens), RESIDUAL_AXES))  # [B, L, d]
+        x = self.embed(tokens)  # [B, L, d]
+        if self.cfg.position_embedding == "learned":
+            x = x + self.pos_embed(positions)  # [B, L, d]
+        x = self.perturb("embedded", nn.with_logical_constraint(x, RESIDUAL_AXES))
         if self.cfg.scan_layers:  # states: one per group position, stacked over groups [G, ...]
             x, (new_states, aux) = self.blocks(x, positions, segment_ids, states)
             layers = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), aux)  # [G, P, ...] -> [num_layers, ...]
@@ -387,7 +432,11 @@ class LM(nn.Module):
                 auxes.append(aux)
             layers = jax.tree.map(lambda *a: jnp.stack(a), *auxes)  # [num_layers, ...]
         x = nn.with_logical_constraint(self.final_norm(x), RESIDUAL_AXES)
-        logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.head(x)  # [B, L, V]
+        if self.cfg.tie_embeddings:  # Embed.attend's x · E^T, as a GEMM over rows off a mesh (contract_last)
+            x, embedding = promote_dtype(x, self.embed.embedding, dtype=self.cfg.compute_dtype)
+            logits = contract_last(x, embedding.T)  # [B, L, V]
+        else:
+            logits = self.head(x)  # [B, L, V]
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return logits.astype(jnp.float32), tuple(new_states), self._collect_aux(layers)
 

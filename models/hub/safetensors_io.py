@@ -1,0 +1,151 @@
+"""Reading and writing safetensors checkpoints one tensor at a time, single-file or sharded with an index.
+
+A Hugging Face checkpoint folder holds ``model.safetensors``, or shards ``model-0000k-of-0000n.safetensors``
+listed by ``model.safetensors.index.json`` (``{"metadata": {"total_size": bytes}, "weight_map": {tensor:
+file}}``). :class:`CheckpointReader` opens every file with ``safetensors.safe_open`` (memory-mapped) and
+reads one tensor when asked, so loading never holds a host copy of the whole checkpoint; shapes and
+dtypes come from the headers without reading data. :func:`write_checkpoint` fills shards of at most
+``max_shard_bytes`` (a tensor larger than that gets a shard of its own) and writes the index when there
+is more than one.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Iterable
+
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+__all__ = ["INDEX_FILE", "SINGLE_FILE", "CheckpointReader", "write_checkpoint"]
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointReader:
+    """The tensors of a checkpoint folder by name, read lazily; a context manager (closes the files).
+
+    Errors: a folder without weights, an index naming a missing shard (``FileNotFoundError`` naming it),
+    a corrupt file or index, or an index whose shard lacks a tensor it lists (``ValueError`` naming them)."""
+
+    def __init__(self, folder: str | pathlib.Path):
+        self.folder = pathlib.Path(folder)
+        index, single = self.folder / INDEX_FILE, self.folder / SINGLE_FILE
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{index}: not a safetensors index ({e})") from None
+            files = sorted(set(weight_map.values()))
+        elif single.exists():
+            weight_map, files = None, [SINGLE_FILE]
+        else:
+            raise FileNotFoundError(f"{self.folder} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+        for name in files:
+            if not (self.folder / name).exists():
+                raise FileNotFoundError(f"shard {self.folder / name} listed in {index} is missing")
+        self._handles = {name: self._open(self.folder / name) for name in files}
+        self.location: dict[str, str] = {}
+        self._stored: dict[str, str] = {}  # name -> name in the file (they differ after add_prefix)
+        for name, handle in self._handles.items():
+            for key in handle.keys():
+                self.location[key] = name
+                self._stored[key] = key
+        if weight_map is not None:
+            for key, name in weight_map.items():
+                if self.location.get(key) != name:
+                    raise ValueError(f"{index} lists tensor {key!r} in {name}, which does not hold it")
+
+    @staticmethod
+    def _open(path: pathlib.Path):
+        try:
+            return safetensors.safe_open(str(path), framework="numpy")
+        except Exception as e:  # SafetensorError: header or length corrupt
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+    def names(self) -> set[str]:
+        return set(self.location)
+
+    def add_prefix(self, prefix: str) -> None:
+        """Name every tensor ``prefix + name`` (checkpoints saved from a base model, e.g. the original GPT-2
+        files, lack the causal-LM wrapper's ``transformer.`` prefix)."""
+        self.location = {prefix + k: v for k, v in self.location.items()}
+        self._stored = {prefix + k: v for k, v in self._stored.items()}
+
+    def _slice(self, name: str):
+        return self._handles[self.location[name]].get_slice(self._stored[name])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype ("F32", "BF16", ...)."""
+        return self._slice(name).get_dtype()
+
+    def get(self, name: str) -> np.ndarray:
+        path = self.folder / self.location[name]
+        try:
+            return self._handles[self.location[name]].get_tensor(self._stored[name])
+        except Exception as e:
+            raise ValueError(f"{path}: tensor {name!r} cannot be read ({e})") from None
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def write_checkpoint(tensors: Iterable[tuple[str, np.ndarray]], folder: str | pathlib.Path,
+                     max_shard_bytes: int) -> list[str]:
+    """Write ``(name, array)`` pairs in order into ``folder``: one ``model.safetensors`` when everything fits
+    in ``max_shard_bytes``, else shards of at most that size plus the index. Holds one shard in memory at a
+    time. Returns the file names written."""
+    if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes!r} must be a positive int")
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in [folder / SINGLE_FILE, folder / INDEX_FILE, *folder.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
+    shards, current, size, total = [], {}, 0, 0
+    temp_names = []
+    for name, array in tensors:
+        array = np.ascontiguousarray(array)
+        if current and size + array.nbytes > max_shard_bytes:
+            shards.append(current)
+            temp_names.append(_flush(current, folder, len(shards)))
+            current, size = {}, 0
+        current[name] = array
+        size += array.nbytes
+        total += array.nbytes
+    if not shards:
+        safetensors.numpy.save_file(current, str(folder / SINGLE_FILE), metadata={"format": "pt"})
+        return [SINGLE_FILE]
+    shards.append(current)
+    temp_names.append(_flush(current, folder, len(shards)))
+    n = len(shards)
+    names, weight_map = [], {}
+    for k, (temp, shard) in enumerate(zip(temp_names, shards), start=1):
+        final = f"model-{k:05d}-of-{n:05d}.safetensors"
+        (folder / temp).rename(folder / final)
+        names.append(final)
+        weight_map.update({key: final for key in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return [*names, INDEX_FILE]
+
+
+def _flush(shard: dict, folder: pathlib.Path, k: int) -> str:
+    """Write shard number ``k`` under a temporary name (the count of shards is known only at the end) and
+    drop its arrays from memory, keeping the names."""
+    temp = f"model-{k:05d}-partial.safetensors"
+    safetensors.numpy.save_file(shard, str(folder / temp), metadata={"format": "pt"})
+    for key in shard:
+        shard[key] = None
+    return temp
