@@ -20,6 +20,14 @@ per row (attention through cuDNN, and through our Pallas kernel) and for packed 
 (Pallas: cuDNN's fused kernel takes no segment mask). A configuration that fails is recorded with its
 error and the others still run. ``--mfu-only`` skips the CPU-sized sections.
 
+Against PyTorch (``--torch-python PY``, the interpreter of a separate venv holding the CPU build of
+torch, ``pip install torch==2.13.0``; torch is never a jaxlab dependency): tokens/s of ``jaxlab train lm``
+as a user runs it (its own packed data pipeline, metrics and loop included; timed from the
+``metrics.jsonl`` stamps after the first logged interval, so compilation is excluded) beside the
+same model in PyTorch eager and under ``torch.compile`` (``benchmarks/lm_torch.py``, the twin), in
+alternating runs at two sizes, and the Mamba-2 mixer's tokens/s beside them. The twin is checked to
+be the same model: from jaxlab's parameters and one batch it must give the same loss and gradient norm.
+
 Results go to ``benchmarks/results/lm-<backend>.{json,md}``.
 """
 
@@ -35,6 +43,8 @@ import time
 
 CPU_MODEL = dict(d_model=128, num_layers=4, num_heads=4, batch=8, seq_len=256)
 MIXERS = ("attention", "sliding", "linear", "gau", "s4d", "s5", "mamba", "mamba2")
+TORCH_SIZES = (dict(d_model=128, num_layers=4, num_heads=4, batch=16, seq_len=256),  # `jaxlab train lm` defaults
+               dict(d_model=384, num_layers=6, num_heads=6, batch=8, seq_len=512))
 GPU_MODEL = dict(d_model=768, num_layers=12, num_heads=12, vocab_size=50304, batch=16, seq_len=2048)
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -44,6 +54,10 @@ def _args(argv):
     p.add_argument("--quick", action="store_true", help="fewer mixers and repeats")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, quick 2)")
     p.add_argument("--mfu-only", action="store_true", help="on a GPU, measure only the MFU section")
+    p.add_argument("--torch-python", type=pathlib.Path, default=None,
+                   help="python of a venv with torch 2.13.0 (CPU): adds the side-by-side PyTorch section")
+    p.add_argument("--torch-only", action="store_true", help="with --torch-python: only the PyTorch section")
+    p.add_argument("--torch-steps", type=int, default=40, help="timed training steps per run in that section")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results")
     return p.parse_args(argv)
 
@@ -154,6 +168,181 @@ def bench_packing(seq_lens, repeats: int) -> list[dict]:
     return rows
 
 
+# ---- against PyTorch ------------------------------------------------------------------------------
+TWIN = pathlib.Path(__file__).resolve().parent / "lm_torch.py"
+
+
+def _size_args(size: dict) -> list[str]:
+    return ["--d-model", str(size["d_model"]), "--num-layers", str(size["num_layers"]),
+            "--num-heads", str(size["num_heads"])]
+
+
+def jaxlab_train_tokens_per_s(size: dict, mixer: str, steps: int, workdir: pathlib.Path,
+                              async_dispatch: bool = False) -> float:
+    """Tokens/s of ``jaxlab train lm`` run as a user runs it (a child process, the stdlib corpus packed by its
+    own pipeline), from the ``metrics.jsonl`` time stamps between the second logged step and the last one
+    before the end (compilation and the final evaluation excluded). ``async_dispatch``: with JAX's
+    asynchronous CPU dispatch, which the CLI turns off (``JAX_CPU_ENABLE_ASYNC_DISPATCH=1`` keeps it)."""
+    import os
+    import shutil
+    import subprocess
+
+    from jaxlab.child_process import python_module_command
+
+    out = workdir / f"jaxlab-{mixer}-{size['d_model']}"
+    shutil.rmtree(out, ignore_errors=True)
+    log_every = 5
+    cmd = python_module_command("jaxlab", "train", "lm", "--out", str(out), "--mixer", mixer,
+                                "--steps", str(steps + 2 * log_every), "--batch-size", str(size["batch"]),
+                                "--seq-len", str(size["seq_len"]), *_size_args(size), "--log-every", str(log_every),
+                                "--eval-every", str(10 ** 6), "--eval-batches", "1", "--sample-every", "0",
+                                "--checkpoint-every", str(10 ** 6), "--no-progress")
+    env = {**os.environ, "JAX_CPU_ENABLE_ASYNC_DISPATCH": "1" if async_dispatch else "0"}
+    subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    stamps = [(r["step"], r["time"]) for r in lines if "time" in r][1:-1]  # [(step, wall time)]
+    (s0, t0), (s1, t1) = stamps[0], stamps[-1]
+    return (s1 - s0) * size["batch"] * size["seq_len"] / (t1 - t0)
+
+
+def torch_tokens_per_s(torch_python: pathlib.Path, size: dict, steps: int, compile_: bool,
+                       weights: pathlib.Path | None = None) -> dict:
+    """One run of the PyTorch twin; its JSON result."""
+    import subprocess
+
+    cmd = [str(torch_python), str(TWIN), *_size_args(size), "--batch", str(size["batch"]),
+           "--seq-len", str(size["seq_len"]), "--steps", str(steps)]
+    cmd += ["--compile"] if compile_ else []
+    cmd += ["--weights", str(weights)] if weights else []
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def twin_check(torch_python: pathlib.Path, size: dict, workdir: pathlib.Path) -> dict:
+    """jaxlab's loss and gradient norm from its initial parameters on one batch (one document per row) and the
+    twin's from the same parameters: equal up to fp32 rounding when the two are the same model."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxlab.models.lm import LM, LMConfig, init_params
+    from jaxlab.models.lm_training import make_loss_fn
+
+    B, L = 4, size["seq_len"]
+    model = LM(LMConfig(vocab_size=256, d_model=size["d_model"], num_layers=size["num_layers"],
+                        num_heads=size["num_heads"], max_len=L))
+    params = init_params(model, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+    batch = _batch(np.random.default_rng(1).integers(1, 256, (B, L)))
+    (loss, _), grads = jax.value_and_grad(make_loss_fn(model), has_aux=True)(params, batch, jax.random.PRNGKey(0))
+    grad_norm = float(jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float64 if jax.config.x64_enabled else jnp.float32)))
+                                   for g in jax.tree.leaves(grads))))
+    flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(x)
+            for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat.update({f"batch/{k}": np.asarray(batch[k]) for k in ("inputs", "targets", "mask")})
+    path = workdir / f"twin-{size['d_model']}.npz"
+    np.savez(path, **flat)
+    twin = torch_tokens_per_s(torch_python, {**size, "batch": B}, 1, False, weights=path)
+    return {"jaxlab_loss": float(loss), "torch_loss": twin["loss"], "jaxlab_grad_norm": grad_norm,
+            "torch_grad_norm": twin["grad_norm"]}
+
+
+def bench_torch(torch_python: pathlib.Path, repeats: int, steps: int) -> list[dict]:
+    """Per size: the twin check, then ``repeats`` alternating rounds of jaxlab (attention, with and without
+    asynchronous dispatch, and Mamba-2), torch eager and torch.compile; medians over rounds. ``steps`` timed
+    steps at the default size, fewer at larger ones (in proportion to the work per step)."""
+    import statistics
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = pathlib.Path(tmp)
+        for size in TORCH_SIZES:
+            runs: dict[str, list[float]] = {"jaxlab": [], "jaxlab_async": [], "jaxlab_mamba2": [], "torch_eager": [],
+                                            "torch_compile": []}
+            steps = max(10, round(steps * 4096 / (size["batch"] * size["seq_len"]) * 128 ** 2 / size["d_model"] ** 2))
+            for _ in range(repeats):
+                runs["jaxlab"].append(jaxlab_train_tokens_per_s(size, "attention", steps, workdir))
+                runs["jaxlab_async"].append(jaxlab_train_tokens_per_s(size, "attention", steps, workdir, True))
+                runs["torch_eager"].append(torch_tokens_per_s(torch_python, size, steps, False)["tokens_per_s"])
+                runs["torch_compile"].append(torch_tokens_per_s(torch_python, size, steps, True)["tokens_per_s"])
+                runs["jaxlab_mamba2"].append(jaxlab_train_tokens_per_s(size, "mamba2", steps, workdir))
+            row = {"size": size, "check": twin_check(torch_python, size, workdir), "runs": runs}
+            row.update({f"{k}_tokens_per_s": statistics.median(v) for k, v in runs.items()})
+            rows.append(row)
+    return rows
+
+
+ATTENTION_SHAPES = ((16, 128, 4, 32), (16, 256, 4, 32), (8, 512, 6, 64), (4, 1024, 4, 32))  # B, L, H, D
+
+
+def bench_attention_tiles(torch_python: pathlib.Path | None, repeats: int) -> list[dict]:
+    """Causal attention forward+backward at the training shapes: dense ``xla``, the tiled pass at tile edges
+    64/128/256, what ``impl="auto"`` runs, and torch's ``scaled_dot_product_attention`` (its fused CPU
+    kernel) when a torch venv is given."""
+    import subprocess
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxlab.kernels.attention import auto_tile, dot_product_attention
+
+    rows = []
+    for B, L, H, D in ATTENTION_SHAPES:
+        q, k, v, do = (jax.random.normal(key, (B, L, H, D)) for key in jax.random.split(jax.random.PRNGKey(0), 4))
+        seg = jnp.ones((B, L), jnp.int32)  # packed rows: the trainer always passes segment ids
+        variants = {"xla": dict(impl="xla"), "auto": dict(impl="auto")}
+        variants.update({f"tile {b}": dict(impl="blockwise", block_q=b, block_k=b) for b in (64, 128, 256) if b <= L})
+        row = {"shape": [B, L, H, D], "auto_tile": auto_tile(B, H, L), "ms": {}}
+        for name, kw in variants.items():
+            def fwd_bwd(q, k, v, kw=kw):
+                f = lambda q, k, v: dot_product_attention(q, k, v, causal=True, segment_ids=seg, **kw)  # noqa: E731
+                return jax.vjp(f, q, k, v)[1](do)
+            f = jax.jit(fwd_bwd)
+            jax.block_until_ready(f(q, k, v))
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                jax.block_until_ready(f(q, k, v))
+                best = min(best, time.perf_counter() - start)
+            row["ms"][name] = 1e3 * best
+        if torch_python:
+            done = subprocess.run([str(torch_python), str(TWIN), "--attention", f"{B},{L},{H},{D}"], check=True,
+                                  capture_output=True, text=True)
+            row["ms"]["torch sdpa"] = json.loads(done.stdout.strip().splitlines()[-1])["fwd_bwd_ms"]
+        rows.append(row)
+    return rows
+
+
+def _attention_lines(rows: list[dict]) -> list[str]:
+    names = list(dict.fromkeys(n for r in rows for n in r["ms"]))
+    lines = ["", "Causal attention forward+backward (ms, fp32, with segment ids as the trainer passes them) at the "
+             "training shapes: dense `xla`, the tiled pass per tile edge, `auto` (its tile in the second column), "
+             "and torch's fused `scaled_dot_product_attention`:", "",
+             "| B, L, H, D | auto tile | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for r in rows:
+        cells = [f"{r['ms'][n]:.1f}" if n in r["ms"] else "" for n in names]
+        lines.append(f"| {', '.join(map(str, r['shape']))} | {r['auto_tile']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _torch_lines(rows: list[dict]) -> list[str]:
+    lines = ["", "Against PyTorch: tokens/s of `jaxlab train lm` (attention, SwiGLU; its data pipeline and loop "
+             "included) and of the same model in PyTorch 2.13 (CPU build) eager and under torch.compile, fp32, "
+             "medians of alternating runs; the Mamba-2 column is `jaxlab train lm --mixer mamba2`.", "",
+             "| size | jaxlab | jaxlab, async dispatch | torch eager | torch.compile | jaxlab / eager | jaxlab / compile | "
+             "jaxlab mamba2 | twin check: loss jaxlab / torch |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s, c = r["size"], r["check"]
+        lines.append(f"| d={s['d_model']}, {s['num_layers']} layers, {s['num_heads']} heads, B{s['batch']} x "
+                     f"L{s['seq_len']} | {r['jaxlab_tokens_per_s']:,.0f} | {r['jaxlab_async_tokens_per_s']:,.0f} | "
+                     f"{r['torch_eager_tokens_per_s']:,.0f} | "
+                     f"{r['torch_compile_tokens_per_s']:,.0f} | "
+                     f"{r['jaxlab_tokens_per_s'] / r['torch_eager_tokens_per_s']:.2f} | "
+                     f"{r['jaxlab_tokens_per_s'] / r['torch_compile_tokens_per_s']:.2f} | "
+                     f"{r['jaxlab_mamba2_tokens_per_s']:,.0f} | {c['jaxlab_loss']:.6f} / {c['torch_loss']:.6f} |")
+    return lines
+
+
 def mfu_flops_per_token(num_params: int, num_layers: int, d_model: int, seq_len: int) -> int:
     """Training FLOPs per token, PaLM's count: 6 N for the matmuls with weights (forward + backward)
     plus 12 n_layers d L for attention's QK^T and AV (causal masking not discounted)."""
@@ -253,6 +442,10 @@ def _markdown(result: dict) -> str:
         lines += _mixer_lines(result)
     if result["packing"]:
         lines += _packing_lines(result)
+    if result.get("torch"):
+        lines += _torch_lines(result["torch"])
+    if result.get("attention_tiles"):
+        lines += _attention_lines(result["attention_tiles"])
     lines += _mfu_lines(result.get("mfu"))
     return "\n".join(lines) + "\n"
 
@@ -267,7 +460,11 @@ def main(argv=None) -> int:
     result = {"backend": backend, "device": jax.devices()[0].device_kind, "platform": platform.platform(),
               "load_average": os.getloadavg(), "quick": args.quick, "cpu_model": CPU_MODEL, "mixers": [],
               "packing": []}
-    if not (args.mfu_only and backend == "gpu"):
+    if backend == "cpu":
+        result["attention_tiles"] = bench_attention_tiles(args.torch_python, repeats)
+    if args.torch_python:
+        result["torch"] = bench_torch(args.torch_python, 3 if args.quick else 5, args.torch_steps)
+    if not (args.mfu_only and backend == "gpu") and not args.torch_only:
         result["mixers"] = bench_mixers(mixers, repeats)
         result["packing"] = bench_packing((256,) if args.quick else (256, 1024), repeats)
     if backend == "gpu":

@@ -22,6 +22,7 @@ bottom-right aligned: query i sits at key position ``i + Lk - Lq``). Implementat
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -30,14 +31,21 @@ from jaxlab.kernels.attention_blockwise import blockwise_attention
 from jaxlab.kernels.attention_masks import AttentionArgs, check_attention_args, dense_mask, softcap_logits
 from jaxlab.kernels.flash_pallas import flash_attention
 
-__all__ = ["IMPLEMENTATIONS", "attention_reference", "cudnn_unsupported", "dot_product_attention", "select_impl"]
+__all__ = ["IMPLEMENTATIONS", "attention_reference", "auto_tile", "cudnn_unsupported", "dot_product_attention",
+           "select_impl"]
 
 IMPLEMENTATIONS = ("reference", "xla", "blockwise", "pallas", "cudnn", "auto")
 
 # Off GPU, "auto" materialises the scores while they stay below this many bytes and streams over
-# tiles beyond it: on CPU the tiled pass matches the dense one around 8 MiB of fp32 scores
-# (B=1, H=8, L=512) and wins from there on, in time as well as memory (benchmarks/attention.py).
-AUTO_DENSE_SCORE_BYTES = 8 * 2**20
+# tiles beyond it. On CPU the tiled pass wins in time as well as memory from about 1 MiB of fp32
+# scores on (training step, forward and backward: 0.58x the dense time at B=16, H=4, L=256 and
+# 0.49x at B=16, H=4, L=128 with one tile; benchmarks/attention.py), since each tile's scores stay
+# in cache and tiles above the causal diagonal are skipped.
+AUTO_DENSE_SCORE_BYTES = 2**20
+# Tile edge of "auto"'s tiled pass off GPU: the power of two (64 to 256) whose [B, H, b, b] fp32 score
+# tile is closest to this many bytes (about a core's L2); a length of at most two tiles is one tile,
+# since each extra tile costs a loop step that small tiles do not repay.
+AUTO_TILE_SCORE_BYTES = 2**20
 
 
 def _masked_softmax(s, mask):
@@ -151,6 +159,14 @@ def select_impl(q, k, args: AttentionArgs) -> str:
     return "xla" if score_bytes <= AUTO_DENSE_SCORE_BYTES else "blockwise"
 
 
+def auto_tile(batch: int, num_heads: int, length: int) -> int:
+    """Tile edge (along a length of ``length``) of the tiled pass that ``impl="auto"`` runs off GPU:
+    see ``AUTO_TILE_SCORE_BYTES``."""
+    edge = math.sqrt(AUTO_TILE_SCORE_BYTES / (4 * batch * num_heads))
+    edge = min((64, 128, 256), key=lambda b: abs(math.log2(b / edge)))
+    return length if length <= 2 * edge else edge
+
+
 def dot_product_attention(q, k, v, *, causal=False, segment_ids=None, window=None, softcap=None, scale=None,
                           impl="auto", block_q=None, block_k=None, interpret=None):
     """Exact multi-head attention; see :func:`attention_reference` for the arguments' meaning.
@@ -174,6 +190,9 @@ def dot_product_attention(q, k, v, *, causal=False, segment_ids=None, window=Non
                                 softcap=softcap, scale=scale, impl=impl)
     if impl == "auto":
         impl = select_impl(q, k, args)
+        if impl == "blockwise":
+            block_q = auto_tile(q.shape[0], q.shape[2], q.shape[1]) if block_q is None else block_q
+            block_k = auto_tile(q.shape[0], q.shape[2], k.shape[1]) if block_k is None else block_k
     if impl == "reference":
         return _dense_attention(q, k, v, args, compute_dtype=jnp.float32)
     if impl == "xla":

@@ -21,7 +21,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxlab.kernels.attention import _dense_attention, attention_reference, dot_product_attention, select_impl
+from jaxlab.kernels.attention import (_dense_attention, attention_reference, auto_tile, dot_product_attention,
+                                     select_impl)
 from jaxlab.kernels.attention_masks import MaskSpec, check_attention_args
 
 warnings.filterwarnings("ignore", message=".*[Tt]riton.*", category=DeprecationWarning)
@@ -323,6 +324,33 @@ def test_auto_dispatch_on_cpu(monkeypatch):
         ref = attention_reference(q, k, v, causal=True, window=7)
         assert called[-1] == "reference"
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5, err_msg=expected)
+
+
+def test_auto_tile_size_off_gpu(monkeypatch):
+    """auto's tiled pass off GPU uses tiles whose [B, H, b, b] scores are closest to AUTO_TILE_SCORE_BYTES,
+    one tile for a length of at most two, and the tiles given explicitly when there are."""
+    import jaxlab.kernels.attention as attention
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("the tile policy is the one off GPU")
+    assert attention.AUTO_TILE_SCORE_BYTES == 2**20
+    assert auto_tile(16, 4, 256) == 64  # 1 MiB / (4 B * 64 rows of heads) = 64^2
+    assert auto_tile(16, 4, 128) == 128  # two tiles of 64 -> one tile
+    assert auto_tile(8, 6, 512) == 64  # edge 74 -> 64
+    assert auto_tile(4, 4, 1024) == 128
+    assert auto_tile(1, 1, 4096) == 256  # edge 512, capped
+    blocks = []
+    tiled = attention.blockwise_attention
+    monkeypatch.setattr(attention, "blockwise_attention", lambda *a, block_q, block_k: (
+        blocks.append((block_q, block_k)), tiled(*a, block_q=block_q, block_k=block_k))[1])
+    monkeypatch.setattr(attention, "AUTO_DENSE_SCORE_BYTES", 0)
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.standard_normal((16, 200, 4, 8)), jnp.float32) for _ in range(3))
+    out = dot_product_attention(q, k, v, causal=True, impl="auto")
+    assert blocks == [(64, 64)]
+    np.testing.assert_allclose(out, attention_reference(q, k, v, causal=True), rtol=1e-5, atol=1e-5)
+    dot_product_attention(q, k, v, causal=True, impl="auto", block_q=32)
+    assert blocks[-1] == (32, 64)
 
 
 @pytest.mark.parametrize("kwargs,reason", [
