@@ -54,6 +54,10 @@ __all__ = ["LMTrainConfig", "eval_batches", "make_eval_fn", "make_loss_fn", "sam
            "train_lm"]
 
 
+ARCHITECTURE_FIELDS = ("mixer", "d_model", "num_layers", "num_heads", "ffn")
+"""LMTrainConfig fields that a checkpoint (``init_from``) decides."""
+
+
 @dataclasses.dataclass(frozen=True)
 class LMTrainConfig:
     """Byte-level LM training: model, data, optimisation, evaluation and logging."""
@@ -128,6 +132,11 @@ class LMTrainConfig:
     """How the training state is split over the data axis: ddp | zero1 | zero2 | zero3."""
     grad_accum: int = 1
     """Microbatches per step, their gradients summed inside one jitted step (lax.scan)."""
+    init_from: str | None = None
+    """Start from a Hugging Face checkpoint folder (Llama, Qwen2, Mistral, GPT-2: config.json, *.safetensors,
+    tokenizer.json): its architecture and weights, the text tokenized by its tokenizer (continued pretraining
+    or SFT). The architecture flags (--mixer, --d-model, --num-layers, --num-heads, --ffn) keep their defaults;
+    the trained weights are written back to OUT/hf in the same format."""
 
     def __post_init__(self):
         if self.mixer not in MIXERS:
@@ -155,6 +164,12 @@ class LMTrainConfig:
         if not self.sample_prompt:
             raise ValueError("sample_prompt must be non-empty")
         self.model_config()  # validates the model fields (d_model vs num_heads, ...)
+        if self.init_from is not None:
+            defaults = LMTrainConfig()
+            for name in ARCHITECTURE_FIELDS:
+                if getattr(self, name) != getattr(defaults, name):
+                    raise ValueError(f"{name}={getattr(self, name)!r} cannot be set with init_from="
+                                     f"{self.init_from!r}: the architecture comes from the checkpoint")
 
     def optimizer_config(self) -> OptimizerConfig:
         """AdamW (beta2 0.95) after clipping, linear warmup then cosine decay to ``lr * min_lr_ratio``."""
@@ -199,8 +214,11 @@ def eval_batches(docs, batch_size: int, seq_len: int, max_batches: int) -> list[
     return [{k: v[i:i + batch_size] for k, v in rows.items()} for i in range(0, n, batch_size)]
 
 
-def make_eval_fn(model: LM, batches: list[dict]):
-    """``eval_fn(params) -> {"loss", "bpb", "accuracy"}`` over fixed batches (target-weighted means)."""
+def make_eval_fn(model: LM, batches: list[dict], target_bytes: float | None = None):
+    """``eval_fn(params) -> {"loss", "bpb", "accuracy"}`` over fixed batches (target-weighted means).
+
+    ``target_bytes``: UTF-8 bytes the batches' targets decode to, for bits per byte with a subword tokenizer
+    (None: one token is one byte)."""
 
     @jax.jit
     def sums(params, batch):
@@ -212,17 +230,46 @@ def make_eval_fn(model: LM, batches: list[dict]):
             totals += np.asarray(jax.device_get(sums(params, batch)), np.float64)
         nll, correct, count = totals
         loss = nll / max(count, 1.0)
-        return {"loss": loss, "bpb": loss / math.log(2), "accuracy": correct / max(count, 1.0)}
+        bytes_ = count if target_bytes is None else target_bytes
+        return {"loss": loss, "bpb": nll / max(bytes_, 1.0) / math.log(2), "accuracy": correct / max(count, 1.0)}
 
     return eval_fn
 
 
 def sample_text(model: LM, params, prompt: str, max_new_tokens: int, key: jax.Array,
-                temperature: float = 0.8) -> str:
-    """Continue ``prompt`` by ``max_new_tokens`` bytes; returns prompt + continuation as text."""
-    tokens = jnp.asarray(encode(prompt), jnp.int32)[None]
+                temperature: float = 0.8, tokenizer=None) -> str:
+    """Continue ``prompt`` by ``max_new_tokens`` tokens (bytes, or the ``tokenizer``'s: an
+    ``models.hub.HFTokenizer``); returns prompt + continuation as text."""
+    enc, dec = (encode, decode) if tokenizer is None else (tokenizer.encode, tokenizer.decode)
+    tokens = jnp.asarray(enc(prompt), jnp.int32)[None]
     out = sample(model, params, tokens, key, max_new_tokens, temperature=temperature).tokens
-    return decode(np.asarray(out[0]))
+    return dec(np.asarray(out[0]))
+
+
+def target_bytes(batches: list[dict], tokenizer) -> float:
+    """UTF-8 bytes of the targets of ``batches`` (packed rows of ``tokenizer``'s tokens): per row and document,
+    the decoded text of its tokens after the first (the first token of a document is never a target)."""
+    total = 0
+    for batch in batches:
+        for inputs, seg in zip(batch["inputs"], batch["segment_ids"]):
+            for s in np.unique(seg[seg > 0]):
+                ids = inputs[seg == s][1:]
+                total += len(tokenizer.decode(ids).encode("utf-8"))
+    return float(total)
+
+
+def from_pretrained(cfg: LMTrainConfig):
+    """``(model, params, tokenizer)`` of ``cfg.init_from``: float32 parameters, ``cfg``'s compute dtype, remat
+    and layer layout; a clear error when the folder has no tokenizer or a context shorter than ``seq_len``."""
+    from jaxlab.models.hub import load_pretrained
+
+    model, params, tokenizer = load_pretrained(cfg.init_from, dtype="float32", scan_layers=cfg.scan_layers,
+                                               remat=cfg.remat)
+    if tokenizer is None:
+        raise ValueError(f"init_from={cfg.init_from!r} has no tokenizer.json: its text cannot be tokenized")
+    if model.cfg.max_len < cfg.seq_len:
+        raise ValueError(f"seq_len={cfg.seq_len} exceeds the checkpoint's context of {model.cfg.max_len} tokens")
+    return LM(dataclasses.replace(model.cfg, dtype=cfg.dtype)), params, tokenizer
 
 
 def _log(message: str) -> None:
@@ -262,21 +309,27 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | pathlib.Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     corpus = load_corpus(cfg.data, val_fraction=cfg.val_fraction, max_documents=cfg.max_documents)
     _log(f"data: {corpus.describe()}")
-    lengths = [len(d) for d in corpus.train]
-    packed = packing_stats(pack_documents(corpus.train, cfg.seq_len)).efficiency
+    key = jax.random.PRNGKey(cfg.seed)
+    if cfg.init_from is None:
+        model, tokenizer = LM(cfg.model_config()), None
+        params = init_params(model, jax.random.fold_in(key, 0), jnp.zeros((1, cfg.seq_len), jnp.int32))
+        train_docs, val_docs = corpus.train, corpus.validation
+    else:
+        model, params, tokenizer = from_pretrained(cfg)
+        _log(f"init from {cfg.init_from}: its tokenizer ({tokenizer.vocab_size:,} tokens) and weights")
+        train_docs, val_docs = ([np.asarray(tokenizer.encode(decode(d)), np.int32) for d in docs]
+                                for docs in (corpus.train, corpus.validation))
+    lengths = [len(d) for d in train_docs]
+    packed = packing_stats(pack_documents(train_docs, cfg.seq_len)).efficiency
     padded = padded_efficiency(lengths, cfg.batch_size, cfg.seq_len).efficiency
     _log(f"packing: {packed:.2%} of token slots real (pad-to-longest batches of the same data: {padded:.2%})")
 
-    model_cfg = cfg.model_config()
-    model = LM(model_cfg)
-    key = jax.random.PRNGKey(cfg.seed)
-    data = PackedIterator(corpus.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    data = PackedIterator(train_docs, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
     opt_cfg = cfg.optimizer_config()
     tx, schedule = make_optimizer(opt_cfg, no_decay=NO_DECAY_PARAMS), lr_schedule(opt_cfg)
-    dummy = jnp.zeros((1, cfg.seq_len), jnp.int32)
-    params = init_params(model, jax.random.fold_in(key, 0), dummy)
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-    _log(f"model: {cfg.mixer}, {cfg.num_layers} layers, d_model={cfg.d_model}, {num_params:,} parameters")
+    mc = model.cfg
+    _log(f"model: {mc.mixer}, {mc.num_layers} layers, d_model={mc.d_model}, {num_params:,} parameters")
     state = create_train_state(params, tx, jax.random.fold_in(key, 1))
     mesh = mesh_from_spec(cfg.mesh)
     if mesh.size == 1:  # one device: the plain jitted step
@@ -291,8 +344,8 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | pathlib.Path) -> dict:
     else:
         state, train_step = _sharded(cfg, mesh, model, state, tx, schedule)
 
-    val = eval_batches(corpus.validation, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
-    evaluate = make_eval_fn(model, val)
+    val = eval_batches(val_docs, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    evaluate = make_eval_fn(model, val, None if tokenizer is None else target_bytes(val, tokenizer))
     last_eval: dict = {}
 
     def eval_fn(state):
@@ -307,7 +360,8 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | pathlib.Path) -> dict:
     def on_step(step, state, metrics):
         if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
             text = sample_text(model, state.params, cfg.sample_prompt, cfg.sample_tokens,
-                               jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), step), cfg.temperature)
+                               jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), step), cfg.temperature,
+                               tokenizer)
             _log(f"--- sample at step {step} ---\n{text}\n---")
             if primary:
                 with samples_path.open("a", encoding="utf-8") as f:
@@ -328,6 +382,14 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | pathlib.Path) -> dict:
                "val_loss": last_eval.get("loss"), "val_bpb": last_eval.get("bpb"), "num_params": num_params,
                "skipped_nonfinite": result.skipped_nonfinite, "packing_efficiency": packed, "padded_efficiency": padded, "seconds": elapsed,
                "train_documents": len(corpus.train), "skipped": corpus.skipped}
+    if tokenizer is not None and not result.preempted:
+        if jax.process_count() == 1:  # back to the checkpoint's format, loadable by transformers
+            from jaxlab.models.hub import save_pretrained
+
+            save_pretrained(model, result.state.params, out_dir / "hf", tokenizer)
+            summary["exported"] = str(out_dir / "hf")
+        else:
+            _log("multi-process run: the weights stay in checkpoints/ (OUT/hf is written by one-process runs)")
     if primary:
         (out_dir / "summary.json").write_text(json.dumps(to_jsonable(summary), indent=2))
     if summary["val_bpb"] is not None:
