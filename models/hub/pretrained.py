@@ -172,7 +172,7 @@ def _read_params(reader: CheckpointReader, cfg: LMConfig, arch: str, model: LM, 
         want = _get(abstract, path)
         if value.shape != want.shape:  # the maps and the model disagree: a bug here, not in the file
             raise ValueError(f"parameter {'/'.join(path)} maps to shape {value.shape}, the model has {want.shape}")
-        value = np.asarray(value).astype(storage)
+        value = np.asarray(value).astype(storage, copy=False)  # the read buffer itself when no cast is needed
         _set(params, path, jax.device_put(value, None if shardings is None else _get(shardings, path)))
     return params
 

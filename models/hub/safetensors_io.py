@@ -2,9 +2,12 @@
 
 A Hugging Face checkpoint folder holds ``model.safetensors``, or shards ``model-0000k-of-0000n.safetensors``
 listed by ``model.safetensors.index.json`` (``{"metadata": {"total_size": bytes}, "weight_map": {tensor:
-file}}``). :class:`CheckpointReader` opens every file with ``safetensors.safe_open`` (memory-mapped) and
-reads one tensor when asked, so loading never holds a host copy of the whole checkpoint; shapes and
-dtypes come from the headers without reading data. :func:`write_checkpoint` fills shards of at most
+file}}``). :class:`CheckpointReader` checks every file with ``safetensors.safe_open`` and reads one tensor
+when asked, so loading never holds a host copy of the whole checkpoint; shapes and dtypes come from the
+headers without reading data. A tensor is read with a plain file read (the header's ``data_offsets``) into
+a fresh 64-byte-aligned buffer, not through a memory map: pages of a mapped file stay resident in the
+process while it is mapped (a whole extra copy of the checkpoint by the end of a load), and an aligned
+buffer becomes a CPU ``jax.Array`` without a copy. :func:`write_checkpoint` fills shards of at most
 ``max_shard_bytes`` (a tensor larger than that gets a shard of its own) and writes the index when there
 is more than one.
 """
@@ -13,8 +16,10 @@ from __future__ import annotations
 
 import json
 import pathlib
+import struct
 from collections.abc import Iterable
 
+import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
@@ -23,6 +28,31 @@ __all__ = ["INDEX_FILE", "SINGLE_FILE", "CheckpointReader", "write_checkpoint"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+ALIGN = 64  # bytes: XLA:CPU adopts an aligned host buffer instead of copying it
+
+
+def _data_offsets(path: pathlib.Path) -> dict[str, tuple[int, int]]:
+    """``{tensor: (start, end)}`` byte offsets in ``path`` from its safetensors header (8-byte little-endian
+    length, then the JSON header; data offsets count from the end of the header)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+def _read_aligned(path: pathlib.Path, start: int, end: int, dtype, shape) -> np.ndarray:
+    """Bytes ``[start, end)`` of ``path`` as a C-contiguous array in a fresh ALIGN-aligned buffer."""
+    raw = np.empty(end - start + ALIGN, np.uint8)
+    offset = (-raw.ctypes.data) % ALIGN
+    buf = raw[offset:offset + end - start]
+    with open(path, "rb") as f:
+        f.seek(start)
+        if f.readinto(memoryview(buf)) != end - start:
+            raise ValueError(f"{path}: truncated ({end - start} bytes expected at offset {start})")
+    return buf.view(dtype).reshape(shape)
 
 
 class CheckpointReader:
@@ -48,6 +78,7 @@ class CheckpointReader:
             if not (self.folder / name).exists():
                 raise FileNotFoundError(f"shard {self.folder / name} listed in {index} is missing")
         self._handles = {name: self._open(self.folder / name) for name in files}
+        self._offsets = {name: _data_offsets(self.folder / name) for name in files}
         self.location: dict[str, str] = {}
         self._stored: dict[str, str] = {}  # name -> name in the file (they differ after add_prefix)
         for name, handle in self._handles.items():
@@ -86,11 +117,13 @@ class CheckpointReader:
         return self._slice(name).get_dtype()
 
     def get(self, name: str) -> np.ndarray:
-        path = self.folder / self.location[name]
-        try:
-            return self._handles[self.location[name]].get_tensor(self._stored[name])
-        except Exception as e:
-            raise ValueError(f"{path}: tensor {name!r} cannot be read ({e})") from None
+        file = self.location[name]
+        path = self.folder / file
+        dtype = NUMPY_DTYPES.get(self.dtype(name))
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {self.dtype(name)}, which is not supported")
+        start, end = self._offsets[file][self._stored[name]]
+        return _read_aligned(path, start, end, dtype, self.shape(name))
 
     def close(self) -> None:
         self._handles.clear()
