@@ -168,12 +168,19 @@ def sample(model: LM, params, prompts: jax.Array, key: jax.Array, max_new_tokens
               jnp.int32(pad_id))
 
 
-def response_logprobs(model: LM, params, tokens: jax.Array, prompt_len: int) -> jax.Array:
-    """Teacher-forced ``log pi(tokens[:, t] | tokens[:, :t])`` of the response ``t >= prompt_len``: [B, R].
+def response_logprobs(model: LM, params, tokens: jax.Array, prompt_len: int, temperature: float = 1.0) -> jax.Array:
+    """Teacher-forced ``log pi_T(tokens[:, t] | tokens[:, :t])`` of the response ``t >= prompt_len``: [B, R],
+    ``pi_T = softmax(z / T)`` the policy at ``temperature`` T (the distribution :func:`sample` draws from at
+    that temperature without top-k/top-p; T = 1: the model itself).
 
     One full forward pass; position ``t - 1``'s logits score token ``t``. Equal to :attr:`Sample.model_logps`
-    on the sampler's own tokens up to EOS (mask the result with the response mask)."""
+    (T = 1) or :attr:`Sample.logps` (no filtering) on the sampler's own tokens up to EOS (mask the result with
+    the response mask)."""
     if not 1 <= prompt_len < tokens.shape[1]:
         raise ValueError(f"prompt_len={prompt_len} must be in [1, {tokens.shape[1]}) for tokens {tokens.shape}")
-    logits, _ = model.apply({"params": params}, tokens)  # [B, L, V]
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} must be > 0")
+    logits, _ = model.apply({"params": params}, tokens)  # [B, L, V] fp32
+    if temperature != 1:
+        logits = logits / temperature
     return token_logprobs(logits[:, prompt_len - 1:-1], tokens[:, prompt_len:])  # [B, R]

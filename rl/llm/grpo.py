@@ -38,7 +38,7 @@ from jaxlab.rl.llm.task import EOS, PAD, Task, is_correct, response_lengths
 from jaxlab.train_state import LossFn, TrainState, apply_update, loss_and_grads
 from jaxlab.validation import check_positive
 
-__all__ = ["GRPOSpec", "make_grpo_step", "update_epochs"]
+__all__ = ["GRPOSpec", "make_grpo_step", "sampled_logps", "update_epochs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,17 +90,26 @@ def update_epochs(state: TrainState, loss_fn: LossFn, batch: Any, key: jax.Array
     return state.replace(step=step + 1), metrics
 
 
+def sampled_logps(roll, temperature: float) -> jax.Array:
+    """Log-probabilities [B, R] of a rollout's tokens under the distribution they were drawn from at
+    ``temperature`` (no top-k/top-p): the model's own at T = 1 (``Sample.model_logps``), else the tempered
+    ``Sample.logps``."""
+    return roll.model_logps if temperature == 1 else roll.logps
+
+
 def make_grpo_step(model: LM, task: Task, spec: GRPOSpec, optimizer: optax.GradientTransformation) -> Callable:
     """``train_step(state, batch, key) -> (state, metrics)``; ``state.params`` is the policy and
     ``batch = {"prompts" [N, Lp], "answers" [N, Ra], "ref_params"}`` (the frozen reference policy).
 
-    The responses are drawn with ``key``; the update epochs with ``split(key)[1]``. The ratio's old
-    log-probabilities are the sampling policy's own (``Sample.model_logps``, temperature 1, unfiltered)."""
+    The responses are drawn with ``key``; the update epochs with ``split(key)[1]``. The policy is the one the
+    responses are sampled from, ``softmax(z / T)`` at ``spec.temperature``: the ratio's old log-probabilities are
+    the sampler's (:func:`sampled_logps`), and the new and the reference log-probabilities are tempered alike
+    (as TRL does), so a temperature other than 1 keeps the update on-policy."""
     Lp, G = task.prompt_len, spec.group_size
 
     def loss_fn(params, exp: dict, key: jax.Array):
         del key
-        logp = response_logprobs(model, params, exp["tokens"], Lp)
+        logp = response_logprobs(model, params, exp["tokens"], Lp, spec.temperature)
         return grpo_loss(logp, exp["old_logp"], exp["ref_logp"], exp["advantages"], exp["mask"],
                          clip_eps=spec.clip_eps, beta=spec.beta, aggregation=spec.aggregation)
 
@@ -115,15 +124,16 @@ def make_grpo_step(model: LM, task: Task, spec: GRPOSpec, optimizer: optax.Gradi
         if spec.length_penalty:
             rewards = rewards + spec.length_penalty * kimi_length_reward(lengths, correct, G)
         advantages = grpo_advantages(rewards, G, scale=spec.scale_rewards)  # [N * G]
-        ref_logp = response_logprobs(model, batch["ref_params"], roll.tokens, Lp)  # [N * G, R]
-        exp = {"tokens": roll.tokens, "old_logp": roll.model_logps, "ref_logp": ref_logp, "advantages": advantages,
+        ref_logp = response_logprobs(model, batch["ref_params"], roll.tokens, Lp, spec.temperature)  # [N * G, R]
+        old_logp = sampled_logps(roll, spec.temperature)  # [N * G, R]
+        exp = {"tokens": roll.tokens, "old_logp": old_logp, "ref_logp": ref_logp, "advantages": advantages,
                "mask": roll.mask}
         state, metrics = update_epochs(state, loss_fn, exp, jax.random.split(key)[1], optimizer, spec.ppo_epochs)
         solved = jnp.mean(correct.reshape(-1, G), axis=1)  # [N]
         metrics.update(reward=jnp.mean(rewards), accuracy=jnp.mean(correct), response_length=jnp.mean(lengths),
-                       seq_kl=sequence_kl(roll.model_logps, ref_logp, roll.mask),
+                       seq_kl=sequence_kl(old_logp, ref_logp, roll.mask),
                        mixed_groups=jnp.mean(((solved > 0) & (solved < 1)).astype(jnp.float32)),
-                       entropy_proxy=-masked_mean(roll.model_logps, roll.mask))
+                       entropy_proxy=-masked_mean(old_logp, roll.mask))
         return state, metrics
 
     return train_step

@@ -29,7 +29,7 @@ import optax
 
 from jaxlab.models.lm import LM
 from jaxlab.models.sampling import response_logprobs, sample
-from jaxlab.rl.llm.grpo import update_epochs
+from jaxlab.rl.llm.grpo import sampled_logps, update_epochs
 from jaxlab.rl.llm.losses import grpo_loss, masked_value_loss, masked_whiten, sequence_kl
 from jaxlab.rl.llm.reward_model import sequence_scores, token_scores
 from jaxlab.rl.llm.task import EOS, PAD, Task, is_correct, response_lengths
@@ -96,13 +96,14 @@ def make_ppo_rlhf_step(model: LM, task: Task, spec: PPOSpec, optimizer: optax.Gr
     """``train_step(state, batch, key) -> (state, metrics)`` with ``batch = {"prompts" [N, Lp], "answers"
     [N, Ra], "ref_params", "reward_params"}`` (the frozen reference policy and reward model).
 
-    The responses are drawn with ``key``, the update epochs with ``split(key)[1]``; the ratio's old
-    log-probabilities are the sampling policy's own (``Sample.model_logps``)."""
+    The responses are drawn with ``key``, the update epochs with ``split(key)[1]``. The policy is the sampled
+    one, ``softmax(z / T)`` at ``spec.temperature``: old, new and reference log-probabilities (and so the KL
+    penalty) are all tempered alike, which keeps the update on-policy at any temperature."""
     Lp = task.prompt_len
 
     def loss_fn(params, exp: dict, key: jax.Array):
         del key
-        logp = response_logprobs(model, params["policy"], exp["tokens"], Lp)
+        logp = response_logprobs(model, params["policy"], exp["tokens"], Lp, spec.temperature)
         values = values_before_tokens(token_scores(model, params["value"], exp["tokens"]), Lp)
         policy_loss, metrics = grpo_loss(logp, exp["old_logp"], exp["ref_logp"], exp["advantages"], exp["mask"],
                                          clip_eps=spec.clip_eps, beta=0.0)
@@ -115,17 +116,18 @@ def make_ppo_rlhf_step(model: LM, task: Task, spec: PPOSpec, optimizer: optax.Gr
         roll = sample(model, state.params["policy"], prompts, key, spec.max_new_tokens, temperature=spec.temperature,
                       eos_id=EOS, pad_id=PAD)
         mask = roll.mask  # [B, R]
-        ref_logp = response_logprobs(model, batch["ref_params"], roll.tokens, Lp)  # [B, R]
+        ref_logp = response_logprobs(model, batch["ref_params"], roll.tokens, Lp, spec.temperature)  # [B, R]
+        old_logp = sampled_logps(roll, spec.temperature)  # [B, R]
         score = sequence_scores(model, batch["reward_params"], roll.tokens, mask)  # [B]
         old_values = values_before_tokens(token_scores(model, state.params["value"], roll.tokens), Lp) * mask  # [B, R]
-        rewards, is_last = token_rewards(score, roll.model_logps, ref_logp, mask, spec.kl_coef)
+        rewards, is_last = token_rewards(score, old_logp, ref_logp, mask, spec.kl_coef)
         advantages, targets = rlhf_advantages(rewards, old_values, is_last, mask, spec.gamma, spec.gae_lambda)
-        exp = {"tokens": roll.tokens, "old_logp": roll.model_logps, "ref_logp": ref_logp, "mask": mask,
+        exp = {"tokens": roll.tokens, "old_logp": old_logp, "ref_logp": ref_logp, "mask": mask,
                "advantages": advantages, "targets": targets, "old_values": old_values}  # [B, R]
         state, metrics = update_epochs(state, loss_fn, exp, jax.random.split(key)[1], optimizer, spec.ppo_epochs)
         metrics.update(rm_score=jnp.mean(score), accuracy=jnp.mean(is_correct(roll.response, answers)),
                        response_length=jnp.mean(response_lengths(roll.response)),
-                       seq_kl=sequence_kl(roll.model_logps, ref_logp, mask))
+                       seq_kl=sequence_kl(old_logp, ref_logp, mask))
         return state, metrics
 
     return train_step
