@@ -87,7 +87,7 @@ def preference_pairs(model: LM, ref_params, task: Task, key: jax.Array, num_prom
 
 
 def make_dpo_step(model: LM, optimizer: optax.GradientTransformation, prompt_len: int, beta: float,
-                  loss_type: str, nll_coef: float = 0.0):
+                  loss_type: str, nll_coef: float = 0.0, grad_accum: int = 1):
     """``train_step(state, pairs_batch, key) -> (state, metrics)`` minimising the DPO loss.
 
     The reference enters through the batch: its sequence log-probabilities ``ref_chosen``/``ref_rejected``
@@ -96,7 +96,8 @@ def make_dpo_step(model: LM, optimizer: optax.GradientTransformation, prompt_len
     ``nll_coef > 0`` adds the chosen responses' negative log-likelihood per token, ``DPO + alpha NLL``
     (Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 3): plain DPO can lower the
     likelihood of the chosen (right) answers along with the rejected ones, which on reasoning tasks
-    costs accuracy; the NLL term keeps probability mass on them.
+    costs accuracy; the NLL term keeps probability mass on them. ``grad_accum``: microbatches of pairs (means
+    over equal numbers of pairs, so the accumulated gradient is the whole batch's).
     """
     if not nll_coef >= 0:
         raise ValueError(f"nll_coef={nll_coef!r} must be >= 0")
@@ -110,4 +111,4 @@ def make_dpo_step(model: LM, optimizer: optax.GradientTransformation, prompt_len
         nll = -jnp.mean(pi_chosen / chosen_len)
         return loss + nll_coef * nll, {**metrics, "dpo_loss": loss, "chosen_nll": nll}
 
-    return make_train_step(loss_fn, optimizer)
+    return make_train_step(loss_fn, optimizer, grad_accum=grad_accum)

@@ -55,9 +55,11 @@ class GRPOSpec:
     temperature: float = 1.0
     format_weight: float = 0.0
     length_penalty: float = 0.0
+    grad_accum: int = 1
 
     def __post_init__(self):
         check_positive(self, "group_size", "max_new_tokens", "ppo_epochs")
+        check_positive(self, "grad_accum", integer=True)
         if self.group_size < 2:
             raise ValueError(f"group_size={self.group_size} must be >= 2 (advantages are relative to the group)")
         if self.aggregation not in AGGREGATIONS:
@@ -68,10 +70,11 @@ class GRPOSpec:
 
 
 def update_epochs(state: TrainState, loss_fn: LossFn, batch: Any, key: jax.Array,
-                  optimizer: optax.GradientTransformation, epochs: int) -> tuple[TrainState, dict]:
+                  optimizer: optax.GradientTransformation, epochs: int, grad_accum: int = 1) -> tuple[TrainState, dict]:
     """``epochs`` optimizer steps of ``loss_fn(params, batch, key) -> (loss, metrics)`` on one batch of
     experience: the spine's ``loss_and_grads`` and ``apply_update`` (which skips a non-finite update) in a
-    ``lax.scan``; epoch ``e`` gets ``fold_in(key, e)``.
+    ``lax.scan``; epoch ``e`` gets ``fold_in(key, e)``. ``grad_accum``: each epoch's gradient accumulated over
+    that many microbatches of the experience rows (weighted by the loss's ``loss_weight``: exact).
 
     ``state.step`` advances by one (it counts loop steps, the key schedule and checkpoints depend on it).
     Every metric is the mean over the epochs (as PPO codebases log ``clip_fraction``, ``kl`` and ``ratio``:
@@ -80,7 +83,7 @@ def update_epochs(state: TrainState, loss_fn: LossFn, batch: Any, key: jax.Array
     step = state.step
 
     def one(state, e):
-        loss, metrics, grads = loss_and_grads(loss_fn, state.params, batch, jax.random.fold_in(key, e))
+        loss, metrics, grads = loss_and_grads(loss_fn, state.params, batch, jax.random.fold_in(key, e), grad_accum)
         state, update = apply_update(state, grads, optimizer, loss)
         return state, {"loss": loss, **update, **metrics}
 
@@ -128,7 +131,8 @@ def make_grpo_step(model: LM, task: Task, spec: GRPOSpec, optimizer: optax.Gradi
         old_logp = sampled_logps(roll, spec.temperature)  # [N * G, R]
         exp = {"tokens": roll.tokens, "old_logp": old_logp, "ref_logp": ref_logp, "advantages": advantages,
                "mask": roll.mask}
-        state, metrics = update_epochs(state, loss_fn, exp, jax.random.split(key)[1], optimizer, spec.ppo_epochs)
+        state, metrics = update_epochs(state, loss_fn, exp, jax.random.split(key)[1], optimizer, spec.ppo_epochs,
+                                       spec.grad_accum)
         solved = jnp.mean(correct.reshape(-1, G), axis=1)  # [N]
         metrics.update(reward=jnp.mean(rewards), accuracy=jnp.mean(correct), response_length=jnp.mean(lengths),
                        seq_kl=sequence_kl(old_logp, ref_logp, roll.mask),

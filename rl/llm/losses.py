@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from jaxlab.models.lm import token_logprobs
 from jaxlab.rl.losses import value_loss
+from jaxlab.train_state import LOSS_WEIGHT
 
 __all__ = ["AGGREGATIONS", "DPO_LOSSES", "dpo_loss", "grpo_advantages", "grpo_loss", "kimi_length_reward",
            "masked_mean", "masked_value_loss", "masked_whiten", "reward_model_loss", "sequence_kl",
@@ -179,9 +180,11 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array, advanta
         loss = jnp.mean(masked_mean(per_token, mask, axis=1))
     else:
         loss = masked_sum(per_token, mask) / per_token.size
+    # the number of terms the loss is a mean over (gradient accumulation weighs microbatches by it)
+    weight = jnp.sum(mask) if aggregation == "token-mean" else jnp.float32(mask.shape[0])
     metrics = {"kl": sg(masked_mean(kl, mask)), "policy_loss": sg(-masked_mean(surrogate, mask)),
                "clip_fraction": masked_mean((jnp.abs(ratio - 1.0) > clip_eps).astype(jnp.float32), mask),
-               "ratio": sg(masked_mean(ratio, mask))}
+               "ratio": sg(masked_mean(ratio, mask)), LOSS_WEIGHT: sg(weight)}
     return loss, metrics
 
 

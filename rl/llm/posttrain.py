@@ -50,7 +50,7 @@ from jaxlab.rl.llm.task import EOS, PAD, TASKS, VOCAB_SIZE, Task, format_ok, is_
 from jaxlab.train_state import create_train_state
 from jaxlab.parallel.mesh import format_mesh, mesh_from_spec, parse_mesh, replicated, shard_batch
 from jaxlab.parallel.strategies import STRATEGIES, shard_train_state, state_shardings
-from jaxlab.validation import check_choice, check_greater, check_positive
+from jaxlab.validation import check, check_choice, check_greater, check_positive
 from jaxlab.xla_options import FAST_COMPILE
 
 __all__ = ["METHODS", "PostTrainConfig", "ProblemIterator", "WithFrozen", "evaluate_policy", "posttrain",
@@ -142,6 +142,10 @@ class PostTrainConfig:
     split over the devices; the frozen reference and reward model are replicated."""
     strategy: str = "ddp"
     """How the trained state is split over the data axis: ddp | zero1 | zero2 | zero3."""
+    grad_accum: int = 1
+    """Microbatches per optimizer step in every stage (SFT, reward model, DPO, and each GRPO/PPO epoch), their
+    gradients accumulated in one jitted step (weighted by the terms each loss averages: the whole batch's
+    gradient); divides sft_batch_size, batch_size and batch_size * group_size."""
 
     def __post_init__(self):
         choices = {"method": METHODS, "task": TASKS, "aggregation": AGGREGATIONS, "dpo_loss": DPO_LOSSES}
@@ -166,6 +170,10 @@ class PostTrainConfig:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} is shorter than the longest answer "
                              f"({self.task_spec.answer_len} tokens with EOS)")
         check_choice(self, "strategy", tuple(STRATEGIES))
+        check_positive(self, "grad_accum", integer=True)
+        for name, rows in (("sft_batch_size", self.sft_batch_size), ("batch_size", self.batch_size),
+                           ("rm_batch_size", self.rm_batch_size or self.batch_size)):
+            check(rows % self.grad_accum == 0, f"{name}={rows} must be divisible by grad_accum={self.grad_accum}")
         if self.mesh is not None and set(parse_mesh(self.mesh)) - {"data"}:
             raise ValueError(f"mesh={self.mesh!r}: post-training stages run data parallel; only the data axis "
                              "(e.g. 'data=4') is supported")
@@ -187,11 +195,11 @@ class PostTrainConfig:
     def grpo_spec(self) -> GRPOSpec:
         return GRPOSpec(self.group_size, self.response_len, self.clip_eps, self.beta, self.aggregation,
                         self.scale_rewards, self.ppo_epochs, self.temperature, self.format_weight,
-                        self.length_penalty)
+                        self.length_penalty, self.grad_accum)
 
     def ppo_spec(self) -> PPOSpec:
         return PPOSpec(self.group_size, self.response_len, self.clip_eps, self.kl_coef, self.vf_coef, 1.0,
-                       self.gae_lambda, self.ppo_epochs, self.temperature)
+                       self.gae_lambda, self.ppo_epochs, self.temperature, self.grad_accum)
 
 
 class ProblemIterator:
@@ -255,18 +263,19 @@ def stage_optimizer_config(lr: float) -> OptimizerConfig:
 _optimizer = functools.lru_cache(maxsize=16)(make_optimizer)
 
 
-def _build_step(kind: str, model_cfg: LMConfig, task: Task, spec, opt_cfg: OptimizerConfig):
+def _build_step(kind: str, model_cfg: LMConfig, task: Task, spec, opt_cfg: OptimizerConfig, grad_accum: int = 1):
+    """A stage's step; GRPO's and PPO's ``spec`` carry their ``grad_accum``, the others take ``grad_accum``."""
     model, tx = LM(model_cfg), _optimizer(opt_cfg)
-    build = {"sft": lambda: make_sft_step(model, tx), "grpo": lambda: make_grpo_step(model, task, spec, tx),
+    build = {"sft": lambda: make_sft_step(model, tx, grad_accum), "grpo": lambda: make_grpo_step(model, task, spec, tx),
              "ppo-rlhf": lambda: make_ppo_rlhf_step(model, task, spec, tx),
-             "dpo": lambda: make_dpo_step(model, tx, task.prompt_len, *spec),
-             "reward_model": lambda: make_reward_model_step(model, tx)}[kind]
+             "dpo": lambda: make_dpo_step(model, tx, task.prompt_len, *spec, grad_accum=grad_accum),
+             "reward_model": lambda: make_reward_model_step(model, tx, grad_accum)}[kind]
     return build()
 
 
 @functools.lru_cache(maxsize=16)
-def _jit_step(kind: str, model_cfg: LMConfig, task: Task, spec, opt_cfg: OptimizerConfig):
-    return jax.jit(_build_step(kind, model_cfg, task, spec, opt_cfg), donate_argnums=0,
+def _jit_step(kind: str, model_cfg: LMConfig, task: Task, spec, opt_cfg: OptimizerConfig, grad_accum: int = 1):
+    return jax.jit(_build_step(kind, model_cfg, task, spec, opt_cfg, grad_accum), donate_argnums=0,
                    compiler_options=FAST_COMPILE)
 
 
@@ -300,12 +309,12 @@ class _OnMesh:
 
 
 def _mesh_stage(kind: str, model_cfg: LMConfig, task: Task, spec, opt_cfg: OptimizerConfig, state, mesh,
-                strategy: str):
+                strategy: str, grad_accum: int = 1):
     """A stage's state laid out on ``mesh`` by ``strategy`` (ZeRO over ``data``) and its step compiled to keep
     that layout; the partitioner splits the work by the batch rows."""
     state = shard_train_state(state, mesh, strategy)
     shardings = state_shardings(state, mesh, strategy)
-    step = jax.jit(_build_step(kind, model_cfg, task, spec, opt_cfg), donate_argnums=0,
+    step = jax.jit(_build_step(kind, model_cfg, task, spec, opt_cfg, grad_accum), donate_argnums=0,
                    out_shardings=(shardings, replicated(mesh)), compiler_options=FAST_COMPILE)
     return state, step
 
@@ -389,8 +398,8 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
     def stage(kind, spec, opt, state):
         """The stage's (state, step): on one device the cached jitted step, else laid out on the mesh."""
         if mesh.size == 1:
-            return state, _jit_step(kind, model_cfg, task, spec, opt)
-        return _mesh_stage(kind, model_cfg, task, spec, opt, state, mesh, cfg.strategy)
+            return state, _jit_step(kind, model_cfg, task, spec, opt, cfg.grad_accum)
+        return _mesh_stage(kind, model_cfg, task, spec, opt, state, mesh, cfg.strategy, cfg.grad_accum)
 
     def run_stage(name, train_step, state, data, steps, ref=None):
         if mesh.size > 1:

@@ -53,9 +53,11 @@ class PPOSpec:
     gae_lambda: float = 0.95
     ppo_epochs: int = 2
     temperature: float = 1.0
+    grad_accum: int = 1
 
     def __post_init__(self):
         check_positive(self, "samples_per_prompt", "max_new_tokens", "ppo_epochs")
+        check_positive(self, "grad_accum", integer=True)
         if not (self.clip_eps > 0 and self.kl_coef >= 0 and self.vf_coef > 0 and self.temperature > 0):
             raise ValueError(f"need clip_eps > 0, kl_coef >= 0, vf_coef > 0, temperature > 0; got {self.clip_eps=}, "
                              f"{self.kl_coef=}, {self.vf_coef=}, {self.temperature=}")
@@ -124,7 +126,8 @@ def make_ppo_rlhf_step(model: LM, task: Task, spec: PPOSpec, optimizer: optax.Gr
         advantages, targets = rlhf_advantages(rewards, old_values, is_last, mask, spec.gamma, spec.gae_lambda)
         exp = {"tokens": roll.tokens, "old_logp": old_logp, "ref_logp": ref_logp, "mask": mask,
                "advantages": advantages, "targets": targets, "old_values": old_values}  # [B, R]
-        state, metrics = update_epochs(state, loss_fn, exp, jax.random.split(key)[1], optimizer, spec.ppo_epochs)
+        state, metrics = update_epochs(state, loss_fn, exp, jax.random.split(key)[1], optimizer, spec.ppo_epochs,
+                                       spec.grad_accum)
         metrics.update(rm_score=jnp.mean(score), accuracy=jnp.mean(is_correct(roll.response, answers)),
                        response_length=jnp.mean(response_lengths(roll.response)),
                        seq_kl=sequence_kl(old_logp, ref_logp, mask))

@@ -57,8 +57,9 @@ def sequence_scores(model: LM, params: dict, tokens: jax.Array, mask: jax.Array)
     return jnp.take_along_axis(token_scores(model, params, tokens), last[:, None], axis=1)[:, 0]
 
 
-def make_reward_model_step(model: LM, optimizer: optax.GradientTransformation):
-    """``train_step(state, pairs_batch, key) -> (state, metrics)`` minimising the Bradley-Terry loss."""
+def make_reward_model_step(model: LM, optimizer: optax.GradientTransformation, grad_accum: int = 1):
+    """``train_step(state, pairs_batch, key) -> (state, metrics)`` minimising the Bradley-Terry loss (a mean over
+    pairs, accumulated over ``grad_accum`` equal microbatches)."""
 
     def loss_fn(params, batch, key):
         del key
@@ -68,7 +69,7 @@ def make_reward_model_step(model: LM, optimizer: optax.GradientTransformation):
         scores = sequence_scores(model, params, tokens, mask)  # [2B]
         return reward_model_loss(scores[:B], scores[B:])
 
-    return make_train_step(loss_fn, optimizer)
+    return make_train_step(loss_fn, optimizer, grad_accum=grad_accum)
 
 
 @functools.lru_cache(maxsize=8)

@@ -17,7 +17,7 @@ import optax
 from jaxlab.models.lm import LM, token_logprobs
 from jaxlab.rl.llm.losses import masked_mean
 from jaxlab.rl.llm.task import response_mask
-from jaxlab.train_state import make_train_step
+from jaxlab.train_state import LOSS_WEIGHT, make_train_step
 
 __all__ = ["make_sft_step", "sft_loss"]
 
@@ -31,10 +31,11 @@ def sft_loss(model: LM, params, prompts, answers) -> tuple[jnp.ndarray, dict]:
     mask = response_mask(answers)  # [B, Ra]
     nll = -masked_mean(token_logprobs(logits, answers), mask)
     hit = (jnp.argmax(logits, axis=-1) == answers) | (mask == 0)
-    return nll, {"sequence_accuracy": jnp.mean(jnp.all(hit, axis=1).astype(jnp.float32))}
+    return nll, {"sequence_accuracy": jnp.mean(jnp.all(hit, axis=1).astype(jnp.float32)), LOSS_WEIGHT: jnp.sum(mask)}
 
 
-def make_sft_step(model: LM, optimizer: optax.GradientTransformation):
-    """``train_step(state, batch, key) -> (state, metrics)`` minimising :func:`sft_loss`."""
+def make_sft_step(model: LM, optimizer: optax.GradientTransformation, grad_accum: int = 1):
+    """``train_step(state, batch, key) -> (state, metrics)`` minimising :func:`sft_loss` (over ``grad_accum``
+    microbatches, weighted by their answer tokens: the whole batch's gradient)."""
     return make_train_step(lambda params, batch, key: sft_loss(model, params, batch["prompts"], batch["answers"]),
-                           optimizer)
+                           optimizer, grad_accum=grad_accum)

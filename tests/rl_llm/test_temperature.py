@@ -41,7 +41,7 @@ def test_grpo_experience_and_loss_use_the_sampled_policy(monkeypatch):
     spec = grpo.GRPOSpec(group_size=4, max_new_tokens=5, temperature=T, ppo_epochs=1)
     seen = {}
 
-    def capture(state, loss_fn, exp, key, optimizer, epochs):
+    def capture(state, loss_fn, exp, key, optimizer, epochs, grad_accum=1):
         seen.update(exp=exp, loss=loss_fn(state.params, exp, key))
         return state, {}
 
