@@ -536,13 +536,15 @@ def param_logical_axes(model: LM, tokens_shape: tuple[int, int] = (1, 8)):
 
 # ---- optimisation -----------------------------------------------------------------------------------
 NO_DECAY_PARAMS = frozenset({"bias", "scale", "conv_b", "rel_bias", "gamma", "beta",
-                             "A_log", "log_A_real", "A_imag", "Lambda_re", "Lambda_im", "log_dt", "dt_bias", "D", "B"})
+                             "A_log", "log_A_real", "A_imag", "Lambda_re", "Lambda_im", "log_dt", "dt_bias", "D", "B",
+                             "favor_projection"})
 """Parameter names AdamW leaves undecayed (``jaxlab.optim.make_optimizer(cfg, no_decay=NO_DECAY_PARAMS)``):
 biases and norm scales, GAU's per-dimension scales and offsets (``gamma``, ``beta``) and relative-position
 bias, and the state-space dynamics, whatever their rank: decay would pull ``A`` and ``dt`` towards fixed
 values and shorten or lengthen the memory (Mamba trains ``A_log``, ``D`` and ``dt_bias`` without it; S4
 trains ``A``, ``B`` and ``dt`` without it). ``B`` is the S4D/S5 input matrix; every other ``B`` of the models
-is an activation, not a parameter. Everything else decays: projections (``kernel``), the embedding, the
+is an activation, not a parameter. ``favor_projection`` is FAVOR+'s fixed random projection (no gradient;
+decay would shrink it). Everything else decays: projections (``kernel``), the embedding, the
 MoE router and experts, the Mamba convolution, the S4D/S5 output matrix ``C``."""
 
 

@@ -144,10 +144,10 @@ def test_config_is_frozen_and_derives_sizes():
         model.init_cache(1, cfg.max_len + 1)
 
 
-@pytest.mark.parametrize("mixer", ["mamba", "s4d", "gau", "attention"])
+@pytest.mark.parametrize("mixer", ["mamba", "s4d", "gau", "attention", "linear"])
 def test_weight_decay_spares_vectors_and_ssm_dynamics_and_decays_matrices(mixer):
     cfg = LMConfig(vocab_size=16, d_model=32, num_layers=1, num_heads=2, mixer=mixer, max_len=16, d_state=4,
-                   ssm_head_dim=8, chunk_size=8)
+                   ssm_head_dim=8, chunk_size=8, feature_map="favor")
     params = jax.eval_shape(lambda: init_params(LM(cfg), jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))
     mask = decay_mask(params, NO_DECAY_PARAMS)
     named = {jax.tree_util.keystr(path): (leaf, decays) for (path, leaf), decays in
@@ -159,7 +159,7 @@ def test_weight_decay_spares_vectors_and_ssm_dynamics_and_decays_matrices(mixer)
             assert decays, path
     spared = {path.split("'")[-2] for path, (leaf, d) in named.items() if leaf.ndim >= 2 and not d}
     assert spared == {"mamba": {"A_log"}, "s4d": {"log_A_real", "A_imag", "B"}, "gau": {"gamma", "beta"},
-                      "attention": set()}[mixer]
+                      "attention": set(), "linear": {"favor_projection"}}[mixer]
     # The optimizer factory with these names leaves a spared parameter where it was when its gradient is zero.
     real = init_params(LM(cfg), jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
     tx = make_optimizer(OptimizerConfig(lr=1e-2, weight_decay=1.0, clip_norm=0.0), no_decay=NO_DECAY_PARAMS)
