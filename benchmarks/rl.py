@@ -13,6 +13,15 @@ Sections, all in one run on one backend (times after compilation; compile time r
   jaxlab) defining ``make_train(config)`` and a ``CONFIG`` dict of its defaults; PureJaxRL targets gymnax
   0.0.x, so its env step must be adapted to gymnax 1.x's ``(obs, state, reward, terminated, truncated,
   info)`` (``done = terminated | truncated``).
+* ``rejax`` (with ``--rejax``): rejax's PPO (``rejax.PPO``, github.com/keraJLi/rejax) timed in the same process,
+  alternating run by run with ours, at PureJaxRL's settings on both sides (4 envs x 128 steps, 4 epochs x 4
+  minibatches, 2x64 tanh actor and critic, lr 2.5e-4, clip 0.2, GAE 0.95, gamma 0.99, ent 0.01, vf 0.5, max
+  grad norm 0.5), one ``jax.jit(train)`` call each, rejax's periodic evaluation switched off. rejax is not a
+  jaxlab dependency: run it from a venv holding both, e.g.
+  ``python -m venv /tmp/v && /tmp/v/bin/pip install rejax -e .`` (jaxlab's own dependencies, tqdm among them,
+  are needed too) then
+  ``/tmp/v/bin/python benchmarks/rl.py --rejax``. rejax 0.1.3 targets gymnax 0.0.x; on gymnax 1.x its env steps as
+  ``gymnax.wrappers.LegacyStepAPIWrapper`` does (4-tuple steps, ``done = terminated | truncated``).
 * ``drivers``: the same PPO driven three ways: the whole run in one jitted ``lax.scan``; one jitted call
   per update from a Python loop; and, for acting alone, a gym-style loop with one jitted call per
   environment step against the same rollout as one jitted ``lax.scan``.
@@ -45,6 +54,8 @@ def _args(argv):
     p.add_argument("--quick", action="store_true", help="fewer steps and points")
     p.add_argument("--purejaxrl", type=pathlib.Path, default=None,
                    help="a copy of PureJaxRL's ppo.py (adapted to gymnax 1.x) to time alongside jaxlab's PPO")
+    p.add_argument("--rejax", action="store_true",
+                   help="time rejax's PPO alongside jaxlab's in one process (rejax must be installed)")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results")
     return p.parse_args(argv)
 
@@ -75,6 +86,17 @@ def bench_public_api(cfg, key, repeats: int) -> dict:
     return {"compile_s": compile_s, "run_s": run_s, "env_steps": steps, "steps_per_s": steps / run_s}
 
 
+def _alternate(programs: dict, key, repeats: int) -> dict[str, list[float]]:
+    """Wall times of ``repeats`` rounds, each running every compiled program once in turn (load spikes hit all)."""
+    times: dict[str, list[float]] = {name: [] for name in programs}
+    for _ in range(repeats):
+        for name, (compiled, _) in programs.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(key))
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def bench_against_purejaxrl(path: pathlib.Path, cfg, key, repeats: int) -> dict:
     """PureJaxRL's ``ppo.py`` (loaded from ``path``) and ``jaxlab.rl.ppo`` at the same settings, compiled
     once each and run alternately ``repeats`` times, so that both see the same machine load."""
@@ -90,12 +112,7 @@ def bench_against_purejaxrl(path: pathlib.Path, cfg, key, repeats: int) -> dict:
     config = {**module.CONFIG, "TOTAL_TIMESTEPS": cfg.total_timesteps, "NUM_ENVS": cfg.num_envs,
               "NUM_STEPS": cfg.rollout_length, "UPDATE_EPOCHS": cfg.num_epochs, "NUM_MINIBATCHES": cfg.num_minibatches}
     programs = {"purejaxrl": _compile(module.make_train(config), key), "jaxlab": _compile(ppo.make_train(cfg), key)}
-    times: dict[str, list[float]] = {name: [] for name in programs}
-    for _ in range(repeats):
-        for name, (compiled, _) in programs.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(compiled(key))
-            times[name].append(time.perf_counter() - t0)
+    times = _alternate(programs, key, repeats)
     steps = cfg.total_timesteps // cfg.steps_per_update * cfg.steps_per_update
     out = {"file": path.name, "env_steps": steps, "repeats": repeats}
     for name, (_, compile_s) in programs.items():
@@ -104,6 +121,63 @@ def bench_against_purejaxrl(path: pathlib.Path, cfg, key, repeats: int) -> dict:
                      "steps_per_s_best": steps / min(times[name])}
     out["ratio_median"] = out["jaxlab"]["steps_per_s_median"] / out["purejaxrl"]["steps_per_s_median"]
     out["ratio_best"] = out["jaxlab"]["steps_per_s_best"] / out["purejaxrl"]["steps_per_s_best"]
+    return out
+
+
+class _LegacyEnv:
+    """A gymnax 1.x env with ``gymnax.wrappers.LegacyStepAPIWrapper``'s step (rejax 0.1.3 expects gymnax 0.0.x's
+    ``(obs, state, reward, done, info)``, ``done = terminated | truncated``), every other attribute delegated to
+    the env except ``_env`` itself, so that rejax's deep copy of its config does not recurse."""
+
+    def __init__(self, env):
+        self._env = env
+
+    def step(self, key, state, action, params=None):
+        obs, state, reward, terminated, truncated, info = self._env.step(key, state, action, params)
+        return obs, state, reward, jax.numpy.logical_or(terminated, truncated), info
+
+    def reset(self, key, params=None):
+        return self._env.reset(key, params)
+
+    def __getattr__(self, name):
+        if name == "_env":
+            raise AttributeError(name)
+        return getattr(self._env, name)
+
+
+def bench_against_rejax(cfg, key, repeats: int) -> dict:
+    """rejax's ``PPO`` and ``jaxlab.rl.ppo`` at PureJaxRL's settings, compiled once each (``jax.jit(train)``)
+    and run alternately ``repeats`` times in this process; wall times (median, best) and jaxlab / rejax."""
+    try:
+        import rejax
+    except ImportError as e:
+        raise SystemExit("--rejax needs rejax installed beside jaxlab (pip install rejax; see this module's "
+                         f"docstring): {e}") from e
+    import importlib.metadata
+
+    import gymnax
+    import numpy as np
+
+    from jaxlab.rl import ppo
+
+    env, env_params = gymnax.make(cfg.env_id)
+    steps = cfg.total_timesteps // cfg.steps_per_update * cfg.steps_per_update
+    algo = rejax.PPO.create(
+        env=_LegacyEnv(env), env_params=env_params, total_timesteps=steps, eval_freq=steps,
+        skip_initial_evaluation=True, num_envs=cfg.num_envs, num_steps=cfg.rollout_length,
+        num_epochs=cfg.num_epochs, num_minibatches=cfg.num_minibatches, learning_rate=cfg.learning_rate,
+        max_grad_norm=cfg.max_grad_norm, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, clip_eps=cfg.clip_eps,
+        ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef,
+        agent_kwargs={"activation": "tanh", "hidden_layer_sizes": (64, 64)})
+    algo = algo.replace(eval_callback=lambda algo, ts, rng: ())  # no periodic evaluation inside train
+    programs = {"rejax": _compile(algo.train, key), "jaxlab": _compile(ppo.make_train(cfg), key)}
+    times = _alternate(programs, key, repeats)
+    out = {"rejax_version": importlib.metadata.version("rejax"), "env_steps": steps, "repeats": repeats}
+    for name, (_, compile_s) in programs.items():
+        out[name] = {"compile_s": compile_s, "run_s": times[name], "run_s_median": float(np.median(times[name])),
+                     "run_s_best": min(times[name]), "steps_per_s_median": steps / float(np.median(times[name]))}
+    out["time_ratio_median"] = out["jaxlab"]["run_s_median"] / out["rejax"]["run_s_median"]
+    out["time_ratio_best"] = out["jaxlab"]["run_s_best"] / out["rejax"]["run_s_best"]
     return out
 
 
@@ -211,6 +285,13 @@ def main(argv=None) -> int:
               f"jaxlab {c['jaxlab']['steps_per_s_median']:,.0f} steps/s (medians), ratio {c['ratio_median']:.2f}",
               flush=True)
 
+    if args.rejax:
+        print("rejax PPO (same process, alternating runs)", flush=True)
+        result["rejax"] = bench_against_rejax(ppo_cfg, key, 3 if args.quick else 5)
+        c = result["rejax"]
+        print(f"  rejax {c['rejax']['run_s_median']:.2f} s  jaxlab {c['jaxlab']['run_s_median']:.2f} s (medians), "
+              f"time ratio jaxlab/rejax {c['time_ratio_median']:.2f}", flush=True)
+
     print("drivers", flush=True)
     result["drivers"] = bench_drivers(ppo.PPOConfig(env_id="CartPole-v1"), key, 40 if args.quick else 200, repeats)
     print("  " + json.dumps({k: round(v) for k, v in result["drivers"].items()}), flush=True)
@@ -274,6 +355,26 @@ def _markdown(r: dict) -> str:
             *[f"| {name} | {c[name]['compile_s']:.1f} | {c[name]['steps_per_s_median']:,.0f} | "
               f"{c[name]['steps_per_s_best']:,.0f} |" for name in ("purejaxrl", "jaxlab")],
             f"| **jaxlab / PureJaxRL** | | **{c['ratio_median']:.2f}** | **{c['ratio_best']:.2f}** |",
+            "",
+        ]
+    if "rejax" in r:
+        c = r["rejax"]
+        lines += [
+            "### Against rejax's PPO on this machine (same process, runs alternating)",
+            "",
+            f"rejax {c['rejax_version']} (not part of jaxlab), {c['repeats']} runs of each, {c['env_steps']:,} env "
+            "steps per run, one `jax.jit(train)` call each, compile excluded. Both at PureJaxRL's settings: 4 envs x "
+            "128 steps, 4 epochs x 4 minibatches, 2x64 tanh actor and critic, lr 2.5e-4, clip 0.2, GAE 0.95, gamma "
+            "0.99, ent 0.01, vf 0.5, max grad norm 0.5. What differs: rejax 0.1.3 keeps the learning rate "
+            "constant (jaxlab anneals it linearly, PureJaxRL's default) and steps actor and critic with two "
+            "optimizers, each clipping its own gradient norm (jaxlab: one Adam over both, one global norm); "
+            "rejax's periodic evaluation is switched off.",
+            "",
+            "| program | compile s | run s (median) | run s (best) | steps/s (median) |",
+            "|---|---|---|---|---|",
+            *[f"| {name} | {c[name]['compile_s']:.1f} | {c[name]['run_s_median']:.2f} | {c[name]['run_s_best']:.2f} | "
+              f"{c[name]['steps_per_s_median']:,.0f} |" for name in ("rejax", "jaxlab")],
+            f"| **time jaxlab / rejax** | | **{c['time_ratio_median']:.2f}** | **{c['time_ratio_best']:.2f}** | |",
             "",
         ]
     lines += [
