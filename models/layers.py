@@ -72,6 +72,11 @@ def resolve_dtype(name: str, field: str = "dtype"):
     return DTYPES[name]
 
 
+def _named(init, axis_name: str | None):
+    """``init`` with the logical name ``axis_name`` on its one axis (a norm's scale or bias); None: unannotated."""
+    return init if axis_name is None else nn.with_logical_partitioning(init, (axis_name,))
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm over the last axis, statistics in fp32, output in ``dtype``.
 
@@ -86,10 +91,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        init = nn.initializers.ones
-        if self.axis_name is not None:
-            init = nn.with_logical_partitioning(init, (self.axis_name,))
-        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
+        scale = self.param("scale", _named(nn.initializers.ones, self.axis_name), (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         return (y * scale.astype(jnp.float32)).astype(self.dtype)
@@ -106,11 +108,9 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        def named(init):
-            return init if self.axis_name is None else nn.with_logical_partitioning(init, (self.axis_name,))
-
-        scale = self.param("scale", named(nn.initializers.ones), (x.shape[-1],), self.param_dtype)
-        bias = self.param("bias", named(nn.initializers.zeros_init()), (x.shape[-1],), self.param_dtype)
+        scale = self.param("scale", _named(nn.initializers.ones, self.axis_name), (x.shape[-1],), self.param_dtype)
+        bias = self.param("bias", _named(nn.initializers.zeros_init(), self.axis_name), (x.shape[-1],),
+                          self.param_dtype)
         x32 = x.astype(jnp.float32)
         centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
         y = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + self.eps)

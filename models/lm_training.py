@@ -165,9 +165,9 @@ class LMTrainConfig:
             raise ValueError("sample_prompt must be non-empty")
         self.model_config()  # validates the model fields (d_model vs num_heads, ...)
         if self.init_from is not None:
-            defaults = LMTrainConfig()
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
             for name in ARCHITECTURE_FIELDS:
-                if getattr(self, name) != getattr(defaults, name):
+                if getattr(self, name) != defaults[name]:
                     raise ValueError(f"{name}={getattr(self, name)!r} cannot be set with init_from="
                                      f"{self.init_from!r}: the architecture comes from the checkpoint")
 
