@@ -1,4 +1,4 @@
-"""The optimizer factory every jaxlab trainer uses: Adam or AdamW after global-norm clipping, under a
+"""The optimizer factory every jaxlab trainer uses: Adam, AdamW or Muon after global-norm clipping, under a
 learning-rate schedule, with weight decay masked by parameter name.
 
     cfg = OptimizerConfig(lr=3e-3, warmup_steps=100, decay_steps=2000, weight_decay=0.1)
@@ -16,23 +16,36 @@ with ``T = decay_steps`` and ``r = min_lr_ratio``; ``decay_steps=None`` holds ``
 Weight decay is decoupled (AdamW) and applies to every parameter whose name (the last key of its
 path in the pytree) is not in ``no_decay``: norm scales and biases by default, and whatever a model
 adds (the state-space dynamics of the LM's SSM mixers, :data:`jaxlab.models.lm.NO_DECAY_PARAMS`).
+
+Muon (Jordan et al. 2024; ``optax.contrib.scale_by_muon``) updates the hidden weight matrices with the
+Newton-Schulz orthogonalised Nesterov momentum ``O_t ~ U V^T`` of ``M_t = U S V^T``, scaled as in Moonlight
+(Liu et al. 2025, "Muon is Scalable for LLM Training", eq. 4) so that its RMS matches AdamW's::
+
+    W_t = W_{t-1} - lr_t * (0.2 * sqrt(max(fan_in, fan_out)) * O_t + weight_decay * W_{t-1})
+
+which lets AdamW's learning rate and weight decay carry over unchanged. Which leaves are matrices, and
+which of their axes are the matrix's rows and columns (the others, e.g. a scanned ``layers`` or an
+``experts`` axis, are batch axes orthogonalised independently), is data: ``muon_dims``, a tree of
+``MuonDimensionNumbers`` or None per leaf (:func:`muon_dimensions` derives it from logical axis names).
+Every other leaf (embeddings, norm scales, biases, SSM dynamics) takes optax's AdamW branch of
+``optax.contrib.muon`` (AdamW with Nesterov momentum). Decay follows ``no_decay`` in both branches.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import jax
 import optax
 
-from jaxlab.validation import check_positive
+from jaxlab.validation import check_greater, check_positive
 
 __all__ = ["ALGORITHMS", "DEFAULT_NO_DECAY", "SCHEDULES", "OptimizerConfig", "decay_mask", "lr_schedule",
-           "make_optimizer"]
+           "make_optimizer", "muon_dimensions"]
 
-ALGORITHMS = ("adamw", "adam")
+ALGORITHMS = ("adamw", "adam", "muon")
 SCHEDULES = ("cosine", "linear")
 DEFAULT_NO_DECAY = frozenset({"bias", "scale"})
 """Names never decayed whatever the model: flax's ``Dense``/``Conv`` biases and norm scales."""
@@ -45,7 +58,8 @@ class OptimizerConfig:
     lr: float = 3e-4
     """Peak learning rate (reached at the end of the warmup)."""
     algorithm: str = "adamw"
-    """adamw (decoupled weight decay) | adam (no weight decay)."""
+    """adamw (decoupled weight decay) | adam (no weight decay) | muon (orthogonalised momentum on the
+    hidden matrices, AdamW on the rest; Moonlight's RMS matching)."""
     warmup_steps: int = 0
     """Linear warmup from 0 to lr over this many steps (0: start at lr)."""
     decay_steps: int | None = None
@@ -64,6 +78,12 @@ class OptimizerConfig:
     """Decoupled weight decay of AdamW (parameters not named in ``no_decay``)."""
     clip_norm: float = 1.0
     """Clip gradients to this global L2 norm before the update (0: no clipping)."""
+    muon_momentum: float = 0.95
+    """Muon's momentum (Nesterov) on the matrices."""
+    muon_rms: float = 0.2
+    """Muon's update RMS per unit learning rate (Moonlight: 0.2, AdamW's typical update RMS)."""
+    ns_steps: int = 5
+    """Newton-Schulz iterations of Muon's orthogonalisation."""
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -78,7 +98,9 @@ class OptimizerConfig:
             check_positive(self, "decay_steps")
             if self.warmup_steps > self.decay_steps:
                 raise ValueError(f"warmup_steps={self.warmup_steps} must be <= decay_steps={self.decay_steps}")
-        for name in ("b1", "b2", "min_lr_ratio"):
+        check_positive(self, "ns_steps", integer=True)
+        check_greater(self, "muon_rms")
+        for name in ("b1", "b2", "min_lr_ratio", "muon_momentum"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be in [0, 1]")
         for name in ("eps", "weight_decay", "clip_norm"):
@@ -112,22 +134,94 @@ def decay_mask(params: Any, no_decay: Collection[str] = DEFAULT_NO_DECAY) -> Any
     no_decay = frozenset(no_decay)
 
     def decays(path, leaf) -> bool:
-        last = path[-1] if path else None
-        name = getattr(last, "key", getattr(last, "name", None))
-        return name not in no_decay
+        return _leaf_name(path) not in no_decay
 
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def muon_dimensions(logical_axes: Any, *, matrix_axis: str = "embed",
+                    batch_axes: Collection[str] = ("layers", "experts"),
+                    exclude_axes: Collection[str] = ("vocab",)) -> Any:
+    """Muon's view of each parameter from its logical axis names (a pytree of tuples or
+    ``PartitionSpec``s, e.g. ``jaxlab.models.lm.param_logical_axes(model)``): a leaf whose non-batch axes
+    are at least two and start or end with ``matrix_axis`` is a matrix, ``embed -> rest``
+    (reduction = the leading ``embed``, e.g. a query ``[embed, heads, head_dim]`` as ``[d, H * Dh]``) or
+    ``rest -> embed`` (an output projection ``[heads, head_dim, embed]``, a down projection ``[mlp,
+    embed]``); ``batch_axes`` are orthogonalised independently; leaves with an ``exclude_axes`` axis (the
+    embedding table and LM head) and every other leaf map to None (AdamW)."""
+    from optax.contrib import MuonDimensionNumbers
+    batch, exclude = frozenset(batch_axes), frozenset(exclude_axes)
+
+    def dims(axes):
+        names = tuple(axes)
+        kept = [i for i, n in enumerate(names) if n not in batch]
+        if len(kept) < 2 or exclude.intersection(names):
+            return None
+        if names[kept[0]] == matrix_axis:
+            return MuonDimensionNumbers(reduction_axis=kept[0], output_axis=tuple(kept[1:]))
+        if names[kept[-1]] == matrix_axis:
+            return MuonDimensionNumbers(reduction_axis=tuple(kept[:-1]), output_axis=kept[-1])
+        return None
+
+    return jax.tree.map(dims, logical_axes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _decoupled_weight_decay(schedule: optax.Schedule, rate: float, mask) -> optax.GradientTransformation:
+    """``updates - schedule(t) * rate * params`` on the leaves ``mask`` selects: AdamW's decoupled decay,
+    scaled by the learning rate, applied after an update that already carries its learning rate."""
+
+    def init(params):
+        return optax.ScaleByScheduleState(count=jax.numpy.zeros([], jax.numpy.int32))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("weight decay needs the parameters: call tx.update(grads, state, params)")
+        lr = schedule(state.count)
+        decayed = jax.tree.map(lambda u, p, m: u - lr * rate * p if m else u, updates, params, mask(params))
+        return decayed, optax.ScaleByScheduleState(count=optax.safe_int32_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
+def _leaf_name(path) -> str | None:
+    last = path[-1] if path else None
+    return getattr(last, "key", getattr(last, "name", None))
+
+
 def make_optimizer(cfg: OptimizerConfig, *, no_decay: Collection[str] = DEFAULT_NO_DECAY,
-                   schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
-    """``clip_by_global_norm(cfg.clip_norm)`` (unless 0), then Adam(W) under ``schedule`` (default:
-    :func:`lr_schedule`). ``no_decay`` names the parameters AdamW leaves undecayed."""
+                   schedule: optax.Schedule | None = None, muon_dims: Any = None,
+                   sign_descent: Mapping[str, float] | None = None) -> optax.GradientTransformation:
+    """``clip_by_global_norm(cfg.clip_norm)`` (unless 0), then Adam(W) or Muon under ``schedule``
+    (default: :func:`lr_schedule`). ``no_decay`` names the parameters left undecayed; ``muon_dims`` (Muon
+    only, required there) is a tree like the parameters of ``MuonDimensionNumbers`` or None per leaf
+    (:func:`muon_dimensions`). ``sign_descent`` maps parameter names to a fixed rate: those leaves take
+    ``p <- p - rate * sign(g)`` instead (no schedule, no decay; e.g. an MoE's balancing ``router_bias``)."""
+    if sign_descent:
+        rates = dict(sign_descent)
+        label = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
+            lambda path, _: _leaf_name(path) if _leaf_name(path) in rates else "main", params)
+        if muon_dims is not None:  # the main branch sees the other leaves only
+            muon_dims = jax.tree_util.tree_map_with_path(
+                lambda path, d: None if _leaf_name(path) in rates else d, muon_dims,
+                is_leaf=lambda x: x is None or type(x).__name__ == "MuonDimensionNumbers")
+        main = make_optimizer(cfg, no_decay=no_decay, schedule=schedule, muon_dims=muon_dims)
+        signs = {name: optax.chain(optax.scale_by_sign(), optax.scale(-rate)) for name, rate in rates.items()}
+        return optax.partition({"main": main, **signs}, label)
     schedule = lr_schedule(cfg) if schedule is None else schedule
+    names = frozenset(no_decay)
     if cfg.algorithm == "adam":
         opt = optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
-    else:
-        names = frozenset(no_decay)
+    elif cfg.algorithm == "adamw":
         opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                           mask=lambda params: decay_mask(params, names))
+    else:
+        if muon_dims is None:
+            raise ValueError("algorithm='muon' needs muon_dims= (which leaves are matrices, e.g. "
+                             "muon_dimensions(jaxlab.models.lm.param_logical_axes(model)))")
+        from optax.contrib import muon
+        opt = muon(schedule, ns_steps=cfg.ns_steps, beta=cfg.muon_momentum, eps=cfg.eps, adam_b1=cfg.b1,
+                   adam_b2=cfg.b2, muon_weight_dimension_numbers=muon_dims, consistent_rms=cfg.muon_rms)
+        if cfg.weight_decay:
+            opt = optax.chain(opt, _decoupled_weight_decay(schedule, cfg.weight_decay,
+                                                           lambda params: decay_mask(params, names)))
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt) if cfg.clip_norm > 0 else opt
