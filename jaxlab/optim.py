@@ -127,6 +127,11 @@ def lr_schedule(cfg: OptimizerConfig) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), decay], [cfg.warmup_steps])
 
 
+def _leaf_name(path) -> str | None:
+    last = path[-1] if path else None
+    return getattr(last, "key", getattr(last, "name", None))
+
+
 def decay_mask(params: Any, no_decay: Collection[str] = DEFAULT_NO_DECAY) -> Any:
     """Pytree of bools, True where a leaf gets weight decay: its name (the last key of its path) is not
     in ``no_decay``. By name, not by rank: a rank-2 norm scale or SSM state matrix is still not decayed,
@@ -139,7 +144,7 @@ def decay_mask(params: Any, no_decay: Collection[str] = DEFAULT_NO_DECAY) -> Any
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def muon_dimensions(logical_axes: Any, *, matrix_axis: str = "embed",
+def muon_dimensions(logical_axes: Any, shapes: Any = None, *, matrix_axis: str = "embed",
                     batch_axes: Collection[str] = ("layers", "experts"),
                     exclude_axes: Collection[str] = ("vocab",)) -> Any:
     """Muon's view of each parameter from its logical axis names (a pytree of tuples or
@@ -148,12 +153,19 @@ def muon_dimensions(logical_axes: Any, *, matrix_axis: str = "embed",
     (reduction = the leading ``embed``, e.g. a query ``[embed, heads, head_dim]`` as ``[d, H * Dh]``) or
     ``rest -> embed`` (an output projection ``[heads, head_dim, embed]``, a down projection ``[mlp,
     embed]``); ``batch_axes`` are orthogonalised independently; leaves with an ``exclude_axes`` axis (the
-    embedding table and LM head) and every other leaf map to None (AdamW)."""
+    embedding table and LM head) and every other leaf map to None (AdamW). With ``shapes`` (the parameters,
+    or their ``jax.eval_shape``), a leaf named ``kernel`` that carries no axis names but batch axes and has
+    two other dimensions is a flax ``Dense`` kernel ``[in, out]``, taken as the matrix it is."""
     from optax.contrib import MuonDimensionNumbers
     batch, exclude = frozenset(batch_axes), frozenset(exclude_axes)
 
-    def dims(axes):
+    def dims(path, axes, shape=None):
         names = tuple(axes)
+        if shape is not None and _leaf_name(path) == "kernel" and not set(names) - batch - {None}:
+            ndim = len(shape.shape)
+            lead = len([n for n in names if n in batch])
+            if ndim - lead == 2:
+                return MuonDimensionNumbers(reduction_axis=ndim - 2, output_axis=ndim - 1)
         kept = [i for i, n in enumerate(names) if n not in batch]
         if len(kept) < 2 or exclude.intersection(names):
             return None
@@ -163,7 +175,10 @@ def muon_dimensions(logical_axes: Any, *, matrix_axis: str = "embed",
             return MuonDimensionNumbers(reduction_axis=tuple(kept[:-1]), output_axis=kept[-1])
         return None
 
-    return jax.tree.map(dims, logical_axes, is_leaf=lambda x: isinstance(x, tuple))
+    is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
+    if shapes is None:
+        return jax.tree_util.tree_map_with_path(dims, logical_axes, is_leaf=is_axes)
+    return jax.tree_util.tree_map_with_path(dims, logical_axes, shapes, is_leaf=is_axes)
 
 
 def _decoupled_weight_decay(schedule: optax.Schedule, rate: float, mask) -> optax.GradientTransformation:
@@ -181,11 +196,6 @@ def _decoupled_weight_decay(schedule: optax.Schedule, rate: float, mask) -> opta
         return decayed, optax.ScaleByScheduleState(count=optax.safe_int32_increment(state.count))
 
     return optax.GradientTransformation(init, update)
-
-
-def _leaf_name(path) -> str | None:
-    last = path[-1] if path else None
-    return getattr(last, "key", getattr(last, "name", None))
 
 
 def make_optimizer(cfg: OptimizerConfig, *, no_decay: Collection[str] = DEFAULT_NO_DECAY,

@@ -4,6 +4,7 @@ Pre-norm residual blocks (GPT-2/LLaMA layout)::
 
     x = E[tokens] (+ P[positions])     # rotary positions inside attention, or learned absolute ones (GPT-2)
     x = x + Mixer(Norm(x))             # "attention" | "sliding" | "linear" | "gau" | "s4d" | "s5" | "mamba" | "mamba2"
+                                       # | "rwkv" | "retnet" | "lru" | "s4"
     x = x + FFN(Norm(x))               # "swiglu" | "gelu" | "gelu_tanh" | "moe"
     logits = Norm(x) E^T               # tied embeddings (or a separate head); Norm: RMSNorm or LayerNorm
 
@@ -49,14 +50,17 @@ import jax.numpy as jnp
 from flax import struct
 from flax.linen.dtypes import promote_dtype
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec
 
 from jaxlab.kernels.attention import IMPLEMENTATIONS
 from jaxlab.models.attention import Attention
 from jaxlab.models.layers import (NORMS, FeedForward, RopeScaling, contract_last, default_positions, embed_init,
                                   make_norm, resolve_dtype)
 from jaxlab.models.linear_mixers import FEATURE_MAPS, GAU, LinearAttention
-from jaxlab.models.moe import DISPATCH, GATES, MoE
+from jaxlab.models.moe import BALANCE, DISPATCH, GATES, MoE
 from jaxlab.models.remat import remat_module, validate_remat
+from jaxlab.models.rnn_mixers import LRU, RWKV, RetNet
+from jaxlab.models.s4_mixer import S4
 from jaxlab.models.ssm_mixers import S4D, S5, Mamba, Mamba2
 from jaxlab.validation import check_choice, check_greater, check_positive
 
@@ -64,7 +68,7 @@ __all__ = ["FFNS", "LM", "LMCache", "LMConfig", "MIXERS", "NO_DECAY_PARAMS", "PO
            "cross_entropy_sums", "init_params", "lm_loss", "make_mixer", "next_token_loss", "param_logical_axes",
            "scan_to_unrolled", "shifted_targets", "token_logprobs", "unrolled_to_scan"]
 
-MIXERS = ("attention", "sliding", "linear", "gau", "s4d", "s5", "mamba", "mamba2")
+MIXERS = ("attention", "sliding", "linear", "gau", "s4d", "s5", "mamba", "mamba2", "rwkv", "retnet", "lru", "s4")
 FFNS = ("swiglu", "gelu", "gelu_tanh", "moe")
 POSITION_EMBEDDINGS = ("rope", "learned")
 RESIDUAL_AXES = ("batch", "length", "embed")
@@ -118,6 +122,13 @@ class LMConfig:
     token-expert assignments, overflow dropped and counted in ``aux["dropped_fraction"]`` (None: dropless)."""
     load_balance_coef: float = 0.01
     router_z_coef: float = 1e-3
+    moe_balance: str = "aux_loss"
+    """"aux_loss" (Switch's load-balance loss, weighted by ``load_balance_coef``) or "bias" (DeepSeek-V3's
+    auxiliary-loss-free balancing: a per-expert ``router_bias`` on the scores that choose the experts,
+    updated by sign descent on the load; the optimizer must take ``router_bias`` by ``sign_descent``, see
+    :func:`jaxlab.models.lm_training.make_lm_optimizer`; the balance loss is then reported, not added)."""
+    moe_bias_rate: float = 1e-3
+    """Sign-descent step of ``router_bias`` per optimizer step (DeepSeek-V3's bias update speed gamma)."""
     window: int = 128
     """Keys seen by each query of the "sliding" mixer (itself included)."""
     rope_base: float = 10000.0
@@ -147,7 +158,8 @@ class LMConfig:
     """State size N of the SSM mixers."""
     d_conv: int = 4
     expand: int = 2
-    """Inner width of Mamba / Mamba-2 / GAU: expand * d_model."""
+    """Inner width of Mamba / Mamba-2 / GAU: expand * d_model; RetNet's value width over its query width; the
+    LRU's complex modes per channel."""
     ssm_head_dim: int = 16
     """Mamba-2 head dim P (expand * d_model must be a multiple)."""
     chunk_size: int = 64
@@ -185,7 +197,7 @@ class LMConfig:
         mixers = set(self.layer_mixers)
         if self.d_head is not None and mixers - {"attention", "sliding"}:
             raise ValueError(f"d_head={self.d_head} applies to the attention mixers only, not {sorted(mixers)}")
-        if mixers & {"attention", "sliding", "linear"} and self.head_dim % 2:
+        if mixers & {"attention", "sliding", "linear", "retnet"} and self.head_dim % 2:
             raise ValueError(f"head dim (d_head, or d_model // num_heads) = {self.head_dim} must be even for "
                              f"rotary embeddings ({self.d_model=}, {self.num_heads=}, {self.d_head=})")
         if self.experts_per_token > self.num_experts:
@@ -202,6 +214,8 @@ class LMConfig:
                              f"ssm_head_dim={self.ssm_head_dim} ({self.expand=}, {self.d_model=})")
         if self.attention_impl not in IMPLEMENTATIONS:
             raise ValueError(f"attention_impl={self.attention_impl!r} must be one of {IMPLEMENTATIONS}")
+        check_choice(self, "moe_balance", BALANCE)
+        check_greater(self, "moe_bias_rate")
         if self.load_balance_coef < 0 or self.router_z_coef < 0:
             raise ValueError(f"{self.load_balance_coef=} and {self.router_z_coef=} must be >= 0")
         if self.scan_layers and self.num_layers % self.group_size:
@@ -283,8 +297,17 @@ def make_mixer(cfg: LMConfig, mixer: str | None = None, **kwargs) -> nn.Module:
         return S5(d_state=cfg.d_state, **common)
     if mixer == "mamba":
         return Mamba(d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, **common)
-    return Mamba2(d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, head_dim=cfg.ssm_head_dim,
-                  chunk_size=cfg.chunk_size, **common)
+    if mixer == "mamba2":
+        return Mamba2(d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, head_dim=cfg.ssm_head_dim,
+                      chunk_size=cfg.chunk_size, **common)
+    if mixer == "s4":
+        return S4(d_state=cfg.d_state, **common)
+    if mixer == "rwkv":
+        return RWKV(num_heads=cfg.num_heads, **common)
+    if mixer == "retnet":
+        return RetNet(num_heads=cfg.num_heads, expand=cfg.expand, chunk_size=cfg.chunk_size, rope_base=cfg.rope_base,
+                      **common)
+    return LRU(expand=cfg.expand, **common)
 
 
 class Block(nn.Module):
@@ -307,7 +330,7 @@ class Block(nn.Module):
         if cfg.ffn == "moe":
             f, aux = MoE(cfg.num_experts, cfg.experts_per_token, cfg.expert_hidden, cfg.num_shared_experts,
                          gate=cfg.moe_gate, dispatch=cfg.moe_dispatch, capacity_factor=cfg.moe_capacity_factor,
-                         dtype=cfg.compute_dtype,
+                         balance=cfg.moe_balance, dtype=cfg.compute_dtype,
                          param_dtype=cfg.storage_dtype, name="moe")(y)
         else:
             f = FeedForward(cfg.ffn_hidden, cfg.ffn, use_bias=cfg.mlp_bias, dtype=cfg.compute_dtype,
@@ -414,10 +437,12 @@ class LM(nn.Module):
         if tokens.shape[1] > self.cfg.max_len:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_len={self.cfg.max_len}")
 
-    def _run(self, tokens, positions, segment_ids, states):
+    def _run(self, tokens, positions, segment_ids, states, embeds=None, embeds_mask=None):
         # perturb: adds a zero "perturbations" variable when that collection is passed, so gradients with
         # respect to the embedded inputs (e.g. causality checks) come from jax.grad on it.
         x = self.embed(tokens)  # [B, L, d]
+        if embeds is not None:  # precomputed inputs (image tokens of a VLM) where embeds_mask is set
+            x = jnp.where(embeds_mask[..., None], embeds.astype(x.dtype), x)  # [B, L, d]
         if self.cfg.position_embedding == "learned":
             x = x + self.pos_embed(positions)  # [B, L, d]
         x = self.perturb("embedded", nn.with_logical_constraint(x, RESIDUAL_AXES))
@@ -451,12 +476,19 @@ class LM(nn.Module):
             aux["dropped_fraction"] = jnp.mean(layers["dropped_fraction"])
         else:
             aux["load_balance_loss"] = aux["router_z_loss"] = jnp.zeros((), jnp.float32)
-        aux["aux_loss"] = cfg.load_balance_coef * aux["load_balance_loss"] + cfg.router_z_coef * aux["router_z_loss"]
+        balance = cfg.load_balance_coef * aux["load_balance_loss"]
+        if cfg.ffn == "moe" and cfg.moe_balance == "bias":  # 0 in value; router_bias's balancing gradient
+            balance = jnp.mean(layers["bias_balance"])
+        aux["aux_loss"] = balance + cfg.router_z_coef * aux["router_z_loss"]
         return aux
 
-    def __call__(self, tokens, positions=None, segment_ids=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, *, embeds=None, embeds_mask=None):
         """tokens int [B, L]; positions int [B, L] (default: restart at 0 in every segment); segment_ids int
-        [B, L] (packed documents). Same order as the mixers' ``(x, positions, segment_ids, state)``."""
+        [B, L] (packed documents). Same order as the mixers' ``(x, positions, segment_ids, state)``.
+
+        ``embeds [B, L, d_model]`` with ``embeds_mask`` bool [B, L]: precomputed input embeddings (a VLM's
+        image tokens, ``models.vlm``) replace the token embeddings where the mask is True; the rest of the
+        forward pass is unchanged. Give both or neither. :meth:`decode` takes text tokens only."""
         self._check_tokens(tokens)
         B, L = tokens.shape
         if segment_ids is not None and segment_ids.shape != (B, L):
@@ -465,7 +497,16 @@ class LM(nn.Module):
             positions = default_positions(B, L, segment_ids)
         elif positions.shape != (B, L):
             raise ValueError(f"positions must have shape {(B, L)}, got {positions.shape}")
-        logits, _, aux = self._run(tokens, positions, segment_ids, None)
+        if (embeds is None) != (embeds_mask is None):
+            raise ValueError("embeds and embeds_mask must be given together, got "
+                             f"embeds={None if embeds is None else embeds.shape}, "
+                             f"embeds_mask={None if embeds_mask is None else embeds_mask.shape}")
+        if embeds is not None and (embeds.shape != (B, L, self.cfg.d_model) or embeds_mask.shape != (B, L)):
+            raise ValueError(f"embeds must have shape {(B, L, self.cfg.d_model)} and embeds_mask {(B, L)} "
+                             f"(tokens {tokens.shape}, d_model={self.cfg.d_model}), got embeds {embeds.shape} "
+                             f"and embeds_mask {embeds_mask.shape}")
+        logits, _, aux = self._run(tokens, positions, segment_ids, None, embeds,
+                                   None if embeds_mask is None else embeds_mask.astype(bool))
         return logits, aux
 
     def decode(self, tokens, cache: LMCache):
@@ -525,27 +566,44 @@ def init_params(model: LM, key, tokens, positions=None, segment_ids=None) -> dic
 
 def param_logical_axes(model: LM, tokens_shape: tuple[int, int] = (1, 8)):
     """The logical axis names of every parameter: a tree of ``jax.sharding.PartitionSpec`` with the structure
-    of :func:`init_params`'s (``PartitionSpec()`` for a parameter without names). Shapes only, nothing is
+    of :func:`init_params`'s (``PartitionSpec()`` for a parameter without names, ``("layers", None, ...)`` for one
+    of the scanned stack). Shapes only, nothing is
     computed; the parameter shapes do not depend on ``tokens_shape`` (its length is capped at ``max_len``).
     Map them to a mesh with ``nn.logical_to_mesh_sharding(axes, mesh, rules)``."""
     B, L = tokens_shape
     tokens = jax.ShapeDtypeStruct((B, min(L, model.cfg.max_len)), jnp.int32)
     abstract = jax.eval_shape(model.init, jax.random.key(0), tokens)
-    return nn.get_partition_spec(abstract["params"])
+    specs = nn.get_partition_spec(abstract["params"])
+    if not model.cfg.scan_layers:
+        return specs
+
+    def stacked(path, spec, leaf):  # a parameter of the scanned stack without names keeps its layer axis
+        if path[0].key == "blocks" and not spec and leaf.ndim:
+            return PartitionSpec("layers", *(None,) * (leaf.ndim - 1))
+        return spec
+
+    return jax.tree_util.tree_map_with_path(stacked, specs, nn.unbox(abstract["params"]),
+                                            is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 # ---- optimisation -----------------------------------------------------------------------------------
 NO_DECAY_PARAMS = frozenset({"bias", "scale", "conv_b", "rel_bias", "gamma", "beta",
-                             "A_log", "log_A_real", "A_imag", "Lambda_re", "Lambda_im", "log_dt", "dt_bias", "D", "B",
-                             "favor_projection"})
+                             "A_log", "log_A_real", "A_imag", "Lambda_re", "Lambda_im", "log_dt", "dt_bias", "D", "B", "P",
+                             "favor_projection", "router_bias", "time_maa_x", "time_maa", "time_maa_w1",
+                             "time_maa_w2", "time_decay", "time_decay_w1", "time_decay_w2", "time_first", "nu_log",
+                             "theta_log", "gamma_log"})
 """Parameter names AdamW leaves undecayed (``jaxlab.optim.make_optimizer(cfg, no_decay=NO_DECAY_PARAMS)``):
 biases and norm scales, GAU's per-dimension scales and offsets (``gamma``, ``beta``) and relative-position
 bias, and the state-space dynamics, whatever their rank: decay would pull ``A`` and ``dt`` towards fixed
 values and shorten or lengthen the memory (Mamba trains ``A_log``, ``D`` and ``dt_bias`` without it; S4
-trains ``A``, ``B`` and ``dt`` without it). ``B`` is the S4D/S5 input matrix; every other ``B`` of the models
+trains ``A``, ``B``, ``dt`` and the low-rank ``P`` of its DPLR state matrix without it). ``B`` is the S4D/S5/S4
+input matrix; every other ``B`` of the models
 is an activation, not a parameter. ``favor_projection`` is FAVOR+'s fixed random projection (no gradient;
-decay would shrink it). Everything else decays: projections (``kernel``), the embedding, the
-MoE router and experts, the Mamba convolution, the S4D/S5 output matrix ``C``."""
+decay would shrink it), and the MoE ``router_bias`` (updated by sign descent only). Everything else decays: projections (``kernel``), the embedding, the
+MoE router and experts, the Mamba convolution, the S4D/S5 output matrix ``C``, the LRU's ``lru_B`` and ``lru_C``.
+RWKV's token-shift mixes, decay and bonus with their LoRAs (``time_*``; RWKV-LM decays only its projections) and
+the LRU's ``nu_log``, ``theta_log`` and ``gamma_log`` (its eigenvalues and their normalisation) are dynamics
+too and are not decayed."""
 
 
 # ---- losses -----------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxlab.loop import LoopConfig, fit
 from jaxlab.metrics import to_jsonable
@@ -41,7 +42,7 @@ from jaxlab.models.lm import (FFNS, LM, MIXERS, NO_DECAY_PARAMS, LMConfig, cross
 from jaxlab.models.packing import pack_documents, packing_stats, padded_efficiency
 from jaxlab.models.remat import validate_remat
 from jaxlab.models.sampling import sample
-from jaxlab.optim import OptimizerConfig, lr_schedule, make_optimizer
+from jaxlab.optim import OptimizerConfig, lr_schedule, make_optimizer, muon_dimensions
 from jaxlab.train_state import create_train_state, jit_train_step, make_train_step
 from jaxlab.parallel.mesh import format_mesh, mesh_from_spec, parse_mesh
 from jaxlab.parallel.rules import check_mesh_for
@@ -54,7 +55,8 @@ __all__ = ["LMTrainConfig", "eval_batches", "make_eval_fn", "make_loss_fn", "sam
            "train_lm"]
 
 
-ARCHITECTURE_FIELDS = ("mixer", "d_model", "num_layers", "num_heads", "ffn")
+ARCHITECTURE_FIELDS = ("mixer", "d_model", "num_layers", "num_heads", "ffn", "num_experts", "top_k",
+                       "shared_experts", "moe_balance")
 """LMTrainConfig fields that a checkpoint (``init_from``) decides."""
 
 
@@ -63,7 +65,7 @@ class LMTrainConfig:
     """Byte-level LM training: model, data, optimisation, evaluation and logging."""
 
     mixer: str = "attention"
-    """Token mixer: attention | sliding | linear | gau | s4d | s5 | mamba | mamba2."""
+    """Token mixer: attention | sliding | linear | gau | s4d | s5 | mamba | mamba2 | rwkv | retnet | lru | s4."""
     data: str | None = None
     """Text file, folder of text files, or JSONL file with a "text" field (default: the Python stdlib's .py files)."""
     steps: int = 2000
@@ -80,6 +82,18 @@ class LMTrainConfig:
     """Attention heads (attention / sliding / linear mixers)."""
     ffn: str = "swiglu"
     """Feed-forward: swiglu | gelu | moe (routed + shared experts; expert parallel on a mesh's expert axis)."""
+    num_experts: int = 8
+    """Routed experts per MoE layer (--ffn moe)."""
+    top_k: int = 2
+    """Routed experts per token (--ffn moe)."""
+    shared_experts: int = 1
+    """Shared experts every token passes through (--ffn moe)."""
+    moe_balance: str = "aux_loss"
+    """Expert load balancing (--ffn moe): aux_loss (Switch's auxiliary loss) | bias (DeepSeek-V3's
+    auxiliary-loss-free per-expert routing bias, nudged by sign descent towards equal load)."""
+    optimizer: str = "adamw"
+    """adamw | muon (Newton-Schulz orthogonalised momentum on the hidden matrices at AdamW's update RMS,
+    Moonlight; AdamW on embeddings, norms and the SSM dynamics). The same lr and weight decay serve both."""
     scan_layers: bool = False
     """Run the blocks as one scan over parameters stacked on a layer axis (faster compiles of deep models;
     remat per scanned block)."""
@@ -147,6 +161,7 @@ class LMTrainConfig:
         check_positive(self, "grad_accum", integer=True)
         check_choice(self, "strategy", STRATEGY_NAMES)
         check_choice(self, "ffn", FFNS)
+        check_choice(self, "optimizer", ("adamw", "muon"))
         check(self.batch_size % self.grad_accum == 0,
               f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}")
         if self.mesh is not None:
@@ -172,16 +187,18 @@ class LMTrainConfig:
                                      f"{self.init_from!r}: the architecture comes from the checkpoint")
 
     def optimizer_config(self) -> OptimizerConfig:
-        """AdamW (beta2 0.95) after clipping, linear warmup then cosine decay to ``lr * min_lr_ratio``."""
+        """AdamW or Muon (beta2 0.95) after clipping, linear warmup then cosine decay to ``lr * min_lr_ratio``."""
         warmup = min(100, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
-        return OptimizerConfig(lr=self.lr, algorithm="adamw", warmup_steps=warmup, decay_steps=self.steps,
+        return OptimizerConfig(lr=self.lr, algorithm=self.optimizer, warmup_steps=warmup, decay_steps=self.steps,
                                min_lr_ratio=self.min_lr_ratio, b2=0.95, weight_decay=self.weight_decay,
                                clip_norm=self.clip_norm)
 
     def model_config(self) -> LMConfig:
         max_len = max(self.seq_len, len(encode(self.sample_prompt)) + self.sample_tokens)
         return LMConfig(vocab_size=VOCAB_SIZE, d_model=self.d_model, num_layers=self.num_layers,
-                        num_heads=self.num_heads, mixer=self.mixer, ffn=self.ffn, remat=self.remat,
+                        num_heads=self.num_heads, mixer=self.mixer, ffn=self.ffn, num_experts=self.num_experts,
+                        experts_per_token=self.top_k, num_shared_experts=self.shared_experts,
+                        moe_balance=self.moe_balance, remat=self.remat,
                         scan_layers=self.scan_layers, max_len=max_len, dtype=self.dtype, param_dtype="float32")
 
 
@@ -199,9 +216,37 @@ def make_loss_fn(model: LM):
         del key  # the model has no dropout; the step key stays part of the state for extensions
         logits, aux = _apply(model, params, batch)
         ce, metrics = next_token_loss(logits, batch["targets"], batch["mask"])
+        if model.cfg.ffn == "moe":
+            metrics.update(moe_metrics(aux))
         return ce + aux["aux_loss"], {"cross_entropy": ce, **metrics}
 
     return loss_fn
+
+
+def make_lm_optimizer(opt_cfg: OptimizerConfig, model: LM) -> optax.GradientTransformation:
+    """The spine's optimizer for ``model``: decay masked by :data:`~jaxlab.models.lm.NO_DECAY_PARAMS`;
+    with Muon, the matrices and their row/column axes read from the parameters' logical axis names and,
+    for the mixers' unnamed ``Dense`` kernels, their shapes (:func:`jaxlab.optim.muon_dimensions`); with ``moe_balance="bias"``, the ``router_bias`` leaves by
+    sign descent at ``moe_bias_rate`` (DeepSeek-V3's gamma)."""
+    mc = model.cfg
+    muon_dims = None
+    if opt_cfg.algorithm == "muon":
+        shapes = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+        muon_dims = muon_dimensions(param_logical_axes(model), shapes)
+    sign = {"router_bias": mc.moe_bias_rate} if mc.ffn == "moe" and mc.moe_balance == "bias" else None
+    return make_optimizer(opt_cfg, no_decay=NO_DECAY_PARAMS, muon_dims=muon_dims, sign_descent=sign)
+
+
+def moe_metrics(aux: dict) -> dict:
+    """Load-balance metrics of an MoE LM's ``aux``: the expert load histogram (fraction of token-expert
+    assignments per expert, mean over layers, ``moe/load`` [E]), its coefficient of variation (std / mean
+    over experts, per layer, then averaged; 0 = perfectly balanced), the busiest expert's load over the
+    mean, the dropped fraction (0 when dropless) and the auxiliary loss."""
+    load = aux["expert_load"]  # [num_layers, E]
+    mean = jnp.mean(load, axis=-1)  # [num_layers]
+    return {"moe/load": jnp.mean(load, axis=0), "moe/load_cv": jnp.mean(jnp.std(load, axis=-1) / mean),
+            "moe/max_load": jnp.mean(jnp.max(load, axis=-1) / mean), "moe/dropped": aux["dropped_fraction"],
+            "moe/load_balance_loss": aux["load_balance_loss"]}
 
 
 def eval_batches(docs, batch_size: int, seq_len: int, max_batches: int) -> list[dict[str, np.ndarray]]:
@@ -326,7 +371,7 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | pathlib.Path) -> dict:
 
     data = PackedIterator(train_docs, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
     opt_cfg = cfg.optimizer_config()
-    tx, schedule = make_optimizer(opt_cfg, no_decay=NO_DECAY_PARAMS), lr_schedule(opt_cfg)
+    tx, schedule = make_lm_optimizer(opt_cfg, model), lr_schedule(opt_cfg)
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     mc = model.cfg
     _log(f"model: {mc.mixer}, {mc.num_layers} layers, d_model={mc.d_model}, {num_params:,} parameters")

@@ -63,9 +63,13 @@ __all__ = [
     "moe_ragged",
     "route",
     "router_z_loss",
+    "bias_balance_term",
+    "BALANCE",
 ]
 
 GATES = ("softmax", "sigmoid")
+BALANCE = ("aux_loss", "bias")
+"""Load balancing: Switch's auxiliary loss, or DeepSeek-V3's auxiliary-loss-free routing bias."""
 DISPATCH = ("ragged", "dense")
 EXPERT_AXIS = "expert"
 """Mesh axis over which the routed experts are split (expert parallelism)."""
@@ -73,8 +77,11 @@ TENSOR_AXIS = "model"
 """Mesh axis left to the partitioner inside the expert-parallel region (it splits weights, not tokens)."""
 
 
-def route(logits, experts_per_token: int, gate: str = "softmax", normalize_gates: bool = True):
+def route(logits, experts_per_token: int, gate: str = "softmax", normalize_gates: bool = True, bias=None):
     """Top-k routing of router logits [T, E], ``k = experts_per_token``.
+
+    ``bias`` [E] (DeepSeek-V3's auxiliary-loss-free balancing, eqs. 16-18) is added to the scores for the
+    choice of the experts only: the combine weights are the unbiased scores of the chosen experts.
 
     Returns:
       weights [T, k] fp32 combine weights, experts [T, k] int32 chosen experts, probs [T, E]
@@ -83,14 +90,17 @@ def route(logits, experts_per_token: int, gate: str = "softmax", normalize_gates
     if gate not in GATES:
         raise ValueError(f"gate={gate!r} must be one of {GATES}")
     logits = logits.astype(jnp.float32)
+    scores = jax.nn.softmax(logits, axis=-1) if gate == "softmax" else jax.nn.sigmoid(logits)  # [T, E]
+    if bias is None:
+        weights, experts = _top_k(scores, experts_per_token)  # [T, k]
+    else:
+        _, experts = _top_k(scores + jax.lax.stop_gradient(bias).astype(jnp.float32), experts_per_token)
+        weights = jnp.take_along_axis(scores, experts, axis=-1)  # [T, k]
     if gate == "softmax":
-        probs = jax.nn.softmax(logits, axis=-1)  # [T, E]
-        weights, experts = _top_k(probs, experts_per_token)  # [T, k]
+        probs = scores
         if normalize_gates:
             weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     else:
-        scores = jax.nn.sigmoid(logits)
-        weights, experts = _top_k(scores, experts_per_token)
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
         probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
     return weights, experts, probs
@@ -122,6 +132,15 @@ def load_balance_loss(probs, experts, num_experts: int):
     f = jax.lax.stop_gradient(expert_load(experts, num_experts))  # [E]
     P = jnp.mean(probs, axis=0)  # [E]
     return num_experts * jnp.sum(f * P)
+
+
+def bias_balance_term(bias, load):
+    """DeepSeek-V3's bias update as a gradient: ``sum_e (b_e - sg(b_e)) * sg(f_e - 1/E)`` is 0 in value
+    and has gradient ``f_e - mean(f)`` in ``b``, so sign descent at rate ``gamma`` (the optimizer's
+    ``sign_descent`` leaves) is ``b_e <- b_e - gamma * sign(f_e - mean f)``: an overloaded expert's bias
+    falls, an underloaded one's rises. ``bias`` [E], ``load`` [E] (fractions, sum 1)."""
+    target = jax.lax.stop_gradient(load - jnp.mean(load))
+    return jnp.sum((bias - jax.lax.stop_gradient(bias)) * target)
 
 
 def router_z_loss(logits):
@@ -279,7 +298,9 @@ class MoE(nn.Module):
 
     ``aux``: ``load_balance_loss`` and ``router_z_loss`` (scalars), ``expert_load`` [E] (fraction
     of assignments per expert: the utilisation; uniform is 1/E), ``dropped_fraction`` (fraction of
-    the assignments dropped for capacity: 0 unless expert-parallel with a ``capacity_factor``).
+    the assignments dropped for capacity: 0 unless expert-parallel with a ``capacity_factor``) and
+    ``bias_balance`` (``balance="bias"``: :func:`bias_balance_term`, 0 in value, to add to the loss so
+    that the ``router_bias`` parameter gets its balancing gradient; 0 otherwise).
 
     Parameters carry logical axis names (``nn.with_logical_partitioning``; ``MoE(...).init`` returns
     ``nn.Partitioned`` boxes, ``nn.unbox`` gives the arrays): ``router`` ``("embed", None)`` (replicated
@@ -301,6 +322,9 @@ class MoE(nn.Module):
     capacity_factor: float | None = None
     """Expert-parallel exchange capacity per destination device, in multiples of the balanced share;
     None is dropless. Single-device dispatch is always dropless."""
+    balance: str = "aux_loss"
+    """aux_loss | bias: ``bias`` adds a ``router_bias`` [E] (replicated) to the scores that choose the
+    experts (not to the gates), trained by sign descent on the load (:func:`bias_balance_term`)."""
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -311,6 +335,8 @@ class MoE(nn.Module):
                              f"[1, num_experts={self.num_experts}]")
         if self.dispatch not in DISPATCH:
             raise ValueError(f"dispatch={self.dispatch!r} must be one of {DISPATCH}")
+        if self.balance not in BALANCE:
+            raise ValueError(f"balance={self.balance!r} must be one of {BALANCE}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor={self.capacity_factor!r} must be positive (or None: dropless)")
         B, L, d = x.shape
@@ -321,7 +347,11 @@ class MoE(nn.Module):
         router = self.param("router", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", None)),
                             (d, E), jnp.float32)
         logits = tokens.astype(jnp.float32) @ router  # [T, E]
-        weights, experts, probs = route(logits, self.experts_per_token, self.gate, self.normalize_gates)
+        bias = None
+        if self.balance == "bias":
+            bias = self.param("router_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)), (E,),
+                              jnp.float32)
+        weights, experts, probs = route(logits, self.experts_per_token, self.gate, self.normalize_gates, bias)
 
         init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
                                                 batch_axis=(0,))
@@ -342,10 +372,12 @@ class MoE(nn.Module):
         if self.num_shared_experts:
             y = y + FeedForward(self.num_shared_experts * f, "swiglu", dtype=self.dtype,
                                 param_dtype=self.param_dtype, name="shared")(x)
+        load = expert_load(experts, E)
         aux = {
             "load_balance_loss": load_balance_loss(probs, experts, E),
             "router_z_loss": router_z_loss(logits),
-            "expert_load": expert_load(experts, E),
+            "expert_load": load,
+            "bias_balance": jnp.zeros((), jnp.float32) if bias is None else bias_balance_term(bias, load),
             "dropped_fraction": dropped.astype(jnp.float32) / experts.size,
         }
         return y.astype(self.dtype), aux

@@ -85,6 +85,16 @@ def test_muon_dimensions_from_logical_axes():
     assert dims["w_gate"] == MuonDimensionNumbers(1, (2,))
     assert dims["stacked_down"] == MuonDimensionNumbers((2,), 3)
     assert dims["scale"] is None and dims["head"] is None and dims["A_log"] is None
+    # a Dense kernel without axis names is an [in, out] matrix when its shape is known (a scanned one has a
+    # leading layers axis); other unnamed leaves stay with AdamW
+    unnamed = {"mixer": {"kernel": P()}, "stacked": {"kernel": P("layers")}, "decay": P(), "conv": {"kernel": P()}}
+    shapes = {"mixer": {"kernel": jnp.zeros((8, 16))}, "stacked": {"kernel": jnp.zeros((3, 8, 16))},
+              "decay": jnp.zeros((8, 16)), "conv": {"kernel": jnp.zeros((4, 1, 8))}}
+    dims = muon_dimensions(unnamed, shapes)
+    assert dims["mixer"]["kernel"] == MuonDimensionNumbers(0, 1)
+    assert dims["stacked"]["kernel"] == MuonDimensionNumbers(1, 2)
+    assert dims["decay"] is None and dims["conv"]["kernel"] is None
+    assert muon_dimensions(unnamed)["mixer"]["kernel"] is None
 
 
 def test_muon_weight_decay_is_decoupled_scaled_by_lr_and_masked_by_name():

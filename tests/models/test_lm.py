@@ -23,7 +23,7 @@ def small_cfg(mixer, **kw):  # window 6 < L: the sliding layer's cache wraps whi
     return LMConfig(**base)
 
 
-# All eight mixers in one hybrid stack (layer i uses MIXERS[i]): one compiled program checks them all,
+# Every mixer in one hybrid stack (layer i uses MIXERS[i]): one compiled program checks them all,
 # as any layer that peeks at the future, leaks across documents or decodes differently breaks the
 # stack's contract. Attention adds GQA and QK-norm, linear attention FAVOR+ features, the FFN is MoE
 # (its dispatch against the dense reference is in test_moe.py); the sliding window's ring
@@ -116,8 +116,8 @@ def test_every_mixer_contract():
     (dict(d_model=30, num_heads=4), "d_model=30 must be divisible by num_heads=4"),
     (dict(num_heads=4, num_kv_heads=3), "num_heads=4 must be a multiple of num_kv_heads=3"),
     (dict(num_experts=4, experts_per_token=5), "experts_per_token=5 must be <= num_experts=4"),
-    (dict(mixer="rwkv"), "mixer='rwkv'"),
-    (dict(mixer_pattern=("mamba", "rwkv")), "mixer_pattern=('mamba', 'rwkv')"),
+    (dict(mixer="lstm"), "mixer='lstm'"),
+    (dict(mixer_pattern=("mamba", "lstm")), "mixer_pattern=('mamba', 'lstm')"),
     (dict(ffn="relu"), "ffn='relu'"),
     (dict(remat="some"), "remat='some'"),
     (dict(remat=("query_proj", "nope")), "nope"),
@@ -144,7 +144,7 @@ def test_config_is_frozen_and_derives_sizes():
         model.init_cache(1, cfg.max_len + 1)
 
 
-@pytest.mark.parametrize("mixer", ["mamba", "s4d", "gau", "attention", "linear"])
+@pytest.mark.parametrize("mixer", ["mamba", "s4d", "s4", "lru", "gau", "attention", "linear"])
 def test_weight_decay_spares_vectors_and_ssm_dynamics_and_decays_matrices(mixer):
     cfg = LMConfig(vocab_size=16, d_model=32, num_layers=1, num_heads=2, mixer=mixer, max_len=16, d_state=4,
                    ssm_head_dim=8, chunk_size=8, feature_map="favor")
@@ -159,6 +159,7 @@ def test_weight_decay_spares_vectors_and_ssm_dynamics_and_decays_matrices(mixer)
             assert decays, path
     spared = {path.split("'")[-2] for path, (leaf, d) in named.items() if leaf.ndim >= 2 and not d}
     assert spared == {"mamba": {"A_log"}, "s4d": {"log_A_real", "A_imag", "B"}, "gau": {"gamma", "beta"},
+                      "s4": {"log_A_real", "A_imag", "P", "B"}, "lru": set(),
                       "attention": set(), "linear": {"favor_projection"}}[mixer]
     # The optimizer factory with these names leaves a spared parameter where it was when its gradient is zero.
     real = init_params(LM(cfg), jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))

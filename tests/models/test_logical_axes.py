@@ -85,9 +85,11 @@ def test_specs_match_the_plain_parameters():
     assert jax.tree.structure(specs, is_leaf=_is_spec) == jax.tree.structure(params)
     for spec, leaf in zip(jax.tree.leaves(specs, is_leaf=_is_spec), jax.tree.leaves(params)):
         assert isinstance(leaf, jax.ShapeDtypeStruct) and len(spec) in (0, leaf.ndim), (spec, leaf)
-    # The Mamba mixer's parameters carry no names (replicated); its norm and FFN around it do.
+    # The Mamba mixer's parameters carry no names but the scanned stack's layer axis (replicated otherwise);
+    # its norm and FFN around it are named.
     named = _by_path(specs)
-    assert named["blocks/block_0/mixer/in_proj/kernel"] == P()
+    assert named["blocks/block_0/mixer/in_proj/kernel"] == P("layers", None, None)
+    assert named["blocks/block_0/mixer/A_log"] == P("layers", *(None,) * (params["blocks"]["block_0"]["mixer"]["A_log"].ndim - 1))
     assert named["blocks/block_0/ffn/up/kernel"] == P("layers", "embed", "mlp")
 
 
