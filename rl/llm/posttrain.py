@@ -31,24 +31,28 @@ import json
 import pathlib
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from jaxlab.loop import ArrayIterator, DataIterator, LoopConfig, fit
 from jaxlab.metrics import to_jsonable
-from jaxlab.models.lm import LM, LMConfig, init_params
+from jaxlab.models.lm import LM, LMConfig, init_params, param_logical_axes
 from jaxlab.models.sampling import response_logprobs, sample
 from jaxlab.optim import OptimizerConfig, make_optimizer
 from jaxlab.rl.llm.dpo import make_dpo_step, preference_pairs
 from jaxlab.rl.llm.grpo import GRPOSpec, make_grpo_step
 from jaxlab.rl.llm.losses import AGGREGATIONS, DPO_LOSSES, sequence_kl
 from jaxlab.rl.llm.ppo_rlhf import PPOSpec, make_ppo_rlhf_step
-from jaxlab.rl.llm.reward_model import init_reward_params, make_reward_model_step, pair_accuracy
+from jaxlab.rl.llm.reward_model import (init_reward_params, make_reward_model_step, normalize_reward, pair_accuracy,
+                                        sequence_scores)
 from jaxlab.rl.llm.sft import make_sft_step
 from jaxlab.rl.llm.task import EOS, PAD, TASKS, VOCAB_SIZE, Task, format_ok, is_correct, response_lengths
 from jaxlab.train_state import create_train_state
 from jaxlab.parallel.mesh import format_mesh, mesh_from_spec, parse_mesh, replicated, shard_batch
+from jaxlab.parallel.rules import check_mesh_for, rules_for_mesh, tensor_axes
 from jaxlab.parallel.strategies import STRATEGIES, shard_train_state, state_shardings
 from jaxlab.validation import check, check_choice, check_greater, check_positive
 from jaxlab.xla_options import FAST_COMPILE
@@ -58,7 +62,7 @@ __all__ = ["METHODS", "PostTrainConfig", "ProblemIterator", "WithFrozen", "evalu
 
 METHODS = ("sft", "dpo", "ppo-rlhf", "grpo")
 # Key streams: every key of a run is fold_in(PRNGKey(seed), stream).
-_INIT, _SFT_DATA, _SFT_KEY, _PAIRS, _RL_DATA, _RL_KEY, _EVAL, _RM_KEY, _RM_EVAL = range(9)
+_INIT, _SFT_DATA, _SFT_KEY, _PAIRS, _RL_DATA, _RL_KEY, _EVAL, _RM_KEY, _RM_EVAL, _RM_NORM = range(10)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +125,9 @@ class PostTrainConfig:
     rm_all_pairs: bool = False
     """Train (and check) the reward model on every right/wrong pair of each sampled group (InstructGPT's
     ``K choose 2`` comparisons per prompt); False: one pair per prompt, DPO's pairs."""
+    rm_normalize: bool = True
+    """Rescale the reward model so that the SFT policy's samples score mean 0, std 1 before PPO (Ziegler et
+    al. 2019): the KL penalty then weighs against rewards of unit scale whatever the reward model's."""
     kl_coef: float = 0.2
     """PPO-RLHF's per-token KL penalty coefficient (a learned reward near chance is over-optimised fast:
     a firm penalty keeps the policy near the reference)."""
@@ -138,8 +145,9 @@ class PostTrainConfig:
     skip_nonfinite: bool = False
     """Skip steps with a non-finite loss or gradient (counted in the metrics) instead of stopping the run."""
     mesh: str | None = None
-    """Device mesh of the data-parallel stages, "data=N" (None: every device). Each step's batch rows are
-    split over the devices; the frozen reference and reward model are replicated."""
+    """Device mesh of the stages, "data=N" or "data=N,model=M" (None: every device on data). Each step's batch
+    rows are split over data; model splits the trained parameters Megatron-style (heads, MLP units, vocabulary:
+    the LM's logical axes); the frozen reference and reward model are replicated."""
     strategy: str = "ddp"
     """How the trained state is split over the data axis: ddp | zero1 | zero2 | zero3."""
     grad_accum: int = 1
@@ -174,9 +182,9 @@ class PostTrainConfig:
         for name, rows in (("sft_batch_size", self.sft_batch_size), ("batch_size", self.batch_size),
                            ("rm_batch_size", self.rm_batch_size or self.batch_size)):
             check(rows % self.grad_accum == 0, f"{name}={rows} must be divisible by grad_accum={self.grad_accum}")
-        if self.mesh is not None and set(parse_mesh(self.mesh)) - {"data"}:
-            raise ValueError(f"mesh={self.mesh!r}: post-training stages run data parallel; only the data axis "
-                             "(e.g. 'data=4') is supported")
+        if self.mesh is not None and set(parse_mesh(self.mesh)) - {"data", "model"}:
+            raise ValueError(f"mesh={self.mesh!r}: post-training stages run on the data and model axes only "
+                             "(e.g. 'data=4,model=2')")
         self.model_config()  # validates d_model vs num_heads
 
     # ---- derived values -------------------------------------------------------------------------
@@ -308,14 +316,39 @@ class _OnMesh:
         self.data.set_state(state)
 
 
+def stage_param_axes(kind: str, model_cfg: LMConfig):
+    """Logical axes of a stage's trained parameters: the LM's (SFT, DPO, GRPO), the reward model's
+    ``{"lm", "head"}`` and PPO-RLHF's ``{"policy": LM, "value": reward model}``."""
+    lm = param_logical_axes(LM(model_cfg))
+    reward = {"lm": lm, "head": {"w": PartitionSpec("embed"), "b": PartitionSpec()}}
+    return {"reward_model": reward, "ppo-rlhf": {"policy": lm, "value": reward}}.get(kind, lm)
+
+
 def _mesh_stage(kind: str, model_cfg: LMConfig, task: Task, spec, opt_cfg: OptimizerConfig, state, mesh,
                 strategy: str, grad_accum: int = 1):
-    """A stage's state laid out on ``mesh`` by ``strategy`` (ZeRO over ``data``) and its step compiled to keep
-    that layout; the partitioner splits the work by the batch rows."""
-    state = shard_train_state(state, mesh, strategy)
-    shardings = state_shardings(state, mesh, strategy)
-    step = jax.jit(_build_step(kind, model_cfg, task, spec, opt_cfg, grad_accum), donate_argnums=0,
-                   out_shardings=(shardings, replicated(mesh)), compiler_options=FAST_COMPILE)
+    """A stage's state laid out on ``mesh`` by ``strategy`` (ZeRO over ``data``; with a ``model`` axis the
+    parameters split by their logical axes) and its step compiled to keep that layout: the partitioner
+    splits the work by the batch rows and, on ``model``, by heads and hidden units (the LM's logical
+    constraints resolve on the mesh while the step traces)."""
+    axes = stage_param_axes(kind, model_cfg) if tensor_axes(mesh) else None
+    rules = rules_for_mesh(mesh)
+    if axes is not None and model_cfg.vocab_size % mesh.shape.get("model", 1):
+        # a task's vocabulary is a handful of tokens: the embedding stays whole rather than split unevenly
+        axes = jax.tree.map(lambda spec: PartitionSpec(*(None if n == "vocab" else n for n in spec)), axes,
+                            is_leaf=lambda x: isinstance(x, PartitionSpec))
+        rules = tuple((name, None if name == "vocab" else axis) for name, axis in rules)
+    if axes is not None:
+        check_mesh_for(mesh, params=state.params, param_axes=axes)
+    state = shard_train_state(state, mesh, strategy, param_axes=axes)
+    shardings = state_shardings(state, mesh, strategy, param_axes=axes)
+    inner = _build_step(kind, model_cfg, task, spec, opt_cfg, grad_accum)
+
+    def step(state, batch, key):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+            return inner(state, batch, key)
+
+    step = jax.jit(step, donate_argnums=0, out_shardings=(shardings, replicated(mesh)),
+                   compiler_options=FAST_COMPILE)
     return state, step
 
 
@@ -474,10 +507,18 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
             if summary["reward_model"]["heldout_accuracy"] is not None:
                 _log(f"reward model: {summary['reward_model']['heldout_accuracy']:.3f} accuracy on "
                      f"{summary['reward_model']['heldout_pairs']} held-out pairs")
-            state, step = new_stage({"policy": _copy(ref), "value": _copy(_local(rm.state.params))}, cfg.lr, "ppo-rlhf",
+            reward_params = _local(rm.state.params)
+            if cfg.rm_normalize:  # mean 0, std 1 on the SFT policy's samples of fresh prompts
+                norm_key = stream(_RM_NORM)
+                prompts, _ = task.sample(norm_key, max(cfg.eval_problems, 256))
+                roll = sample(model, ref, prompts, jax.random.fold_in(norm_key, 1), cfg.response_len,
+                              temperature=cfg.temperature, eos_id=EOS, pad_id=PAD)
+                reward_params, summary["reward_model"]["normalization"] = normalize_reward(
+                    reward_params, sequence_scores(model, reward_params, roll.tokens, roll.mask))
+            state, step = new_stage({"policy": _copy(ref), "value": _copy(reward_params)}, cfg.lr, "ppo-rlhf",
                                 cfg.ppo_spec())
             data = WithFrozen(ProblemIterator(task, cfg.batch_size, stream(_RL_DATA)), ref_params=ref,
-                              reward_params=_local(rm.state.params))
+                              reward_params=reward_params)
             result = run_stage("ppo-rlhf", step, state, data, cfg.steps, ref)
             final_params = _local(result.state.params["policy"])
         preempted, summary["resumed_from"] = result.preempted, result.resumed_from

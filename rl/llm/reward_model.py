@@ -5,6 +5,12 @@ Parameters are ``{"lm": <LM params>, "head": {"w": [d_model], "b": []}}``: initi
 model with a zero head, so training starts at reward 0 everywhere. :func:`token_scores` reads the head at
 every position (PPO-RLHF's critic uses the same architecture, initialised from the reward model, as in
 InstructGPT); :func:`sequence_scores` reads it at each response's last token (its EOS).
+
+Before RL the head is rescaled so that the rewards of the initial policy's own samples have mean 0 and
+standard deviation 1 (:func:`normalize_reward`; Ziegler et al. 2019, "Fine-Tuning Language Models from
+Human Preferences", section 2.2): a Bradley-Terry score has no scale of its own (only differences are
+trained, and they grow with training), so without it the KL coefficient's meaning would depend on how long
+the reward model trained.
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ from jaxlab.models.lm import LM, LMConfig
 from jaxlab.rl.llm.losses import reward_model_loss
 from jaxlab.train_state import make_train_step
 
-__all__ = ["hidden_states", "init_reward_params", "last_token_positions", "make_reward_model_step", "pair_accuracy",
-           "sequence_scores", "token_scores"]
+__all__ = ["hidden_states", "init_reward_params", "last_token_positions", "make_reward_model_step",
+           "normalize_reward", "pair_accuracy", "sequence_scores", "token_scores"]
 
 
 def hidden_states(model: LM, params, tokens: jax.Array) -> jax.Array:
@@ -55,6 +61,21 @@ def sequence_scores(model: LM, params: dict, tokens: jax.Array, mask: jax.Array)
     """Reward [B] of each response: the head at its last unmasked token (mask [B, R] over the last R tokens)."""
     last = last_token_positions(mask, tokens.shape[1])  # [B]
     return jnp.take_along_axis(token_scores(model, params, tokens), last[:, None], axis=1)[:, 0]
+
+
+def normalize_reward(params: dict, scores) -> tuple[dict, dict]:
+    """The reward model with its head rescaled so that ``scores`` (its rewards of the initial policy's
+    samples, [N]) get mean 0 and standard deviation 1: ``w / s``, ``(b - m) / s``. Rankings, and so pair
+    accuracy, are unchanged. Returns ``(params, {"mean": m, "std": s})``."""
+    scores = np.asarray(scores, np.float64)
+    if scores.size < 2 or not np.all(np.isfinite(scores)):
+        raise ValueError(f"normalize_reward needs >= 2 finite scores, got {scores.size} ({scores[:4]}...)")
+    m, s = float(scores.mean()), float(scores.std())
+    if not s > 1e-6:
+        raise ValueError(f"the reward model gives every sample the same score ({m:.4g}, std {s:.2g}): "
+                         "it has learned nothing to normalise (train it longer or on more pairs)")
+    head = {"w": params["head"]["w"] / s, "b": (params["head"]["b"] - m) / s}
+    return {**params, "head": head}, {"mean": m, "std": s}
 
 
 def make_reward_model_step(model: LM, optimizer: optax.GradientTransformation, grad_accum: int = 1):

@@ -106,3 +106,24 @@ def test_update_epochs_metrics_are_means_over_the_epochs(key):
     for name in ("loss", "kl", "clip_fraction", "ratio", "policy_loss", "grad_norm"):
         np.testing.assert_allclose(logged[name], np.mean([m[name] for m in epochs]), rtol=1e-5, err_msg=name)
     np.testing.assert_allclose(after.params["logits"], s.params["logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_normalize_reward_gives_the_policy_samples_mean_0_std_1_and_keeps_rankings():
+    """Ziegler et al. 2019: the head rescaled on the initial policy's samples; a shift or a sign flip of the
+    scale would break mean 0 / std 1 or the ranking (and so pair accuracy)."""
+    from jaxlab.models.lm import LM, LMConfig, init_params
+    from jaxlab.rl.llm.reward_model import init_reward_params, normalize_reward, sequence_scores
+
+    model = LM(LMConfig(vocab_size=16, d_model=16, num_layers=1, num_heads=2, max_len=16))
+    params = init_reward_params(init_params(model, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)), 16)
+    params["head"] = {"w": jax.random.normal(jax.random.PRNGKey(1), (16,)) * 3.0, "b": jnp.asarray(5.0)}
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (32, 8), 0, 16)
+    mask = jnp.ones((32, 4))
+    raw = sequence_scores(model, params, tokens, mask)
+    normed, stats = normalize_reward(params, raw)
+    scores = np.asarray(sequence_scores(model, normed, tokens, mask))
+    assert abs(scores.mean()) < 1e-5 and abs(scores.std() - 1) < 1e-5
+    np.testing.assert_array_equal(np.argsort(scores), np.argsort(np.asarray(raw)))
+    assert stats["mean"] == np.float64(np.asarray(raw, np.float64).mean())
+    with np.testing.assert_raises_regex(ValueError, "same score"):
+        normalize_reward(params, np.full(8, 2.0))
