@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 
 from matplotlib.figure import Figure
 
 from jaxlab.context import RunContext
-from jaxlab.metrics import MetricsWriter
+from jaxlab.experiments._stdlib_runs import eval_curve, train_fresh
 from jaxlab.models.lm import MIXERS
-from jaxlab.models.lm_training import LMTrainConfig, train_lm
+from jaxlab.models.lm_training import LMTrainConfig
 from jaxlab.registry import Claim, Comparison, ExperimentResult, register_experiment
 
 LEARNS_BPB = 3.0
@@ -72,11 +71,9 @@ class LMStdlibConfig:
 def lm_stdlib(cfg: LMStdlibConfig, ctx: RunContext) -> ExperimentResult:
     curves, summaries = {}, {}
     for mixer in ctx.progress(cfg.mixers, desc="mixers"):
-        run_dir = ctx.out_dir / "lm-stdlib-runs" / mixer
-        shutil.rmtree(run_dir, ignore_errors=True)
-        summaries[mixer] = train_lm(cfg.train_config(mixer, ctx.seed), run_dir)
-        records = MetricsWriter.read(run_dir / "metrics.jsonl")
-        curves[mixer] = [(r["step"], r["eval/bpb"]) for r in records if "eval/bpb" in r]
+        summaries[mixer], records = train_fresh(cfg.train_config(mixer, ctx.seed),
+                                                ctx.out_dir / "lm-stdlib-runs" / mixer)
+        curves[mixer] = eval_curve(records, "eval/bpb")
         ctx.log(f"{mixer}: final validation {summaries[mixer]['val_bpb']:.3f} bits/byte")
 
     fig = Figure(figsize=(5.5, 3.8))

@@ -25,6 +25,10 @@ TINY = {
                   repeats=1),
     "lm-stdlib": dict(mixers=("attention",), steps=2, batch_size=2, seq_len=16, d_model=16, num_layers=1,
                       num_heads=2, warmup_steps=1, eval_every=2, eval_batches=1, max_documents=20),
+    "moonlight-muon": dict(widths=(32,), num_layers=1, steps=4, batch_size=2, seq_len=16, warmup_steps=1, eval_every=2,
+                           eval_batches=1, max_documents=20),
+    "moe-balance": dict(steps=4, batch_size=2, seq_len=16, d_model=16, num_layers=1, num_heads=2, num_experts=4,
+                        top_k=1, shared_experts=1, warmup_steps=1, eval_every=2, eval_batches=1, max_documents=20),
 }
 
 
@@ -96,6 +100,43 @@ def test_lm_stdlib_smoke(tmp_path):
     # After 2 steps the model is still close to uniform over the 256 byte values: log2(256) = 8 bits per byte
     # (nats, or a loss averaged over other than bytes, would be far from 8).
     assert abs(bpb - 8) < 0.5 and tuple(metrics["curves"]["attention"][-1]) == (2, bpb)
+
+
+def test_moonlight_muon_smoke(tmp_path):
+    """Both optimizers train at each width from the same start; the FLOPs ratio is read off the curves."""
+    from jaxlab.experiments.moonlight_muon import flops_to_reach
+
+    m = _run_with_claims("moonlight-muon", tmp_path).metrics
+    adamw, muon = m["curves"]["d32-adamw"], m["curves"]["d32-muon"]
+    assert [x for x, _ in adamw] == [x for x, _ in muon] and len(adamw) == 2
+    assert adamw[-1][0] == pytest.approx(6 * m["num_params"][32] * 4 * 2 * 16)  # 6 N D after 4 steps of 2x16
+    ratio = m["flops_ratio"][32]
+    expected = flops_to_reach(muon, adamw[-1][1]) / adamw[-1][0]
+    assert (ratio is None and expected == float("inf")) or ratio == pytest.approx(expected)
+
+
+def test_flops_to_reach_interpolates_between_evaluations():
+    from jaxlab.experiments.moonlight_muon import flops_to_reach
+
+    curve = [(1.0, 5.0), (2.0, 4.0), (4.0, 3.0)]
+    assert flops_to_reach(curve, 6.0) == 1.0
+    assert flops_to_reach(curve, 4.5) == pytest.approx(1.5)
+    assert flops_to_reach(curve, 3.5) == pytest.approx(3.0)
+    assert flops_to_reach(curve, 2.9) == float("inf")
+
+
+def test_moe_balance_smoke(tmp_path):
+    """Dense and the two balanced MoEs train; the imbalance is read from the MoE runs' load metrics only."""
+    from jaxlab.experiments.moe_balance import load_imbalance
+
+    m = _run_with_claims("moe-balance", tmp_path).metrics
+    assert set(m["final_loss"]) == {"dense", "moe-aux", "moe-bias"} and set(m["imbalance"]) == {"moe-aux", "moe-bias"}
+    assert m["num_params"]["moe-aux"] > m["num_params"]["dense"]  # more total, equal active parameters
+    records = [{"step": 1, "moe/max_load": 9.0, "moe/load_cv": 9.0}, {"step": 3, "moe/max_load": 1.5, "moe/load_cv": 0.2},
+               {"step": 4, "moe/max_load": 1.25, "moe/load_cv": 0.4}, {"step": 4, "eval/loss": 1.0}]
+    assert load_imbalance(records, steps=4) == pytest.approx({"max_vio": 0.375, "load_cv": 0.3})
+    for v in m["imbalance"].values():
+        assert v["max_vio"] >= 0 and v["load_cv"] >= 0
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
