@@ -3,7 +3,8 @@
 Parameters and activations name their dimensions logically (``nn.with_logical_partitioning`` and
 ``nn.with_logical_constraint``, MaxText's scheme; ``models.lm.param_logical_axes(model)`` gives every
 parameter's names as a ``PartitionSpec``); the mesh names its device axes. ``LOGICAL_AXIS_RULES``
-connects the two, once for the whole repository:
+(defined beside the models in ``jaxlab.models.axes``, re-exported here) connects the two, once for the whole
+repository:
 
     logical    mesh axis   what is split
     batch      data        rows of the batch (data parallel)
@@ -42,6 +43,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jaxlab.models.axes import LOGICAL_AXIS_RULES, rules_for_mesh
 from jaxlab.parallel.mesh import MESH_AXES
 
 __all__ = [
@@ -55,21 +57,6 @@ __all__ = [
     "rules_for_mesh",
     "tensor_axes",
 ]
-
-LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
-    ("batch", "data"),
-    ("length", "seq"),
-    ("heads", "model"),
-    ("kv_heads", "model"),
-    ("mlp", "model"),
-    ("vocab", "model"),
-    ("experts", "expert"),
-    ("embed", None),
-    ("head_dim", None),
-    ("layers", None),
-)
-"""``(logical name, mesh axis or None)`` pairs: where every named dimension of the models lives."""
-
 
 BATCH_AXES = ("batch", "length")
 """Logical names of a batch leaf's leading dimensions: rows, then (rank >= 2) positions."""
@@ -97,13 +84,6 @@ def check_mesh(mesh: Mesh) -> None:
                          f"logical names only to those")
     if "data" not in mesh.axis_names:
         raise ValueError(f"mesh axes {mesh.axis_names} have no 'data' axis; build it with make_mesh")
-
-
-def rules_for_mesh(mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> tuple[tuple[str, str | None], ...]:
-    """``rules`` with every mesh axis that ``mesh`` lacks or holds once (size 1) replaced by ``None``:
-    the rules for ``nn.logical_axis_rules`` while tracing on ``mesh``."""
-    active = _active_axes(mesh)
-    return tuple((logical, axis if axis in active else None) for logical, axis in rules)
 
 
 def tensor_axes(mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> tuple[str, ...]:

@@ -10,11 +10,11 @@ Loading reads ``config.json`` (:mod:`.config_map`), then each parameter from the
 maps), casts it and places it on its device at once: with a mesh, directly onto its ``NamedSharding``
 (``jax.device_put`` per tensor), so no host or device ever holds the whole checkpoint unsharded.
 
-Shardings. ``models/`` may not import ``parallel/`` (the one-way dependency rule), so the rule table is
-an argument: ``mesh`` with ``rules`` (logical axis rules, e.g. ``jaxlab.parallel.rules.rules_for_mesh(mesh)``;
-default the rules active through ``nn.logical_axis_rules``) maps ``models.lm.param_logical_axes`` with
-``flax.linen.logical_to_mesh_sharding``; or ``shardings`` gives a tree of ``jax.sharding.Sharding`` with the
-parameters' structure.
+Shardings. ``mesh`` alone places every tensor by ``models.lm.param_logical_axes`` and the repository's rule
+table (``models.axes.LOGICAL_AXIS_RULES``, restricted to the axes the mesh splits), through
+``flax.linen.logical_to_mesh_sharding``; ``rules`` (or the rules active through ``nn.logical_axis_rules``)
+replace the table; ``shardings`` gives a tree of ``jax.sharding.Sharding`` with the parameters' structure
+instead.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlab.models.axes import rules_for_mesh
 from jaxlab.models.hub.config_map import checkpoint_dtype, hf_config, infer_architecture, lm_config
 from jaxlab.models.hub.safetensors_io import CheckpointReader, write_checkpoint
 from jaxlab.models.hub.tokenizer import TOKENIZER_FILE, HFTokenizer
@@ -80,7 +81,8 @@ def load_pretrained(path, *, dtype=None, mesh=None, rules=None, shardings=None, 
       dtype: parameter and compute dtype ("float32", "bfloat16", "float16" or the jnp dtype); None: the
         checkpoint's own (its config's ``dtype``, else its stored tensors').
       mesh, rules: place each parameter on ``NamedSharding(mesh, spec)`` from its logical axes and the rules
-        (default the active ``nn.logical_axis_rules``).
+        (default the active ``nn.logical_axis_rules``, else ``models.axes.LOGICAL_AXIS_RULES`` on this mesh:
+        heads, MLP units and vocabulary over ``model``).
       shardings: instead of mesh/rules, a tree of ``Sharding``s with the structure of the parameters.
       scan_layers: return the stacked layout of ``LMConfig.scan_layers`` (blocks on a leading axis).
       config_overrides: further ``LMConfig`` fields (``attention_impl``, ``remat``, ``max_len``, ...).
@@ -143,9 +145,8 @@ def _read_params(reader: CheckpointReader, cfg: LMConfig, arch: str, model: LM, 
     abstract = abstract["params"]
     if shardings is None and mesh is not None:
         active = tuple(nn.get_logical_axis_rules()) if rules is None else tuple(rules)
-        if not active:
-            raise ValueError("mesh= needs logical axis rules: pass rules= (e.g. "
-                             "jaxlab.parallel.rules.rules_for_mesh(mesh)) or call inside nn.logical_axis_rules")
+        if not active:  # the repository's table, restricted to the axes this mesh splits
+            active = rules_for_mesh(mesh)
         shardings = nn.logical_to_mesh_sharding(param_logical_axes(target), mesh, active)
     elif shardings is not None and jax.tree.structure(shardings) != jax.tree.structure(abstract):
         raise ValueError(f"shardings has structure {jax.tree.structure(shardings)}, the parameters "

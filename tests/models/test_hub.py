@@ -153,7 +153,8 @@ def test_qwen2_untied_head(tmp_path):
 
 
 def test_scan_layers_and_mesh_placement(tmp_path):
-    """The stacked layout of scan_layers, each parameter placed on its NamedSharding of a data x model mesh."""
+    """The stacked layout of scan_layers, each parameter placed on its NamedSharding of a data x model mesh by
+    the default rules (mesh= alone)."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -162,7 +163,7 @@ def test_scan_layers_and_mesh_placement(tmp_path):
     hf = _hf_model(ARCHS["qwen2"]())
     hf.save_pretrained(tmp_path)
     mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    model, params, _ = load_pretrained(tmp_path, scan_layers=True, mesh=mesh, rules=rules_for_mesh(mesh))
+    model, params, _ = load_pretrained(tmp_path, scan_layers=True, mesh=mesh)  # the repository's rule table
     assert model.cfg.scan_layers
     query = params["blocks"]["block_0"]["mixer"]["query"]["kernel"]
     assert query.shape == (2, 64, 4, 16)  # [layers, d, Hq, D]
