@@ -33,12 +33,14 @@ import optax
 from jaxlab.models.lm import LM
 from jaxlab.models.sampling import response_logprobs, sample
 from jaxlab.rl.llm.losses import (AGGREGATIONS, grpo_advantages, grpo_loss, kimi_length_reward, masked_mean,
-                                  sequence_kl)
+                                  mirror_descent_loss, sequence_kl)
 from jaxlab.rl.llm.task import EOS, PAD, Task, is_correct, response_lengths
 from jaxlab.train_state import LossFn, TrainState, apply_update, loss_and_grads
 from jaxlab.validation import check_positive
 
-__all__ = ["GRPOSpec", "make_grpo_step", "sampled_logps", "update_epochs"]
+__all__ = ["GRPO_LOSSES", "GRPOSpec", "make_grpo_step", "sampled_logps", "update_epochs"]
+
+GRPO_LOSSES = ("grpo", "mirror-descent")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,11 @@ class GRPOSpec:
     format_weight: float = 0.0
     length_penalty: float = 0.0
     grad_accum: int = 1
+    loss: str = "grpo"
+    """grpo (clipped ratio, k3 KL to the reference) | mirror-descent (Kimi k1.5's online mirror descent:
+    REINFORCE with the group mean as baseline, tethered to the sampling policy by ``tau``)."""
+    mirror_tau: float = 0.5
+    """Mirror descent's tau: the weight of the squared log-ratio to the sampling policy."""
 
     def __post_init__(self):
         check_positive(self, "group_size", "max_new_tokens", "ppo_epochs")
@@ -64,6 +71,10 @@ class GRPOSpec:
             raise ValueError(f"group_size={self.group_size} must be >= 2 (advantages are relative to the group)")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation={self.aggregation!r} must be one of {AGGREGATIONS}")
+        if self.loss not in GRPO_LOSSES:
+            raise ValueError(f"loss={self.loss!r} must be one of {GRPO_LOSSES}")
+        if not self.mirror_tau > 0:
+            raise ValueError(f"mirror_tau={self.mirror_tau!r} must be > 0")
         if not (self.clip_eps > 0 and self.beta >= 0 and self.temperature > 0):
             raise ValueError(f"need clip_eps > 0, beta >= 0, temperature > 0; got {self.clip_eps=}, {self.beta=}, "
                              f"{self.temperature=}")
@@ -113,6 +124,8 @@ def make_grpo_step(model: LM, task: Task, spec: GRPOSpec, optimizer: optax.Gradi
     def loss_fn(params, exp: dict, key: jax.Array):
         del key
         logp = response_logprobs(model, params, exp["tokens"], Lp, spec.temperature)
+        if spec.loss == "mirror-descent":
+            return mirror_descent_loss(logp, exp["old_logp"], exp["rewards"], exp["mask"], G, spec.mirror_tau)
         return grpo_loss(logp, exp["old_logp"], exp["ref_logp"], exp["advantages"], exp["mask"],
                          clip_eps=spec.clip_eps, beta=spec.beta, aggregation=spec.aggregation)
 
@@ -130,7 +143,7 @@ def make_grpo_step(model: LM, task: Task, spec: GRPOSpec, optimizer: optax.Gradi
         ref_logp = response_logprobs(model, batch["ref_params"], roll.tokens, Lp, spec.temperature)  # [N * G, R]
         old_logp = sampled_logps(roll, spec.temperature)  # [N * G, R]
         exp = {"tokens": roll.tokens, "old_logp": old_logp, "ref_logp": ref_logp, "advantages": advantages,
-               "mask": roll.mask}
+               "rewards": rewards, "mask": roll.mask}
         state, metrics = update_epochs(state, loss_fn, exp, jax.random.split(key)[1], optimizer, spec.ppo_epochs,
                                        spec.grad_accum)
         solved = jnp.mean(correct.reshape(-1, G), axis=1)  # [N]

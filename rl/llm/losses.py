@@ -11,6 +11,8 @@ Shapes: ``B`` sequences, ``T`` response tokens, ``V`` vocabulary; masks are 1 on
   advantages, PPO's clipped ratio and the ``k3`` KL to the reference, with the original per-sequence mean,
   a per-token mean, or Dr. GRPO's constant normaliser (Liu et al. 2025, "Understanding R1-Zero-Like Training").
 * :func:`kimi_length_reward` - the length reward of Kimi k1.5 (Kimi Team 2025, section 2.3.3).
+* :func:`mirror_descent_loss` - Kimi k1.5's online policy mirror descent (section 2.3.2): a REINFORCE step with
+  the group's mean reward as baseline and a squared log-ratio tether to the sampling policy.
 * :func:`reward_model_loss` - Bradley-Terry pairwise loss of a reward model (InstructGPT, Ouyang et al. 2022, eq. 1).
 * :func:`masked_whiten`, :func:`masked_value_loss` - PPO-RLHF's advantage whitening and critic loss over tokens.
 """
@@ -25,8 +27,8 @@ from jaxlab.rl.losses import value_loss
 from jaxlab.train_state import LOSS_WEIGHT
 
 __all__ = ["AGGREGATIONS", "DPO_LOSSES", "dpo_loss", "grpo_advantages", "grpo_loss", "kimi_length_reward",
-           "masked_mean", "masked_value_loss", "masked_whiten", "reward_model_loss", "sequence_kl",
-           "sequence_logprobs"]
+           "masked_mean", "masked_value_loss", "masked_whiten", "mirror_descent_loss", "reward_model_loss",
+           "sequence_kl", "sequence_logprobs"]
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 AGGREGATIONS = ("token-mean", "sequence-mean", "constant-norm")
@@ -201,6 +203,37 @@ def kimi_length_reward(lengths: jax.Array, correct: jax.Array, group_size: int) 
     spread = hi - lo
     lam = jnp.where(spread > 0, 0.5 - (L - lo) / jnp.where(spread > 0, spread, 1.0), 0.0)
     return jnp.where(ok > 0, lam, jnp.minimum(0.0, lam)).reshape(-1)
+
+
+def mirror_descent_loss(logp: jax.Array, old_logp: jax.Array, rewards: jax.Array, mask: jax.Array,
+                        group_size: int, tau: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Kimi k1.5's online policy mirror descent (Kimi Team 2025, section 2.3.2), negated for minimisation.
+
+    The iteration maximises ``E[r] - tau KL(pi || pi_i)`` against the sampling policy ``pi_i``; with ``k``
+    samples per prompt and the group's mean reward ``r_bar`` for ``tau log Z``, the paper's gradient is
+    ``1/k sum_j [grad log pi(y_j) (r_j - r_bar) - tau/2 grad (log pi(y_j) / pi_i(y_j))^2]``. This loss has
+    exactly minus that gradient (averaged over the ``N`` prompts)::
+
+        l_j = -(r_j - r_bar) log pi(y_j) + tau/2 (log pi(y_j) - log pi_i(y_j))^2
+
+    with sequence log-probabilities ``log pi(y_j) = sum_t logp m``. ``logp``, ``old_logp``, ``mask`` [B, T]
+    (``B = N * group_size``, groups contiguous); ``rewards`` [B]; ``old_logp`` and ``rewards`` are constants.
+    Metrics: ``policy_loss`` (the REINFORCE term), ``log_ratio_sq`` (mean squared sequence log-ratio)."""
+    _check_same_shape(logp=logp, old_logp=old_logp, mask=mask)
+    if jnp.ndim(logp) != 2 or jnp.shape(rewards) != logp.shape[:1]:
+        raise ValueError(f"need logp [B, T] and rewards [B], got {jnp.shape(logp)} and {jnp.shape(rewards)}")
+    if not tau > 0:
+        raise ValueError(f"tau={tau!r} must be > 0")
+    r = _grouped(sg(jnp.asarray(rewards, jnp.float32)), group_size, "rewards")  # [N, G]
+    baseline = (r - jnp.mean(r, axis=1, keepdims=True)).reshape(-1)  # r_j - r_bar, [B]
+    mask = mask.astype(jnp.float32)
+    seq = masked_sum(logp, mask, axis=1)  # log pi(y_j), [B]
+    log_ratio = seq - masked_sum(sg(old_logp), mask, axis=1)  # [B]
+    reinforce = -baseline * seq  # [B]
+    loss = jnp.mean(reinforce + 0.5 * tau * jnp.square(log_ratio))
+    metrics = {"policy_loss": sg(jnp.mean(reinforce)), "log_ratio_sq": sg(jnp.mean(jnp.square(log_ratio))),
+               LOSS_WEIGHT: jnp.float32(logp.shape[0])}
+    return loss, metrics
 
 
 # ---- reward model and PPO-RLHF -------------------------------------------------------------------------

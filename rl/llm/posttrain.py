@@ -43,7 +43,7 @@ from jaxlab.models.lm import LM, LMConfig, init_params, param_logical_axes
 from jaxlab.models.sampling import response_logprobs, sample
 from jaxlab.optim import OptimizerConfig, make_optimizer
 from jaxlab.rl.llm.dpo import make_dpo_step, preference_pairs
-from jaxlab.rl.llm.grpo import GRPOSpec, make_grpo_step
+from jaxlab.rl.llm.grpo import GRPO_LOSSES, GRPOSpec, make_grpo_step
 from jaxlab.rl.llm.losses import AGGREGATIONS, DPO_LOSSES, sequence_kl
 from jaxlab.rl.llm.ppo_rlhf import PPOSpec, make_ppo_rlhf_step
 from jaxlab.rl.llm.reward_model import (init_reward_params, make_reward_model_step, normalize_reward, pair_accuracy,
@@ -106,6 +106,10 @@ class PostTrainConfig:
     """Gradient steps per batch of samples (GRPO and PPO)."""
     format_weight: float = 0.0
     """Extra reward for a well-formed response (digits then EOS)."""
+    loss: str = "grpo"
+    """The GRPO stage's objective: grpo | mirror-descent (Kimi k1.5's online policy mirror descent)."""
+    mirror_tau: float = 0.5
+    """Mirror descent's tau (the squared log-ratio tether to the sampling policy)."""
     length_penalty: float = 0.0
     """Weight of Kimi k1.5's length reward (GRPO)."""
     dpo_lr: float = 1e-4
@@ -156,7 +160,8 @@ class PostTrainConfig:
     gradient); divides sft_batch_size, batch_size and batch_size * group_size."""
 
     def __post_init__(self):
-        choices = {"method": METHODS, "task": TASKS, "aggregation": AGGREGATIONS, "dpo_loss": DPO_LOSSES}
+        choices = {"method": METHODS, "task": TASKS, "aggregation": AGGREGATIONS, "dpo_loss": DPO_LOSSES,
+                   "loss": GRPO_LOSSES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")
@@ -166,7 +171,8 @@ class PostTrainConfig:
                        "log_every", "checkpoint_every", integer=True)
         if self.group_size < 2:
             raise ValueError(f"group_size={self.group_size!r} must be >= 2")
-        check_greater(self, "sft_lr", "lr", "dpo_lr", "rm_lr", "temperature", "clip_eps", "dpo_beta", "vf_coef")
+        check_greater(self, "sft_lr", "lr", "dpo_lr", "rm_lr", "temperature", "clip_eps", "dpo_beta", "vf_coef",
+                      "mirror_tau")
         check_positive(self, "beta", "format_weight", "length_penalty", "kl_coef", "dpo_nll_coef", minimum=0)
         if not 0 <= self.gae_lambda <= 1:
             raise ValueError(f"gae_lambda={self.gae_lambda!r} must be in [0, 1]")
@@ -203,7 +209,7 @@ class PostTrainConfig:
     def grpo_spec(self) -> GRPOSpec:
         return GRPOSpec(self.group_size, self.response_len, self.clip_eps, self.beta, self.aggregation,
                         self.scale_rewards, self.ppo_epochs, self.temperature, self.format_weight,
-                        self.length_penalty, self.grad_accum)
+                        self.length_penalty, self.grad_accum, self.loss, self.mirror_tau)
 
     def ppo_spec(self) -> PPOSpec:
         return PPOSpec(self.group_size, self.response_len, self.clip_eps, self.kl_coef, self.vf_coef, 1.0,
