@@ -10,6 +10,7 @@ fixed length, so unlike R1-Zero's the length does not grow: there is no room for
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 from matplotlib.figure import Figure
 
@@ -56,8 +57,9 @@ class GRPOReasoningConfig:
                      paper="DeepSeek-AI 2025, DeepSeek-R1 (arXiv:2501.12948), Figures 2-3; Shao et al. 2024 (GRPO)",
                      quick=GRPOReasoningConfig())
 def grpo_reasoning(cfg: GRPOReasoningConfig, ctx: RunContext) -> ExperimentResult:
-    run = posttrain(run_config(cfg, "grpo", seed=ctx.seed, checkpoint_every=max(cfg.steps, cfg.sft_steps)),
-                    ctx.out_dir / "grpo-reasoning-runs")
+    out = ctx.out_dir / "grpo-reasoning-runs"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run, never the checkpoints of an older one
+    run = posttrain(run_config(cfg, "grpo", seed=ctx.seed, checkpoint_every=max(cfg.steps, cfg.sft_steps)), out)
     points = [{"step": 0, **run["sft"]}] + run["history"]
     steps = [p["step"] for p in points]
     fig = Figure(figsize=(13, 3.6))

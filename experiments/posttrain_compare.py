@@ -12,6 +12,7 @@ and the KL of each policy to the SFT reference.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -72,6 +73,7 @@ class PostTrainCompareConfig:
                      quick=PostTrainCompareConfig(eval_problems=256))
 def posttrain_compare(cfg: PostTrainCompareConfig, ctx: RunContext) -> ExperimentResult:
     out = ctx.out_dir / "posttrain-compare-runs"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run: the methods share this run's SFT start, never an older one
     results = {}
     for method in ctx.progress(cfg.methods, desc="method"):
         run = posttrain(run_config(cfg, method, seed=ctx.seed, eval_every=cfg.steps, rm_all_pairs=True,
