@@ -20,7 +20,12 @@ Kitaev, Kaiser and Levskaya 2020, "Reformer: The Efficient Transformer", Section
 ``lsh_attention_reference`` computes that union directly, without sorting or chunks: a dense mask of pairs
 in the same bucket whose (bucket, position) ranks fall in the same or adjacent chunks. With ``n_buckets = 1``
 and ``chunk_len = L`` it is full shared-QK attention. Layout ``[B, L, H, D]`` as ``kernels.attention``;
-shared QK means one tensor ``qk`` per head (no GQA). Packed rows (segment ids) are not supported.
+shared QK means one tensor ``qk`` per head (no GQA).
+
+Packed rows: ``segment_ids`` [B, L] hide every key of another segment (a token alone in its segment sees
+itself). The sort still runs over the whole row, so which keys share a query's chunk depends on the buckets of
+every token of the row, later ones and other segments' included: outputs are causal and segment-local in the
+values they mix, not in the chunk boundaries (Reformer's sort-and-chunk has no prefix-consistent form).
 """
 
 from __future__ import annotations
@@ -61,6 +66,15 @@ def lsh_hash(qk, rotations, n_buckets: int):
     return jnp.argmax(jnp.concatenate([xr, -xr], axis=-1), axis=-1).astype(jnp.int32)
 
 
+def _check_segments(segment_ids, shape):
+    """segment_ids [B, L] int32 (all zeros when None)."""
+    if segment_ids is None:
+        return jnp.zeros(shape, jnp.int32)
+    if getattr(segment_ids, "shape", None) != shape:
+        raise ValueError(f"segment_ids must be [B, L] = {shape}, got shape {getattr(segment_ids, 'shape', None)}")
+    return jnp.asarray(segment_ids, jnp.int32)
+
+
 def _check(qk, v, n_buckets, chunk_len, n_rounds, causal, scale):
     for name, x in (("qk", qk), ("v", v)):
         if getattr(x, "ndim", None) != 4:
@@ -85,16 +99,18 @@ _STATIC = ("n_buckets", "chunk_len", "n_rounds", "causal", "scale")
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def lsh_attention(qk, v, key, *, n_buckets: int, chunk_len: int, n_rounds: int = 1, causal: bool = False,
-                  scale: float | None = None):
+                  scale: float | None = None, segment_ids=None):
     """Reformer LSH attention by sorting and chunking: qk, v ``[B, L, H, D]`` -> ``[B, L, H, D]``.
 
     Args:
       qk: shared queries/keys; v: values; key: PRNG key of the rotations (``lsh_rotations``).
       n_buckets: 1 or even; chunk_len: chunk size, dividing L; n_rounds: hashing rounds.
       causal: mask later positions; scale: logit scale (default ``1/sqrt(D)``).
+      segment_ids: int [B, L] packed rows; keys of another segment are hidden (None: one segment).
     """
     scale = _check(qk, v, n_buckets, chunk_len, n_rounds, causal, scale)
     B, L, H, D = qk.shape
+    seg = _check_segments(segment_ids, (B, L))
     R, C, nc = n_rounds, chunk_len, L // chunk_len
     buckets = lsh_hash(qk, lsh_rotations(key, D, n_buckets, R, qk.dtype), n_buckets)   # [R, B, H, L]
     pos = jnp.arange(L, dtype=jnp.int32)
@@ -115,13 +131,16 @@ def lsh_attention(qk, v, key, *, n_buckets: int, chunk_len: int, n_rounds: int =
     k_w, v_w = window(sort(jnp.moveaxis(_keys(qk), 1, 2))), window(sort(jnp.moveaxis(v, 1, 2)))  # [.., nc, 2C, D]
     pos_q = sort(jnp.broadcast_to(pos, (B, H, L)))                         # [R, B, H, nc, C]
     pos_k = window(pos_q)                                                  # [R, B, H, nc, 2C]
+    seg_q = sort(jnp.broadcast_to(seg[:, None], (B, H, L)))                # [R, B, H, nc, C]
+    seg_k = window(seg_q)                                                  # [R, B, H, nc, 2C]
     hq = sort(rounds_of)                                                   # [R, B, H, nc, C, R', 2]
     hk = window(hq)                                                        # [R, B, H, nc, 2C, R', 2]
     has_prev = jnp.arange(nc)[:, None] > 0                                 # [nc, 1]
     valid = jnp.concatenate([jnp.broadcast_to(has_prev, (nc, C)), jnp.ones((nc, C), bool)], axis=1)  # [nc, 2C]
     valid = valid[:, None, :]                                              # [nc, 1, 2C]
     pq, pk = pos_q[..., :, None], pos_k[..., None, :]                      # [.., C, 1], [.., 1, 2C]
-    allowed = valid & (pk != pq) & ((pk <= pq) if causal else True)       # [R, B, H, nc, C, 2C]
+    same_seg = seg_k[..., None, :] == seg_q[..., :, None]                  # [R, B, H, nc, C, 2C]
+    allowed = valid & same_seg & (pk != pq) & ((pk <= pq) if causal else True)   # [R, B, H, nc, C, 2C]
     hq_, hk_ = hq[..., :, None, :, :], hk[..., None, :, :, :]              # [.., C, 1, R', 2], [.., 1, 2C, R', 2]
     seen = (hq_[..., 0] == hk_[..., 0]) & ((hk_[..., 1] == hq_[..., 1]) | (hk_[..., 1] == hq_[..., 1] - 1))
     count = jnp.sum(seen & allowed[..., None], axis=-1)                    # [R, B, H, nc, C, 2C]: rounds seeing (i, j)
@@ -144,22 +163,24 @@ def lsh_attention(qk, v, key, *, n_buckets: int, chunk_len: int, n_rounds: int =
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def lsh_attention_reference(qk, v, key, *, n_buckets: int, chunk_len: int, n_rounds: int = 1, causal: bool = False,
-                            scale: float | None = None):
+                            scale: float | None = None, segment_ids=None):
     """LSH attention as dense attention under the mask of what the rounds see, computed directly.
 
     Pair (i, j) is visible when, in some round, i and j share a bucket and j's rank by (bucket, position)
-    lies in i's chunk or the one before, j != i, and (causal) j <= i; rows with no visible key give v_i.
-    Arguments as :func:`lsh_attention`; O(R L^2) memory.
+    lies in i's chunk or the one before, j != i, i and j share a segment, and (causal) j <= i; rows with no
+    visible key give v_i. Arguments as :func:`lsh_attention`; O(R L^2) memory.
     """
     scale = _check(qk, v, n_buckets, chunk_len, n_rounds, causal, scale)
     B, L, H, D = qk.shape
+    seg = _check_segments(segment_ids, (B, L))
     b = lsh_hash(qk, lsh_rotations(key, D, n_buckets, n_rounds, qk.dtype), n_buckets)   # [R, B, H, L]
     i, j = jnp.arange(L)[:, None], jnp.arange(L)[None, :]
     bi, bj = b[..., :, None], b[..., None, :]                              # [R, B, H, L, 1], [R, B, H, 1, L]
     rank = jnp.sum((bj < bi) | ((bj == bi) & (j < i)), axis=-1)            # [R, B, H, L]: sorted position
     ci, cj = (rank // chunk_len)[..., :, None], (rank // chunk_len)[..., None, :]
     seen = (bi == bj) & ((cj == ci) | (cj == ci - 1))                     # [R, B, H, L, L]
-    mask = jnp.any(seen, axis=0) & (j != i) & ((j <= i) if causal else True)   # [B, H, L, L]
+    same_seg = (seg[:, :, None] == seg[:, None, :])[:, None]               # [B, 1, L, L]
+    mask = jnp.any(seen, axis=0) & same_seg & (j != i) & ((j <= i) if causal else True)   # [B, H, L, L]
     s = scale * jnp.einsum("blhd,bmhd->bhlm", qk, _keys(qk))               # [B, H, L, L]
     p = jax.nn.softmax(jnp.where(mask, s, jnp.finfo(s.dtype).min), axis=-1)
     out = jnp.einsum("bhlm,bmhd->blhd", p, v)                              # [B, L, H, D]

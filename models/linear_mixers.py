@@ -15,7 +15,10 @@ on that key alone (causal; decoding equals the full forward) and stay O(1) for k
 data-independent bound such as ``c = max_r |w_r|^2 / 2`` (chi^2(D) / 2, ~D / 2) is equally causal but scales
 every key feature by ~exp(-D / 2): at D = 32 the features fall far below the normaliser's eps and the mixer's
 output vanishes. The projection is a fixed, untrained parameter (``stop_gradient``; ``favor_projection`` is in
-``models.lm.NO_DECAY_PARAMS``, so AdamW's decoupled decay does not shrink it either).
+``models.lm.NO_DECAY_PARAMS``, so AdamW's decoupled decay does not shrink it either). Performer redraws the
+features during training (Choromanski et al. 2021, Section 4.2): :func:`redraw_favor_projections` is that
+redraw as a pure function of the parameters and a key, which the LM trainer applies inside its jitted step
+every ``LMConfig.feature_redraw`` steps (``models.lm_training``), so a resumed run draws the same features.
 """
 
 from __future__ import annotations
@@ -34,9 +37,33 @@ from jaxlab.kernels.gau import mixed_chunk_attention
 from jaxlab.kernels.linear_attention import LinearAttentionState, linear_attention
 from jaxlab.models.layers import positions_from_segments
 
-__all__ = ["FEATURE_MAPS", "GAU", "GAUState", "LinearAttention", "favor_key_features"]
+__all__ = ["FAVOR_PROJECTION", "FEATURE_MAPS", "GAU", "GAUState", "LinearAttention", "favor_key_features",
+           "redraw_favor_projections"]
 
 FEATURE_MAPS = ("elu", "favor")
+FAVOR_PROJECTION = "favor_projection"
+"""Parameter name of FAVOR+'s random projection [m, D] (stacked [G, m, D] under ``scan_layers``)."""
+
+
+def redraw_favor_projections(params, key):
+    """``params`` with every ``favor_projection`` leaf replaced by a fresh draw of ``orthogonal_gaussian`` (the
+    distribution of the initialiser), in the leaf's dtype; other leaves are returned as they are.
+
+    Leaf i of the tree (in ``jax.tree_util`` order) draws from ``fold_in(key, i)``; a stacked leaf
+    ``[..., m, D]`` (scanned layers) draws every ``[m, D]`` slice from its own split of that key.
+    """
+
+    def redraw(i, path, leaf):
+        if not path or getattr(path[-1], "key", None) != FAVOR_PROJECTION:
+            return leaf
+        *lead, m, D = leaf.shape
+        n = math.prod(lead)
+        keys = jax.random.split(jax.random.fold_in(key, i), n)
+        draws = jax.vmap(lambda k: orthogonal_gaussian(k, m, D))(keys)  # [n, m, D]
+        return draws.reshape(leaf.shape).astype(leaf.dtype)
+
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    return jax.tree_util.tree_unflatten(treedef, [redraw(i, path, leaf) for i, (path, leaf) in enumerate(leaves)])
 
 
 def favor_key_features(k, projection):
@@ -87,7 +114,7 @@ class LinearAttention(nn.Module):
             phi_q, phi_k = elu_plus_one(q.astype(jnp.float32)), elu_plus_one(k.astype(jnp.float32))
         else:  # drawn once at init; a fixed (non-trained) projection
             W = jax.lax.stop_gradient(self.param(
-                "favor_projection", lambda key, shape: orthogonal_gaussian(key, *shape), (self.num_features, D)))
+                FAVOR_PROJECTION, lambda key, shape: orthogonal_gaussian(key, *shape), (self.num_features, D)))
             phi_q, phi_k = favor_features(q, W, is_query=True), favor_key_features(k, W)  # [B, L, H, m]
         v32 = v.astype(jnp.float32)
         if state is None:

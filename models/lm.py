@@ -4,7 +4,7 @@ Pre-norm residual blocks (GPT-2/LLaMA layout)::
 
     x = E[tokens] (+ P[positions])     # rotary positions inside attention, or learned absolute ones (GPT-2)
     x = x + Mixer(Norm(x))             # "attention" | "sliding" | "linear" | "gau" | "s4d" | "s5" | "mamba" | "mamba2"
-                                       # | "rwkv" | "retnet" | "lru" | "s4"
+                                       # | "rwkv" | "retnet" | "lru" | "s4" | "sparse" | "lsh"
     x = x + FFN(Norm(x))               # "swiglu" | "gelu" | "gelu_tanh" | "moe"
     logits = Norm(x) E^T               # tied embeddings (or a separate head); Norm: RMSNorm or LayerNorm
 
@@ -61,6 +61,7 @@ from jaxlab.models.moe import BALANCE, DISPATCH, GATES, MoE
 from jaxlab.models.remat import remat_module, validate_remat
 from jaxlab.models.rnn_mixers import LRU, RWKV, RetNet
 from jaxlab.models.s4_mixer import S4
+from jaxlab.models.sparse_mixers import SPARSE_PATTERNS, LSHAttention, SparseAttention
 from jaxlab.models.ssm_mixers import S4D, S5, Mamba, Mamba2
 from jaxlab.validation import check_choice, check_greater, check_positive
 
@@ -68,7 +69,8 @@ __all__ = ["FFNS", "LM", "LMCache", "LMConfig", "MIXERS", "NO_DECAY_PARAMS", "PO
            "cross_entropy_sums", "init_params", "lm_loss", "make_mixer", "next_token_loss", "param_logical_axes",
            "scan_to_unrolled", "shifted_targets", "token_logprobs", "unrolled_to_scan"]
 
-MIXERS = ("attention", "sliding", "linear", "gau", "s4d", "s5", "mamba", "mamba2", "rwkv", "retnet", "lru", "s4")
+MIXERS = ("attention", "sliding", "linear", "gau", "s4d", "s5", "mamba", "mamba2", "rwkv", "retnet", "lru", "s4",
+          "sparse", "lsh")
 FFNS = ("swiglu", "gelu", "gelu_tanh", "moe")
 POSITION_EMBEDDINGS = ("rope", "learned")
 RESIDUAL_AXES = ("batch", "length", "embed")
@@ -154,6 +156,24 @@ class LMConfig:
     """Linear attention feature map: "elu" (elu + 1) or "favor" (Performer FAVOR+)."""
     num_features: int = 64
     """Random features per head of FAVOR+."""
+    feature_redraw: int | None = None
+    """Redraw FAVOR+'s random features every this many training steps (Performer, Section 4.2; the trainer
+    applies ``models.linear_mixers.redraw_favor_projections``); None: drawn once at init. Needs a "linear"
+    mixer with feature_map="favor"."""
+    sparse_pattern: str = "strided"
+    """Pattern of the "sparse" mixer (Sparse Transformer, merged head): "strided" (the last ``sparse_stride``
+    tokens or every sparse_stride-th) | "fixed" (own block of ``sparse_stride`` tokens or the last
+    ``sparse_summary`` tokens of every block)."""
+    sparse_stride: int = 16
+    """Stride (block length) of the "sparse" mixer's pattern."""
+    sparse_summary: int = 1
+    """Summary tokens per block of the "fixed" pattern (<= sparse_stride)."""
+    lsh_buckets: int = 8
+    """Hash buckets per round of the "lsh" mixer (Reformer; 1 or even)."""
+    lsh_chunk: int = 32
+    """Chunk length of the "lsh" mixer's sorted sequence (a query sees its chunk and the previous one)."""
+    lsh_rounds: int = 2
+    """Hashing rounds of the "lsh" mixer."""
     d_state: int = 16
     """State size N of the SSM mixers."""
     d_conv: int = 4
@@ -170,7 +190,8 @@ class LMConfig:
     def __post_init__(self):
         check_positive(self, "vocab_size", "d_model", "num_layers", "num_heads", "num_experts", "experts_per_token",
                        "max_len", "window", "num_features", "d_state", "d_conv", "expand", "ssm_head_dim",
-                       "chunk_size", "gau_qk_dim", integer=True)
+                       "chunk_size", "gau_qk_dim", "sparse_stride", "sparse_summary", "lsh_chunk", "lsh_rounds",
+                       integer=True)
         for name in ("num_kv_heads", "d_ff", "d_expert", "d_head"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -197,7 +218,7 @@ class LMConfig:
         mixers = set(self.layer_mixers)
         if self.d_head is not None and mixers - {"attention", "sliding"}:
             raise ValueError(f"d_head={self.d_head} applies to the attention mixers only, not {sorted(mixers)}")
-        if mixers & {"attention", "sliding", "linear", "retnet"} and self.head_dim % 2:
+        if mixers & {"attention", "sliding", "linear", "retnet", "sparse", "lsh"} and self.head_dim % 2:
             raise ValueError(f"head dim (d_head, or d_model // num_heads) = {self.head_dim} must be even for "
                              f"rotary embeddings ({self.d_model=}, {self.num_heads=}, {self.d_head=})")
         if self.experts_per_token > self.num_experts:
@@ -209,6 +230,17 @@ class LMConfig:
             check_greater(self, "moe_capacity_factor")
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map={self.feature_map!r} must be one of {FEATURE_MAPS}")
+        if self.feature_redraw is not None:
+            check_positive(self, "feature_redraw", integer=True)
+            if "linear" not in mixers or self.feature_map != "favor":
+                raise ValueError(f"feature_redraw={self.feature_redraw} needs a 'linear' mixer with feature_map="
+                                 f"'favor' (got feature_map={self.feature_map!r}, mixers {sorted(mixers)})")
+        check_choice(self, "sparse_pattern", SPARSE_PATTERNS)
+        if self.sparse_pattern == "fixed" and self.sparse_summary > self.sparse_stride:
+            raise ValueError(f"sparse_summary={self.sparse_summary} must be <= sparse_stride={self.sparse_stride}")
+        if not (isinstance(self.lsh_buckets, int) and not isinstance(self.lsh_buckets, bool)
+                and (self.lsh_buckets == 1 or (self.lsh_buckets >= 2 and self.lsh_buckets % 2 == 0))):
+            raise ValueError(f"lsh_buckets={self.lsh_buckets!r} must be 1 or an even int >= 2")
         if "mamba2" in mixers and (self.expand * self.d_model) % self.ssm_head_dim:
             raise ValueError(f"expand * d_model = {self.expand * self.d_model} must be divisible by "
                              f"ssm_head_dim={self.ssm_head_dim} ({self.expand=}, {self.d_model=})")
@@ -302,6 +334,15 @@ def make_mixer(cfg: LMConfig, mixer: str | None = None, **kwargs) -> nn.Module:
                       chunk_size=cfg.chunk_size, **common)
     if mixer == "s4":
         return S4(d_state=cfg.d_state, **common)
+    if mixer in ("sparse", "lsh"):
+        rope = cfg.position_embedding == "rope"
+        rope_args = dict(rope_base=cfg.rope_base if rope else None, rope_scaling=cfg.rope_scaling if rope else None)
+        if mixer == "sparse":
+            return SparseAttention(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, pattern=cfg.sparse_pattern,
+                                   stride=cfg.sparse_stride, summary=cfg.sparse_summary, max_len=cfg.max_len,
+                                   **rope_args, **common)
+        return LSHAttention(num_heads=cfg.num_heads, n_buckets=cfg.lsh_buckets, chunk_len=cfg.lsh_chunk,
+                            n_rounds=cfg.lsh_rounds, **rope_args, **common)
     if mixer == "rwkv":
         return RWKV(num_heads=cfg.num_heads, **common)
     if mixer == "retnet":

@@ -24,6 +24,7 @@ cursor, so a run stopped at any step and restarted continues bit-for-bit as if u
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -37,6 +38,7 @@ import optax
 from jaxlab.loop import LoopConfig, fit
 from jaxlab.metrics import to_jsonable
 from jaxlab.models.corpus import PAD_ID, VOCAB_SIZE, PackedIterator, decode, encode, load_corpus
+from jaxlab.models.linear_mixers import redraw_favor_projections
 from jaxlab.models.lm import (FFNS, LM, MIXERS, NO_DECAY_PARAMS, LMConfig, cross_entropy_sums, init_params,
                               next_token_loss, param_logical_axes)
 from jaxlab.models.packing import pack_documents, packing_stats, padded_efficiency
@@ -51,12 +53,13 @@ from jaxlab.validation import check, check_choice, check_positive
 
 STRATEGY_NAMES = tuple(STRATEGIES)
 
-__all__ = ["LMTrainConfig", "eval_batches", "make_eval_fn", "make_loss_fn", "sample_text",
+__all__ = ["LMTrainConfig", "eval_batches", "make_eval_fn", "make_loss_fn", "redraw_features", "sample_text",
            "train_lm"]
 
 
 ARCHITECTURE_FIELDS = ("mixer", "d_model", "num_layers", "num_heads", "ffn", "num_experts", "top_k",
-                       "shared_experts", "moe_balance")
+                       "shared_experts", "moe_balance", "moe_gate", "feature_map", "feature_redraw", "sparse_pattern",
+                       "sparse_stride", "sparse_summary", "lsh_buckets", "lsh_chunk", "lsh_rounds")
 """LMTrainConfig fields that a checkpoint (``init_from``) decides."""
 
 
@@ -65,7 +68,26 @@ class LMTrainConfig:
     """Byte-level LM training: model, data, optimisation, evaluation and logging."""
 
     mixer: str = "attention"
-    """Token mixer: attention | sliding | linear | gau | s4d | s5 | mamba | mamba2 | rwkv | retnet | lru | s4."""
+    """Token mixer: attention | sliding | linear | gau | s4d | s5 | mamba | mamba2 | rwkv | retnet | lru | s4 |
+    sparse (Sparse Transformer patterns, --sparse-pattern/--sparse-stride) | lsh (Reformer LSH attention,
+    --lsh-buckets/--lsh-chunk/--lsh-rounds; no decoding, so --sample-every 0)."""
+    feature_map: str = "elu"
+    """Feature map of the linear mixer: elu (elu + 1) | favor (Performer FAVOR+ random features)."""
+    feature_redraw: int | None = None
+    """Redraw the FAVOR+ random features every this many steps, a pure function of the step and its key
+    (--mixer linear --feature-map favor); None: drawn once at init."""
+    sparse_pattern: str = "strided"
+    """Pattern of --mixer sparse: strided | fixed."""
+    sparse_stride: int = 16
+    """Stride (block length) of --mixer sparse."""
+    sparse_summary: int = 1
+    """Summary tokens per block of --sparse-pattern fixed."""
+    lsh_buckets: int = 8
+    """Hash buckets per round of --mixer lsh (1 or even)."""
+    lsh_chunk: int = 32
+    """Chunk length of --mixer lsh's sorted sequence."""
+    lsh_rounds: int = 2
+    """Hashing rounds of --mixer lsh."""
     data: str | None = None
     """Text file, folder of text files, or JSONL file with a "text" field (default: the Python stdlib's .py files)."""
     steps: int = 2000
@@ -91,6 +113,9 @@ class LMTrainConfig:
     moe_balance: str = "aux_loss"
     """Expert load balancing (--ffn moe): aux_loss (Switch's auxiliary loss) | bias (DeepSeek-V3's
     auxiliary-loss-free per-expert routing bias, nudged by sign descent towards equal load)."""
+    moe_gate: str = "softmax"
+    """Router scores (--ffn moe): softmax (Switch, Mixtral) | sigmoid (DeepSeek-V3: per-expert sigmoid
+    affinities, the chosen ones renormalised)."""
     optimizer: str = "adamw"
     """adamw | muon (Newton-Schulz orthogonalised momentum on the hidden matrices at AdamW's update RMS,
     Moonlight; AdamW on embeddings, norms and the SSM dynamics). The same lr and weight decay serve both."""
@@ -179,6 +204,9 @@ class LMTrainConfig:
         if not self.sample_prompt:
             raise ValueError("sample_prompt must be non-empty")
         self.model_config()  # validates the model fields (d_model vs num_heads, ...)
+        if self.mixer == "lsh" and self.sample_every:
+            raise ValueError(f"sample_every={self.sample_every} needs decoding, which mixer='lsh' does not have: "
+                             "set sample_every=0 (--sample-every 0)")
         if self.init_from is not None:
             defaults = {f.name: f.default for f in dataclasses.fields(self)}
             for name in ARCHITECTURE_FIELDS:
@@ -198,7 +226,10 @@ class LMTrainConfig:
         return LMConfig(vocab_size=VOCAB_SIZE, d_model=self.d_model, num_layers=self.num_layers,
                         num_heads=self.num_heads, mixer=self.mixer, ffn=self.ffn, num_experts=self.num_experts,
                         experts_per_token=self.top_k, num_shared_experts=self.shared_experts,
-                        moe_balance=self.moe_balance, remat=self.remat,
+                        moe_balance=self.moe_balance, moe_gate=self.moe_gate, remat=self.remat, feature_map=self.feature_map,
+                        feature_redraw=self.feature_redraw, sparse_pattern=self.sparse_pattern,
+                        sparse_stride=self.sparse_stride, sparse_summary=self.sparse_summary,
+                        lsh_buckets=self.lsh_buckets, lsh_chunk=self.lsh_chunk, lsh_rounds=self.lsh_rounds,
                         scan_layers=self.scan_layers, max_len=max_len, dtype=self.dtype, param_dtype="float32")
 
 
@@ -317,6 +348,19 @@ def from_pretrained(cfg: LMTrainConfig):
     return LM(dataclasses.replace(model.cfg, dtype=cfg.dtype)), params, tokenizer
 
 
+REDRAW_SALT = 0xFEA7
+"""Folded into the step key for the FAVOR+ redraw, apart from any other use of that key."""
+
+
+def redraw_features(params, step, key, every: int):
+    """FAVOR+'s features redrawn at the start of every step ``step % every == 0`` after the first (Performer,
+    Section 4.2), from ``fold_in(key, REDRAW_SALT)`` with ``key`` the step key (``fold_in(state.key, step)``):
+    a pure function of the state, so a resumed run redraws exactly as the uninterrupted one."""
+    redraw = (step > 0) & (step % every == 0)
+    return jax.lax.cond(redraw, lambda p: redraw_favor_projections(p, jax.random.fold_in(key, REDRAW_SALT)),
+                        lambda p: p, params)
+
+
 def _log(message: str) -> None:
     """Print a progress message (process 0 only in a multi-process run)."""
     if jax.process_index():
@@ -339,8 +383,15 @@ def _sharded(cfg: LMTrainConfig, mesh, model: LM, state, tx, schedule):
     step = make_train_step(make_loss_fn(model), tx, mesh=mesh, strategy=cfg.strategy, param_axes=axes,
                            grad_accum=cfg.grad_accum)
 
+    redraw = None
+    if model.cfg.feature_redraw is not None:  # its own small program, the parameters' layout kept
+        redraw = jax.jit(functools.partial(redraw_features, every=model.cfg.feature_redraw), donate_argnums=0,
+                         out_shardings=jax.tree.map(lambda x: x.sharding, state.params))
+
     def train_step(state, batch, key):
         lr = schedule(state.step)
+        if redraw is not None:
+            state = state.replace(params=redraw(state.params, state.step, key))
         state, metrics = step(state, batch, key)
         return state, {**metrics, "lr": lr}
 
@@ -382,6 +433,8 @@ def train_lm(cfg: LMTrainConfig, out_dir: str | pathlib.Path) -> dict:
 
         def train_step(state, batch, key):
             lr = schedule(state.step)
+            if mc.feature_redraw is not None:
+                state = state.replace(params=redraw_features(state.params, state.step, key, mc.feature_redraw))
             state, metrics = base_step(state, batch, key)
             return state, {**metrics, "lr": lr}
 

@@ -23,13 +23,16 @@ def small_cfg(mixer, **kw):  # window 6 < L: the sliding layer's cache wraps whi
     return LMConfig(**base)
 
 
-# Every mixer in one hybrid stack (layer i uses MIXERS[i]): one compiled program checks them all,
+# Every mixer in one hybrid stack (layer i uses CONTRACT_MIXERS[i]): one compiled program checks them all,
 # as any layer that peeks at the future, leaks across documents or decodes differently breaks the
-# stack's contract. Attention adds GQA and QK-norm, linear attention FAVOR+ features, the FFN is MoE
-# (its dispatch against the dense reference is in test_moe.py); the sliding window's ring
-# buffer by tests/models/test_sampling.py (window 4, 11 tokens).
-HYBRID = dict(mixer_pattern=MIXERS, num_layers=len(MIXERS), num_kv_heads=2, qk_norm=True, feature_map="favor",
-              ffn="moe", num_experts=4, experts_per_token=2)
+# stack's contract. Attention adds GQA and QK-norm, linear attention FAVOR+ features, the sparse mixer the
+# "fixed" pattern with blocks of 4, the FFN is MoE (its dispatch against the dense reference is in
+# test_moe.py); the sliding window's ring buffer by tests/models/test_sampling.py (window 4, 11 tokens).
+# "lsh" has no decoding and its sorted chunks depend on the whole row: tests/models/test_sparse_mixers.py.
+CONTRACT_MIXERS = tuple(m for m in MIXERS if m != "lsh")
+HYBRID = dict(mixer_pattern=CONTRACT_MIXERS, num_layers=len(CONTRACT_MIXERS), num_kv_heads=2, qk_norm=True,
+              feature_map="favor", sparse_pattern="fixed", sparse_stride=4, sparse_summary=2, ffn="moe",
+              num_experts=4, experts_per_token=2)
 
 
 def _contract(cfg, key, a, L=20, split=9, prefill=7, steps=60):
