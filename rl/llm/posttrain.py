@@ -41,7 +41,7 @@ from jaxlab.loop import ArrayIterator, DataIterator, LoopConfig, fit
 from jaxlab.metrics import to_jsonable
 from jaxlab.models.lm import LM, LMConfig, init_params, param_logical_axes
 from jaxlab.models.sampling import response_logprobs, sample
-from jaxlab.optim import OptimizerConfig, make_optimizer
+from jaxlab.optim import OptimizerConfig, make_optimizer, muon_dimensions
 from jaxlab.rl.llm.dpo import make_dpo_step, preference_pairs
 from jaxlab.rl.llm.grpo import GRPO_LOSSES, GRPOSpec, make_grpo_step
 from jaxlab.rl.llm.losses import AGGREGATIONS, DPO_LOSSES, sequence_kl
@@ -108,6 +108,9 @@ class PostTrainConfig:
     """Extra reward for a well-formed response (digits then EOS)."""
     loss: str = "grpo"
     """The GRPO stage's objective: grpo | mirror-descent (Kimi k1.5's online policy mirror descent)."""
+    optimizer: str = "adam"
+    """Every stage's optimizer: adam | muon (Newton-Schulz orthogonalised momentum on the hidden matrices at
+    Adam's update RMS, Moonlight; Adam on embeddings, norms and heads)."""
     mirror_tau: float = 0.5
     """Mirror descent's tau (the squared log-ratio tether to the sampling policy)."""
     length_penalty: float = 0.0
@@ -161,7 +164,7 @@ class PostTrainConfig:
 
     def __post_init__(self):
         choices = {"method": METHODS, "task": TASKS, "aggregation": AGGREGATIONS, "dpo_loss": DPO_LOSSES,
-                   "loss": GRPO_LOSSES}
+                   "loss": GRPO_LOSSES, "optimizer": ("adam", "muon")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")
@@ -266,20 +269,34 @@ def _problem_fn(task: Task, n: int):
     return jax.jit(lambda key: task.sample(key, n))
 
 
-def stage_optimizer_config(lr: float) -> OptimizerConfig:
+def stage_optimizer_config(lr: float, algorithm: str = "adam") -> OptimizerConfig:
     """The optimizer of every stage: clip the global gradient norm to 1, then Adam (b1 0.9, b2 0.999,
-    eps 1e-8) at the constant learning rate ``lr``."""
-    return OptimizerConfig(lr=lr, algorithm="adam", b2=0.999, eps=1e-8, clip_norm=1.0)
+    eps 1e-8) at the constant learning rate ``lr``; ``algorithm="muon"``: Muon on the hidden matrices at
+    Adam's update RMS (Moonlight), Adam on the rest."""
+    return OptimizerConfig(lr=lr, algorithm=algorithm, b2=0.999, eps=1e-8, clip_norm=1.0)
 
 
-# One optimizer object per configuration: a train state holds its optimizer as static data, so jitted
+def _stage_shapes(kind: str, model_cfg: LMConfig):
+    """Shapes of a stage's trained parameters (the structure of :func:`stage_param_axes`)."""
+    lm = jax.eval_shape(lambda: init_params(LM(model_cfg), jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+    reward = {"lm": lm, "head": {"w": jax.ShapeDtypeStruct((model_cfg.d_model,), jnp.float32),
+                                 "b": jax.ShapeDtypeStruct((), jnp.float32)}}
+    return {"reward_model": reward, "ppo-rlhf": {"policy": lm, "value": reward}}.get(kind, lm)
+
+
+# One optimizer object per stage configuration: a train state holds its optimizer as static data, so jitted
 # steps hit their cache only when it is the same object.
-_optimizer = functools.lru_cache(maxsize=16)(make_optimizer)
+@functools.lru_cache(maxsize=16)
+def _optimizer(kind: str, model_cfg: LMConfig, opt_cfg: OptimizerConfig):
+    if opt_cfg.algorithm != "muon":
+        return make_optimizer(opt_cfg)
+    dims = muon_dimensions(stage_param_axes(kind, model_cfg), _stage_shapes(kind, model_cfg))
+    return make_optimizer(opt_cfg, muon_dims=dims)
 
 
 def _build_step(kind: str, model_cfg: LMConfig, task: Task, spec, opt_cfg: OptimizerConfig, grad_accum: int = 1):
     """A stage's step; GRPO's and PPO's ``spec`` carry their ``grad_accum``, the others take ``grad_accum``."""
-    model, tx = LM(model_cfg), _optimizer(opt_cfg)
+    model, tx = LM(model_cfg), _optimizer(kind, model_cfg, opt_cfg)
     build = {"sft": lambda: make_sft_step(model, tx, grad_accum), "grpo": lambda: make_grpo_step(model, task, spec, tx),
              "ppo-rlhf": lambda: make_ppo_rlhf_step(model, task, spec, tx),
              "dpo": lambda: make_dpo_step(model, tx, task.prompt_len, *spec, grad_accum=grad_accum),
@@ -456,8 +473,9 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
     # Stage 1: supervised warm start (shared by every method run in this folder; none with sft_steps=0).
     init = init_params(model, stream(_INIT), eval_prompts[:1])
     if cfg.sft_steps:
-        opt = stage_optimizer_config(cfg.sft_lr)
-        state, step = stage("sft", None, opt, create_train_state(init, _optimizer(opt), stream(_SFT_KEY)))
+        opt = stage_optimizer_config(cfg.sft_lr, cfg.optimizer)
+        state, step = stage("sft", None, opt, create_train_state(init, _optimizer("sft", model_cfg, opt),
+                                                                 stream(_SFT_KEY)))
         sft = run_stage("sft", step, state, ProblemIterator(task, cfg.sft_batch_size, stream(_SFT_DATA)),
                         cfg.sft_steps)
         ref, resumed_from, preempted = _local(sft.state.params), sft.resumed_from, sft.preempted
@@ -470,8 +488,8 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
 
     def new_stage(params, lr: float, kind: str, spec=None):
         """A method stage's fresh state and its jitted step."""
-        opt = stage_optimizer_config(lr)
-        return stage(kind, spec, opt, create_train_state(params, _optimizer(opt), stream(_RL_KEY)))
+        opt = stage_optimizer_config(lr, cfg.optimizer)
+        return stage(kind, spec, opt, create_train_state(params, _optimizer(kind, model_cfg, opt), stream(_RL_KEY)))
 
     if cfg.method == "grpo" and not preempted:
         state, step = new_stage(_copy(ref), cfg.lr, "grpo", cfg.grpo_spec())
@@ -494,9 +512,10 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
             result = run_stage("dpo", step, state, data, cfg.steps, ref)
             final_params = _local(result.state.params)
         else:
-            opt = stage_optimizer_config(cfg.rm_lr)
+            opt = stage_optimizer_config(cfg.rm_lr, cfg.optimizer)
             rm_state, rm_step = stage("reward_model", None, opt, create_train_state(
-                init_reward_params(_copy(ref), cfg.d_model), _optimizer(opt), stream(_RM_KEY)))
+                init_reward_params(_copy(ref), cfg.d_model), _optimizer("reward_model", model_cfg, opt),
+                stream(_RM_KEY)))
             rm_batch = cfg.batch_size if cfg.rm_batch_size is None else min(cfg.rm_batch_size, summary["pairs"])
             rm_data = ArrayIterator(pairs, rm_batch, seed=cfg.seed)
             rm = run_stage("reward_model", rm_step, rm_state, rm_data, cfg.rm_steps)

@@ -177,7 +177,7 @@ def test_posttrain_tensor_parallel_ppo_rlhf_equals_one_device(tmp_path):
     assert axes["value"]["lm"]["block_0"]["mixer"]["query"]["kernel"] == P("embed", "heads", "head_dim")
     params = pt.init_params(pt.LM(model_cfg), jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
     opt = pt.stage_optimizer_config(1e-3)
-    state = pt.create_train_state(params, pt._optimizer(opt), jax.random.PRNGKey(1))
+    state = pt.create_train_state(params, pt._optimizer("sft", model_cfg, opt), jax.random.PRNGKey(1))
     state, _ = pt._mesh_stage("sft", model_cfg, pt.Task(cfg.task, cfg.num_digits), None, opt, state,
                               mesh_from_spec("data=2,model=2"), "ddp")
     assert state.params["block_0"]["mixer"]["query"]["kernel"].sharding.spec == P(None, "model", None)

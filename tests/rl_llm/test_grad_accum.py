@@ -50,14 +50,15 @@ def _step(kind, spec, params, batch, grad_accum):
     components into lr-sized ones)."""
     opt = stage_optimizer_config(1e-2)
     step = jax.jit(_build_step(kind, CFG, TASK, spec, opt, grad_accum))
-    state = create_train_state(jax.tree.map(jnp.copy, params), posttrain._optimizer(opt), jax.random.PRNGKey(3))
+    state = create_train_state(jax.tree.map(jnp.copy, params), posttrain._optimizer(kind, CFG, opt),
+                               jax.random.PRNGKey(3))
     state, metrics = step(state, batch, jax.random.PRNGKey(4))
     return state.params, metrics
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo", "reward_model", "grpo", "ppo-rlhf"])
 def test_two_microbatches_equal_the_whole_batch(kind, monkeypatch):
-    monkeypatch.setattr(posttrain, "_optimizer", lambda cfg: optax.sgd(1.0))
+    monkeypatch.setattr(posttrain, "_optimizer", lambda kind, model_cfg, opt_cfg: optax.sgd(1.0))
     params = _params()
     prompts, answers = TASK.sample(jax.random.PRNGKey(5), 6)
     batch, spec = {"prompts": prompts, "answers": answers}, None

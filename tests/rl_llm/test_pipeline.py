@@ -100,6 +100,26 @@ def test_mirror_descent_improves_the_verifier_reward(tiny_run, tmp_path):
     assert run["final"]["accuracy"] > sft["sft"]["accuracy"]
 
 
+def test_muon_stages_take_the_hidden_matrices_and_improve_the_verifier_reward(tmp_path):
+    """--optimizer muon: every stage's tree (the LM, the reward model {lm, head}, PPO's {policy, value}) gets Muon on
+    its hidden matrices only; SFT then GRPO by Muon learn (an Adam checkpoint is not resumed by Muon: its
+    optimizer state differs, a clear error)."""
+    from optax.contrib import MuonDimensionNumbers
+
+    from jaxlab.optim import muon_dimensions
+    from jaxlab.rl.llm.posttrain import _stage_shapes, stage_param_axes
+
+    model_cfg = TINY.model_config()
+    for kind in ("sft", "reward_model", "ppo-rlhf"):
+        dims = muon_dimensions(stage_param_axes(kind, model_cfg), _stage_shapes(kind, model_cfg))
+        flat = {jax.tree_util.keystr(p): d for p, d in jax.tree_util.tree_leaves_with_path(
+            dims, is_leaf=lambda x: x is None or isinstance(x, MuonDimensionNumbers))}
+        assert any(k.endswith("['query']['kernel']") and d is not None for k, d in flat.items()), kind
+        assert all(d is None for k, d in flat.items() if "embedding" in k or "scale" in k or "head" in k), kind
+    run = posttrain(dataclasses.replace(TINY, method="grpo", optimizer="muon"), tmp_path)  # SFT and GRPO by Muon
+    assert run["sft"]["accuracy"] > 0.1 and run["final"]["accuracy"] > run["sft"]["accuracy"]
+
+
 def test_dpo_learns_the_preferences_and_improves_the_verifier_reward(tiny_run):
     out, sft = tiny_run
     run = posttrain(dataclasses.replace(TINY, method="dpo"), out)  # sigmoid DPO + the chosen NLL (RPO)
