@@ -3,20 +3,9 @@
 Parameters and activations name their dimensions logically (``nn.with_logical_partitioning`` and
 ``nn.with_logical_constraint``, MaxText's scheme; ``models.lm.param_logical_axes(model)`` gives every
 parameter's names as a ``PartitionSpec``); the mesh names its device axes. ``LOGICAL_AXIS_RULES``
-(defined beside the models in ``jaxlab.models.axes``, re-exported here) connects the two, once for the whole
-repository:
-
-    logical    mesh axis   what is split
-    batch      data        rows of the batch (data parallel)
-    length     seq         positions of a row (context parallel)
-    heads      model       query heads (Megatron column-then-row attention)
-    kv_heads   model       key/value heads
-    mlp        model       feed-forward hidden units (column-parallel up/gate, row-parallel down)
-    vocab      model       the embedding's and the head's vocabulary rows
-    experts    expert      MoE experts (expert parallel)
-    embed      -           d_model: whole on every device
-    head_dim   -           whole
-    layers     -           the scanned stack of blocks: whole
+(defined beside the models in ``jaxlab.models.axes``, whose docstring tabulates it, and re-exported here)
+connects the two, once for the whole repository: batch over ``data``, length over ``seq``, heads, MLP units
+and vocabulary over ``model``, experts over ``expert``; ``embed``, ``head_dim`` and ``layers`` stay whole.
 
 Megatron-LM's tensor parallelism (Shoeybi et al. 2019, Sec. 3) follows from the table alone: the
 query/key/value and up/gate kernels ``[embed, heads|mlp, ...]`` split their output columns, the
