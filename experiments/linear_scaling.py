@@ -204,6 +204,7 @@ def _plot(rows, cfg: LinearScalingConfig, path) -> None:
     paper="Gu and Dao 2023, Mamba, Sec. 4.5 and Fig. 8; Katharopoulos et al. 2020, Transformers are RNNs, Fig. 1",
     quick=LinearScalingConfig(seq_lens=(512, 1024, 2048, 4096, 8192), backward=False, repeats=5,
                               max_dense_mib=1024.0),
+    timed=True,
 )
 def linear_scaling(cfg: LinearScalingConfig, ctx: RunContext) -> ExperimentResult:
     rows = _sweep(cfg, ctx)

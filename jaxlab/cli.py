@@ -1,7 +1,7 @@
 """The ``jaxlab`` command.
 
     jaxlab list                                     registered experiments and trainers
-    jaxlab reproduce [NAME ...] [--quick] [--out DIR] [--seed S]
+    jaxlab reproduce [NAME ...] [--quick] [--out DIR] [--seed S] [--jobs N]
                                                     run experiments (all by default) -> DIR/REPORT.md
     jaxlab run NAME [--quick] [--out DIR] [--FIELD VALUE ...]
                                                     one experiment, any config field overridden
@@ -62,6 +62,9 @@ class ReproduceArgs:
     """Base seed; every experiment derives its keys from it."""
     progress: bool = True
     """Show progress bars."""
+    jobs: int | None = None
+    """Experiments run at a time, each in its own process (default: one per CPU core, at most 4; 1 on a
+    GPU/TPU). Those whose claims compare wall-clock times run alone."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,14 +180,18 @@ def _cmd_list(args: Sequence[str]) -> int:
 
 def _cmd_reproduce(args: Sequence[str]) -> int:
     from jaxlab import registry
-    from jaxlab.reproduce import claims_tally, reproduce
+    from jaxlab.reproduce import claims_tally, default_jobs, reproduce
 
     opts = _parse(ReproduceArgs, args, default=ReproduceArgs(), prog="jaxlab reproduce")
     experiments = [registry.get_experiment(name) for name in opts.names] or list(registry.experiments().values())
     if not experiments:
         raise CLIError("no experiments are registered")
     runs = [(e, e.default_config(opts.quick)) for e in experiments]
-    records, report = reproduce(runs, opts.out, quick=opts.quick, seed=opts.seed, show_progress=opts.progress)
+    if opts.jobs is not None and opts.jobs < 1:
+        raise CLIError(f"jaxlab reproduce: --jobs {opts.jobs} must be >= 1")
+    jobs = opts.jobs if opts.jobs is not None else default_jobs()
+    records, report = reproduce(runs, opts.out, quick=opts.quick, seed=opts.seed, show_progress=opts.progress,
+                                jobs=jobs)
     failed = [r.name for r in records if r.error is not None]
     print(f"wrote {report} ({len(records) - len(failed)} ok, {len(failed)} failed). {claims_tally(records)}")
     if failed:

@@ -132,6 +132,9 @@ class Experiment:
     quick: Any
     full_needs_gpu: bool = False
     """The full size takes hours on a CPU: run it on a GPU (the report says so when it is missing)."""
+    timed: bool = False
+    """Its claims read wall-clock times: ``jaxlab reproduce --jobs N`` runs it with no other experiment
+    beside it."""
 
     @property
     def config_cls(self) -> type:
@@ -161,19 +164,21 @@ def _check_name(name: str, table: dict, kind: str, fn: Callable) -> None:
         raise RegistryError(f"{kind} {name!r} is registered twice: {table[name].fn} and {fn}")
 
 
-def register_experiment(name: str, *, description: str, paper: str, quick: Any, full_needs_gpu: bool = False):
+def register_experiment(name: str, *, description: str, paper: str, quick: Any, full_needs_gpu: bool = False,
+                        timed: bool = False):
     """Register ``fn(cfg, ctx) -> ExperimentResult`` under ``name``.
 
     ``quick`` is an instance of the experiment's frozen config dataclass sized for
     ``jaxlab reproduce --quick`` (sized so that its claims hold, the whole set in under 20 minutes on 2 CPU cores).
-    ``full_needs_gpu`` marks experiments whose full size takes hours on a CPU.
+    ``full_needs_gpu`` marks experiments whose full size takes hours on a CPU; ``timed`` those whose claims
+    compare wall-clock times, which run alone when experiments run in parallel.
     """
     if not dataclasses.is_dataclass(quick) or isinstance(quick, type):
         raise TypeError(f"{name}: quick= must be a dataclass instance, got {quick!r}")
 
     def decorator(fn):
         _check_name(name, _EXPERIMENTS, "experiment", fn)
-        _EXPERIMENTS[name] = Experiment(name, description, paper, fn, quick, full_needs_gpu)
+        _EXPERIMENTS[name] = Experiment(name, description, paper, fn, quick, full_needs_gpu, timed)
         return fn
 
     return decorator

@@ -2,14 +2,23 @@
 
 One failing experiment does not stop the others: its section in the report says what failed,
 and ``reproduce`` returns the names of the failures so that the CLI exits non-zero.
+
+With ``jobs > 1`` the experiments run in child processes, ``jobs`` at a time (``python -m
+jaxlab.reproduce NAME OUT_DIR`` through :func:`jaxlab.child_process.python_module_command`, so a child
+imports the installed jaxlab), each writing its JSON and figure and its output to ``OUT_DIR/logs/NAME.log``;
+the parent reads the JSON back. Results do not change: every experiment derives its keys from the seed alone.
+Experiments registered ``timed=True`` (their claims compare wall-clock times) run first, one at a time, with
+nothing beside them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -19,11 +28,13 @@ from typing import Any
 import jax
 from tqdm.auto import tqdm
 
+from jaxlab.child_process import python_module_command
 from jaxlab.context import RunContext
 from jaxlab.metrics import to_jsonable
 from jaxlab.registry import Claim, Comparison, Experiment, ExperimentResult, experiment_names, get_experiment
 
-__all__ = ["RunRecord", "claims_tally", "folder_report", "reproduce", "run_experiment", "write_report"]
+__all__ = ["RunRecord", "claims_tally", "default_jobs", "folder_report", "may_start", "reproduce",
+           "run_experiment", "write_report"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,17 +132,21 @@ def claims_tally(records: list[RunRecord]) -> str:
 
 
 def write_report(records: list[RunRecord], out_dir: pathlib.Path, *, quick: bool,
-                 not_run: Sequence[str] = (), needs_gpu: Sequence[str] = ()) -> pathlib.Path:
+                 not_run: Sequence[str] = (), needs_gpu: Sequence[str] = (),
+                 wall: tuple[float, int] | None = None) -> pathlib.Path:
     """Write ``REPORT.md``: a table of every experiment with whether its paper's claims hold, then one
     section per figure with its picture, the claims checked, and our numbers beside the paper's.
     ``not_run`` names registered experiments absent from the folder; the report gives the command, and in
-    a full-size report says which of them (``needs_gpu``, a subset of ``not_run``) take hours on a CPU."""
+    a full-size report says which of them (``needs_gpu``, a subset of ``not_run``) take hours on a CPU.
+    ``wall``: the wall-clock seconds of the run that wrote it and how many experiments it ran at a time."""
     total = sum(r.runtime_s for r in records)
+    at_once = (f" ({wall[0]:.0f} s of wall-clock time in this run, {wall[1]} experiments at a time)"
+               if wall is not None and wall[1] > 1 else "")
     lines = [
         "# jaxlab reproduction report",
         "",
         f"{len(records)} experiment(s), {'--quick sizes' if quick else 'full sizes'}, "
-        f"{total:.0f} s in all, on {jax.default_backend()} ({jax.device_count()} device(s)), "
+        f"{total:.0f} s in all{at_once}, on {jax.default_backend()} ({jax.device_count()} device(s)), "
         f"jax {jax.__version__}.",
         "",
         f"**{claims_tally(records)}** An experiment reproduces its paper when every claim, stated from the "
@@ -193,26 +208,141 @@ def earlier_records(out_dir: pathlib.Path, *, quick: bool, exclude: set[str]) ->
     return records
 
 
+def default_jobs() -> int:
+    """Experiments run at a time when not told: one on a GPU/TPU (children would share its memory), else
+    one per CPU core, at most 4 (each child's XLA also spreads its larger operations over the cores)."""
+    if jax.default_backend() != "cpu":
+        return 1
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def reproduce(runs: list[tuple[Experiment, Any]], out_dir: pathlib.Path, *, quick: bool, seed: int = 0,
-              show_progress: bool = True) -> tuple[list[RunRecord], pathlib.Path]:
-    """Run ``(experiment, config)`` pairs in order, then write REPORT.md; returns this run's records and
-    the report's path. The report also lists experiments of earlier runs of the same size in ``out_dir``."""
-    records = []
-    bar = tqdm(runs, desc="reproduce", unit="exp", disable=not show_progress, file=sys.stderr,
+              show_progress: bool = True, jobs: int = 1) -> tuple[list[RunRecord], pathlib.Path]:
+    """Run ``(experiment, config)`` pairs, then write REPORT.md; returns this run's records (in the order
+    of ``runs``) and the report's path. The report also lists experiments of earlier runs of the same size
+    in ``out_dir``. ``jobs > 1`` runs them in child processes, ``jobs`` at a time (module docstring); a
+    child runs its experiment's registered config, so every config must be that default."""
+    if jobs < 1:
+        raise ValueError(f"jobs={jobs} must be >= 1")
+    start = time.perf_counter()
+    if jobs > 1 and len(runs) > 1:
+        for experiment, config in runs:
+            if config != experiment.default_config(quick):
+                raise ValueError(f"jobs={jobs}: {experiment.name}'s config differs from its registered "
+                                 f"{'quick' if quick else 'full'} size; a child process runs the registered one "
+                                 "(use jobs=1 for other configs)")
+        records = _reproduce_parallel([e for e, _ in runs], out_dir, quick=quick, seed=seed, jobs=jobs,
+                                      show_progress=show_progress)
+    else:
+        records = []
+        bar = tqdm(runs, desc="reproduce", unit="exp", disable=not show_progress, file=sys.stderr,
+                   dynamic_ncols=True)
+        for experiment, config in bar:
+            bar.set_postfix_str(experiment.name)
+            records.append(run_experiment(experiment, config, out_dir, quick=quick, seed=seed,
+                                          show_progress=show_progress))
+        jobs = 1
+    wall = time.perf_counter() - start
+    return records, folder_report(out_dir, quick=quick, records=records, wall=(wall, jobs))
+
+
+def may_start(experiment: Experiment, running: Sequence[Experiment], jobs: int) -> bool:
+    """Whether ``experiment`` may start beside ``running``: fewer than ``jobs`` run, and neither it nor
+    any of them is ``timed`` (a timed experiment runs alone)."""
+    if len(running) >= jobs:
+        return False
+    return not running or not (experiment.timed or any(r.timed for r in running))
+
+
+def _reproduce_parallel(experiments: list[Experiment], out_dir: pathlib.Path, *, quick: bool, seed: int,
+                        jobs: int, show_progress: bool) -> list[RunRecord]:
+    """Run each experiment in a child process, ``jobs`` at a time, timed ones first and alone."""
+    logs = out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    queue = [e for e in experiments if e.timed] + [e for e in experiments if not e.timed]
+    running: dict[str, tuple[subprocess.Popen, Any, float, Experiment]] = {}
+    done: dict[str, RunRecord] = {}
+    bar = tqdm(total=len(queue), desc="reproduce", unit="exp", disable=not show_progress, file=sys.stderr,
                dynamic_ncols=True)
-    for experiment, config in bar:
-        bar.set_postfix_str(experiment.name)
-        records.append(run_experiment(experiment, config, out_dir, quick=quick, seed=seed,
-                                      show_progress=show_progress))
-    return records, folder_report(out_dir, quick=quick, records=records)
+    shown = ""  # the running experiments named beside the bar
+    try:
+        while queue or running:
+            while queue and may_start(queue[0], [r[3] for r in running.values()], jobs):
+                experiment = queue.pop(0)
+                (out_dir / f"{experiment.name}.json").unlink(missing_ok=True)  # never read a stale record
+                log = open(logs / f"{experiment.name}.log", "w")  # noqa: SIM115 (closed when it ends)
+                argv = python_module_command("jaxlab.reproduce", experiment.name, str(out_dir), "--seed",
+                                             str(seed), *(["--quick"] if quick else []))
+                env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+                proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+                running[experiment.name] = (proc, log, time.perf_counter(), experiment)
+            if shown != (shown := ", ".join(running)):
+                bar.set_postfix_str(shown)
+            time.sleep(0.2)
+            for name, (proc, log, started, experiment) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[name]
+                done[name] = _child_record(experiment, out_dir, quick=quick, status=proc.returncode,
+                                           runtime=time.perf_counter() - started, log_path=logs / f"{name}.log")
+                bar.update()
+    finally:
+        for proc, log, _, _ in running.values():  # interrupted: stop the children
+            proc.kill()
+            log.close()
+        bar.close()
+    return [done[e.name] for e in experiments]
 
 
-def folder_report(out_dir: pathlib.Path, *, quick: bool, records: Sequence[RunRecord] = ()) -> pathlib.Path:
+def _child_record(experiment: Experiment, out_dir: pathlib.Path, *, quick: bool, status: int, runtime: float,
+                  log_path: pathlib.Path) -> RunRecord:
+    """The record a child wrote, or a failure record naming its exit status and log."""
+    path = out_dir / f"{experiment.name}.json"
+    try:
+        record = RunRecord.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        error = (f"the child process running {experiment.name} exited with status {status} without a "
+                 f"readable record ({type(e).__name__}); its output is in {log_path}")
+        record = RunRecord(name=experiment.name, description=experiment.description, paper=experiment.paper,
+                           quick=quick, config=to_jsonable(experiment.default_config(quick)), runtime_s=runtime,
+                           result=None, error=error)
+        path.write_text(json.dumps(record.to_json(), indent=2) + "\n")
+    if record.error is not None:
+        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-20:])
+        tqdm.write(f"[{experiment.name}] FAILED: {record.error}\n{tail}", file=sys.stderr)
+    return record
+
+
+def folder_report(out_dir: pathlib.Path, *, quick: bool, records: Sequence[RunRecord] = (),
+                  wall: tuple[float, int] | None = None) -> pathlib.Path:
     """Write ``out_dir/REPORT.md`` over ``records`` and every earlier run of the same size in the folder
-    (their JSON files), naming the registered experiments the folder lacks."""
+    (their JSON files), naming the registered experiments the folder lacks. ``wall``: this run's
+    wall-clock seconds and the experiments it ran at a time."""
     earlier = earlier_records(out_dir, quick=quick, exclude={r.name for r in records})
     everything = sorted([*records, *earlier], key=lambda r: r.name)
     not_run = sorted(set(experiment_names()) - {r.name for r in everything})
     # Looking the flag up imports each missing experiment's module: only a full-size report uses it.
     needs_gpu = [] if quick else [n for n in not_run if get_experiment(n).full_needs_gpu]
-    return write_report(everything, out_dir, quick=quick, not_run=not_run, needs_gpu=needs_gpu)
+    return write_report(everything, out_dir, quick=quick, not_run=not_run, needs_gpu=needs_gpu, wall=wall)
+
+
+def _worker(argv: Sequence[str]) -> int:
+    """``python -m jaxlab.reproduce NAME OUT_DIR [--seed S] [--quick]``: one experiment at its registered
+    size, its record and figure written to OUT_DIR (what :func:`reproduce` starts for ``jobs > 1``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m jaxlab.reproduce")
+    parser.add_argument("name")
+    parser.add_argument("out_dir", type=pathlib.Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    experiment = get_experiment(args.name)
+    record = run_experiment(experiment, experiment.default_config(args.quick), args.out_dir, quick=args.quick,
+                            seed=args.seed, show_progress=False)
+    return 0 if record.error is None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1:]))

@@ -79,3 +79,47 @@ def test_full_size_report_names_the_missing_experiments_that_need_a_gpu(tmp_path
     assert "Command: `jaxlab reproduce mqar zero-memory --out" in full
     quick = write_report(records, tmp_path, quick=True, not_run=["mqar"], needs_gpu=["mqar"]).read_text()
     assert "need a GPU" not in quick and "Command: `jaxlab reproduce mqar --quick --out" in quick
+
+
+def test_parallel_children_write_the_records_of_an_in_process_run(tmp_path):
+    from jaxlab.registry import get_experiment
+
+    experiments = [get_experiment(n) for n in ("gridworld-optimal", "gridworld-dp", "sa-mean")]
+    runs = [(e, e.quick) for e in experiments]
+    serial, _ = reproduce(runs, tmp_path / "serial", quick=True, show_progress=False)
+    parallel, path = reproduce(runs, tmp_path / "parallel", quick=True, show_progress=False, jobs=2)
+    assert [r.name for r in parallel] == [e.name for e in experiments]  # the order of the runs, not of finishing
+    for a, b in zip(serial, parallel):
+        assert b.error is None, b.error
+        assert json.dumps(a.result.metrics, sort_keys=True) == json.dumps(b.result.metrics, sort_keys=True)
+        assert a.result.claims == b.result.claims
+        assert (tmp_path / "parallel" / f"{b.name}.png").exists()
+        assert (tmp_path / "parallel" / "logs" / f"{b.name}.log").exists()
+    assert "2 experiments at a time" in path.read_text()
+    with pytest.raises(ValueError, match="differs from its registered quick size"):
+        reproduce([(experiments[0], experiments[0].quick), (experiments[1], experiments[0].quick)], tmp_path,
+                  quick=True, show_progress=False, jobs=2)
+
+
+def test_timed_experiments_run_alone():
+    from jaxlab.registry import Experiment
+    from jaxlab.reproduce import may_start
+
+    plain = [Experiment(f"e{i}", "", "", lambda c, x: None, None) for i in range(3)]
+    timed = Experiment("t", "", "", lambda c, x: None, None, timed=True)
+    assert may_start(plain[0], [], 2) and may_start(plain[1], [plain[0]], 2)
+    assert not may_start(plain[2], plain[:2], 2)  # at most `jobs`
+    assert may_start(timed, [], 2) and not may_start(timed, [plain[0]], 2)  # only with nothing beside it
+    assert not may_start(plain[0], [timed], 4)  # and nothing starts beside it
+
+
+def test_a_child_that_dies_is_a_failed_record(tmp_path):
+    from jaxlab.registry import get_experiment
+    from jaxlab.reproduce import _child_record
+
+    log = tmp_path / "logs" / "sa-mean.log"
+    log.parent.mkdir()
+    log.write_text("Killed\n")
+    record = _child_record(get_experiment("sa-mean"), tmp_path, quick=True, status=-9, runtime=3.0, log_path=log)
+    assert record.reproduces is False and "exited with status -9" in record.error and str(log) in record.error
+    assert json.loads((tmp_path / "sa-mean.json").read_text())["error"] == record.error
