@@ -19,7 +19,6 @@ and ``C`` (real and imaginary parts stacked on a leading axis of 2), ``D`` and `
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -29,7 +28,7 @@ from flax import struct
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxlab.kernels.s4_dplr import hippo_legs_dplr, s4, s4_recurrence
-from jaxlab.models.ssm_mixers import _GLUOut, _log_dt_init
+from jaxlab.models.ssm_mixers import ChannelSSM
 
 __all__ = ["S4", "S4State"]
 
@@ -49,42 +48,29 @@ def _complex_init(values: np.ndarray):
     return init
 
 
-class S4(nn.Module):
+class S4(ChannelSSM):
     """S4 layer: ``d_model`` DPLR SSMs with ``d_state / 2`` complex modes each, HiPPO-LegS initialised."""
 
-    d_state: int = 16
-    dt_min: float = 1e-3
-    dt_max: float = 1e-1
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.nowrap
-    def init_state(self, batch: int, max_len: int, d_model: int) -> S4State:
-        return S4State(jnp.zeros((batch, d_model, self.d_state // 2), jnp.complex64))  # [B, H, N/2]
+    state_cls = S4State
 
     @nn.compact
     def __call__(self, x, positions=None, segment_ids=None, state=None):
-        if self.d_state < 2 or self.d_state % 2:
-            raise ValueError(f"d_state={self.d_state} must be even and >= 2 (conjugate pairs)")
+        N2 = self.num_modes()
         B, L, H = x.shape
-        N2 = self.d_state // 2
         Lambda0, P0, B0, _ = hippo_legs_dplr(self.d_state)                     # numpy complex128 [N/2] constants
         log_A_real = self.param("log_A_real", lambda k, s: jnp.full(s, math.log(0.5)), (H, N2))  # Re Lambda = -1/2
         A_imag = self.param("A_imag", lambda k, s: jnp.broadcast_to(jnp.asarray(Lambda0.imag, jnp.float32), s),
                             (H, N2))
         P = self.param("P", _complex_init(P0), (2, H, N2))
         B_ = self.param("B", _complex_init(B0), (2, H, N2))
-        C = self.param("C", nn.initializers.normal(math.sqrt(0.5)), (2, H, N2))
-        D = self.param("D", nn.initializers.ones, (H,))
-        log_dt = self.param("log_dt", _log_dt_init(self.dt_min, self.dt_max), (H,))
+        C_c, D, dt = self.readout(H, N2)
         u = checkpoint_name(x.astype(jnp.float32), "ssm_in")                   # [B, L, H]
         Lambda = -jnp.exp(log_A_real) + 1j * A_imag                             # [H, N/2]
-        P_c, B_c, C_c, dt = P[0] + 1j * P[1], B_[0] + 1j * B_[1], C[0] + 1j * C[1], jnp.exp(log_dt)
+        P_c, B_c = P[0] + 1j * P[1], B_[0] + 1j * B_[1]
         if state is None and segment_ids is None:
             y = s4(u, Lambda, P_c, B_c, C_c, dt, D)
         else:
             y, h = s4_recurrence(u, Lambda, P_c, B_c, C_c, dt, D, initial_state=None if state is None else state.h,
                                  segment_ids=segment_ids, return_state=True)
             state = S4State(h)
-        y = checkpoint_name(y, "context")
-        return _GLUOut(self.dtype, self.param_dtype, name="glu")(y), state
+        return self.output(y), state

@@ -42,7 +42,8 @@ from jaxlab.kernels.scan import linear_recurrence, segment_starts
 from jaxlab.kernels.ssm import selective_scan, ssd
 from jaxlab.models.layers import RMSNorm
 
-__all__ = ["Mamba", "Mamba2", "Mamba2State", "MambaState", "S4D", "S4DState", "S5", "S5State", "causal_conv1d",
+__all__ = ["ChannelSSM", "Mamba", "Mamba2", "Mamba2State", "MambaState", "S4D", "S4DState", "S5", "S5State",
+           "causal_conv1d",
            "hippo_n_eigenvalues"]
 
 
@@ -149,39 +150,65 @@ class _GLUOut(nn.Module):
         return nn.glu(h, axis=-1)
 
 
-class S4D(nn.Module):
-    """S4D layer: ``d_model`` independent diagonal SSMs with ``d_state / 2`` complex modes each.
-
-    Without state or segment ids the layer runs as a convolution with the Vandermonde kernel by FFT
-    (``kernels.s4.s4d``, O(L log L)); with them, as the equivalent complex ``linear_recurrence``.
-    """
+class ChannelSSM(nn.Module):
+    """What the per-channel SSM layers :class:`S4D` and S4 (``models.s4_mixer``) share: per channel
+    (``d_model`` of them) ``d_state / 2`` complex modes (conjugate pairs), a learned step ``dt`` drawn
+    log-uniformly from [dt_min, dt_max], the readout ``y = 2 Re(C h) + D u`` and the block's GELU + GLU
+    output. A subclass names its decoding state (``state_cls``, one field ``h [B, H, N/2]``) and builds ``A``
+    and ``B`` in its ``__call__``."""
 
     d_state: int = 16
     dt_min: float = 1e-3
     dt_max: float = 1e-1
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    state_cls = S4DState  # overridden by subclasses
 
     @nn.nowrap
-    def init_state(self, batch: int, max_len: int, d_model: int) -> S4DState:
-        return S4DState(jnp.zeros((batch, d_model, self.d_state // 2), jnp.complex64))  # [B, H, N/2]
+    def init_state(self, batch: int, max_len: int, d_model: int):
+        return self.state_cls(jnp.zeros((batch, d_model, self.d_state // 2), jnp.complex64))  # [B, H, N/2]
+
+    @nn.nowrap
+    def num_modes(self) -> int:
+        """``N/2``, the complex modes per channel (``d_state`` must be even: conjugate pairs)."""
+        if self.d_state < 2 or self.d_state % 2:
+            raise ValueError(f"d_state={self.d_state} must be even and >= 2 (conjugate pairs)")
+        return self.d_state // 2
+
+    def readout(self, H: int, N2: int):
+        """The parameters ``C`` (real and imaginary parts on a leading axis of 2), ``D`` and ``log_dt``,
+        created after the subclass's ``A`` and ``B``: ``(C [H, N/2] complex, D [H], dt [H])``."""
+        C = self.param("C", nn.initializers.normal(math.sqrt(0.5)), (2, H, N2))
+        D = self.param("D", nn.initializers.ones, (H,))
+        log_dt = self.param("log_dt", _log_dt_init(self.dt_min, self.dt_max), (H,))
+        return C[0] + 1j * C[1], D, jnp.exp(log_dt)
+
+    def output(self, y):
+        """The block's output from the SSM's ``y [B, L, H]``: GELU, a linear map to 2 H, a GLU."""
+        return _GLUOut(self.dtype, self.param_dtype, name="glu")(checkpoint_name(y, "context"))
+
+
+class S4D(ChannelSSM):
+    """S4D layer: ``d_model`` independent diagonal SSMs with ``d_state / 2`` complex modes each.
+
+    Without state or segment ids the layer runs as a convolution with the Vandermonde kernel by FFT
+    (``kernels.s4.s4d``, O(L log L)); with them, as the equivalent complex ``linear_recurrence``.
+    """
+
+    state_cls = S4DState
 
     @nn.compact
     def __call__(self, x, positions=None, segment_ids=None, state=None):
-        if self.d_state < 2 or self.d_state % 2:
-            raise ValueError(f"d_state={self.d_state} must be even and >= 2 (conjugate pairs)")
+        N2 = self.num_modes()
         B, L, H = x.shape
-        N2 = self.d_state // 2
         lin = lambda k, s: jnp.broadcast_to(s4d_lambda(N2, "lin"), s)  # noqa: E731  S4D-Lin: -1/2 + i pi n
         log_A_real = self.param("log_A_real", lambda k, s: jnp.log(-lin(k, s).real), (H, N2))
         A_imag = self.param("A_imag", lambda k, s: lin(k, s).imag, (H, N2))
         B_ = self.param("B", lambda k, s: jnp.zeros(s).at[0].set(1.0), (2, H, N2))  # real, imaginary parts
-        C = self.param("C", nn.initializers.normal(math.sqrt(0.5)), (2, H, N2))
-        D = self.param("D", nn.initializers.ones, (H,))
-        log_dt = self.param("log_dt", _log_dt_init(self.dt_min, self.dt_max), (H,))
+        C_c, D, dt = self.readout(H, N2)
         u = checkpoint_name(x.astype(jnp.float32), "ssm_in")  # [B, L, H]
         Lambda = -jnp.exp(log_A_real) + 1j * A_imag  # [H, N2]
-        B_c, C_c, dt = B_[0] + 1j * B_[1], C[0] + 1j * C[1], jnp.exp(log_dt)
+        B_c = B_[0] + 1j * B_[1]
         if state is None and segment_ids is None:
             y = s4d(u, Lambda, B_c, C_c, dt, D, method="fft")
         else:
@@ -191,8 +218,7 @@ class S4D(nn.Module):
                                   reset=_reset(segment_ids))  # [B, L, H, N2] complex
             y = 2 * jnp.real(jnp.einsum("blhn,hn->blh", h, C_c)) + D * u
             state = S4DState(h[:, -1])
-        y = checkpoint_name(y, "context")
-        return _GLUOut(self.dtype, self.param_dtype, name="glu")(y), state
+        return self.output(y), state
 
 
 class S5(nn.Module):
