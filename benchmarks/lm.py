@@ -464,6 +464,51 @@ PyTorch eager's 173 ms; without attention (`v` passed through) it took 187 ms ag
   GFLOP/s under XLA, on par with torch's oneDNN, yet at the larger size the step without attention still took
   longer than torch's whole step: the GEMMs inside the step, their fusions and the elementwise passes between
   them are the next thing to profile there.
+
+### Measured and dropped: attention restructurings; where the remaining time goes
+
+Host load average 8-12 on 2 cores throughout (other jobs), so wall times were not comparable; variants were
+compared by the process's CPU time per call (median of alternating rounds, in one process) and, for jaxlab
+against torch, pinned to one core (`taskset -c 0`, one torch thread), where CPU time is the work done.
+
+* **Unrolled tile pairs** (`attention_blockwise`: Python loops over the visited (query tile, key tile) pairs
+  instead of `lax.map`/`fori_loop`/`scan`; static slices of pre-transposed `K^T`, `V^T`, `Q^T`, `dO^T`, every
+  product a plain `[m, k] x [k, n]`, `dK^T`/`dV^T` accumulated transposed, unmasked full tiles): same values and
+  gradients, but 42.2 vs 38.3 ms CPU at B16 x L256 (64-wide tiles) and 174.6 vs 166.6 ms at B8 x L512 x D64,
+  and on one core 41.9 vs 33.4 ms and 164.5 vs 146.9 ms. It removes the loop form's copies (the `P^T`/`dS^T`
+  transposes, dynamic slices, the `dQ` update), and XLA:CPU then spends more on the many smaller thunks.
+* **Transposed dK/dV in the loop form** (`dV^T += dO^T P`, `dK^T += Q^T dS`: alone, as a batched product, the
+  `P^T dO` form runs at half the GFLOP/s of `dO^T P`): 36.1 vs 37.4 ms, within noise.
+* **Query tile x key prefix** (one softmax per query tile over all keys up to the diagonal, no online
+  rescaling): 36-39 vs 39 ms at L256, slower at L512. **Tile shapes**: 64 x 64 stays best of
+  32/64/128 x 32/64/128 (next 64x128 and 32x64, +10%). **`xla_cpu_experimental_ynn_fusion_type`** (dots only,
+  reductions back to XLA's loops): within noise.
+* **RoPE tables once per forward**: the rotary embedding's forward+backward at [16, 256, 4, 32] costs ~1 ms and
+  does not change with the cos/sin tables materialised (`optimization_barrier`); **one GEMM for SwiGLU's gate
+  and up** (weights concatenated): 43.4 vs 46.1 ms and 258.1 vs 258.7 ms CPU, within noise. Neither kept.
+* **Whole step on one core, CPU ms (jaxlab / torch eager), as is and with the attention core replaced by
+  `v + 0 (q + k)`:** B16 x L256, d=128: 509 / 389 (0.76x), without attention 337 / 302 (0.90x), so attention
+  inside the step costs 172 / 87 ms (43 / 22 per layer, 2.0x) and is 71% of the gap; B8 x L512, d=384:
+  3616 / 2778 (0.77x), without attention 2605 / 2132 (0.82x), attention 1011 / 646 ms (1.56x), 44% of the gap.
+  The step's extras (non-finite check, metrics) and the segment ids cost nothing measurable: a bare `grad` +
+  AdamW step without segment ids takes 480 ms against the full step's 489.
+* **Per component in isolation, one core, CPU ms (jaxlab / torch eager):** B16 x L256 (two runs): causal
+  attention forward+backward 35.5-39.2 / 22.1-23.5 (torch's fused SDPA); the rest of a block (norms, q/k/v/out,
+  RoPE, SwiGLU) 70.1-73.6 / 64.6-73.0, of which SwiGLU 47.4-49.9 / 39.4-47.9; embedding, final norm, tied logits
+  and loss 11.1-11.5 / 14.5-15.0; AdamW with clipping 4.4 / 5.4-6.1. B8 x L512: attention 137.9 / 98.1, rest of
+  a block 402.6 / 374.4 (SwiGLU 266.3 / 228.3), embedding+loss 27.5 / 78.0, AdamW 39.7 / 47.1.
+* **Where the remaining time goes.** (1) Attention: XLA:CPU runs the tiled pass as separate GEMM, reduction and
+  elementwise thunks over 1 MiB tiles, where torch's fused kernel carries a tile in cache from `QK^T` to `PV`;
+  inside the step it costs more than alone (43 vs 36 ms per layer at the first size) through the layout copies
+  around it: the compiled step at the second size copies 765 MiB per step in 350 copy/transpose ops, 322 MiB of
+  them the copies XLA inserts around the blockwise kernel's loops (loop state), 252 MiB the kernel's tile-layout
+  transposes ([B, L, H, D] to [n, B, H, b, D] and back). A fused CPU kernel (an XLA FFI custom call) is what would
+  close this part. (2) At the second size the rest of the model is more than half the gap (473 of 838 ms): SwiGLU
+  (6 x 38 ms of it) and 108 MiB of transposed q/k/v activations copied for the projections' weight gradients. (3) Two-core
+  scaling: from the table's runs, jaxlab's two-core step is 1.5-1.7x faster than its one-core CPU time, torch's
+  2.0-2.1x, which turns the one-core 0.76-0.77x into the table's 0.57x and 0.64x; inferred from runs under different loads, to
+  be rechecked on a quiet host (e.g. data parallelism over two single-threaded host devices against XLA's
+  intra-op threads).
 """
 
 
