@@ -32,7 +32,9 @@ class MoonlightMuonConfig:
     """Model sizes and the shared training recipe of the Muon/AdamW comparison."""
 
     widths: tuple[int, ...] = (128, 256, 384)
-    """d_model of each size (num_heads = d_model // 32)."""
+    """d_model of each size (num_heads = d_model // 32). The quick size runs the two smallest, at 2 layers and
+    300 steps; below them the comparison leaves Moonlight's regime: at d=64 (2 layers, 300 steps) Muon needed
+    0.73 of AdamW's FLOPs, against 0.49 at d=128 and 0.43 at d=256."""
     num_layers: int = 4
     steps: int = 2000
     batch_size: int = 16
@@ -79,7 +81,7 @@ def flops_to_reach(curve: list[tuple[float, float]], target: float) -> float:
 @register_experiment("moonlight-muon", description="Muon vs AdamW: validation loss against training FLOPs",
                      paper="Liu et al. 2025 (Moonlight: Muon is Scalable for LLM Training), Fig. 3",
                      full_needs_gpu=True,
-                     quick=MoonlightMuonConfig(widths=(64, 128), num_layers=2, steps=300, seq_len=128, lr=3e-3,
+                     quick=MoonlightMuonConfig(widths=(128, 256), num_layers=2, steps=300, seq_len=128, lr=3e-3,
                                                warmup_steps=30, eval_every=25, eval_batches=4))
 def moonlight_muon(cfg: MoonlightMuonConfig, ctx: RunContext) -> ExperimentResult:
     tokens_per_step = cfg.batch_size * cfg.seq_len
