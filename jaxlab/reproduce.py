@@ -34,7 +34,7 @@ from jaxlab.metrics import to_jsonable
 from jaxlab.registry import Claim, Comparison, Experiment, ExperimentResult, experiment_names, get_experiment
 
 __all__ = ["RunRecord", "claims_tally", "default_jobs", "folder_report", "may_start", "reproduce",
-           "run_experiment", "write_report"]
+           "run_experiment", "run_order", "write_report"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,12 +254,23 @@ def may_start(experiment: Experiment, running: Sequence[Experiment], jobs: int) 
     return not running or not (experiment.timed or any(r.timed for r in running))
 
 
+def run_order(experiments: Sequence[Experiment], seconds: dict[str, float]) -> list[Experiment]:
+    """The order child processes start in: the ``timed`` experiments first (each runs alone), then the
+    longest first, so that the last to finish are short ones and no core idles long at the end: by
+    ``seconds`` (an earlier run's times) where known; those never run go first, the ones whose full size needs
+    a GPU (the long language-model runs) ahead of the others."""
+    rest = sorted((e for e in experiments if not e.timed),
+                  key=lambda e: (e.name in seconds, -seconds.get(e.name, 0.0), not e.full_needs_gpu))
+    return [e for e in experiments if e.timed] + rest
+
+
 def _reproduce_parallel(experiments: list[Experiment], out_dir: pathlib.Path, *, quick: bool, seed: int,
                         jobs: int, show_progress: bool) -> list[RunRecord]:
     """Run each experiment in a child process, ``jobs`` at a time, timed ones first and alone."""
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    queue = [e for e in experiments if e.timed] + [e for e in experiments if not e.timed]
+    before = {r.name: r.runtime_s for r in earlier_records(out_dir, quick=quick, exclude=set())}
+    queue = run_order(experiments, before)
     running: dict[str, tuple[subprocess.Popen, Any, float, Experiment]] = {}
     done: dict[str, RunRecord] = {}
     bar = tqdm(total=len(queue), desc="reproduce", unit="exp", disable=not show_progress, file=sys.stderr,

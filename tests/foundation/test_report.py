@@ -123,3 +123,16 @@ def test_a_child_that_dies_is_a_failed_record(tmp_path):
     record = _child_record(get_experiment("sa-mean"), tmp_path, quick=True, status=-9, runtime=3.0, log_path=log)
     assert record.reproduces is False and "exited with status -9" in record.error and str(log) in record.error
     assert json.loads((tmp_path / "sa-mean.json").read_text())["error"] == record.error
+
+
+def test_run_order_puts_timed_first_then_the_longest():
+    from jaxlab.registry import Experiment
+    from jaxlab.reproduce import run_order
+
+    def exp(name, **kw):
+        return Experiment(name, "", "", lambda c, x: None, None, **kw)
+
+    a, b, lm, t = exp("a"), exp("b"), exp("lm", full_needs_gpu=True), exp("t", timed=True)
+    known, slow = exp("known"), exp("slow")
+    order = run_order([a, b, known, lm, slow, t], {"known": 5.0, "slow": 50.0})
+    assert [e.name for e in order] == ["t", "lm", "a", "b", "slow", "known"]
