@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["LOGICAL_AXIS_RULES", "rules_for_mesh"]
+__all__ = ["LOGICAL_AXIS_RULES", "active_axes", "rules_for_mesh"]
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("batch", "data"),
@@ -43,8 +43,13 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
 """``(logical name, mesh axis or None)`` pairs: where every named dimension of the models lives."""
 
 
+def active_axes(mesh: Any) -> dict[str, int]:
+    """``{axis: size}`` of the mesh axes that split anything (size > 1)."""
+    return {name: int(size) for name, size in mesh.shape.items() if size > 1}
+
+
 def rules_for_mesh(mesh: Any, rules=LOGICAL_AXIS_RULES) -> tuple[tuple[str, str | None], ...]:
     """``rules`` with every mesh axis that ``mesh`` lacks or holds once (size 1) replaced by ``None``:
     the rules for ``nn.logical_axis_rules`` while tracing on ``mesh``."""
-    active = {name for name, size in mesh.shape.items() if size > 1}
+    active = active_axes(mesh)
     return tuple((logical, axis if axis in active else None) for logical, axis in rules)

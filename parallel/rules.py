@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jaxlab.models.axes import LOGICAL_AXIS_RULES, rules_for_mesh
+from jaxlab.models.axes import LOGICAL_AXIS_RULES, active_axes, rules_for_mesh
 from jaxlab.parallel.mesh import MESH_AXES
 
 __all__ = [
@@ -56,11 +56,6 @@ def _rule_table(rules) -> dict[str, str | None]:
     for logical, axis in rules:
         table.setdefault(logical, axis)  # the first rule for a name wins, as in flax
     return table
-
-
-def _active_axes(mesh: Mesh) -> dict[str, int]:
-    """Mesh axes of size > 1 (those that split anything)."""
-    return {name: int(size) for name, size in mesh.shape.items() if size > 1}
 
 
 def check_mesh(mesh: Mesh) -> None:
@@ -91,7 +86,7 @@ def _mesh_spec(logical: P, shape: tuple[int, ...], mesh: Mesh, table: dict, wher
     if len(logical) > len(shape):
         raise ValueError(f"{where}: logical axes {logical} name {len(logical)} dimensions but the "
                          f"array has shape {shape}")
-    active = _active_axes(mesh)
+    active = active_axes(mesh)
     used: set[str] = set()
     out: list[str | None] = []
     for dim, name in enumerate(tuple(logical) + (None,) * (len(shape) - len(logical))):
@@ -188,7 +183,7 @@ def check_mesh_for(mesh: Mesh, *, params: Any = None, param_axes: Any = None, ba
     if params is not None and param_axes is not None:
         logical_to_mesh_specs(param_axes, mesh, rules, shapes=params)
     if batch is not None:
-        active = _active_axes(mesh)
+        active = active_axes(mesh)
         table = _rule_table(rules)
         for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
             shape, name = np.shape(leaf), jax.tree_util.keystr(path) or "batch"
