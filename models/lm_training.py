@@ -53,8 +53,8 @@ from jaxlab.validation import check, check_choice, check_positive
 
 STRATEGY_NAMES = tuple(STRATEGIES)
 
-__all__ = ["LMTrainConfig", "eval_batches", "make_eval_fn", "make_loss_fn", "redraw_features", "sample_text",
-           "train_lm"]
+__all__ = ["LMTrainConfig", "check_architecture_unset", "eval_batches", "load_for_training", "make_eval_fn",
+           "make_loss_fn", "redraw_features", "sample_text", "train_lm"]
 
 
 ARCHITECTURE_FIELDS = ("mixer", "d_model", "num_layers", "num_heads", "ffn", "num_experts", "top_k",
@@ -207,12 +207,7 @@ class LMTrainConfig:
         if self.mixer == "lsh" and self.sample_every:
             raise ValueError(f"sample_every={self.sample_every} needs decoding, which mixer='lsh' does not have: "
                              "set sample_every=0 (--sample-every 0)")
-        if self.init_from is not None:
-            defaults = {f.name: f.default for f in dataclasses.fields(self)}
-            for name in ARCHITECTURE_FIELDS:
-                if getattr(self, name) != defaults[name]:
-                    raise ValueError(f"{name}={getattr(self, name)!r} cannot be set with init_from="
-                                     f"{self.init_from!r}: the architecture comes from the checkpoint")
+        check_architecture_unset(self, ARCHITECTURE_FIELDS)
 
     def optimizer_config(self) -> OptimizerConfig:
         """AdamW or Muon (beta2 0.95) after clipping, linear warmup then cosine decay to ``lr * min_lr_ratio``."""
@@ -334,18 +329,39 @@ def target_bytes(batches: list[dict], tokenizer) -> float:
     return float(total)
 
 
+def check_architecture_unset(cfg, fields: tuple[str, ...]) -> None:
+    """With ``cfg.init_from`` set, every field of ``fields`` (the model's architecture) must keep its default:
+    the checkpoint decides it. ``ValueError`` naming the first field set (the trainers' ``--init-from`` check)."""
+    if getattr(cfg, "init_from", None) is None:
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for name in fields:
+        if getattr(cfg, name) != defaults[name]:
+            raise ValueError(f"{name}={getattr(cfg, name)!r} cannot be set with init_from={cfg.init_from!r}: "
+                             "the architecture comes from the checkpoint")
+
+
+def load_for_training(path, *, context: int, dtype: str = "float32", context_name: str = "seq_len",
+                      **config_overrides):
+    """``(model, params, tokenizer)`` of the Hugging Face checkpoint folder ``path`` to train from: float32
+    parameters, compute ``dtype``, ``config_overrides`` (``remat``, ``scan_layers``, ...); a clear error when
+    the folder has no tokenizer or a context shorter than ``context`` tokens (``context_name`` names what
+    needs them). The one loader of ``--init-from`` (``jaxlab train lm``, ``jaxlab train posttrain``)."""
+    from jaxlab.models.hub import load_pretrained
+
+    model, params, tokenizer = load_pretrained(path, dtype="float32", **config_overrides)
+    if tokenizer is None:
+        raise ValueError(f"init_from={str(path)!r} has no tokenizer.json: its text cannot be tokenized")
+    if model.cfg.max_len < context:
+        raise ValueError(f"{context_name}={context} exceeds the checkpoint's context of {model.cfg.max_len} tokens")
+    return LM(dataclasses.replace(model.cfg, dtype=dtype)), params, tokenizer
+
+
 def from_pretrained(cfg: LMTrainConfig):
     """``(model, params, tokenizer)`` of ``cfg.init_from``: float32 parameters, ``cfg``'s compute dtype, remat
     and layer layout; a clear error when the folder has no tokenizer or a context shorter than ``seq_len``."""
-    from jaxlab.models.hub import load_pretrained
-
-    model, params, tokenizer = load_pretrained(cfg.init_from, dtype="float32", scan_layers=cfg.scan_layers,
-                                               remat=cfg.remat)
-    if tokenizer is None:
-        raise ValueError(f"init_from={cfg.init_from!r} has no tokenizer.json: its text cannot be tokenized")
-    if model.cfg.max_len < cfg.seq_len:
-        raise ValueError(f"seq_len={cfg.seq_len} exceeds the checkpoint's context of {model.cfg.max_len} tokens")
-    return LM(dataclasses.replace(model.cfg, dtype=cfg.dtype)), params, tokenizer
+    return load_for_training(cfg.init_from, context=cfg.seq_len, dtype=cfg.dtype, scan_layers=cfg.scan_layers,
+                             remat=cfg.remat)
 
 
 REDRAW_SALT = 0xFEA7

@@ -6,9 +6,10 @@
     save_pretrained(model, params, "out/", tokenizer)     # transformers.AutoModelForCausalLM loads it
 
 Loading reads ``config.json`` (:mod:`.config_map`), then each parameter from the safetensors files
-(:mod:`.safetensors_io`, memory-mapped, one tensor at a time; :mod:`.weights` has the name and layout
-maps), casts it and places it on its device at once: with a mesh, directly onto its ``NamedSharding``
-(``jax.device_put`` per tensor), so no host or device ever holds the whole checkpoint unsharded.
+(:mod:`.safetensors_io`: each header parsed once, then one tensor at a time by a plain read; :mod:`.weights`
+has the name and layout maps), casts it and places it on its device at once: with a mesh, directly onto its
+``NamedSharding`` (``jax.device_put`` per tensor), so no host or device ever holds the whole checkpoint
+unsharded.
 
 Shardings. ``mesh`` alone places every tensor by ``models.lm.param_logical_axes`` and the repository's rule
 table (``models.axes.LOGICAL_AXIS_RULES``, restricted to the axes the mesh splits), through

@@ -21,7 +21,7 @@ import optax
 from jaxlab.models.lm import LM, LMConfig
 from jaxlab.models.sampling import response_logprobs, sample
 from jaxlab.rl.llm.losses import dpo_loss, masked_sum
-from jaxlab.rl.llm.task import EOS, PAD, Task, is_correct
+from jaxlab.rl.llm.task import Task
 from jaxlab.train_state import make_train_step
 
 __all__ = ["make_dpo_step", "pair_logprobs", "preference_pairs"]
@@ -44,8 +44,9 @@ def _pairs_fn(cfg: LMConfig, task: Task, chunk: int, group_size: int, max_new_to
     def run(params, key):
         prompts, answers = task.sample(jax.random.fold_in(key, 0), chunk)
         prompts, answers = jnp.repeat(prompts, group_size, axis=0), jnp.repeat(answers, group_size, axis=0)
-        roll = sample(model, params, prompts, jax.random.fold_in(key, 1), max_new_tokens, eos_id=EOS, pad_id=PAD)
-        correct = is_correct(roll.response, answers).reshape(chunk, G) > 0  # [n, G]
+        roll = sample(model, params, prompts, jax.random.fold_in(key, 1), max_new_tokens, eos_id=task.eos_id,
+                      pad_id=task.pad_id)
+        correct = task.is_correct(roll.response, answers).reshape(chunk, G) > 0  # [n, G]
         logps = masked_sum(response_logprobs(model, params, roll.tokens, task.prompt_len), roll.mask, axis=1)
         if all_pairs:  # every (right i, wrong j) of a group: n * G * G candidates, [n * G * G]
             i, j = (a.reshape(-1) for a in jnp.meshgrid(jnp.arange(G), jnp.arange(G), indexing="ij"))

@@ -2,6 +2,7 @@
 
     cfg = PostTrainConfig(method="grpo", steps=100)          # `jaxlab train posttrain --method grpo`
     summary = posttrain(cfg, "runs/posttrain")
+    cfg = PostTrainConfig(method="grpo", init_from="ckpt/")  # `... --init-from ckpt/`: a Hugging Face folder
 
 Each stage is one run of the foundation's loop (:func:`jaxlab.loop.fit`) in its own folder under
 ``out_dir`` (``sft/``, ``reward_model/``, then ``dpo/``, ``ppo-rlhf/`` or ``grpo/``) with checkpoints,
@@ -11,6 +12,15 @@ are drawn from the step index (:class:`ProblemIterator`), preference pairs are r
 and every key is a ``fold_in`` of ``PRNGKey(seed)``. Evaluation (a fixed problem set) reports the
 verifier's accuracy of sampled (temperature 1) and greedy answers, the mean response length and the
 sequence-level KL to the reference, ``E_pi[log pi(y|x) - log pi_ref(y|x)]``.
+
+``init_from``: the policy is a Hugging Face checkpoint folder's model (architecture and weights, read by
+:func:`jaxlab.models.lm_training.load_for_training`, the loader of ``jaxlab train lm --init-from``) instead of a
+freshly initialised small LM, and the task is posed in its vocabulary (:class:`~jaxlab.rl.llm.task.TextTask`:
+the problem's text through the checkpoint's tokenizer, optionally inside its chat template; responses decoded
+and verified on the text; SFT's targets the answer's tokens then the tokenizer's EOS). Every method runs from
+it (SFT, DPO, GRPO, and PPO-RLHF, whose reward model and critic are the checkpoint with a scalar head), and
+the final policy is written back as a Hugging Face folder, ``out_dir/hf``, loadable by
+:func:`jaxlab.models.hub.load_pretrained` and ``transformers``.
 
 Every stage is the training spine unchanged: each method's step is ``train_step(state, batch, key)``
 (:func:`jaxlab.train_state.make_train_step`, or the spine's ``loss_and_grads`` and ``apply_update`` in a
@@ -40,6 +50,7 @@ from jax.sharding import PartitionSpec
 from jaxlab.loop import ArrayIterator, DataIterator, LoopConfig, fit
 from jaxlab.metrics import to_jsonable
 from jaxlab.models.lm import LM, LMConfig, init_params, param_logical_axes
+from jaxlab.models.lm_training import check_architecture_unset, load_for_training
 from jaxlab.models.sampling import response_logprobs, sample
 from jaxlab.optim import OptimizerConfig, make_optimizer, muon_dimensions
 from jaxlab.rl.llm.dpo import make_dpo_step, preference_pairs
@@ -49,7 +60,7 @@ from jaxlab.rl.llm.ppo_rlhf import PPOSpec, make_ppo_rlhf_step
 from jaxlab.rl.llm.reward_model import (init_reward_params, make_reward_model_step, normalize_reward, pair_accuracy,
                                         sequence_scores)
 from jaxlab.rl.llm.sft import make_sft_step
-from jaxlab.rl.llm.task import EOS, PAD, TASKS, VOCAB_SIZE, Task, format_ok, is_correct, response_lengths
+from jaxlab.rl.llm.task import PROMPT_FORMATS, TASKS, VOCAB_SIZE, Task, TextTask
 from jaxlab.train_state import create_train_state
 from jaxlab.parallel.mesh import format_mesh, mesh_from_spec, parse_mesh, replicated, shard_batch
 from jaxlab.parallel.rules import check_mesh_for, rules_for_mesh, tensor_axes
@@ -61,6 +72,8 @@ __all__ = ["METHODS", "PostTrainConfig", "ProblemIterator", "WithFrozen", "evalu
            "stage_optimizer_config"]
 
 METHODS = ("sft", "dpo", "ppo-rlhf", "grpo")
+ARCHITECTURE_FIELDS = ("d_model", "num_layers", "num_heads")
+"""PostTrainConfig fields that a checkpoint (``init_from``) decides."""
 # Key streams: every key of a run is fold_in(PRNGKey(seed), stream).
 _INIT, _SFT_DATA, _SFT_KEY, _PAIRS, _RL_DATA, _RL_KEY, _EVAL, _RM_KEY, _RM_EVAL, _RM_NORM = range(10)
 
@@ -151,6 +164,14 @@ class PostTrainConfig:
     progress: bool = True
     skip_nonfinite: bool = False
     """Skip steps with a non-finite loss or gradient (counted in the metrics) instead of stopping the run."""
+    init_from: str | None = None
+    """Start from a Hugging Face checkpoint folder (Llama, Qwen2, Mistral, GPT-2: config.json, *.safetensors,
+    tokenizer.json with an eos_token): its architecture and weights, the problems as text through its tokenizer,
+    responses verified on their decoded text. The architecture flags (--d-model, --num-layers, --num-heads) keep
+    their defaults; the final policy is written to OUT/hf in the same format."""
+    prompt_format: str = "plain"
+    """With init_from: plain (the tokenizer's leading special tokens, then the problem, "07+35=") | chat (the
+    checkpoint's chat template around the problem as a user message, with the generation prompt)."""
     mesh: str | None = None
     """Device mesh of the stages, "data=N" or "data=N,model=M" (None: every device on data). Each step's batch
     rows are split over data; model splits the trained parameters Megatron-style (heads, MLP units, vocabulary:
@@ -164,7 +185,7 @@ class PostTrainConfig:
 
     def __post_init__(self):
         choices = {"method": METHODS, "task": TASKS, "aggregation": AGGREGATIONS, "dpo_loss": DPO_LOSSES,
-                   "loss": GRPO_LOSSES, "optimizer": ("adam", "muon")}
+                   "loss": GRPO_LOSSES, "optimizer": ("adam", "muon"), "prompt_format": PROMPT_FORMATS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")
@@ -195,6 +216,9 @@ class PostTrainConfig:
             raise ValueError(f"mesh={self.mesh!r}: post-training stages run on the data and model axes only "
                              "(e.g. 'data=4,model=2')")
         self.model_config()  # validates d_model vs num_heads
+        check_architecture_unset(self, ARCHITECTURE_FIELDS)
+        if self.prompt_format != "plain" and self.init_from is None:
+            raise ValueError(f"prompt_format={self.prompt_format!r} needs init_from (a checkpoint's tokenizer)")
 
     # ---- derived values -------------------------------------------------------------------------
     @property
@@ -203,20 +227,24 @@ class PostTrainConfig:
 
     @property
     def response_len(self) -> int:
-        return self.task_spec.answer_len + 2 if self.max_new_tokens is None else self.max_new_tokens
+        return self.response_len_for(self.task_spec)
+
+    def response_len_for(self, task: Task | TextTask) -> int:
+        """The response budget R on ``task`` (its answers' tokens plus EOS plus 2, unless max_new_tokens)."""
+        return task.answer_len + 2 if self.max_new_tokens is None else self.max_new_tokens
 
     def model_config(self) -> LMConfig:
         return LMConfig(vocab_size=VOCAB_SIZE, d_model=self.d_model, num_layers=self.num_layers,
                         num_heads=self.num_heads, max_len=self.task_spec.prompt_len + self.response_len)
 
-    def grpo_spec(self) -> GRPOSpec:
-        return GRPOSpec(self.group_size, self.response_len, self.clip_eps, self.beta, self.aggregation,
-                        self.scale_rewards, self.ppo_epochs, self.temperature, self.format_weight,
+    def grpo_spec(self, response_len: int | None = None) -> GRPOSpec:
+        return GRPOSpec(self.group_size, response_len or self.response_len, self.clip_eps, self.beta,
+                        self.aggregation, self.scale_rewards, self.ppo_epochs, self.temperature, self.format_weight,
                         self.length_penalty, self.grad_accum, self.loss, self.mirror_tau)
 
-    def ppo_spec(self) -> PPOSpec:
-        return PPOSpec(self.group_size, self.response_len, self.clip_eps, self.kl_coef, self.vf_coef, 1.0,
-                       self.gae_lambda, self.ppo_epochs, self.temperature, self.grad_accum)
+    def ppo_spec(self, response_len: int | None = None) -> PPOSpec:
+        return PPOSpec(self.group_size, response_len or self.response_len, self.clip_eps, self.kl_coef,
+                       self.vf_coef, 1.0, self.gae_lambda, self.ppo_epochs, self.temperature, self.grad_accum)
 
 
 class ProblemIterator:
@@ -294,10 +322,11 @@ def _optimizer(kind: str, model_cfg: LMConfig, opt_cfg: OptimizerConfig):
     return make_optimizer(opt_cfg, muon_dims=dims)
 
 
-def _build_step(kind: str, model_cfg: LMConfig, task: Task, spec, opt_cfg: OptimizerConfig, grad_accum: int = 1):
+def _build_step(kind: str, model_cfg: LMConfig, task: Task | TextTask, spec, opt_cfg: OptimizerConfig, grad_accum: int = 1):
     """A stage's step; GRPO's and PPO's ``spec`` carry their ``grad_accum``, the others take ``grad_accum``."""
     model, tx = LM(model_cfg), _optimizer(kind, model_cfg, opt_cfg)
-    build = {"sft": lambda: make_sft_step(model, tx, grad_accum), "grpo": lambda: make_grpo_step(model, task, spec, tx),
+    build = {"sft": lambda: make_sft_step(model, tx, grad_accum, task.eos_id),
+             "grpo": lambda: make_grpo_step(model, task, spec, tx),
              "ppo-rlhf": lambda: make_ppo_rlhf_step(model, task, spec, tx),
              "dpo": lambda: make_dpo_step(model, tx, task.prompt_len, *spec, grad_accum=grad_accum),
              "reward_model": lambda: make_reward_model_step(model, tx, grad_accum)}[kind]
@@ -376,18 +405,18 @@ def _mesh_stage(kind: str, model_cfg: LMConfig, task: Task, spec, opt_cfg: Optim
 
 
 @functools.lru_cache(maxsize=16)
-def _eval_fn(model_cfg: LMConfig, max_new_tokens: int):
+def _eval_fn(model_cfg: LMConfig, task: Task | TextTask, max_new_tokens: int):
     model = LM(model_cfg)
 
     def run(params, ref_params, prompts, answers, key):
         prompt_len = prompts.shape[1]
         out = {}
         for name, temperature in (("", 1.0), ("greedy_", 0.0)):
-            roll = sample(model, params, prompts, key, max_new_tokens, temperature=temperature, eos_id=EOS,
-                          pad_id=PAD)
-            out[f"{name}accuracy"] = jnp.mean(is_correct(roll.response, answers))
-            out[f"{name}response_length"] = jnp.mean(response_lengths(roll.response))
-            out[f"{name}format"] = jnp.mean(format_ok(roll.response))
+            roll = sample(model, params, prompts, key, max_new_tokens, temperature=temperature, eos_id=task.eos_id,
+                          pad_id=task.pad_id)
+            out[f"{name}accuracy"] = jnp.mean(task.is_correct(roll.response, answers))
+            out[f"{name}response_length"] = jnp.mean(task.response_lengths(roll.response))
+            out[f"{name}format"] = jnp.mean(task.format_ok(roll.response))
             if temperature:
                 ref_logp = response_logprobs(model, ref_params, roll.tokens, prompt_len)
                 out["kl_to_ref"] = sequence_kl(roll.model_logps, ref_logp, roll.mask)
@@ -396,10 +425,13 @@ def _eval_fn(model_cfg: LMConfig, max_new_tokens: int):
     return jax.jit(run, compiler_options=FAST_COMPILE)
 
 
-def evaluate_policy(model: LM, params, ref_params, prompts, answers, key, max_new_tokens: int) -> dict[str, float]:
+def evaluate_policy(model: LM, params, ref_params, prompts, answers, key, max_new_tokens: int,
+                    task: Task | TextTask | None = None) -> dict[str, float]:
     """Verifier accuracy, response length and format rate of sampled (T = 1) and greedy (``greedy_*``) answers,
-    and ``kl_to_ref``: the sequence KL ``E_pi[log pi - log pi_ref]`` estimated on the samples."""
-    out = _eval_fn(model.cfg, max_new_tokens)(params, ref_params, prompts, answers, key)
+    and ``kl_to_ref``: the sequence KL ``E_pi[log pi - log pi_ref]`` estimated on the samples. ``task``: whose
+    verifier and EOS (None: the character task's)."""
+    out = _eval_fn(model.cfg, Task() if task is None else task, max_new_tokens)(params, ref_params, prompts,
+                                                                                 answers, key)
     return {k: float(v) for k, v in jax.device_get(out).items()}
 
 
@@ -434,18 +466,36 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
     """Run (or resume) SFT and then ``cfg.method`` under ``out_dir``; returns a summary dict.
 
     The summary holds the SFT start's evaluation (``sft``), the final one (``final``), the method stage's
-    evaluations over its steps (``history``, ``[{"step", "accuracy", ...}]``) and the run's timing.
+    evaluations over its steps (``history``, ``[{"step", "accuracy", ...}]``) and the run's timing; with
+    ``cfg.init_from``, ``exported``: the Hugging Face folder of the final policy (``out_dir/hf``).
     """
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"config-{cfg.method}.json").write_text(json.dumps(to_jsonable(cfg), indent=2))
     start = time.perf_counter()
-    task, model_cfg = cfg.task_spec, cfg.model_config()
-    model = LM(model_cfg)
     base = jax.random.PRNGKey(cfg.seed)
     stream = lambda s: jax.random.fold_in(base, s)  # noqa: E731
+    if cfg.init_from is None:
+        task, model_cfg, tokenizer = cfg.task_spec, cfg.model_config(), None
+        model, init = LM(model_cfg), None
+    else:
+        model, init, tokenizer = load_for_training(cfg.init_from, context=1)
+        task, model_cfg = TextTask(cfg.task, cfg.num_digits, tokenizer, cfg.prompt_format), model.cfg
+        need = task.prompt_len + cfg.response_len_for(task)
+        if need > model_cfg.max_len:
+            raise ValueError(f"prompts of {task.prompt_len} tokens + max_new_tokens={cfg.response_len_for(task)} "
+                             f"exceed the checkpoint's context of {model_cfg.max_len} tokens ({cfg.init_from})")
+    response_len = cfg.response_len_for(task)
+    if response_len < task.answer_len:
+        raise ValueError(f"max_new_tokens={cfg.max_new_tokens} is shorter than the longest answer "
+                         f"({task.answer_len} tokens with EOS)")
     eval_prompts, eval_answers = task.sample(stream(_EVAL), cfg.eval_problems)
     eval_key = jax.random.fold_in(stream(_EVAL), 1)
+    if init is None:
+        init = init_params(model, stream(_INIT), eval_prompts[:1])
+    else:
+        _log(f"init from {cfg.init_from}: {model_cfg.num_layers} layers, d_model={model_cfg.d_model}; prompts of "
+             f"{task.prompt_len} tokens ({cfg.prompt_format}), e.g. {tokenizer.decode(eval_prompts[0])!r}")
 
     mesh = mesh_from_spec(cfg.mesh)
     if mesh.size > 1:
@@ -464,14 +514,13 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
                           resume=cfg.resume, progress=cfg.progress, skip_nonfinite=cfg.skip_nonfinite)
         eval_fn = None if ref is None else (lambda s: evaluate_policy(
             model, _local(s.params["policy"] if name == "ppo-rlhf" else s.params), ref, eval_prompts, eval_answers,
-            eval_key, cfg.response_len))
+            eval_key, response_len, task))
         result = fit(train_step, state, data, loop, out_dir / name, eval_fn=eval_fn, eval_every=cfg.eval_every)
         if result.resumed_from is not None:
             _log(f"{name}: resumed from step {result.resumed_from}")
         return result
 
     # Stage 1: supervised warm start (shared by every method run in this folder; none with sft_steps=0).
-    init = init_params(model, stream(_INIT), eval_prompts[:1])
     if cfg.sft_steps:
         opt = stage_optimizer_config(cfg.sft_lr, cfg.optimizer)
         state, step = stage("sft", None, opt, create_train_state(init, _optimizer("sft", model_cfg, opt),
@@ -481,7 +530,7 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
         ref, resumed_from, preempted = _local(sft.state.params), sft.resumed_from, sft.preempted
     else:
         ref, resumed_from, preempted = init, None, False
-    sft_eval = evaluate_policy(model, ref, ref, eval_prompts, eval_answers, eval_key, cfg.response_len)
+    sft_eval = evaluate_policy(model, ref, ref, eval_prompts, eval_answers, eval_key, response_len, task)
     _log(f"sft: accuracy {sft_eval['accuracy']:.3f} (greedy {sft_eval['greedy_accuracy']:.3f})")
     summary = {"method": cfg.method, "sft": sft_eval, "history": [], "resumed_from": resumed_from}
     final_params = ref
@@ -492,7 +541,7 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
         return stage(kind, spec, opt, create_train_state(params, _optimizer(kind, model_cfg, opt), stream(_RL_KEY)))
 
     if cfg.method == "grpo" and not preempted:
-        state, step = new_stage(_copy(ref), cfg.lr, "grpo", cfg.grpo_spec())
+        state, step = new_stage(_copy(ref), cfg.lr, "grpo", cfg.grpo_spec(response_len))
         result = run_stage("grpo", step, state, WithFrozen(ProblemIterator(task, cfg.batch_size, stream(_RL_DATA)),
                                                            ref_params=ref), cfg.steps, ref)
         final_params, preempted, summary["resumed_from"] = (_local(result.state.params), result.preempted,
@@ -500,7 +549,7 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
     elif cfg.method in ("dpo", "ppo-rlhf") and not preempted:
         all_pairs = cfg.method == "ppo-rlhf" and cfg.rm_all_pairs
         pairs = preference_pairs(model, ref, task, stream(_PAIRS), cfg.pair_prompts, cfg.group_size,
-                                 cfg.response_len, all_pairs=all_pairs)
+                                 response_len, all_pairs=all_pairs)
         summary["pairs"] = int(len(pairs["chosen"]))
         _log(f"preference pairs: {summary['pairs']} from {cfg.pair_prompts} prompts' groups of {cfg.group_size}")
         if summary["pairs"] < cfg.batch_size:
@@ -514,7 +563,7 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
         else:
             opt = stage_optimizer_config(cfg.rm_lr, cfg.optimizer)
             rm_state, rm_step = stage("reward_model", None, opt, create_train_state(
-                init_reward_params(_copy(ref), cfg.d_model), _optimizer("reward_model", model_cfg, opt),
+                init_reward_params(_copy(ref), model_cfg.d_model), _optimizer("reward_model", model_cfg, opt),
                 stream(_RM_KEY)))
             rm_batch = cfg.batch_size if cfg.rm_batch_size is None else min(cfg.rm_batch_size, summary["pairs"])
             rm_data = ArrayIterator(pairs, rm_batch, seed=cfg.seed)
@@ -522,7 +571,7 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
             # How well the learned reward tracks the verifier it stands for: pairs of fresh prompts that no
             # training pair shares.
             heldout = preference_pairs(model, ref, task, stream(_RM_EVAL), cfg.eval_problems, cfg.group_size,
-                                       cfg.response_len, all_pairs=cfg.rm_all_pairs)
+                                       response_len, all_pairs=cfg.rm_all_pairs)
             seen = {p.tobytes() for p in pairs["chosen"][:, :task.prompt_len]}
             fresh = np.array([p.tobytes() not in seen for p in heldout["chosen"][:, :task.prompt_len]], bool)
             heldout = {k: v[fresh] for k, v in heldout.items()}
@@ -536,12 +585,12 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
             if cfg.rm_normalize:  # mean 0, std 1 on the SFT policy's samples of fresh prompts
                 norm_key = stream(_RM_NORM)
                 prompts, _ = task.sample(norm_key, max(cfg.eval_problems, 256))
-                roll = sample(model, ref, prompts, jax.random.fold_in(norm_key, 1), cfg.response_len,
-                              temperature=cfg.temperature, eos_id=EOS, pad_id=PAD)
+                roll = sample(model, ref, prompts, jax.random.fold_in(norm_key, 1), response_len,
+                              temperature=cfg.temperature, eos_id=task.eos_id, pad_id=task.pad_id)
                 reward_params, summary["reward_model"]["normalization"] = normalize_reward(
                     reward_params, sequence_scores(model, reward_params, roll.tokens, roll.mask))
             state, step = new_stage({"policy": _copy(ref), "value": _copy(reward_params)}, cfg.lr, "ppo-rlhf",
-                                cfg.ppo_spec())
+                                cfg.ppo_spec(response_len))
             data = WithFrozen(ProblemIterator(task, cfg.batch_size, stream(_RL_DATA)), ref_params=ref,
                               reward_params=reward_params)
             result = run_stage("ppo-rlhf", step, state, data, cfg.steps, ref)
@@ -549,12 +598,18 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
         preempted, summary["resumed_from"] = result.preempted, result.resumed_from
 
     final = sft_eval if cfg.method == "sft" else evaluate_policy(model, final_params, ref, eval_prompts,
-                                                                 eval_answers, eval_key, cfg.response_len)
+                                                                 eval_answers, eval_key, response_len, task)
     if cfg.method != "sft":
         summary["history"] = _eval_records(out_dir / cfg.method / "metrics.jsonl")
     summary.update(final=final, preempted=preempted, seconds=time.perf_counter() - start,
                    num_params=sum(int(np.prod(p.shape)) for p in jax.tree.leaves(ref)))
     _log(f"{cfg.method}: accuracy {final['accuracy']:.3f} (greedy {final['greedy_accuracy']:.3f}), "
          f"KL to the reference {final['kl_to_ref']:.3f} nats")
+    if tokenizer is not None and not preempted:  # back to the checkpoint's format, loadable by transformers
+        from jaxlab.models.hub import save_pretrained
+
+        save_pretrained(model, final_params, out_dir / "hf", tokenizer)
+        summary["exported"] = str(out_dir / "hf")
+        _log(f"final policy written to {summary['exported']}")
     (out_dir / f"summary-{cfg.method}.json").write_text(json.dumps(to_jsonable(summary), indent=2))
     return summary

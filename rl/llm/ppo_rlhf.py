@@ -32,7 +32,7 @@ from jaxlab.models.sampling import response_logprobs, sample
 from jaxlab.rl.llm.grpo import sampled_logps, update_epochs
 from jaxlab.rl.llm.losses import grpo_loss, masked_value_loss, masked_whiten, sequence_kl
 from jaxlab.rl.llm.reward_model import sequence_scores, token_scores
-from jaxlab.rl.llm.task import EOS, PAD, Task, is_correct, response_lengths
+from jaxlab.rl.llm.task import Task
 from jaxlab.rl.returns import gae
 from jaxlab.train_state import TrainState
 from jaxlab.validation import check_positive
@@ -116,7 +116,7 @@ def make_ppo_rlhf_step(model: LM, task: Task, spec: PPOSpec, optimizer: optax.Gr
         prompts = jnp.repeat(batch["prompts"], spec.samples_per_prompt, axis=0)  # [B, Lp]
         answers = jnp.repeat(batch["answers"], spec.samples_per_prompt, axis=0)
         roll = sample(model, state.params["policy"], prompts, key, spec.max_new_tokens, temperature=spec.temperature,
-                      eos_id=EOS, pad_id=PAD)
+                      eos_id=task.eos_id, pad_id=task.pad_id)
         mask = roll.mask  # [B, R]
         ref_logp = response_logprobs(model, batch["ref_params"], roll.tokens, Lp, spec.temperature)  # [B, R]
         old_logp = sampled_logps(roll, spec.temperature)  # [B, R]
@@ -128,8 +128,8 @@ def make_ppo_rlhf_step(model: LM, task: Task, spec: PPOSpec, optimizer: optax.Gr
                "advantages": advantages, "targets": targets, "old_values": old_values}  # [B, R]
         state, metrics = update_epochs(state, loss_fn, exp, jax.random.split(key)[1], optimizer, spec.ppo_epochs,
                                        spec.grad_accum)
-        metrics.update(rm_score=jnp.mean(score), accuracy=jnp.mean(is_correct(roll.response, answers)),
-                       response_length=jnp.mean(response_lengths(roll.response)),
+        metrics.update(rm_score=jnp.mean(score), accuracy=jnp.mean(task.is_correct(roll.response, answers)),
+                       response_length=jnp.mean(task.response_lengths(roll.response)),
                        seq_kl=sequence_kl(old_logp, ref_logp, mask))
         return state, metrics
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors
 import safetensors.numpy
 
 torch = pytest.importorskip("torch")
@@ -81,6 +82,50 @@ def test_corrupt_truncated_and_missing_weights(llama):
         load_pretrained(folder)
     path.unlink()
     with pytest.raises(FileNotFoundError, match="neither model.safetensors nor model.safetensors.index.json"):
+        load_pretrained(folder)
+
+
+def test_each_header_is_parsed_once_and_checked(llama, tmp_path_factory, monkeypatch):
+    """Loading a sharded folder parses every file's header exactly once (shapes, dtypes and offsets all come from
+    that parse), and a header whose offsets disagree with its shapes or the file's length is a clear error."""
+    import struct
+
+    from jaxlab.models.hub import safetensors_io
+
+    hf, _ = llama
+    folder = tmp_path_factory.mktemp("sharded_once")
+    hf.save_pretrained(folder, max_shard_size="20KB")
+    shards = sorted(p.name for p in folder.glob("model-*.safetensors"))
+    parsed = []
+    real_loads = json.loads
+
+    def counting_loads(text, *args, **kwargs):
+        if isinstance(text, bytes):  # a safetensors header (the index and config.json are read as str)
+            parsed.append(text[:16])
+        return real_loads(text, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors_io.json, "loads", counting_loads)
+    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: pytest.fail("a second parse by safe_open"))
+    _, params, _ = load_pretrained(folder)
+    assert len(parsed) == len(shards) > 1
+    np.testing.assert_array_equal(params["final_norm"]["scale"], hf.model.norm.weight.detach().numpy())
+    monkeypatch.undo()
+
+    path = folder / shards[0]
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    lo, hi = header[name]["data_offsets"]
+    header[name]["shape"] = [header[name]["shape"][0] + 1, *header[name]["shape"][1:]]  # more elements than bytes
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+    with pytest.raises(ValueError, match=f"{shards[0]}: not a readable safetensors file .*'{name}'.*spans {hi - lo} "
+                                         "bytes"):
+        load_pretrained(folder)
+    path.write_bytes(data + b"\0" * 8)  # bytes past the last tensor
+    with pytest.raises(ValueError, match=f"{shards[0]}: not a readable safetensors file .*truncated or padded"):
         load_pretrained(folder)
 
 
