@@ -20,18 +20,29 @@ host, one Python object per shape), so the same key gives the same scene on ever
 
     scenes = make_scenes(jax.random.PRNGKey(0), 16, ShapesConfig(size_multiple=14))
     packed = vision.pack_images([s.image for s in scenes], patch_size=14, max_len=256)
+
+Real images: :func:`load_image` reads a PNG/JPEG file (Pillow) as uint8 ``[H, W, 3]`` RGB (greyscale and
+palette images converted, an alpha channel composited over the black background the scenes use);
+:func:`load_image_folder` reads every PNG/JPEG of a folder (sorted by name) and :func:`load_image_text`
+a JSONL file of ``{"image": path, "text": ...}`` records (paths relative to the file's folder). A missing
+path, an empty (0-byte) or 0-pixel file or one Pillow cannot decode raises an error naming the file.
+
+    pairs = load_image_text("data/captions.jsonl")        # [ImageText(path, image, text), ...]
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 
 import jax
 import numpy as np
 
 from jaxlab.validation import check, check_positive
 
-__all__ = ["COLORS", "KINDS", "POSITIONS", "Scene", "Shape", "ShapesConfig", "make_scene", "make_scenes"]
+__all__ = ["COLORS", "IMAGE_SUFFIXES", "KINDS", "POSITIONS", "ImageText", "Scene", "Shape", "ShapesConfig",
+           "load_image", "load_image_folder", "load_image_text", "make_scene", "make_scenes"]
 
 COLORS = {"red": (230, 25, 25), "green": (25, 200, 40), "blue": (30, 60, 230), "yellow": (240, 220, 20),
           "magenta": (220, 30, 220), "cyan": (20, 220, 230), "white": (255, 255, 255)}
@@ -180,3 +191,92 @@ def make_scenes(key, num: int, cfg: ShapesConfig = ShapesConfig()) -> list[Scene
     if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 0:
         raise ValueError(f"num={num!r} must be an int >= 0")
     return [make_scene(jax.random.fold_in(key, i), cfg) for i in range(num)]
+
+
+# ---- real images ----------------------------------------------------------------------------------
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+"""File name endings :func:`load_image_folder` reads (any case)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageText:
+    path: pathlib.Path
+    image: np.ndarray
+    """uint8 [H, W, 3] RGB."""
+    text: str
+
+
+def load_image(path) -> np.ndarray:
+    """The image file at ``path`` as uint8 [H, W, 3] RGB. Greyscale, palette and 16-bit images are converted
+    to RGB; an alpha channel (RGBA, LA, a palette's transparency) is composited over black. Errors name the
+    file: ``FileNotFoundError`` for a missing path, ``ValueError`` for an empty file, a file Pillow cannot
+    decode or an image with no pixels."""
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415  (Pillow only where files are read)
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} does not exist (or is not a file)")
+    if path.stat().st_size == 0:
+        raise ValueError(f"image file {path} is empty (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.width == 0 or im.height == 0:
+                raise ValueError(f"image file {path} has no pixels ({im.width} x {im.height})")
+            alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+            if im.mode.startswith("I;16") or im.mode == "I":  # 16/32-bit greyscale: scale to 8 bits
+                array = np.asarray(im, np.float64)
+                top = 65535.0 if im.mode.startswith("I;16") else max(float(array.max()), 1.0)
+                return np.repeat(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+            rgba = np.asarray(im.convert("RGBA" if alpha else "RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"image file {path} cannot be decoded: {e}") from None
+    if alpha:  # over black: rgb * alpha
+        rgb = rgba[..., :3].astype(np.uint16) * rgba[..., 3:].astype(np.uint16)
+        return ((rgb + 127) // 255).astype(np.uint8)
+    return np.ascontiguousarray(rgba)
+
+
+def load_image_folder(folder) -> list[tuple[pathlib.Path, np.ndarray]]:
+    """``(path, image)`` for every PNG/JPEG file directly in ``folder`` (sorted by name; see :func:`load_image`)."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist (or is not a folder)")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise ValueError(f"image folder {folder} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+    return [(p, load_image(p)) for p in paths]
+
+
+def load_image_text(jsonl, *, image_key: str = "image", text_key: str = "text") -> list[ImageText]:
+    """The (image, text) records of a JSONL file, one JSON object per line with the image's path under
+    ``image_key`` (relative paths from the JSONL file's folder) and its text under ``text_key``; blank lines
+    are skipped. Errors name the file and line (bad JSON, a missing key, a text that is not a string) or the
+    image file (see :func:`load_image`)."""
+    jsonl = pathlib.Path(jsonl)
+    if not jsonl.is_file():
+        raise FileNotFoundError(f"JSONL file {jsonl} does not exist (or is not a file)")
+    records = []
+    for number, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{jsonl}, line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e})") from None
+        if not isinstance(record, dict) or image_key not in record or text_key not in record:
+            raise ValueError(f"{where}: must be an object with the keys {image_key!r} and {text_key!r}, got "
+                             f"{line[:80]!r}")
+        if not isinstance(record[text_key], str) or not isinstance(record[image_key], str):
+            raise ValueError(f"{where}: {image_key!r} and {text_key!r} must be strings")
+        path = pathlib.Path(record[image_key])
+        path = path if path.is_absolute() else jsonl.parent / path
+        try:
+            image = load_image(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"{where}: {e}") from None
+        records.append(ImageText(path, image, record[text_key]))
+    if not records:
+        raise ValueError(f"JSONL file {jsonl} holds no records")
+    return records

@@ -94,3 +94,52 @@ def test_scenes_are_deterministic_and_pack():
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ShapesConfig(**kwargs)
+
+
+def test_load_images_convert_to_rgb_and_name_bad_files(tmp_path):
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a_rgb.png")
+    grey = np.arange(35, dtype=np.uint8).reshape(5, 7) * 7
+    Image.fromarray(grey, mode="L").save(tmp_path / "b_grey.png")
+    rgba = np.zeros((5, 7, 4), np.uint8)
+    rgba[..., :3], rgba[..., 3] = 200, np.array([0, 255, 51, 255, 0, 255, 255], np.uint8)  # alpha per column
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "c_rgba.png")
+    flat = np.broadcast_to(np.array([100, 150, 200], np.uint8), (5, 7, 3))
+    Image.fromarray(np.ascontiguousarray(flat)).save(tmp_path / "d.JPEG", quality=95)
+    (tmp_path / "notes.txt").write_text("not an image")
+
+    loaded = vision_data.load_image_folder(tmp_path)
+    assert [p.name for p, _ in loaded] == ["a_rgb.png", "b_grey.png", "c_rgba.png", "d.JPEG"]
+    for _, image in loaded:
+        assert image.dtype == np.uint8 and image.shape == (5, 7, 3)
+    np.testing.assert_array_equal(loaded[0][1], rgb)
+    np.testing.assert_array_equal(loaded[1][1], np.repeat(grey[..., None], 3, axis=-1))
+    np.testing.assert_array_equal(loaded[2][1][0, :, 0], [0, 200, 40, 200, 0, 200, 200])  # over black
+    assert np.abs(loaded[3][1].astype(int) - flat).max() <= 3  # JPEG is lossy
+
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"image file .*corrupt\.png cannot be decoded"):
+        vision_data.load_image(tmp_path / "corrupt.png")
+    with pytest.raises(ValueError, match=r"image file .*empty\.png is empty \(0 bytes\)"):
+        vision_data.load_image(tmp_path / "empty.png")
+    with pytest.raises(FileNotFoundError, match=r"image file .*missing\.png does not exist"):
+        vision_data.load_image(tmp_path / "missing.png")
+    with pytest.raises(ValueError, match=r"corrupt\.png cannot be decoded"):  # a folder with a bad file
+        vision_data.load_image_folder(tmp_path)
+
+    lines = ['{"image": "a_rgb.png", "text": "noise"}', "", f'{{"image": "{tmp_path / "c_rgba.png"}", "text": "bars"}}']
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    pairs = vision_data.load_image_text(tmp_path / "pairs.jsonl")
+    assert [(p.path.name, p.text) for p in pairs] == [("a_rgb.png", "noise"), ("c_rgba.png", "bars")]
+    np.testing.assert_array_equal(pairs[1].image, loaded[2][1])
+    for bad, match in [('{"image": "missing.png", "text": "x"}', r"line 1: image file .*missing\.png does not exist"),
+                       ('{"image": "empty.png", "text": "x"}', r"line 1: image file .*empty\.png is empty"),
+                       ('{"image": "a_rgb.png"}', r"line 1: must be an object with the keys 'image' and 'text'"),
+                       ('{"image": "a_rgb.png", "text": 3}', r"line 1: 'image' and 'text' must be strings"),
+                       ("{not json", r"bad\.jsonl, line 1: not valid JSON")]:
+        (tmp_path / "bad.jsonl").write_text(bad + "\n")
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            vision_data.load_image_text(tmp_path / "bad.jsonl")

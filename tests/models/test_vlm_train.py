@@ -56,8 +56,15 @@ def test_batches_resume_and_answer_accuracy():
 
 
 def test_variant_and_config_errors():
-    with pytest.raises(ValueError, match="variant='early-fusion' must be one of .*early-fusion is not available"):
-        VLMTrainConfig(variant="early-fusion")
+    with pytest.raises(ValueError, match=r"variant='fusion' must be one of \('projector', 'early-fusion'\)"):
+        VLMTrainConfig(variant="fusion")
+    with pytest.raises(ValueError, match="fusion_image_size=30 must be a multiple of vq_downsample=4"):
+        VLMTrainConfig(variant="early-fusion", fusion_image_size=30)
+    with pytest.raises(ValueError, match=r"an image is 258 tokens .* too many for seq_len=128"):
+        VLMTrainConfig(variant="early-fusion", fusion_image_size=64)
+    with pytest.raises(ValueError, match=r"vq_path='/nonexistent' must be a VQ-VAE folder .* no config\.json or "
+                                         r"params\.msgpack"):
+        VLMTrainConfig(variant="early-fusion", vq_path="/nonexistent")
     with pytest.raises(ValueError, match="max_size=64 gives up to 64 patches per image, more than image_len=32"):
         VLMTrainConfig(max_size=64, image_len=32)
     assert registry.get_trainer("vlm").config_cls is VLMTrainConfig
@@ -79,3 +86,35 @@ def test_train_vlm_loss_falls_and_resumes_exactly(tmp_path):
     strip = lambda text: [{k: v for k, v in json.loads(line).items() if k != "time"}  # noqa: E731
                           for line in text.splitlines()]
     assert strip((tmp_path / "resumed" / "metrics.jsonl").read_text()) == strip(metrics)
+
+
+FUSION = dict(TINY, variant="early-fusion", fusion_image_size=16, vq_codebook_size=32, vq_code_dim=8, vq_hidden=16,
+              vq_steps=20, steps=16, checkpoint_every=8, eval_every=16, image_loss=True)
+
+
+def test_train_vlm_early_fusion_runs_and_resumes_exactly(tmp_path):
+    run = tmp_path / "run"
+    summary = vlm_train.train_vlm(VLMTrainConfig(**FUSION), run)
+    assert summary["variant"] == "early-fusion" and summary["step"] == 16
+    assert summary["vqvae/codes_per_image"] == 16 and 0 < summary["vqvae/usage"] <= 1
+    assert summary["vqvae/recon_mse"] > 0 and 0 <= summary["eval/answer_accuracy"] <= 1
+    assert {"config.json", "params.msgpack", "metrics.json"} <= {p.name for p in (run / "vqvae").iterdir()}
+    from PIL import Image  # the images drawn after <boi>, decoded to pixels
+
+    assert np.asarray(Image.open(run / "generated.png")).shape == (16, 4 * 18 - 2, 3)
+    assert 0 < summary["eval/generated_distinct_codes"] <= 1
+    metrics = (run / "metrics.jsonl").read_text()
+    lines = [line for line in map(json.loads, metrics.splitlines()) if "cross_entropy" in line]
+    assert all(line["z_loss"] > 0 for line in lines) and lines[-1]["cross_entropy"] < lines[0]["cross_entropy"]
+    # resumed after the step-8 checkpoint, with the saved VQ-VAE: the same run exactly
+    shutil.copytree(run, tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "16")
+    resumed = vlm_train.train_vlm(VLMTrainConfig(**FUSION), tmp_path / "resumed")
+    assert resumed["resumed_from"] == 8 and resumed["eval/answer_loss"] == summary["eval/answer_loss"]
+    strip = lambda text: [{k: v for k, v in json.loads(line).items() if k != "time"}  # noqa: E731
+                          for line in text.splitlines()]
+    assert strip((tmp_path / "resumed" / "metrics.jsonl").read_text()) == strip(metrics)
+    with pytest.raises(ValueError, match=r"config\.json holds VQVAEConfig\(codebook_size=32.* but this run's vq_\* "
+                                         r"flags give VQVAEConfig\(codebook_size=64"):
+        vlm_train.train_vlm(VLMTrainConfig(**{**FUSION, "vq_codebook_size": 64, "vq_path": str(run / "vqvae")}),
+                            tmp_path / "other")
