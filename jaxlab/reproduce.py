@@ -34,7 +34,7 @@ from jaxlab.metrics import to_jsonable
 from jaxlab.registry import Claim, Comparison, Experiment, ExperimentResult, experiment_names, get_experiment
 
 __all__ = ["RunRecord", "claims_tally", "default_jobs", "folder_report", "may_start", "reproduce",
-           "run_experiment", "run_order", "write_report"]
+           "run_experiment", "run_order", "usable_cpus", "write_report"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,12 +208,25 @@ def earlier_records(out_dir: pathlib.Path, *, quick: bool, exclude: set[str]) ->
     return records
 
 
+def usable_cpus() -> int:
+    """CPU cores this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a container's
+    ``cpu.max``), which ``os.cpu_count()`` does not see."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = pathlib.Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
+
+
 def default_jobs() -> int:
     """Experiments run at a time when not told: one on a GPU/TPU (children would share its memory), else
-    one per CPU core, at most 4 (each child's XLA also spreads its larger operations over the cores)."""
+    one per usable CPU core, at most 4 (each child's XLA also spreads its larger operations over the cores)."""
     if jax.default_backend() != "cpu":
         return 1
-    return max(1, min(4, os.cpu_count() or 1))
+    return min(4, usable_cpus())
 
 
 def reproduce(runs: list[tuple[Experiment, Any]], out_dir: pathlib.Path, *, quick: bool, seed: int = 0,
