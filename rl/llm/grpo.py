@@ -63,6 +63,10 @@ class GRPOSpec:
     REINFORCE with the group mean as baseline, tethered to the sampling policy by ``tau``)."""
     mirror_tau: float = 0.5
     """Mirror descent's tau: the weight of the squared log-ratio to the sampling policy."""
+    return_rollout: bool = False
+    """Also return the step's rollout, ``metrics["rollout"]`` (``response`` [N * G, R], ``reward``, ``correct``,
+    ``length`` [N * G]): the host's per-problem statistics and rollout log read it (and take it out of the
+    metrics before they are logged)."""
 
     def __post_init__(self):
         check_positive(self, "group_size", "max_new_tokens", "ppo_epochs")
@@ -151,6 +155,8 @@ def make_grpo_step(model: LM, task: Task, spec: GRPOSpec, optimizer: optax.Gradi
                        seq_kl=sequence_kl(old_logp, ref_logp, roll.mask),
                        mixed_groups=jnp.mean(((solved > 0) & (solved < 1)).astype(jnp.float32)),
                        entropy_proxy=-masked_mean(old_logp, roll.mask))
+        if spec.return_rollout:
+            metrics["rollout"] = {"response": roll.response, "reward": rewards, "correct": correct, "length": lengths}
         return state, metrics
 
     return train_step

@@ -13,6 +13,12 @@ and every key is a ``fold_in`` of ``PRNGKey(seed)``. Evaluation (a fixed problem
 verifier's accuracy of sampled (temperature 1) and greedy answers, the mean response length and the
 sequence-level KL to the reference, ``E_pi[log pi(y|x) - log pi_ref(y|x)]``.
 
+GRPO may instead train on a fixed pool of ``problem_pool`` problems (:class:`ProblemPool`), each step's drawn by
+Kimi k1.5's sampling strategies (``problem_sampling``: a curriculum over difficulty levels, prioritised by
+failure; :mod:`jaxlab.rl.llm.problem_sampling`) from per-problem outcome counts that travel with the data
+position in every checkpoint, and log its rollouts as text (``log_rollouts``: ``grpo/rollouts.jsonl``). Both
+read the rollout the jitted step returns (``GRPOSpec.return_rollout``) on the host, between steps.
+
 ``init_from``: the policy is a Hugging Face checkpoint folder's model (architecture and weights, read by
 :func:`jaxlab.models.lm_training.load_for_training`, the loader of ``jaxlab train lm --init-from``) instead of a
 freshly initialised small LM, and the task is posed in its vocabulary (:class:`~jaxlab.rl.llm.task.TextTask`:
@@ -57,9 +63,11 @@ from jaxlab.rl.llm.dpo import make_dpo_step, preference_pairs
 from jaxlab.rl.llm.grpo import GRPO_LOSSES, GRPOSpec, make_grpo_step
 from jaxlab.rl.llm.losses import AGGREGATIONS, DPO_LOSSES, sequence_kl
 from jaxlab.rl.llm.ppo_rlhf import PPOSpec, make_ppo_rlhf_step
+from jaxlab.rl.llm.problem_sampling import MODES as SAMPLING_MODES
 from jaxlab.rl.llm.reward_model import (init_reward_params, make_reward_model_step, normalize_reward, pair_accuracy,
                                         sequence_scores)
 from jaxlab.rl.llm.sft import make_sft_step
+from jaxlab.rl.llm.stage_data import GRPOHost, ProblemIterator, ProblemPool, WithFrozen
 from jaxlab.rl.llm.task import PROMPT_FORMATS, TASKS, VOCAB_SIZE, Task, TextTask
 from jaxlab.train_state import create_train_state
 from jaxlab.parallel.mesh import format_mesh, mesh_from_spec, parse_mesh, replicated, shard_batch
@@ -68,14 +76,14 @@ from jaxlab.parallel.strategies import STRATEGIES, shard_train_state, state_shar
 from jaxlab.validation import check, check_choice, check_greater, check_positive
 from jaxlab.xla_options import FAST_COMPILE
 
-__all__ = ["METHODS", "PostTrainConfig", "ProblemIterator", "WithFrozen", "evaluate_policy", "posttrain",
-           "stage_optimizer_config"]
+__all__ = ["METHODS", "PostTrainConfig", "ProblemIterator", "ProblemPool", "WithFrozen", "evaluate_policy",
+           "posttrain", "stage_optimizer_config"]
 
 METHODS = ("sft", "dpo", "ppo-rlhf", "grpo")
 ARCHITECTURE_FIELDS = ("d_model", "num_layers", "num_heads")
 """PostTrainConfig fields that a checkpoint (``init_from``) decides."""
 # Key streams: every key of a run is fold_in(PRNGKey(seed), stream).
-_INIT, _SFT_DATA, _SFT_KEY, _PAIRS, _RL_DATA, _RL_KEY, _EVAL, _RM_KEY, _RM_EVAL, _RM_NORM = range(10)
+_INIT, _SFT_DATA, _SFT_KEY, _PAIRS, _RL_DATA, _RL_KEY, _EVAL, _RM_KEY, _RM_EVAL, _RM_NORM, _POOL = range(11)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +190,17 @@ class PostTrainConfig:
     """Microbatches per optimizer step in every stage (SFT, reward model, DPO, and each GRPO/PPO epoch), their
     gradients accumulated in one jitted step (weighted by the terms each loss averages: the whole batch's
     gradient); divides sft_batch_size, batch_size and batch_size * group_size."""
+    problem_sampling: str = "uniform"
+    """GRPO: how each step's problems are drawn from the pool (Kimi k1.5): uniform | curriculum (one more
+    difficulty level opened per 1/num_digits of the steps; task add: a problem's level is its larger operand's
+    digits minus 1) | prioritized (in proportion to 1 - the problem's success rate so far) |
+    curriculum+prioritized. Every mode but uniform needs problem_pool."""
+    problem_pool: int = 0
+    """GRPO: problems in a fixed pool drawn once from the seed (add: levels equally often), whose per-problem
+    success counts are kept and checkpointed (0: fresh problems every step, no pool)."""
+    log_rollouts: int = 0
+    """GRPO: write up to this many rollouts per step (prompt and response text, reward, correct, length) to
+    OUT/grpo/rollouts.jsonl (a resumed run drops the lines past its checkpoint first, as metrics.jsonl)."""
 
     def __post_init__(self):
         choices = {"method": METHODS, "task": TASKS, "aggregation": AGGREGATIONS, "dpo_loss": DPO_LOSSES,
@@ -217,6 +236,16 @@ class PostTrainConfig:
                              "(e.g. 'data=4,model=2')")
         self.model_config()  # validates d_model vs num_heads
         check_architecture_unset(self, ARCHITECTURE_FIELDS)
+        check_choice(self, "problem_sampling", SAMPLING_MODES)
+        check_positive(self, "problem_pool", "log_rollouts", minimum=0, integer=True)
+        for name, unset in (("problem_sampling", "uniform"), ("problem_pool", 0), ("log_rollouts", 0)):
+            check(self.method == "grpo" or getattr(self, name) == unset,
+                  f"{name}={getattr(self, name)!r} is for method='grpo' (method={self.method!r})")
+        check(self.problem_sampling == "uniform" or self.problem_pool > 0,
+              f"problem_sampling={self.problem_sampling!r} draws from a pool: set problem_pool > 0 (got 0)")
+        check("curriculum" not in self.problem_sampling or self.task == "add",
+              f"problem_sampling={self.problem_sampling!r} needs difficulty levels, which task={self.task!r} lacks "
+              "(only 'add' has them: the larger operand's digits)")
         if self.prompt_format != "plain" and self.init_from is None:
             raise ValueError(f"prompt_format={self.prompt_format!r} needs init_from (a checkpoint's tokenizer)")
 
@@ -240,61 +269,12 @@ class PostTrainConfig:
     def grpo_spec(self, response_len: int | None = None) -> GRPOSpec:
         return GRPOSpec(self.group_size, response_len or self.response_len, self.clip_eps, self.beta,
                         self.aggregation, self.scale_rewards, self.ppo_epochs, self.temperature, self.format_weight,
-                        self.length_penalty, self.grad_accum, self.loss, self.mirror_tau)
+                        self.length_penalty, self.grad_accum, self.loss, self.mirror_tau,
+                        return_rollout=self.problem_pool > 0 or self.log_rollouts > 0)
 
     def ppo_spec(self, response_len: int | None = None) -> PPOSpec:
         return PPOSpec(self.group_size, response_len or self.response_len, self.clip_eps, self.kl_coef,
                        self.vf_coef, 1.0, self.gae_lambda, self.ppo_epochs, self.temperature, self.grad_accum)
-
-
-class ProblemIterator:
-    """Batches ``{"prompts", "answers"}`` of fresh problems; batch ``i`` is drawn from ``fold_in(key, i)``,
-    so the position (``index``) is the whole iterator state."""
-
-    def __init__(self, task: Task, batch_size: int, key: jax.Array):
-        self.task, self.batch_size, self.key, self.index = task, batch_size, key, 0
-        self._draw = _problem_fn(task, batch_size)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        prompts, answers = self._draw(jax.random.fold_in(self.key, self.index))
-        self.index += 1
-        return {"prompts": prompts, "answers": answers}
-
-    def get_state(self) -> dict:
-        return {"index": self.index}
-
-    def set_state(self, state: dict) -> None:
-        self.index = int(state["index"])
-
-
-class WithFrozen:
-    """The batches of ``data`` with frozen parameters added, ``{**next(data), **frozen}``: how the reference
-    policy and the reward model reach a ``train_step(state, batch, key)``. The position is ``data``'s (the
-    frozen parameters are not part of the iterator state)."""
-
-    def __init__(self, data: DataIterator, **frozen):
-        self.data, self.frozen = data, frozen
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        return {**next(self.data), **self.frozen}
-
-    def get_state(self) -> dict:
-        return self.data.get_state()
-
-    def set_state(self, state: dict) -> None:
-        self.data.set_state(state)
-
-
-# ---- cached compiled pieces (one compile per configuration and shape, reused across runs) ------------
-@functools.lru_cache(maxsize=16)
-def _problem_fn(task: Task, n: int):
-    return jax.jit(lambda key: task.sample(key, n))
 
 
 def stage_optimizer_config(lr: float, algorithm: str = "adam") -> OptimizerConfig:
@@ -507,15 +487,23 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
             return state, _jit_step(kind, model_cfg, task, spec, opt, cfg.grad_accum)
         return _mesh_stage(kind, model_cfg, task, spec, opt, state, mesh, cfg.strategy, cfg.grad_accum)
 
-    def run_stage(name, train_step, state, data, steps, ref=None):
+    def run_stage(name, train_step, state, data, steps, ref=None, pool=None):
         if mesh.size > 1:
             data = _OnMesh(data, mesh)
+        host = None
+        if name == "grpo" and (pool is not None or cfg.log_rollouts):
+            train_step = host = GRPOHost(train_step, task, cfg.group_size, pool, out_dir / name / "rollouts.jsonl",
+                                          cfg.log_rollouts)
         loop = LoopConfig(num_steps=steps, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                           resume=cfg.resume, progress=cfg.progress, skip_nonfinite=cfg.skip_nonfinite)
         eval_fn = None if ref is None else (lambda s: evaluate_policy(
             model, _local(s.params["policy"] if name == "ppo-rlhf" else s.params), ref, eval_prompts, eval_answers,
             eval_key, response_len, task))
-        result = fit(train_step, state, data, loop, out_dir / name, eval_fn=eval_fn, eval_every=cfg.eval_every)
+        try:
+            result = fit(train_step, state, data, loop, out_dir / name, eval_fn=eval_fn, eval_every=cfg.eval_every)
+        finally:
+            if host is not None:
+                host.close()
         if result.resumed_from is not None:
             _log(f"{name}: resumed from step {result.resumed_from}")
         return result
@@ -542,10 +530,21 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
 
     if cfg.method == "grpo" and not preempted:
         state, step = new_stage(_copy(ref), cfg.lr, "grpo", cfg.grpo_spec(response_len))
-        result = run_stage("grpo", step, state, WithFrozen(ProblemIterator(task, cfg.batch_size, stream(_RL_DATA)),
-                                                           ref_params=ref), cfg.steps, ref)
+        if cfg.problem_pool:
+            problems = ProblemPool(task, cfg.problem_pool, cfg.batch_size, stream(_POOL), stream(_RL_DATA),
+                                   cfg.problem_sampling, cfg.steps, cfg.group_size)
+        else:
+            problems = ProblemIterator(task, cfg.batch_size, stream(_RL_DATA))
+        result = run_stage("grpo", step, state, WithFrozen(problems, ref_params=ref), cfg.steps, ref,
+                           problems if cfg.problem_pool else None)
         final_params, preempted, summary["resumed_from"] = (_local(result.state.params), result.preempted,
                                                             result.resumed_from)
+        if cfg.problem_pool:
+            summary["problem_pool"] = {"size": cfg.problem_pool, "mode": cfg.problem_sampling,
+                                       "attempts": float(jnp.sum(problems.stats.attempts)),
+                                       "tried": int(jnp.sum(problems.stats.attempts > 0)),
+                                       "success_rate": float(jnp.sum(problems.stats.successes)
+                                                             / jnp.maximum(jnp.sum(problems.stats.attempts), 1))}
     elif cfg.method in ("dpo", "ppo-rlhf") and not preempted:
         all_pairs = cfg.method == "ppo-rlhf" and cfg.rm_all_pairs
         pairs = preference_pairs(model, ref, task, stream(_PAIRS), cfg.pair_prompts, cfg.group_size,

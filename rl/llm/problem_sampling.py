@@ -18,6 +18,9 @@ arguments and a PRNG key:
     idx = sample_problems(key, stats, n, mode="prioritized", levels=levels, progress=step / steps)  # [n]
     ... rewards [n] of the responses to problems idx ...
     stats = record(stats, idx, rewards > 0.5)
+
+GRPO's driver uses them through :class:`jaxlab.rl.llm.posttrain.ProblemPool` (``--problem-sampling``,
+``--problem-pool``).
 """
 
 from __future__ import annotations

@@ -15,7 +15,11 @@ A response is the sampled continuation ``[n, R]``; it counts up to and including
 :class:`TextTask` poses the same problems to a pretrained checkpoint: as text through its tokenizer, with
 the response decoded and verified on the text. Both give the token interface the post-training methods
 read (``eos_id``, ``pad_id``, ``prompt_len``, ``answer_len``, ``sample``, ``is_correct``, ``format_ok``,
-``response_mask``, ``response_lengths``, ``rewards``).
+``response_mask``, ``response_lengths``, ``rewards``, and ``text`` for logs).
+
+Difficulty levels (a curriculum's, Kimi Team 2025, section 2.3.4): ``Task.sample_levels`` draws "add" problems
+with every level equally often, a problem's level being the number of digits of its larger operand minus 1
+(``07+35=``: level 1; operands still zero-padded). "sort" has no levels: a curriculum over it is an error.
 """
 
 from __future__ import annotations
@@ -91,22 +95,57 @@ class Task:
         d = self.num_digits
         if self.kind == "add":
             ka, kb = jax.random.split(key)
-            a = jax.random.randint(ka, (n,), 0, 10**d)
-            b = jax.random.randint(kb, (n,), 0, 10**d)
-            plus, equals = _CHAR_TO_ID["+"], _CHAR_TO_ID["="]
-            prompts = jnp.concatenate([jnp.full((n, 1), BOS), _digits(a, d), jnp.full((n, 1), plus), _digits(b, d),
-                                       jnp.full((n, 1), equals)], axis=1)
-            s = _digits(a + b, d + 1)  # [n, d + 1] with leading zeros
-            lead = jnp.minimum(jnp.sum(jnp.cumprod(s == DIGIT0, axis=1), axis=1), d)  # leading zeros (keep one digit)
-            num = d + 1 - lead  # digits of the answer, [n]
-            idx = jnp.arange(self.answer_len)[None, :]  # [1, Ra]
-            shifted = jnp.take_along_axis(s, jnp.minimum(idx + lead[:, None], d), axis=1)  # [n, Ra]
-            answers = jnp.where(idx < num[:, None], shifted, jnp.where(idx == num[:, None], EOS, PAD))
-        else:
-            digits = jax.random.randint(key, (n, d), 0, 10) + DIGIT0
-            prompts = jnp.concatenate([jnp.full((n, 1), BOS), digits, jnp.full((n, 1), _CHAR_TO_ID["="])], axis=1)
-            answers = jnp.concatenate([jnp.sort(digits, axis=1), jnp.full((n, 1), EOS)], axis=1)
+            return self._add(jax.random.randint(ka, (n,), 0, 10**d), jax.random.randint(kb, (n,), 0, 10**d))
+        digits = jax.random.randint(key, (n, d), 0, 10) + DIGIT0
+        prompts = jnp.concatenate([jnp.full((n, 1), BOS), digits, jnp.full((n, 1), _CHAR_TO_ID["="])], axis=1)
+        answers = jnp.concatenate([jnp.sort(digits, axis=1), jnp.full((n, 1), EOS)], axis=1)
         return prompts.astype(jnp.int32), answers.astype(jnp.int32)
+
+    @property
+    def num_levels(self) -> int:
+        """Difficulty levels of :meth:`sample_levels` ("add": ``num_digits``)."""
+        return self.num_digits
+
+    def sample_levels(self, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``n`` "add" problems spread evenly over the difficulty levels, for a curriculum (jittable): prompts
+        [n, prompt_len], answers [n, answer_len] and levels int32 [n].
+
+        A problem's level is the number of digits of its larger operand minus 1, in ``[0, num_digits)``. Each
+        problem draws its level uniformly, then one operand uniformly among the numbers of exactly ``level + 1``
+        digits and the other uniformly below ``10**(level + 1)``, in a random order. Operands stay zero-padded
+        to ``num_digits`` (every prompt has one length). "sort" has no levels here (``ValueError``)."""
+        if self.kind != "add":
+            raise ValueError(f"kind={self.kind!r} has no difficulty levels (sample_levels is for 'add')")
+        kl, kh, ko, ks = jax.random.split(key, 4)
+        levels = jax.random.randint(kl, (n,), 0, self.num_digits)  # [n]
+        top = 10 ** (levels + 1)  # [n], operands below it
+        low = jnp.where(levels > 0, 10**levels, 0)  # [n], the larger operand at least this
+        high = jax.random.randint(kh, (n,), low, top)  # exactly level + 1 digits
+        other = jax.random.randint(ko, (n,), 0, top)
+        swap = jax.random.bernoulli(ks, 0.5, (n,))
+        prompts, answers = self._add(jnp.where(swap, other, high), jnp.where(swap, high, other))
+        return prompts, answers, levels.astype(jnp.int32)
+
+    def _add(self, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The "add" problems ``a + b`` of operands int [n] below ``10**num_digits``: (prompts, answers)."""
+        d, n = self.num_digits, a.shape[0]
+        plus, equals = _CHAR_TO_ID["+"], _CHAR_TO_ID["="]
+        prompts = jnp.concatenate([jnp.full((n, 1), BOS), _digits(a, d), jnp.full((n, 1), plus), _digits(b, d),
+                                   jnp.full((n, 1), equals)], axis=1)
+        s = _digits(a + b, d + 1)  # [n, d + 1] with leading zeros
+        lead = jnp.minimum(jnp.sum(jnp.cumprod(s == DIGIT0, axis=1), axis=1), d)  # leading zeros (keep one digit)
+        num = d + 1 - lead  # digits of the answer, [n]
+        idx = jnp.arange(self.answer_len)[None, :]  # [1, Ra]
+        shifted = jnp.take_along_axis(s, jnp.minimum(idx + lead[:, None], d), axis=1)  # [n, Ra]
+        answers = jnp.where(idx < num[:, None], shifted, jnp.where(idx == num[:, None], EOS, PAD))
+        return prompts.astype(jnp.int32), answers.astype(jnp.int32)
+
+    def text(self, tokens, until_eos: bool = True) -> str:
+        """The text of one prompt or response [L] (``"07+35="``, ``"42"``): :func:`decode` (up to the first EOS);
+        ``until_eos=False``: every character token, EOS, BOS and PAD dropped."""
+        if until_eos:
+            return decode(tokens)
+        return "".join(CHARS[t - 3] for t in np.asarray(tokens).tolist() if t >= 3)
 
     # The token interface the post-training methods read (:class:`TextTask` has the same, in a checkpoint's
     # vocabulary).
@@ -302,7 +341,20 @@ class TextTask:
     def sample(self, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
         """:class:`Task`'s ``n`` problems from ``key`` in this vocabulary: prompts int32 [n, prompt_len], answers
         int32 [n, answer_len] (jittable: table lookups of the character tokens)."""
-        chars, answers = self.base.sample(key, n)
+        return self._as_text(*self.base.sample(key, n))
+
+    @property
+    def num_levels(self) -> int:
+        return self.base.num_levels
+
+    def sample_levels(self, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """:meth:`Task.sample_levels`'s problems in this vocabulary: (prompts, answers, levels [n])."""
+        chars, answers, levels = self.base.sample_levels(key, n)
+        return (*self._as_text(chars, answers), levels)
+
+    def _as_text(self, chars: jax.Array, answers: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Character-task prompts and answers to this vocabulary."""
+        n = chars.shape[0]
         pieces = jnp.asarray(self._prompt_table)[chars[:, 1:]]  # [n, Lc, W]
         problem = jnp.concatenate([pieces[:, j, :w] for j, w in enumerate(self._widths)], axis=1)  # [n, Lq]
         frame = lambda ids: jnp.broadcast_to(jnp.asarray(ids, jnp.int32), (n, len(ids)))  # noqa: E731
@@ -317,6 +369,17 @@ class TextTask:
         if self.eos_id not in tokens:
             return None
         return self.tokenizer.decode(tokens[:tokens.index(self.eos_id)]).strip()
+
+    def text(self, tokens, until_eos: bool = True) -> str:
+        """The decoded text of one prompt or response [L]: the tokens before the first EOS (all if none), or
+        with ``until_eos=False`` every token but trailing padding (a chat prompt may hold EOS-like tokens)."""
+        tokens = np.asarray(tokens).tolist()
+        if until_eos and self.eos_id in tokens:
+            tokens = tokens[:tokens.index(self.eos_id)]
+        elif not until_eos:
+            while tokens and tokens[-1] == self.pad_id:
+                tokens.pop()
+        return self.tokenizer.decode(tokens)
 
     def _verify_host(self, response, answers) -> tuple[np.ndarray, np.ndarray]:
         texts = [self.response_text(r) for r in np.asarray(response)]
