@@ -29,7 +29,7 @@ from jaxlab.train_state import step_key
 from jaxlab.rl.losses import normalize_advantages, policy_gradient_loss, value_loss
 from jaxlab.rl.networks import Critic, DiscreteActor, GaussianActor
 from jaxlab.rl.returns import gae, n_step_returns
-from jaxlab.rl.rollout import EnvCarry, Transition, env_reset, episode_metrics, rollout
+from jaxlab.rl.rollout import EnvCarry, Transition, env_reset, episode_metrics, rollout_steps, step_keys
 from jaxlab.rl.wrappers import ActionSpec, make_vec_env
 from jaxlab.validation import check_positive
 
@@ -115,6 +115,21 @@ class ActorCritic:
     def value(self, critic_params, obs: jax.Array) -> jax.Array:
         return self.critic.apply(critic_params, obs)
 
+    def action_noise(self, keys: jax.Array, batch_size: int) -> jax.Array:
+        """The random numbers ``sample_and_log_prob(seed=keys[t])`` would draw on ``[batch_size]`` observations, for
+        every key at once (one PRNG call per rollout instead of one per step): the Gumbel noise
+        ``[T, B, A]`` of a categorical policy; the keys themselves for a Gaussian one."""
+        if self.spec.kind == "discrete":
+            return policies.categorical_gumbel(keys, (batch_size, self.spec.num_actions))  # [T, B, A]
+        return keys
+
+    def act(self, actor_params, obs: jax.Array, noise: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(a, log pi(a|s))`` with ``a ~ pi(.|s)`` from one row of ``action_noise``: the same numbers as
+        ``policy(actor_params, obs).sample_and_log_prob(seed=key)`` with that row's key."""
+        if self.spec.kind == "discrete":
+            return policies.categorical_sample_and_log_prob(self.actor.apply(actor_params, obs), noise)
+        return self.policy(actor_params, obs).sample_and_log_prob(seed=noise)
+
 
 def minibatches(tree: Any, key: jax.Array, num_minibatches: int) -> Any:
     """Flatten ``[T, E, ...]`` leaves to ``[T*E]``, shuffle, and split into ``[num_minibatches, M, ...]``."""
@@ -189,14 +204,15 @@ def make_on_policy_train(cfg: OnPolicyConfig, ac: ActorCritic, *, init_opt: Call
 
     def update(state: OnPolicyState):
         k_rollout, k_learn = jax.random.split(step_key(state))
+        policy_keys, env_keys = step_keys(k_rollout, cfg.rollout_length)  # what rollout(..., k_rollout) would use
 
-        def policy(obs, key):
-            action, log_prob = ac.policy(state.params["actor"], obs).sample_and_log_prob(seed=key)
+        def policy(obs, noise):
+            action, log_prob = ac.act(state.params["actor"], obs, noise)
             return action, {"log_prob": log_prob}
 
         value_fn = functools.partial(ac.value, state.params["critic"])
-        carry, traj = rollout(env, env_params, state.env, policy, k_rollout, cfg.rollout_length,
-                              value_fn=value_fn if cfg.values_in_rollout else None)  # [T, E, ...]
+        carry, traj = rollout_steps(env, env_params, state.env, policy, ac.action_noise(policy_keys, cfg.num_envs),
+                                    env_keys, value_fn=value_fn if cfg.values_in_rollout else None)  # [T, E, ...]
         if cfg.values_in_rollout:
             values, next_values = traj.extras["value"], traj.extras["next_value"]  # [T, E] V(s_t), V(s'_t)
         else:  # one critic call on both ends of every transition, [2T * E, *O]

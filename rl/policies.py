@@ -1,6 +1,8 @@
 """Action distributions (distrax) built from network outputs, and action scaling.
 
-* ``categorical(logits [B, A])`` for discrete actions;
+* ``categorical(logits [B, A])`` for discrete actions; ``categorical_sample_and_log_prob(logits, gumbel)`` is its
+  ``sample_and_log_prob`` from Gumbel noise drawn beforehand (``categorical_gumbel``, for many keys in one
+  call), the same numbers as ``categorical_sample_and_log_prob_reference`` (distrax) with the same key;
 * ``diag_gaussian(mean, log_std)`` (``[B, A]`` each) for PPO/TRPO on continuous actions: actions are
   unbounded and clipped into the box by the rollout, the log-probability is of the unclipped action;
 * ``tanh_gaussian(mean, log_std, low, high)`` for SAC: ``a = low + (high - low) (tanh(u) + 1) / 2``
@@ -16,13 +18,42 @@ import distrax
 import jax
 import jax.numpy as jnp
 
-__all__ = ["categorical", "diag_gaussian", "scale_action", "tanh_gaussian", "tanh_gaussian_log_prob_reference",
-           "unscale_action"]
+__all__ = ["categorical", "categorical_gumbel", "categorical_sample_and_log_prob",
+           "categorical_sample_and_log_prob_reference", "diag_gaussian", "scale_action", "tanh_gaussian",
+           "tanh_gaussian_log_prob_reference", "unscale_action"]
 
 
 def categorical(logits: jax.Array) -> distrax.Categorical:
     """``pi(a|s) = softmax(logits)_a``; ``logits [B, A]``."""
     return distrax.Categorical(logits=logits)
+
+
+def categorical_gumbel(keys: jax.Array, shape: tuple[int, int], dtype=jnp.float32) -> jax.Array:
+    """The Gumbel noise ``[N, B, A]`` that ``categorical(logits [B, A]).sample(seed=keys[i])`` draws for logits of
+    ``dtype``, for ``N`` keys in one PRNG call (distrax samples ``jax.random.categorical(key, logits, shape=(1, B))``,
+    which adds ``gumbel(key, (1, B, A))`` to the logits; the Gumbel-max trick)."""
+    return jax.vmap(lambda k: jax.random.gumbel(k, (1, *shape), dtype)[0])(keys)
+
+
+def categorical_sample_and_log_prob(logits: jax.Array, gumbel: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``a = argmax(log_softmax(logits) + g)`` and ``log pi(a|s)`` for ``logits [B, A]`` and Gumbel noise ``g [B, A]``
+    (a row of ``categorical_gumbel``); equal to ``categorical(logits).sample_and_log_prob`` with that key.
+
+    As distrax, a row whose probabilities are not finite (a NaN or +inf logit, or every logit -inf) gives action
+    -1 with log-probability -inf: ``max_a log_softmax`` is finite exactly when ``softmax`` is finite and >= 0."""
+    if gumbel.shape != logits.shape:
+        raise ValueError(f"gumbel noise of shape {gumbel.shape} must match logits of shape {logits.shape}")
+    log_pi = jax.nn.log_softmax(logits, axis=-1)  # [B, A], distrax's normalised logits
+    valid = jnp.isfinite(jnp.max(log_pi, axis=-1))  # [B]
+    draws = jnp.argmax(gumbel + log_pi, axis=-1).astype(int)  # [B]
+    action = jnp.where(valid, draws, -1)
+    log_prob = jnp.take_along_axis(log_pi, jnp.maximum(action, 0)[:, None], axis=-1)[:, 0]
+    return action, jnp.where(valid, log_prob, -jnp.inf)
+
+
+def categorical_sample_and_log_prob_reference(logits: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``categorical_sample_and_log_prob`` through distrax with the key the noise came from (a test oracle)."""
+    return categorical(logits).sample_and_log_prob(seed=key)
 
 
 def diag_gaussian(mean: jax.Array, log_std: jax.Array) -> distrax.MultivariateNormalDiag:

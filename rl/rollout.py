@@ -29,7 +29,8 @@ from flax import struct
 
 from jaxlab.rl.wrappers import ActionSpec
 
-__all__ = ["EnvCarry", "Transition", "env_reset", "env_step", "episode_metrics", "rollout"]
+__all__ = ["EnvCarry", "Transition", "env_reset", "env_step", "episode_metrics", "rollout", "rollout_steps",
+           "step_keys"]
 
 Policy = Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]]
 
@@ -85,6 +86,15 @@ def env_step(env, params, carry: EnvCarry, action: jax.Array, key: jax.Array,
     return EnvCarry(state=state, obs=obs), transition
 
 
+def step_keys(key: jax.Array, rollout_length: int) -> tuple[jax.Array, jax.Array]:
+    """The keys ``rollout`` gives step ``t``: ``(k_policy[t], k_env[t]) = split(split(key, T)[t])``, each ``[T]``.
+
+    Drawn for all ``T`` steps in one PRNG call before the scan (a split inside the scan body costs one
+    threefry call per step); the numbers are the same as splitting step by step."""
+    pairs = jax.vmap(jax.random.split)(jax.random.split(key, rollout_length))  # [T, 2, *key]
+    return pairs[:, 0], pairs[:, 1]
+
+
 def rollout(env, params, carry: EnvCarry, policy: Policy, key: jax.Array, rollout_length: int,
             value_fn: Callable[[jax.Array], jax.Array] | None = None) -> tuple[EnvCarry, Transition]:
     """Run ``policy`` for ``rollout_length`` steps with ``lax.scan``; the transition leaves are ``[T, E, ...]``.
@@ -97,10 +107,24 @@ def rollout(env, params, carry: EnvCarry, policy: Policy, key: jax.Array, rollou
     at PureJaxRL's CartPole settings (the large batched call gets split over the thread pool, and the
     hand-offs cost more than they save at this size).
     """
+    policy_keys, env_keys = step_keys(key, rollout_length)
+    return rollout_steps(env, params, carry, policy, policy_keys, env_keys, value_fn)
 
-    def one_step(carry: EnvCarry, key: jax.Array):
-        k_policy, k_env = jax.random.split(key)
-        action, extras = policy(carry.obs, k_policy)
+
+def rollout_steps(env, params, carry: EnvCarry, policy: Callable[[jax.Array, Any], tuple[jax.Array, Any]],
+                  policy_inputs: Any, env_keys: jax.Array,
+                  value_fn: Callable[[jax.Array], jax.Array] | None = None) -> tuple[EnvCarry, Transition]:
+    """``rollout`` with every step's policy input given: step ``t`` acts with ``policy(obs, policy_inputs[t])``
+    and steps the envs with ``env_keys[t]`` (``T`` = their leading axis).
+
+    ``rollout`` passes the keys of ``step_keys``; a policy whose randomness does not depend on the
+    observation can instead take numbers drawn for the whole rollout in one call before the scan
+    (``policies.categorical_gumbel``), which on CPU costs one PRNG call per rollout instead of one per step.
+    """
+
+    def one_step(carry: EnvCarry, xs):
+        policy_input, k_env = xs
+        action, extras = policy(carry.obs, policy_input)
         carry, transition = env_step(env, params, carry, action, k_env, extras)
         if value_fn is not None:
             if not isinstance(transition.extras, dict):
@@ -111,7 +135,7 @@ def rollout(env, params, carry: EnvCarry, policy: Policy, key: jax.Array, rollou
                 extras={**transition.extras, "value": both[:E], "next_value": both[E:]})
         return carry, transition
 
-    return jax.lax.scan(one_step, carry, jax.random.split(key, rollout_length))
+    return jax.lax.scan(one_step, carry, (policy_inputs, env_keys))
 
 
 def episode_metrics(traj: Transition) -> dict[str, jax.Array]:
