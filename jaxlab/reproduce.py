@@ -8,7 +8,7 @@ jaxlab.reproduce NAME OUT_DIR`` through :func:`jaxlab.child_process.python_modul
 imports the installed jaxlab), each writing its JSON and figure and its output to ``OUT_DIR/logs/NAME.log``;
 the parent reads the JSON back. Results do not change: every experiment derives its keys from the seed alone.
 Experiments registered ``timed=True`` (their claims compare wall-clock times) run first, one at a time, with
-nothing beside them; the others are each confined to their own share of the cores (``--cpus``).
+nothing beside them.
 """
 
 from __future__ import annotations
@@ -284,9 +284,8 @@ def _reproduce_parallel(experiments: list[Experiment], out_dir: pathlib.Path, *,
     logs.mkdir(parents=True, exist_ok=True)
     before = {r.name: r.runtime_s for r in earlier_records(out_dir, quick=quick, exclude=set())}
     queue = run_order(experiments, before)
-    running: dict[str, tuple[subprocess.Popen, Any, float, Experiment, int]] = {}  # ..., its slot
+    running: dict[str, tuple[subprocess.Popen, Any, float, Experiment]] = {}
     done: dict[str, RunRecord] = {}
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     bar = tqdm(total=len(queue), desc="reproduce", unit="exp", disable=not show_progress, file=sys.stderr,
                dynamic_ncols=True)
     shown = ""  # the running experiments named beside the bar
@@ -294,24 +293,17 @@ def _reproduce_parallel(experiments: list[Experiment], out_dir: pathlib.Path, *,
         while queue or running:
             while queue and may_start(queue[0], [r[3] for r in running.values()], jobs):
                 experiment = queue.pop(0)
-                slot = min(set(range(jobs)) - {r[4] for r in running.values()})
-                # A child beside others gets its own cores (slot i: every jobs-th core from i): measured on 2
-                # cores, two language-model runs pinned one per core finish 1.4x sooner than one after the
-                # other, and unpinned ones (each XLA spreading over both cores) only 1.07x. A timed one runs
-                # alone on all of them.
-                pinned = [] if experiment.timed or len(cpus) < jobs else cpus[slot::jobs]
                 (out_dir / f"{experiment.name}.json").unlink(missing_ok=True)  # never read a stale record
                 log = open(logs / f"{experiment.name}.log", "w")  # noqa: SIM115 (closed when it ends)
                 argv = python_module_command("jaxlab.reproduce", experiment.name, str(out_dir), "--seed",
-                                             str(seed), *(["--quick"] if quick else []),
-                                             *(["--cpus", ",".join(map(str, pinned))] if pinned else []))
+                                             str(seed), *(["--quick"] if quick else []))
                 env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
                 proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-                running[experiment.name] = (proc, log, time.perf_counter(), experiment, slot)
+                running[experiment.name] = (proc, log, time.perf_counter(), experiment)
             if shown != (shown := ", ".join(running)):
                 bar.set_postfix_str(shown)
             time.sleep(0.2)
-            for name, (proc, log, started, experiment, _) in list(running.items()):
+            for name, (proc, log, started, experiment) in list(running.items()):
                 if proc.poll() is None:
                     continue
                 log.close()
@@ -320,7 +312,7 @@ def _reproduce_parallel(experiments: list[Experiment], out_dir: pathlib.Path, *,
                                            runtime=time.perf_counter() - started, log_path=logs / f"{name}.log")
                 bar.update()
     finally:
-        for proc, log, *_ in running.values():  # interrupted: stop the children
+        for proc, log, _, _ in running.values():  # interrupted: stop the children
             proc.kill()
             log.close()
         bar.close()
@@ -360,9 +352,8 @@ def folder_report(out_dir: pathlib.Path, *, quick: bool, records: Sequence[RunRe
 
 
 def _worker(argv: Sequence[str]) -> int:
-    """``python -m jaxlab.reproduce NAME OUT_DIR [--seed S] [--quick] [--cpus 0,2]``: one experiment at its
-    registered size, its record and figure written to OUT_DIR (what :func:`reproduce` starts for ``jobs > 1``);
-    ``--cpus`` confines the process (and XLA's thread pool, sized from it) to those cores before JAX starts."""
+    """``python -m jaxlab.reproduce NAME OUT_DIR [--seed S] [--quick]``: one experiment at its registered
+    size, its record and figure written to OUT_DIR (what :func:`reproduce` starts for ``jobs > 1``)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m jaxlab.reproduce")
@@ -370,11 +361,7 @@ def _worker(argv: Sequence[str]) -> int:
     parser.add_argument("out_dir", type=pathlib.Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--cpus", default=None, help="comma-separated core ids to run on")
     args = parser.parse_args(argv)
-    if args.cpus:
-        os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
-        print(f"{args.name}: on cores {sorted(os.sched_getaffinity(0))}", flush=True)
     experiment = get_experiment(args.name)
     record = run_experiment(experiment, experiment.default_config(args.quick), args.out_dir, quick=args.quick,
                             seed=args.seed, show_progress=False)
