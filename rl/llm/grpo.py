@@ -34,7 +34,7 @@ from jaxlab.models.lm import LM
 from jaxlab.models.sampling import response_logprobs, sample
 from jaxlab.rl.llm.losses import (AGGREGATIONS, grpo_advantages, grpo_loss, kimi_length_reward, masked_mean,
                                   mirror_descent_loss, sequence_kl)
-from jaxlab.rl.llm.task import Task
+from jaxlab.rl.llm.task import Task, rule_reward
 from jaxlab.train_state import LossFn, TrainState, apply_update, loss_and_grads
 from jaxlab.validation import check_positive
 
@@ -138,9 +138,9 @@ def make_grpo_step(model: LM, task: Task, spec: GRPOSpec, optimizer: optax.Gradi
         answers = jnp.repeat(batch["answers"], G, axis=0)  # [N * G, Ra]
         roll = sample(model, state.params, prompts, key, spec.max_new_tokens, temperature=spec.temperature,
                       eos_id=task.eos_id, pad_id=task.pad_id)
-        correct = task.is_correct(roll.response, answers)  # [N * G]
+        correct, well_formed = task.verify(roll.response, answers)  # [N * G] each, one verifier pass
         lengths = task.response_lengths(roll.response)
-        rewards = task.rewards(roll.response, answers, spec.format_weight)
+        rewards = rule_reward(correct, well_formed, spec.format_weight)
         if spec.length_penalty:
             rewards = rewards + spec.length_penalty * kimi_length_reward(lengths, correct, G)
         advantages = grpo_advantages(rewards, G, scale=spec.scale_rewards)  # [N * G]

@@ -394,9 +394,10 @@ def _eval_fn(model_cfg: LMConfig, task: Task | TextTask, max_new_tokens: int):
         for name, temperature in (("", 1.0), ("greedy_", 0.0)):
             roll = sample(model, params, prompts, key, max_new_tokens, temperature=temperature, eos_id=task.eos_id,
                           pad_id=task.pad_id)
-            out[f"{name}accuracy"] = jnp.mean(task.is_correct(roll.response, answers))
+            correct, well_formed = task.verify(roll.response, answers)  # [n] each, one verifier pass
+            out[f"{name}accuracy"] = jnp.mean(correct)
             out[f"{name}response_length"] = jnp.mean(task.response_lengths(roll.response))
-            out[f"{name}format"] = jnp.mean(task.format_ok(roll.response))
+            out[f"{name}format"] = jnp.mean(well_formed)
             if temperature:
                 ref_logp = response_logprobs(model, ref_params, roll.tokens, prompt_len)
                 out["kl_to_ref"] = sequence_kl(roll.model_logps, ref_logp, roll.mask)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["BOS", "EOS", "PAD", "PROMPT_FORMATS", "TASKS", "VOCAB_SIZE", "Task", "TextTask", "decode", "encode",
-           "format_ok", "is_correct", "response_lengths", "response_mask"]
+           "format_ok", "is_correct", "response_lengths", "response_mask", "rule_reward"]
 
 PAD, BOS, EOS = 0, 1, 2
 CHARS = "0123456789+="
@@ -163,10 +163,20 @@ class Task:
     def response_mask(self, response: jax.Array) -> jax.Array:
         return response_mask(response)
 
+    def verify(self, response: jax.Array, answers: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(is_correct, format_ok)`` [n] each, from one pass (:class:`TextTask` decodes once for both)."""
+        return is_correct(response, answers), format_ok(response)
+
     def rewards(self, response: jax.Array, answers: jax.Array, format_weight: float = 0.0) -> jax.Array:
         """Rule-based reward [n]: 1 for an exact match, plus ``format_weight`` for a well-formed response
-        (digits then EOS) whether right or wrong."""
-        return self.is_correct(response, answers) + format_weight * self.format_ok(response)
+        (digits then EOS) whether right or wrong (:func:`rule_reward`)."""
+        return rule_reward(*self.verify(response, answers), format_weight)
+
+
+def rule_reward(correct: jax.Array, well_formed: jax.Array, format_weight: float = 0.0) -> jax.Array:
+    """R1-Zero's rule-based reward [n] from a verifier's outcomes: accuracy (1 for the right answer) plus
+    ``format_weight`` for a well-formed response, right or wrong."""
+    return correct + format_weight * well_formed
 
 
 def _digits(x: jax.Array, width: int) -> jax.Array:
@@ -381,24 +391,30 @@ class TextTask:
                 tokens.pop()
         return self.tokenizer.decode(tokens)
 
+    @staticmethod
+    def _well_formed(texts) -> np.ndarray:
+        return np.array([t is not None and t.isascii() and t.isdigit() for t in texts], np.float32)
+
     def _verify_host(self, response, answers) -> tuple[np.ndarray, np.ndarray]:
         texts = [self.response_text(r) for r in np.asarray(response)]
         truth = [self.response_text(a) for a in np.asarray(answers)]
         correct = np.array([t is not None and t == a for t, a in zip(texts, truth)], np.float32)
-        well_formed = np.array([t is not None and t.isascii() and t.isdigit() for t in texts], np.float32)
-        return correct, well_formed
+        return correct, self._well_formed(texts)
 
-    def _verify(self, response: jax.Array, answers: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def verify(self, response: jax.Array, answers: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(is_correct, format_ok)`` [n] each from one host callback: each response decoded once."""
         out = jax.ShapeDtypeStruct(response.shape[:1], jnp.float32)
         return jax.pure_callback(self._verify_host, (out, out), response, answers, vmap_method="sequential")
 
     def is_correct(self, response: jax.Array, answers: jax.Array) -> jax.Array:
         """1.0 where the response's text is the answer's (see the class docstring), else 0.0: [n]."""
-        return self._verify(response, answers)[0]
+        return self.verify(response, answers)[0]
 
     def format_ok(self, response: jax.Array) -> jax.Array:
         """1.0 where the response is EOS-terminated ASCII digits: [n]."""
-        return self._verify(response, response)[1]
+        host = lambda r: self._well_formed([self.response_text(x) for x in np.asarray(r)])  # noqa: E731
+        return jax.pure_callback(host, jax.ShapeDtypeStruct(response.shape[:1], jnp.float32), response,
+                                 vmap_method="sequential")
 
     def response_mask(self, response: jax.Array) -> jax.Array:
         return response_mask(response, self.eos_id)
@@ -408,5 +424,4 @@ class TextTask:
 
     def rewards(self, response: jax.Array, answers: jax.Array, format_weight: float = 0.0) -> jax.Array:
         """:meth:`Task.rewards` on the text: 1 for the right answer, plus ``format_weight`` for digits then EOS."""
-        correct, well_formed = self._verify(response, answers)
-        return correct + format_weight * well_formed
+        return rule_reward(*self.verify(response, answers), format_weight)
