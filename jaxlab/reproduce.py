@@ -69,6 +69,12 @@ class RunRecord:
                    quick=bool(data.get("quick")), config=data.get("config") or {},
                    runtime_s=float(data.get("runtime_s", 0.0)), result=result, error=data.get("error"))
 
+    def save(self, out_dir: pathlib.Path) -> pathlib.Path:
+        """Write ``out_dir/<name>.json`` (read back by :meth:`from_json`)."""
+        path = out_dir / f"{self.name}.json"
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
     def to_json(self) -> dict[str, Any]:
         result = self.result
         return to_jsonable({
@@ -107,7 +113,7 @@ def run_experiment(experiment: Experiment, config: Any, out_dir: pathlib.Path, *
         name=experiment.name, description=experiment.description, paper=experiment.paper,
         quick=quick, config=to_jsonable(config), runtime_s=time.perf_counter() - start,
         result=result, error=error)
-    (out_dir / f"{experiment.name}.json").write_text(json.dumps(record.to_json(), indent=2) + "\n")
+    record.save(out_dir)
     return record
 
 
@@ -331,7 +337,7 @@ def _child_record(experiment: Experiment, out_dir: pathlib.Path, *, quick: bool,
         record = RunRecord(name=experiment.name, description=experiment.description, paper=experiment.paper,
                            quick=quick, config=to_jsonable(experiment.default_config(quick)), runtime_s=runtime,
                            result=None, error=error)
-        path.write_text(json.dumps(record.to_json(), indent=2) + "\n")
+        record.save(out_dir)
     if record.error is not None:
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-20:])
         tqdm.write(f"[{experiment.name}] FAILED: {record.error}\n{tail}", file=sys.stderr)
