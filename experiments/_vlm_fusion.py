@@ -152,10 +152,9 @@ class FusionQABatches(QABatches):
         self.codes, self.vocab = codes, vocab
 
     def example(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng((self.cfg.seed, 0, k))
-        s = int(rng.integers(len(self.scenes)))
-        return fusion_qa_example(self.codes[s], self.scenes[s], int(rng.integers(len(self.scenes[s].qa))),
-                                 self.vocab, question_loss=self.cfg.question_loss, image_loss=self.cfg.image_loss)
+        s, q = self.pick(k)
+        return fusion_qa_example(self.codes[s], self.scenes[s], q, self.vocab, question_loss=self.cfg.question_loss,
+                                 image_loss=self.cfg.image_loss)
 
     def __next__(self) -> dict:
         examples = [self.example(k) for k in range(self.next, self.next + self.cfg.rows)]

@@ -285,10 +285,15 @@ class QABatches:
     def __init__(self, scenes: list[Scene], cfg: VLMTrainConfig):
         self.scenes, self.cfg, self.next = scenes, cfg, 0
 
-    def example(self, k: int) -> VLMExample:
+    def pick(self, k: int) -> tuple[int, int]:
+        """Example k's (scene index, question index), from ``default_rng((seed, 0, k))``."""
         rng = np.random.default_rng((self.cfg.seed, 0, k))
-        scene = self.scenes[int(rng.integers(len(self.scenes)))]
-        return qa_example(scene, int(rng.integers(len(scene.qa))), question_loss=self.cfg.question_loss)
+        s = int(rng.integers(len(self.scenes)))
+        return s, int(rng.integers(len(self.scenes[s].qa)))
+
+    def example(self, k: int) -> VLMExample:
+        s, q = self.pick(k)
+        return qa_example(self.scenes[s], q, question_loss=self.cfg.question_loss)
 
     def __iter__(self):
         return self
