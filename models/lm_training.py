@@ -116,6 +116,9 @@ class LMTrainConfig:
     moe_gate: str = "softmax"
     """Router scores (--ffn moe): softmax (Switch, Mixtral) | sigmoid (DeepSeek-V3: per-expert sigmoid
     affinities, the chosen ones renormalised)."""
+    moe_bias_rate: float = 1e-3
+    """Update speed gamma of the balancing bias (--moe-balance bias): each step an overloaded expert's
+    bias falls by gamma and an underloaded one's rises by gamma (DeepSeek-V3 and Wang et al. 2024: 1e-3)."""
     optimizer: str = "adamw"
     """adamw | muon (Newton-Schulz orthogonalised momentum on the hidden matrices at AdamW's update RMS,
     Moonlight; AdamW on embeddings, norms and the SSM dynamics). The same lr and weight decay serve both."""
@@ -221,7 +224,8 @@ class LMTrainConfig:
         return LMConfig(vocab_size=VOCAB_SIZE, d_model=self.d_model, num_layers=self.num_layers,
                         num_heads=self.num_heads, mixer=self.mixer, ffn=self.ffn, num_experts=self.num_experts,
                         experts_per_token=self.top_k, num_shared_experts=self.shared_experts,
-                        moe_balance=self.moe_balance, moe_gate=self.moe_gate, remat=self.remat, feature_map=self.feature_map,
+                        moe_balance=self.moe_balance, moe_gate=self.moe_gate,
+                        moe_bias_rate=self.moe_bias_rate, remat=self.remat, feature_map=self.feature_map,
                         feature_redraw=self.feature_redraw, sparse_pattern=self.sparse_pattern,
                         sparse_stride=self.sparse_stride, sparse_summary=self.sparse_summary,
                         lsh_buckets=self.lsh_buckets, lsh_chunk=self.lsh_chunk, lsh_rounds=self.lsh_rounds,
@@ -276,10 +280,17 @@ def moe_metrics(aux: dict) -> dict:
 
 
 def eval_batches(docs, batch_size: int, seq_len: int, max_batches: int) -> list[dict[str, np.ndarray]]:
-    """The first ``max_batches`` batches of the documents packed in order (the last one padded with
-    empty rows): a fixed validation set."""
+    """A fixed validation set: ``max_batches`` batches of rows spread evenly over the documents packed in
+    order (every row when there are fewer; the last batch padded with empty rows).
+
+    Spreading matters: the first rows of the packed split are its first few documents (at 16 x 128 bytes per
+    batch, four batches are 8 KB of the stdlib's 1.8 MB validation split), so scores on them swing with those
+    files' style rather than with the model."""
     rows = pack_documents(docs, seq_len, pad_id=PAD_ID)
-    rows = {k: v[:max_batches * batch_size] for k, v in rows.items()}
+    total, wanted = len(rows["inputs"]), max_batches * batch_size
+    if total > wanted:
+        pick = np.linspace(0, total - 1, wanted).round().astype(np.int64)  # evenly spaced, first and last included
+        rows = {k: v[pick] for k, v in rows.items()}
     n = -(-len(rows["inputs"]) // batch_size) * batch_size
     rows = {k: np.concatenate([v, np.zeros((n - len(v), seq_len), v.dtype)]) for k, v in rows.items()}
     return [{k: v[i:i + batch_size] for k, v in rows.items()} for i in range(0, n, batch_size)]

@@ -81,6 +81,7 @@ def test_balancing_bias_moves_against_the_load_by_sign_descent():
     rate = 0.01
     model = LM(LMConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, ffn="moe", num_experts=4,
                         experts_per_token=1, moe_balance="bias", moe_bias_rate=rate))
+    assert LMTrainConfig(ffn="moe", moe_balance="bias", moe_bias_rate=rate).model_config().moe_bias_rate == rate
     params = init_params(model, jax.random.key(0), jnp.zeros((1, 16), jnp.int32))
     batch = _batch(jax.random.key(5))
     _, aux = model.apply({"params": params}, batch["inputs"])

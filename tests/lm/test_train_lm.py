@@ -98,3 +98,16 @@ def test_config_errors_name_the_field():
         LMTrainConfig(d_model=30)
     with pytest.raises(ValueError, match="dtype='float16'"):
         LMTrainConfig(dtype="float16")
+
+
+def test_eval_batches_spread_over_the_whole_validation_split():
+    """The fixed validation set samples every part of the split, not only its first documents."""
+    from jaxlab.models.lm_training import eval_batches
+
+    docs = [np.full(40, i + 1, np.int32) for i in range(10)]  # document i is the token i + 1, 400 tokens
+    batches = eval_batches(docs, batch_size=2, seq_len=8, max_batches=2)  # 4 of the 50 rows
+    seen = set(np.unique(np.concatenate([b["inputs"].ravel() for b in batches])))
+    assert {1, 10} <= seen and len(seen) >= 4, seen  # first and last documents, and some in between
+    assert all(b["inputs"].shape == (2, 8) for b in batches)
+    small = eval_batches(docs[:1], batch_size=4, seq_len=8, max_batches=3)  # 5 rows: all kept, one padded batch
+    assert len(small) == 2 and int(small[1]["mask"].sum()) > 0 and int(small[1]["mask"][1:].sum()) == 0
