@@ -105,6 +105,12 @@ class LMConfig:
     attention_impl: str = "auto"
     qk_norm: bool = False
     tie_embeddings: bool = True
+    embed_init_std: float = 0.02
+    """Standard deviation of the token embedding's normal init (GPT-2's 0.02). The projections are
+    LeCun-normal, so every block adds O(1) to the residual stream and a 0.02 embedding is 2% of it after the
+    first block: models trained from scratch that must read their token's identity in a later layer (the
+    synthetic recall tasks) may need 1.0, the scale of the normalised activations (and then untied
+    embeddings, or the tied logits start at std sqrt(d_model))."""
     max_len: int = 2048
     """Longest sequence (training rows and prompt + generated tokens)."""
     dtype: str = "float32"
@@ -228,6 +234,7 @@ class LMConfig:
         check_choice(self, "moe_dispatch", DISPATCH)
         if self.moe_capacity_factor is not None:
             check_greater(self, "moe_capacity_factor")
+        check_greater(self, "embed_init_std")
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map={self.feature_map!r} must be one of {FEATURE_MAPS}")
         if self.feature_redraw is not None:
@@ -455,8 +462,9 @@ class LM(nn.Module):
 
     def setup(self):
         cfg = self.cfg
+        token_init = nn.initializers.normal(stddev=cfg.embed_init_std)
         self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
-                              embedding_init=nn.with_logical_partitioning(embed_init, ("vocab", "embed")))
+                              embedding_init=nn.with_logical_partitioning(token_init, ("vocab", "embed")))
         if cfg.scan_layers:
             self.blocks = scanned_blocks(cfg)
         else:

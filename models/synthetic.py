@@ -8,7 +8,8 @@ The generators are jitted with their sizes static (pass them by keyword or posit
 * :func:`mqar`: multi-query associative recall (Arora et al. 2023, "Zoology", §3): ``K`` key-value
   pairs up front, keys from the lower half of the vocabulary and values from the upper half; then
   the keys are queried again at positions drawn from a power law favouring short gaps; all other
-  positions hold random tokens. At each query the answer is the value that followed that key.
+  positions hold token 0 (Zoology's Figure 2 configs, ``random_non_queries=False``) or random tokens of the
+  whole vocabulary (its generator's default). At each query the answer is the value that followed that key.
 * :func:`selective_copying`: the Mamba paper's selective copying (Gu & Dao 2023, §4.1.1, Fig. 2):
   ``num_tokens`` data tokens scattered at random positions among noise tokens, then as many marker
   tokens; at the i-th marker the answer is the i-th data token. Solving it needs content-aware
@@ -50,16 +51,20 @@ def _choose_rows(key: jax.Array, batch: int, population: int, k: int, p=None) ->
     return jax.lax.top_k(perturbed, k)[1]
 
 
-@functools.partial(jax.jit, static_argnames=("batch", "seq_len", "num_kv_pairs", "vocab_size", "power_a"))
+@functools.partial(jax.jit, static_argnames=("batch", "seq_len", "num_kv_pairs", "vocab_size", "power_a",
+                                             "random_non_queries"))
 def mqar(key: jax.Array, batch: int, seq_len: int, num_kv_pairs: int, vocab_size: int,
-         power_a: float = 0.01) -> dict[str, jax.Array]:
+         power_a: float = 0.01, random_non_queries: bool = True) -> dict[str, jax.Array]:
     """Zoology's MQAR batch. Layout of a row (K = num_kv_pairs)::
 
         k_1 v_1 k_2 v_2 ... k_K v_K | query region of seq_len - 2K tokens: k_i at offset 2 g_i, noise elsewhere
 
     Keys are distinct draws from ``1 .. V/2 - 1``, values from ``V/2 .. V - 1``; the gaps ``g_i`` are
     distinct draws from ``0 .. (seq_len - 2K) / 2 - 1`` with ``P(g) ∝ (g + 1)^(power_a - 1)``.
-    ``targets`` holds the value at each query position.
+    ``targets`` holds the value at each query position. The other positions of the query region hold random
+    tokens of the whole vocabulary with ``random_non_queries`` (a queried key may then also appear as noise
+    before its query, followed by a token that is not its value: rare at Zoology's 8192 tokens, frequent at a
+    few dozen), else token 0, which is never a key or a value (Zoology's paper configs).
     """
     for name, value, low in (("batch", batch, 1), ("num_kv_pairs", num_kv_pairs, 1), ("vocab_size", vocab_size, 4)):
         _check(name, value, low)
@@ -70,6 +75,8 @@ def mqar(key: jax.Array, batch: int, seq_len: int, num_kv_pairs: int, vocab_size
         raise ValueError(f"vocab_size={vocab_size} has {half - 1} keys, fewer than num_kv_pairs={K}")
     if not 0 < power_a <= 1:
         raise ValueError(f"power_a={power_a!r} must be in (0, 1]")
+    if not isinstance(random_non_queries, bool):
+        raise ValueError(f"random_non_queries={random_non_queries!r} must be a bool")
     k_keys, k_values, k_gaps, k_noise = jax.random.split(key, 4)
     keys = 1 + _choose_rows(k_keys, batch, half - 1, K)  # [B, K]
     values = half + _choose_rows(k_values, batch, vocab_size - half, K)  # [B, K]
@@ -79,7 +86,8 @@ def mqar(key: jax.Array, batch: int, seq_len: int, num_kv_pairs: int, vocab_size
     p = power_a * g ** (power_a - 1)
     gaps = _choose_rows(k_gaps, batch, space, K, p / p.sum())  # [B, K]
     query_pos = 2 * K + 2 * gaps  # [B, K]
-    noise = jax.random.randint(k_noise, (batch, seq_len), 0, vocab_size)
+    noise = (jax.random.randint(k_noise, (batch, seq_len), 0, vocab_size) if random_non_queries
+             else jnp.zeros((batch, seq_len), jnp.int32))  # [B, L]
     inputs = jnp.concatenate([context, noise[:, 2 * K:]], axis=1)  # [B, L]
     inputs = _scatter_rows(inputs, query_pos, keys)
     targets = _scatter_rows(jnp.zeros((batch, seq_len), jnp.int32), query_pos, values)

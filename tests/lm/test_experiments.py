@@ -48,6 +48,34 @@ def test_mqar_smoke(tmp_path):
     assert not gap.holds and not rise.holds
 
 
+def test_mqar_model_keeps_the_token_identity_in_the_residual_stream():
+    # At the LM's default embedding std (0.02) the first block's O(1) output buries the token identity that
+    # the second layer must match (2% of the residual stream) and 2-layer attention stays on the ln K plateau
+    # at MQAR's quick size; the experiment's LM draws it at the scale of the normalised activations.
+    from jaxlab.experiments.mqar import model_config
+    from jaxlab.models.lm import LM, LMConfig, init_params
+
+    cfg = get_experiment("mqar").quick
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 64), 0, cfg.vocab_size)
+
+    def identity_share(model_cfg):  # RMS of the token embedding over the residual stream's after block 0
+        model = LM(model_cfg)
+        params = init_params(model, jax.random.PRNGKey(0), tokens)
+        emb = params["embed"]["embedding"]
+        _, aux = model.apply({"params": params}, tokens)
+        return float(np.sqrt(np.mean(np.square(emb[tokens]))) / aux["residual_rms"][0]), float(np.std(emb))
+
+    model_cfg = model_config(cfg, "attention", 64, 64)
+    assert not model_cfg.tie_embeddings
+    share, std = identity_share(model_cfg)
+    assert share > 0.25 and std == pytest.approx(cfg.embed_init_std, rel=0.1)
+    assert identity_share(dataclasses.replace(model_cfg, embed_init_std=0.02))[0] < 0.05
+    with pytest.raises(ValueError, match="embed_init_std"):
+        LMConfig(embed_init_std=0.0)
+    with pytest.raises(ValueError, match="embed_init_std"):
+        dataclasses.replace(cfg, embed_init_std=-1.0)
+
+
 def test_mqar_reports_the_best_learning_rate_of_its_sweep(tmp_path):
     exp = get_experiment("mqar")
     cfg = dataclasses.replace(exp.quick, **{**TINY["mqar"], "lrs": (1e-3, 3e-2)})

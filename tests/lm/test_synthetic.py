@@ -38,6 +38,21 @@ def test_mqar_query_gaps_follow_a_power_law(key):
     assert np.mean(gaps < 10) > 0.3 and np.mean(gaps >= 60) < 0.25
 
 
+def test_mqar_fills_the_query_region_with_zeros_or_noise(key):
+    B, L, K, V = 32, 64, 4, 16
+    zero, noise = _np(mqar(key, B, L, K, V, random_non_queries=False)), _np(mqar(key, B, L, K, V))
+    # same draws of pairs and query positions; only the filler differs
+    for name in ("targets", "mask"):
+        np.testing.assert_array_equal(zero[name], noise[name])
+    filler = ~zero["mask"] & (np.arange(L) >= 2 * K)  # [B, L]: query region outside the queries
+    np.testing.assert_array_equal(zero["inputs"][~filler], noise["inputs"][~filler])
+    assert (zero["inputs"][filler] == 0).all()  # token 0 is never a key or a value
+    # Zoology's random fill: every token of the vocabulary, so queried keys also appear as noise at V=16
+    assert len(np.unique(noise["inputs"][filler])) == V
+    with pytest.raises(ValueError, match="random_non_queries=1"):
+        mqar(key, 2, 64, 4, 16, random_non_queries=1)
+
+
 def test_selective_copying_targets_are_the_data_tokens_in_order(key):
     B, L, T, V = 8, 40, 5, 10
     b = _np(selective_copying(key, B, L, T, V))
