@@ -537,7 +537,7 @@ class LM(nn.Module):
 
         ``embeds [B, L, d_model]`` with ``embeds_mask`` bool [B, L]: precomputed input embeddings (a VLM's
         image tokens, ``models.vlm``) replace the token embeddings where the mask is True; the rest of the
-        forward pass is unchanged. Give both or neither. :meth:`decode` takes text tokens only."""
+        forward pass is unchanged. Give both or neither (:meth:`decode` takes them too)."""
         self._check_tokens(tokens)
         B, L = tokens.shape
         if segment_ids is not None and segment_ids.shape != (B, L):
@@ -558,12 +558,25 @@ class LM(nn.Module):
                                    None if embeds_mask is None else embeds_mask.astype(bool))
         return logits, aux
 
-    def decode(self, tokens, cache: LMCache):
-        """Continue from ``cache`` with tokens [B, L] (a prompt chunk or one token): (logits, new cache)."""
+    def decode(self, tokens, cache: LMCache, *, embeds=None, embeds_mask=None):
+        """Continue from ``cache`` with tokens [B, L] (a prompt chunk or one token): (logits, new cache).
+
+        ``embeds [B, L, d_model]`` with ``embeds_mask`` bool [B, L], as in :meth:`__call__`: precomputed input
+        embeddings replace the token embeddings where the mask is True (a VLM's prompt with image tokens,
+        prefilled by ``models.vlm_sampling``). Give both or neither."""
         self._check_tokens(tokens)
         B, L = tokens.shape
+        if (embeds is None) != (embeds_mask is None):
+            raise ValueError("embeds and embeds_mask must be given together, got "
+                             f"embeds={None if embeds is None else embeds.shape}, "
+                             f"embeds_mask={None if embeds_mask is None else embeds_mask.shape}")
+        if embeds is not None and (embeds.shape != (B, L, self.cfg.d_model) or embeds_mask.shape != (B, L)):
+            raise ValueError(f"embeds must have shape {(B, L, self.cfg.d_model)} and embeds_mask {(B, L)} "
+                             f"(tokens {tokens.shape}, d_model={self.cfg.d_model}), got embeds {embeds.shape} "
+                             f"and embeds_mask {embeds_mask.shape}")
         positions = cache.index + jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-        logits, states, _ = self._run(tokens, positions, None, cache.layers)
+        logits, states, _ = self._run(tokens, positions, None, cache.layers, embeds,
+                                      None if embeds_mask is None else embeds_mask.astype(bool))
         return logits, LMCache(states, cache.index + L)
 
     @nn.nowrap

@@ -42,7 +42,7 @@ from flax import struct
 
 from jaxlab.models.lm import LM, LMConfig, token_logprobs
 
-__all__ = ["Sample", "response_logprobs", "sample", "sampling_logits"]
+__all__ = ["Sample", "draw_token", "response_logprobs", "sample", "sampling_logits"]
 
 
 @struct.dataclass
@@ -104,6 +104,29 @@ def _check(model: LM, prompts, max_new_tokens, temperature, top_k, top_p, eos_id
             raise ValueError(f"{name}={value!r} must be None or a token id in [0, vocab_size={cfg.vocab_size})")
 
 
+def draw_token(logits: jax.Array, key: jax.Array, t, done: jax.Array, *, temperature, top_k: int | None = None,
+               top_p=None, eos_id=None, pad_id=0):
+    """Token ``t`` of every row from the logits [B, V] that predict it, drawn with ``fold_in(key, t)`` (one
+    ``categorical`` over the whole batch); rows already ``done`` [B] give ``pad_id``. Returns ``(token [B] int32,
+    logp, model_logp, live [B] fp32, done)``: ``live`` is 1 where the row was not done before this token, ``done``
+    is updated with ``token == eos_id`` (never, for ``eos_id=None``). The step of :func:`sample` (and of
+    :mod:`jaxlab.rl.llm.partial_rollout`, which continues it in segments)."""
+    logits = logits.astype(jnp.float32)
+    model_logp = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
+    filtered = sampling_logits(logits, temperature, top_k, top_p)  # [B, V]
+    drawn = jax.random.categorical(jax.random.fold_in(key, t), filtered, axis=-1)
+    greedy = temperature <= 0
+    token = jnp.where(greedy, jnp.argmax(model_logp, axis=-1), drawn).astype(jnp.int32)  # [B]
+    token = jnp.where(done, pad_id, token)
+    gather = lambda lp: jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]  # noqa: E731
+    logp = jnp.where(done | greedy, 0.0, gather(jax.nn.log_softmax(filtered, axis=-1)))
+    model_logp = jnp.where(done, 0.0, gather(model_logp))
+    live = (~done).astype(jnp.float32)
+    if eos_id is not None:
+        done = done | (token == eos_id)
+    return token, logp, model_logp, live, done
+
+
 @functools.lru_cache(maxsize=64)
 def _sample_fn(cfg: LMConfig, max_new_tokens: int, top_k: int | None, nucleus: bool, stops: bool):
     """The jitted sampler of one configuration and response length; temperature, top_p, the EOS and the
@@ -114,21 +137,8 @@ def _sample_fn(cfg: LMConfig, max_new_tokens: int, top_k: int | None, nucleus: b
         B, Lp = prompts.shape
 
         def pick(logits, t, done):
-            """Token t of every row from the logits [B, V] that predict it; rows already done give PAD."""
-            logits = logits.astype(jnp.float32)
-            model_logp = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
-            filtered = sampling_logits(logits, temperature, top_k, top_p if nucleus else None)  # [B, V]
-            drawn = jax.random.categorical(jax.random.fold_in(key, t), filtered, axis=-1)
-            greedy = temperature <= 0
-            token = jnp.where(greedy, jnp.argmax(model_logp, axis=-1), drawn).astype(jnp.int32)  # [B]
-            token = jnp.where(done, pad_id, token)
-            gather = lambda lp: jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]  # noqa: E731
-            logp = jnp.where(done | greedy, 0.0, gather(jax.nn.log_softmax(filtered, axis=-1)))
-            model_logp = jnp.where(done, 0.0, gather(model_logp))
-            live = (~done).astype(jnp.float32)
-            if stops:
-                done = done | (token == eos_id)
-            return token, logp, model_logp, live, done
+            return draw_token(logits, key, t, done, temperature=temperature, top_k=top_k,
+                              top_p=top_p if nucleus else None, eos_id=eos_id if stops else None, pad_id=pad_id)
 
         cache = model.init_cache(B, Lp + max_new_tokens)
         logits, cache = model.apply({"params": params}, prompts, cache, method=LM.decode)  # prefill

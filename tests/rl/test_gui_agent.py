@@ -1,0 +1,137 @@
+"""The GUI-agent trainer (experiments.gui_agent_train): SFT targets of a demonstration by hand (the prompt holds
+the previous actions, the loss covers exactly the action text and its <eos>), the step verifier used by the
+evaluation and GRPO, a tiny SFT + GRPO run that writes metrics and resumes, config errors."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlab.experiments import gui_agent_train as g
+from jaxlab.models.gui_tasks import make_tasks
+from jaxlab.models.vlm import pack_examples
+from jaxlab.rl.gui import click_in_box, render
+
+TINY = dict(screen_sizes=((96, 128), (128, 160)), patch_size=16, prompt_len=144, max_action_len=18, vit_d_model=16,
+            vit_layers=1, vit_heads=2, abs_pos_grid=4, lm_d_model=32, lm_layers=1, lm_heads=2, train_tasks=4,
+            eval_tasks=2, rows=2, warmup_steps=0, grpo_prompts=2, group_size=2, step_limit=2, eval_batch=4,
+            log_every=1, checkpoint_every=1, eval_every=100, progress=False, fast_compile=True)
+
+
+def text_of(tokens) -> str:
+    return bytes(np.asarray(tokens, np.uint8).tolist()).decode()
+
+
+def form_task():
+    cfg = g.GUIAgentConfig(**TINY)
+    return cfg, make_tasks(jax.random.PRNGKey(3), 1, cfg.screen_config(), ("form",))[0]
+
+
+def test_sft_targets_of_a_demonstration_by_hand():
+    cfg, task = form_task()
+    cases = g.step_cases(task)
+    actions = [c.action for c in cases]
+    assert [a.split("(")[0] for a in actions] == ["click", "type", "click", "finished"]
+    for k, case in enumerate(cases):
+        ex = g.sft_example(case.state, case.history, case.action, cfg)
+        tokens, loss = np.asarray(ex.tokens), np.asarray(ex.loss_mask)
+        image = ex.images[0]
+        n_image = (image.shape[0] // 32) * (image.shape[1] // 32)
+        start = int(np.flatnonzero(tokens == g.IMAGE_ID)[0])
+        end = int(np.flatnonzero(tokens == g.ACTION_ID)[0])
+        assert (tokens[:start] == 0).all()
+        assert start + n_image + (end - start - 1) + 1 == cfg.prompt_len  # PADs, image slots, text, <action>
+        assert text_of(tokens[start + 1:end]) == task.instruction + "\n" + "; ".join(actions[:k])
+        assert text_of(tokens[end + 1:-1]) == actions[k] and tokens[-1] == g.EOS_ID
+        np.testing.assert_array_equal(loss, np.arange(len(tokens)) > end)  # the action and <eos> only
+        np.testing.assert_array_equal(image, render(case.state).astype(np.float32) / 255.0)
+    # packed: the counted targets are exactly the action's bytes and <eos> of each example
+    examples = [g.sft_example(c.state, c.history, c.action, cfg) for c in cases]
+    batch = pack_examples(examples, seq_len=cfg.seq_len, patch_size=cfg.patch_size, image_len=cfg.image_len,
+                          image_token=g.IMAGE_ID, num_rows=4, image_rows=4)
+    for e, action in enumerate(actions):
+        counted = batch["targets"][batch["mask"] & (batch["example_ids"] == e)]
+        assert text_of(counted[:-1]) == action and counted[-1] == g.EOS_ID
+    assert int(batch["mask"].sum()) == sum(len(a) + 1 for a in actions)
+
+
+def test_step_targets_and_reward():
+    cfg, task = form_task()
+    click, typed, press, done = (c.target for c in g.step_cases(task))
+    field = task.screen.widgets[task.steps[0].widget].box
+    assert click.kind == "click" and click.box == field  # scroll 0: viewport = page coordinates
+    assert typed == g.StepTarget("type", text=task.steps[0].text) and done.kind == "finished"
+    x0, y0, x1, y1 = press.box
+    assert g.step_reward(f"click({x0}, {y0})", press) == (True, True)
+    assert g.step_reward(f"click({x1}, {y0})", press) == (False, True)  # exclusive end
+    assert g.step_reward(f'type("{task.steps[0].text}")', typed) == (True, True)
+    assert g.step_reward('type("nope")', typed) == (False, True)
+    assert g.step_reward("finished()", done) == (True, True)
+    assert g.step_reward("finished()", press) == (False, True)
+    assert g.step_reward("click(3,", press) == (False, False)
+    # a scroll task: the click's box is in the viewport's coordinates after scrolling
+    tall = make_tasks(jax.random.PRNGKey(0), 1, cfg.screen_config(), ("scroll",))[0]
+    cases = g.step_cases(tall, jitter=1.0, seed=5)
+    scrolls = [c for c in cases if c.target.kind == "scroll"]
+    last_click = [c for c in cases if c.target.kind == "click"][-1]
+    assert scrolls and last_click.state.screen.scroll > 0
+    page = tall.screen.widgets[tall.steps[0].widget].box
+    assert last_click.target.box == (page[0], page[1] - last_click.state.screen.scroll, page[2],
+                                     page[3] - last_click.state.screen.scroll)
+    assert click_in_box(last_click.action, last_click.target.box)
+
+
+def test_action_text():
+    assert g.action_text(np.array([*b"finished()", g.EOS_ID, 0, 0])) == "finished()"
+    assert g.action_text(np.array([*b"click(1, 2)"])) == "click(1, 2)"  # no <eos>: every token
+    assert g.step_reward(g.action_text(np.array([g.IMAGE_ID, *b"x", g.EOS_ID])), g.StepTarget("finished")) \
+        == (False, False)
+
+
+def test_smoke_run_writes_metrics_and_resumes(tmp_path):
+    first = g.train_gui_agent(g.GUIAgentConfig(steps=2, **TINY), tmp_path)  # SFT only
+    assert first["sft/step"] == 2 and first["sft/resumed_from"] is None and "grpo/step" not in first
+    for key in ("click_accuracy", "task_success", "step_accuracy", "parse_rate"):
+        assert 0.0 <= first[f"sft/eval/{key}"] <= 1.0
+    sft = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in sft if "loss" in r] == [1, 2] and any("eval/task_success" in r for r in sft)
+    assert (tmp_path / "sft" / "checkpoints").is_dir()
+
+    # the same folder with GRPO added: SFT resumes at its end, then one GRPO step from the restored policy
+    cfg = g.GUIAgentConfig(steps=2, grpo_steps=1, **TINY)
+    more = g.train_gui_agent(cfg, tmp_path)
+    assert more["sft/resumed_from"] == 2 and more["grpo/resumed_from"] is None and more["grpo/step"] == 1
+    assert more["sft/eval/task_success"] == first["sft/eval/task_success"]  # the restored policy, evaluated again
+    sft = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in sft if "loss" in r] == [1, 2]  # nothing retrained
+    grpo = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert {"reward", "correct", "kl", "clip_fraction", "loss"} <= set(grpo[0]) and grpo[0]["step"] == 1
+    assert grpo[0]["reward"] == pytest.approx(grpo[0]["correct"] + cfg.format_weight * grpo[0]["parse_rate"])
+    assert 0.0 <= more["grpo/eval/click_accuracy"] <= 1.0
+    assert json.loads((tmp_path / "summary.json").read_text())["grpo/step"] == 1
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("prompt_len", 40, "prompt_len=40 must leave at least 32 text slots"),
+    ("group_size", 1, "group_size"),
+    ("kinds", ("bogus",), r"kinds=\('bogus',\)"),
+    ("screen_sizes", ((96, 136),), "not multiples of 2 \\* patch_size = 32"),
+    ("screen_sizes", ((64, 128),), "sizes="),
+    ("warmup_steps", 300, "warmup_steps=300"),
+    ("temperature", 0.0, "temperature"),
+    ("jitter", 1.5, "jitter"),
+])
+def test_bad_config_names_the_field(field, value, message):
+    kwargs = {**TINY, field: value}
+    with pytest.raises(ValueError, match=message):
+        g.GUIAgentConfig(**kwargs)
+
+
+def test_prompt_too_long_is_an_error():
+    cfg, task = form_task()
+    case = g.step_cases(task)[-1]
+    with pytest.raises(ValueError, match="more than prompt_len=144"):
+        g.policy_prompt(case.state, case.history * 8, cfg)
+    with pytest.raises(ValueError, match="max_action_len=18"):
+        g.sft_example(case.state, (), 'type("abcdefghijk")', cfg)
