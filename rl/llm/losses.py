@@ -9,7 +9,10 @@ Shapes: ``B`` sequences, ``T`` response tokens, ``V`` vocabulary; masks are 1 on
   (SLiC, Zhao et al. 2023) variants on the implicit reward ``beta log pi / pi_ref``.
 * :func:`grpo_advantages` / :func:`grpo_loss` - GRPO (Shao et al. 2024, DeepSeekMath eq. 3): group-relative
   advantages, PPO's clipped ratio and the ``k3`` KL to the reference, with the original per-sequence mean,
-  a per-token mean, or Dr. GRPO's constant normaliser (Liu et al. 2025, "Understanding R1-Zero-Like Training").
+  a per-token mean, or Dr. GRPO's constant normaliser (Liu et al. 2025, "Understanding R1-Zero-Like Training");
+  DAPO's options (Yu et al. 2025, arXiv:2503.14476, sections 3.1-3.2): clip-higher (``clip_eps_high``, a wider upper
+  clip than lower) and dynamic sampling's filter (``keep``: the groups whose rewards are not all equal, from
+  :func:`mixed_groups`; only they enter the loss and its normaliser).
 * :func:`kimi_length_reward` - the length reward of Kimi k1.5 (Kimi Team 2025, section 2.3.3).
 * :func:`mirror_descent_loss` - Kimi k1.5's online policy mirror descent (section 2.3.2): a REINFORCE step with
   the group's mean reward as baseline and a squared log-ratio tether to the sampling policy.
@@ -27,8 +30,8 @@ from jaxlab.rl.losses import value_loss
 from jaxlab.train_state import LOSS_WEIGHT
 
 __all__ = ["AGGREGATIONS", "DPO_LOSSES", "dpo_loss", "grpo_advantages", "grpo_loss", "kimi_length_reward",
-           "masked_mean", "masked_value_loss", "masked_whiten", "mirror_descent_loss", "reward_model_loss",
-           "sequence_kl", "sequence_logprobs"]
+           "masked_mean", "masked_value_loss", "masked_whiten", "mirror_descent_loss", "mixed_groups",
+           "reward_model_loss", "sequence_kl", "sequence_logprobs"]
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 AGGREGATIONS = ("token-mean", "sequence-mean", "constant-norm")
@@ -138,24 +141,44 @@ def grpo_advantages(rewards: jax.Array, group_size: int, scale: bool = True) -> 
     return centred.reshape(-1)
 
 
+def mixed_groups(rewards: jax.Array, group_size: int) -> jax.Array:
+    """DAPO's dynamic-sampling filter (Yu et al. 2025, section 3.2: the constraint ``0 < |{o_i correct}| < G``,
+    for 0/1 accuracy rewards): 1.0 for each response [N * G] whose group's rewards are not all equal, 0.0 where
+    they are (all right, all wrong: zero advantages, no signal). Groups contiguous."""
+    r = _grouped(jnp.asarray(rewards, jnp.float32), group_size, "rewards")  # [N, G]
+    mixed = jnp.max(r, axis=1) > jnp.min(r, axis=1)  # [N]
+    return jnp.repeat(mixed.astype(jnp.float32), group_size)  # [N * G]
+
+
 def grpo_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array, advantages: jax.Array, mask: jax.Array,
-              clip_eps: float = 0.2, beta: float = 0.04,
-              aggregation: str = "token-mean") -> tuple[jax.Array, dict[str, jax.Array]]:
+              clip_eps: float = 0.2, beta: float = 0.04, aggregation: str = "token-mean",
+              clip_eps_high: float | None = None,
+              keep: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """GRPO's clipped objective with the ``k3`` KL penalty, negated for minimisation.
 
     Per token (all [B, T]; ``advantages`` [B] broadcast over tokens, or [B, T]):
     ``rho = exp(logp - old_logp)``, ``kl = exp(ref - logp) - (ref - logp) - 1`` (Schulman's ``k3``,
-    non-negative and 0 where ``logp = ref``), ``l = -(min(rho A, clip(rho, 1 - eps, 1 + eps) A) - beta kl)``.
+    non-negative and 0 where ``logp = ref``), ``l = -(min(rho A, clip(rho, 1 - eps, 1 + eps_high) A) - beta kl)``
+    with ``eps_high = clip_eps_high`` (DAPO's clip-higher, section 3.1: e.g. 0.2 / 0.28, room for low-probability
+    tokens to grow) or ``clip_eps`` when it is None (symmetric, PPO's).
 
-    ``aggregation`` reduces ``l`` under ``mask``:
+    ``keep`` [B] (0/1; None: every sequence): the sequences that count, DAPO's dynamic sampling (section 3.2)
+    (:func:`mixed_groups`). The others leave the loss *and its normaliser* (their tokens, their KL term), so
+    the loss equals the loss of the kept sequences alone: DAPO fills its batch with groups of mixed outcome by
+    over-sampling, here the fixed-shape batch keeps only those, and the normaliser is theirs. No sequence
+    kept: loss 0.
+
+    ``aggregation`` reduces ``l`` under ``mask`` (times ``keep``):
 
     * ``"token-mean"``: ``sum(l m) / sum(m)`` over the batch (every token weighs the same; DAPO);
     * ``"sequence-mean"``: ``mean_b(sum_t l m / sum_t m)`` (GRPO's eq. 3: each response weighs the same,
-      so tokens of long responses weigh less - the length bias Dr. GRPO points out);
-    * ``"constant-norm"``: ``sum(l m) / (B T)`` (Dr. GRPO: a constant normaliser, ``T`` the generation budget).
+      so tokens of long responses weigh less - the length bias Dr. GRPO points out); the mean over kept ``b``;
+    * ``"constant-norm"``: ``sum(l m) / (B T)`` (Dr. GRPO: a constant normaliser, ``T`` the generation budget);
+      ``B`` the kept sequences.
 
     ``old_logp``, ``ref_logp`` and ``advantages`` are constants (no gradient flows through them).
-    Metrics: ``kl`` (masked mean of k3), ``clip_fraction``, ``ratio`` (masked means), ``policy_loss``.
+    Metrics: ``kl`` (masked mean of k3), ``clip_fraction`` (ratio outside ``[1 - eps, 1 + eps_high]``),
+    ``ratio`` (masked means), ``policy_loss``.
     """
     _check_same_shape(logp=logp, old_logp=old_logp, ref_logp=ref_logp, mask=mask)
     if jnp.ndim(logp) != 2:
@@ -164,28 +187,36 @@ def grpo_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array, advanta
         raise ValueError(f"advantages must be [B] or [B, T] = {logp.shape}, got shape {jnp.shape(advantages)}")
     if not clip_eps > 0:
         raise ValueError(f"clip_eps={clip_eps!r} must be > 0")
+    if clip_eps_high is not None and not clip_eps_high > 0:
+        raise ValueError(f"clip_eps_high={clip_eps_high!r} must be None or > 0")
     if not beta >= 0:
         raise ValueError(f"beta={beta!r} must be >= 0")
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation={aggregation!r} must be one of {AGGREGATIONS}")
-    mask = mask.astype(jnp.float32)
+    if keep is not None and jnp.shape(keep) != logp.shape[:1]:
+        raise ValueError(f"keep must be [B] = {logp.shape[:1]}, got shape {jnp.shape(keep)}")
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    kept = jnp.ones(logp.shape[:1], jnp.float32) if keep is None else sg(jnp.asarray(keep, jnp.float32))  # [B]
+    mask = mask.astype(jnp.float32) * kept[:, None]  # [B, T]: dropped sequences have no tokens
     adv = sg(advantages if advantages.ndim == 2 else advantages[:, None])  # [B, T] or [B, 1]
     log_ratio = jnp.where(mask > 0, logp - sg(old_logp), 0.0)  # [B, T]
     ratio = jnp.exp(log_ratio)
-    surrogate = jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv)  # [B, T]
+    surrogate = jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - clip_eps, 1.0 + high) * adv)  # [B, T]
     ref_diff = jnp.where(mask > 0, sg(ref_logp) - logp, 0.0)  # [B, T]
     kl = jnp.exp(ref_diff) - ref_diff - 1.0  # [B, T], k3 >= 0
     per_token = -(surrogate - beta * kl)  # [B, T]
+    num_kept = jnp.sum(kept)
     if aggregation == "token-mean":
         loss = masked_mean(per_token, mask)
     elif aggregation == "sequence-mean":
-        loss = jnp.mean(masked_mean(per_token, mask, axis=1))
+        loss = jnp.sum(kept * masked_mean(per_token, mask, axis=1)) / jnp.maximum(num_kept, 1.0)
     else:
-        loss = masked_sum(per_token, mask) / per_token.size
+        loss = masked_sum(per_token, mask) / (jnp.maximum(num_kept, 1.0) * per_token.shape[1])
     # the number of terms the loss is a mean over (gradient accumulation weighs microbatches by it)
-    weight = jnp.sum(mask) if aggregation == "token-mean" else jnp.float32(mask.shape[0])
+    weight = jnp.sum(mask) if aggregation == "token-mean" else num_kept
+    outside = (1.0 - ratio > clip_eps) | (ratio - 1.0 > high)  # |ratio - 1| > clip_eps when symmetric
     metrics = {"kl": sg(masked_mean(kl, mask)), "policy_loss": sg(-masked_mean(surrogate, mask)),
-               "clip_fraction": masked_mean((jnp.abs(ratio - 1.0) > clip_eps).astype(jnp.float32), mask),
+               "clip_fraction": masked_mean(outside.astype(jnp.float32), mask),
                "ratio": sg(masked_mean(ratio, mask)), LOSS_WEIGHT: sg(weight)}
     return loss, metrics
 

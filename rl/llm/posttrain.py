@@ -4,6 +4,8 @@
     summary = posttrain(cfg, "runs/posttrain")
     cfg = PostTrainConfig(method="grpo", init_from="ckpt/")  # `... --init-from ckpt/`: a Hugging Face folder
 
+The configuration (:class:`PostTrainConfig`, every field a flag) lives in :mod:`jaxlab.rl.llm.posttrain_config`.
+
 Each stage is one run of the foundation's loop (:func:`jaxlab.loop.fit`) in its own folder under
 ``out_dir`` (``sft/``, ``reward_model/``, then ``dpo/``, ``ppo-rlhf/`` or ``grpo/``) with checkpoints,
 ``metrics.jsonl`` and a progress bar, so an interrupted run resumes mid-stage bit-for-bit, and runs of
@@ -18,6 +20,20 @@ Kimi k1.5's sampling strategies (``problem_sampling``: a curriculum over difficu
 failure; :mod:`jaxlab.rl.llm.problem_sampling`) from per-problem outcome counts that travel with the data
 position in every checkpoint, and log its rollouts as text (``log_rollouts``: ``grpo/rollouts.jsonl``). Both
 read the rollout the jitted step returns (``GRPOSpec.return_rollout``) on the host, between steps.
+
+GRPO on partial rollouts (``rollout_budget``, Kimi k1.5 section 2.6.2; :mod:`jaxlab.rl.llm.partial_rollout`):
+each step advances a pool of rollouts in flight by that many tokens and trains on the groups that have finished;
+the pool is part of the stage's train state, so checkpoints hold it and a resumed run continues it exactly.
+``long2short`` (section 2.4; :mod:`jaxlab.rl.llm.long2short`) then shortens the GRPO policy in a
+``long2short-<mode>/`` stage: SFT on the shortest correct of ``long2short_samples`` samples per problem
+(``rejection``) or DPO of the shortest correct against a longer response (``dpo``); the summary's
+``long2short`` holds the evaluation before and after (accuracy, mean response length).
+
+``pretrain_steps`` (task ``think-add``): a ``pretrain/`` stage first makes a base model, next-token loss on the
+task's base corpus (:mod:`jaxlab.rl.llm.base_corpus`: the pieces of the task, never a problem with its answer);
+with ``sft_steps=0`` and ``method="grpo"`` that is DeepSeek-R1-Zero's setting, RL from the base model, which is
+also the reference (DeepSeek-AI 2025, section 2.2). ``clip_eps_high`` and ``dynamic_sampling`` are DAPO's
+options of the GRPO loss (Yu et al. 2025).
 
 ``init_from``: the policy is a Hugging Face checkpoint folder's model (architecture and weights, read by
 :func:`jaxlab.models.lm_training.load_for_training`, the loader of ``jaxlab train lm --init-from``) instead of a
@@ -41,7 +57,6 @@ the data position, never a batch, so they cost nothing on disk.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import pathlib
@@ -56,225 +71,36 @@ from jax.sharding import PartitionSpec
 from jaxlab.loop import ArrayIterator, DataIterator, LoopConfig, fit
 from jaxlab.metrics import to_jsonable
 from jaxlab.models.lm import LM, LMConfig, init_params, param_logical_axes
-from jaxlab.models.lm_training import check_architecture_unset, load_for_training
+from jaxlab.models.lm_training import load_for_training
 from jaxlab.models.sampling import response_logprobs, sample
 from jaxlab.optim import OptimizerConfig, make_optimizer, muon_dimensions
+from jaxlab.parallel.mesh import format_mesh, mesh_from_spec, replicated, shard_batch
+from jaxlab.parallel.rules import check_mesh_for, rules_for_mesh, tensor_axes
+from jaxlab.parallel.strategies import shard_train_state, state_shardings
+from jaxlab.rl.llm.base_corpus import CorpusIterator, make_pretrain_step
 from jaxlab.rl.llm.dpo import make_dpo_step, preference_pairs
-from jaxlab.rl.llm.grpo import GRPO_LOSSES, GRPOSpec, make_grpo_step
-from jaxlab.rl.llm.losses import AGGREGATIONS, DPO_LOSSES, sequence_kl
-from jaxlab.rl.llm.ppo_rlhf import PPOSpec, make_ppo_rlhf_step
-from jaxlab.rl.llm.problem_sampling import MODES as SAMPLING_MODES
+from jaxlab.rl.llm.grpo import make_grpo_step
+from jaxlab.rl.llm.long2short import long2short_data
+from jaxlab.rl.llm.losses import sequence_kl
+from jaxlab.rl.llm.partial_rollout import with_rollout_pool
+from jaxlab.rl.llm.posttrain_config import METHODS, PostTrainConfig
+from jaxlab.rl.llm.ppo_rlhf import make_ppo_rlhf_step
+from jaxlab.rl.llm.reasoning_task import ThinkTask
 from jaxlab.rl.llm.reward_model import (init_reward_params, make_reward_model_step, normalize_reward, pair_accuracy,
                                         sequence_scores)
 from jaxlab.rl.llm.sft import make_sft_step
 from jaxlab.rl.llm.stage_data import GRPOHost, ProblemIterator, ProblemPool, WithFrozen
-from jaxlab.rl.llm.task import PROMPT_FORMATS, TASKS, VOCAB_SIZE, Task, TextTask
+from jaxlab.rl.llm.task import Task, TextTask
 from jaxlab.train_state import create_train_state
-from jaxlab.parallel.mesh import format_mesh, mesh_from_spec, parse_mesh, replicated, shard_batch
-from jaxlab.parallel.rules import check_mesh_for, rules_for_mesh, tensor_axes
-from jaxlab.parallel.strategies import STRATEGIES, shard_train_state, state_shardings
-from jaxlab.validation import check, check_choice, check_greater, check_positive
 from jaxlab.xla_options import FAST_COMPILE
 
 __all__ = ["METHODS", "PostTrainConfig", "ProblemIterator", "ProblemPool", "WithFrozen", "evaluate_policy",
            "posttrain", "stage_optimizer_config"]
 
-METHODS = ("sft", "dpo", "ppo-rlhf", "grpo")
-ARCHITECTURE_FIELDS = ("d_model", "num_layers", "num_heads")
-"""PostTrainConfig fields that a checkpoint (``init_from``) decides."""
 # Key streams: every key of a run is fold_in(PRNGKey(seed), stream).
 _INIT, _SFT_DATA, _SFT_KEY, _PAIRS, _RL_DATA, _RL_KEY, _EVAL, _RM_KEY, _RM_EVAL, _RM_NORM, _POOL = range(11)
-
-
-@dataclasses.dataclass(frozen=True)
-class PostTrainConfig:
-    """Post-training of a small LM on a verifiable task: model, SFT stage, method stage, logging."""
-
-    method: str = "grpo"
-    """sft | dpo | ppo-rlhf | grpo (every method starts from the SFT stage)."""
-    task: str = "add"
-    """Verifiable task: add (sum of two numbers) | sort (sort digits)."""
-    num_digits: int = 2
-    """Digits per operand (add) or list length (sort)."""
-    d_model: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    sft_steps: int = 200
-    """Steps of the SFT stage (kept short: a low but non-zero accuracy leaves room for RL; 0: no SFT, the
-    method starts from the initial model, which is then also the reference)."""
-    sft_batch_size: int = 64
-    sft_lr: float = 3e-3
-    steps: int = 100
-    """Steps of the method's stage (DPO / PPO / GRPO); unused by sft."""
-    batch_size: int = 16
-    """Prompts per RL step (each sampled group_size times), or preference pairs per DPO step."""
-    group_size: int = 8
-    """Samples per prompt: GRPO's group, PPO-RLHF's samples per prompt, DPO's candidates per prompt."""
-    lr: float = 3e-4
-    """Adam learning rate of the RL stages (GRPO, PPO-RLHF)."""
-    max_new_tokens: int | None = None
-    """Response budget R (None: the longest answer plus EOS plus 2)."""
-    temperature: float = 1.0
-    """Sampling temperature of the rollouts."""
-    clip_eps: float = 0.2
-    beta: float = 0.04
-    """GRPO's KL coefficient (k3 estimator)."""
-    aggregation: str = "token-mean"
-    """GRPO loss reduction: token-mean | sequence-mean | constant-norm (Dr. GRPO)."""
-    scale_rewards: bool = True
-    """GRPO: divide advantages by the group's std (False: Dr. GRPO)."""
-    ppo_epochs: int = 2
-    """Gradient steps per batch of samples (GRPO and PPO)."""
-    format_weight: float = 0.0
-    """Extra reward for a well-formed response (digits then EOS)."""
-    loss: str = "grpo"
-    """The GRPO stage's objective: grpo | mirror-descent (Kimi k1.5's online policy mirror descent)."""
-    optimizer: str = "adam"
-    """Every stage's optimizer: adam | muon (Newton-Schulz orthogonalised momentum on the hidden matrices at
-    Adam's update RMS, Moonlight; Adam on embeddings, norms and heads)."""
-    mirror_tau: float = 0.5
-    """Mirror descent's tau (the squared log-ratio tether to the sampling policy)."""
-    length_penalty: float = 0.0
-    """Weight of Kimi k1.5's length reward (GRPO)."""
-    dpo_lr: float = 1e-4
-    """Adam learning rate of DPO."""
-    dpo_beta: float = 0.1
-    dpo_loss: str = "sigmoid"
-    """sigmoid | ipo | hinge."""
-    dpo_nll_coef: float = 1.0
-    """Weight of the chosen answers' NLL added to the DPO loss (RPO, Pang et al. 2024; 0: plain DPO)."""
-    pair_prompts: int = 1024
-    """Prompts sampled to build preference pairs (DPO and the reward model)."""
-    rm_steps: int = 150
-    """Steps of the reward model stage (ppo-rlhf)."""
-    rm_lr: float = 1e-3
-    rm_batch_size: int | None = None
-    """Preference pairs per reward-model step (None: batch_size)."""
-    rm_all_pairs: bool = False
-    """Train (and check) the reward model on every right/wrong pair of each sampled group (InstructGPT's
-    ``K choose 2`` comparisons per prompt); False: one pair per prompt, DPO's pairs."""
-    rm_normalize: bool = True
-    """Rescale the reward model so that the SFT policy's samples score mean 0, std 1 before PPO (Ziegler et
-    al. 2019): the KL penalty then weighs against rewards of unit scale whatever the reward model's."""
-    kl_coef: float = 0.2
-    """PPO-RLHF's per-token KL penalty coefficient (a learned reward near chance is over-optimised fast:
-    a firm penalty keeps the policy near the reference)."""
-    vf_coef: float = 0.5
-    gae_lambda: float = 0.95
-    eval_problems: int = 256
-    """Size of the fixed evaluation set."""
-    eval_every: int = 25
-    log_every: int = 5
-    checkpoint_every: int = 50
-    seed: int = 0
-    resume: bool = True
-    """Continue from the latest checkpoints in the output folder."""
-    progress: bool = True
-    skip_nonfinite: bool = False
-    """Skip steps with a non-finite loss or gradient (counted in the metrics) instead of stopping the run."""
-    init_from: str | None = None
-    """Start from a Hugging Face checkpoint folder (Llama, Qwen2, Mistral, GPT-2: config.json, *.safetensors,
-    tokenizer.json with an eos_token): its architecture and weights, the problems as text through its tokenizer,
-    responses verified on their decoded text. The architecture flags (--d-model, --num-layers, --num-heads) keep
-    their defaults; the final policy is written to OUT/hf in the same format."""
-    prompt_format: str = "plain"
-    """With init_from: plain (the tokenizer's leading special tokens, then the problem, "07+35=") | chat (the
-    checkpoint's chat template around the problem as a user message, with the generation prompt)."""
-    mesh: str | None = None
-    """Device mesh of the stages, "data=N" or "data=N,model=M" (None: every device on data). Each step's batch
-    rows are split over data; model splits the trained parameters Megatron-style (heads, MLP units, vocabulary:
-    the LM's logical axes); the frozen reference and reward model are replicated."""
-    strategy: str = "ddp"
-    """How the trained state is split over the data axis: ddp | zero1 | zero2 | zero3."""
-    grad_accum: int = 1
-    """Microbatches per optimizer step in every stage (SFT, reward model, DPO, and each GRPO/PPO epoch), their
-    gradients accumulated in one jitted step (weighted by the terms each loss averages: the whole batch's
-    gradient); divides sft_batch_size, batch_size and batch_size * group_size."""
-    problem_sampling: str = "uniform"
-    """GRPO: how each step's problems are drawn from the pool (Kimi k1.5): uniform | curriculum (one more
-    difficulty level opened per 1/num_digits of the steps; task add: a problem's level is its larger operand's
-    digits minus 1) | prioritized (in proportion to 1 - the problem's success rate so far) |
-    curriculum+prioritized. Every mode but uniform needs problem_pool."""
-    problem_pool: int = 0
-    """GRPO: problems in a fixed pool drawn once from the seed (add: levels equally often), whose per-problem
-    success counts are kept and checkpointed (0: fresh problems every step, no pool)."""
-    log_rollouts: int = 0
-    """GRPO: write up to this many rollouts per step (prompt and response text, reward, correct, length) to
-    OUT/grpo/rollouts.jsonl (a resumed run drops the lines past its checkpoint first, as metrics.jsonl)."""
-
-    def __post_init__(self):
-        choices = {"method": METHODS, "task": TASKS, "aggregation": AGGREGATIONS, "dpo_loss": DPO_LOSSES,
-                   "loss": GRPO_LOSSES, "optimizer": ("adam", "muon"), "prompt_format": PROMPT_FORMATS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")
-        check_positive(self, "sft_steps", minimum=0, integer=True)
-        check_positive(self, "num_digits", "d_model", "num_layers", "num_heads", "sft_batch_size", "steps",
-                       "batch_size", "ppo_epochs", "pair_prompts", "rm_steps", "eval_problems", "eval_every",
-                       "log_every", "checkpoint_every", integer=True)
-        if self.group_size < 2:
-            raise ValueError(f"group_size={self.group_size!r} must be >= 2")
-        check_greater(self, "sft_lr", "lr", "dpo_lr", "rm_lr", "temperature", "clip_eps", "dpo_beta", "vf_coef",
-                      "mirror_tau")
-        check_positive(self, "beta", "format_weight", "length_penalty", "kl_coef", "dpo_nll_coef", minimum=0)
-        if not 0 <= self.gae_lambda <= 1:
-            raise ValueError(f"gae_lambda={self.gae_lambda!r} must be in [0, 1]")
-        if self.rm_batch_size is not None and self.rm_batch_size < 1:
-            raise ValueError(f"rm_batch_size={self.rm_batch_size!r} must be None or >= 1")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be None or >= 1")
-        if self.response_len < self.task_spec.answer_len:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens} is shorter than the longest answer "
-                             f"({self.task_spec.answer_len} tokens with EOS)")
-        check_choice(self, "strategy", tuple(STRATEGIES))
-        check_positive(self, "grad_accum", integer=True)
-        for name, rows in (("sft_batch_size", self.sft_batch_size), ("batch_size", self.batch_size),
-                           ("rm_batch_size", self.rm_batch_size or self.batch_size)):
-            check(rows % self.grad_accum == 0, f"{name}={rows} must be divisible by grad_accum={self.grad_accum}")
-        if self.mesh is not None and set(parse_mesh(self.mesh)) - {"data", "model"}:
-            raise ValueError(f"mesh={self.mesh!r}: post-training stages run on the data and model axes only "
-                             "(e.g. 'data=4,model=2')")
-        self.model_config()  # validates d_model vs num_heads
-        check_architecture_unset(self, ARCHITECTURE_FIELDS)
-        check_choice(self, "problem_sampling", SAMPLING_MODES)
-        check_positive(self, "problem_pool", "log_rollouts", minimum=0, integer=True)
-        for name, unset in (("problem_sampling", "uniform"), ("problem_pool", 0), ("log_rollouts", 0)):
-            check(self.method == "grpo" or getattr(self, name) == unset,
-                  f"{name}={getattr(self, name)!r} is for method='grpo' (method={self.method!r})")
-        check(self.problem_sampling == "uniform" or self.problem_pool > 0,
-              f"problem_sampling={self.problem_sampling!r} draws from a pool: set problem_pool > 0 (got 0)")
-        check("curriculum" not in self.problem_sampling or self.task == "add",
-              f"problem_sampling={self.problem_sampling!r} needs difficulty levels, which task={self.task!r} lacks "
-              "(only 'add' has them: the larger operand's digits)")
-        if self.prompt_format != "plain" and self.init_from is None:
-            raise ValueError(f"prompt_format={self.prompt_format!r} needs init_from (a checkpoint's tokenizer)")
-
-    # ---- derived values -------------------------------------------------------------------------
-    @property
-    def task_spec(self) -> Task:
-        return Task(self.task, self.num_digits)
-
-    @property
-    def response_len(self) -> int:
-        return self.response_len_for(self.task_spec)
-
-    def response_len_for(self, task: Task | TextTask) -> int:
-        """The response budget R on ``task`` (its answers' tokens plus EOS plus 2, unless max_new_tokens)."""
-        return task.answer_len + 2 if self.max_new_tokens is None else self.max_new_tokens
-
-    def model_config(self) -> LMConfig:
-        return LMConfig(vocab_size=VOCAB_SIZE, d_model=self.d_model, num_layers=self.num_layers,
-                        num_heads=self.num_heads, max_len=self.task_spec.prompt_len + self.response_len)
-
-    def grpo_spec(self, response_len: int | None = None) -> GRPOSpec:
-        return GRPOSpec(self.group_size, response_len or self.response_len, self.clip_eps, self.beta,
-                        self.aggregation, self.scale_rewards, self.ppo_epochs, self.temperature, self.format_weight,
-                        self.length_penalty, self.grad_accum, self.loss, self.mirror_tau,
-                        return_rollout=self.problem_pool > 0 or self.log_rollouts > 0)
-
-    def ppo_spec(self, response_len: int | None = None) -> PPOSpec:
-        return PPOSpec(self.group_size, response_len or self.response_len, self.clip_eps, self.kl_coef,
-                       self.vf_coef, 1.0, self.gae_lambda, self.ppo_epochs, self.temperature, self.grad_accum)
+_BASE_DATA, _BASE_KEY = 110, 111  # the pretraining stage's corpus and train state, apart from the streams above
+_LONG2SHORT = 100  # apart from the streams above, so that streams added there never collide with it
 
 
 def stage_optimizer_config(lr: float, algorithm: str = "adam") -> OptimizerConfig:
@@ -305,7 +131,8 @@ def _optimizer(kind: str, model_cfg: LMConfig, opt_cfg: OptimizerConfig):
 def _build_step(kind: str, model_cfg: LMConfig, task: Task | TextTask, spec, opt_cfg: OptimizerConfig, grad_accum: int = 1):
     """A stage's step; GRPO's and PPO's ``spec`` carry their ``grad_accum``, the others take ``grad_accum``."""
     model, tx = LM(model_cfg), _optimizer(kind, model_cfg, opt_cfg)
-    build = {"sft": lambda: make_sft_step(model, tx, grad_accum, task.eos_id),
+    build = {"pretrain": lambda: make_pretrain_step(model, tx, grad_accum),
+             "sft": lambda: make_sft_step(model, tx, grad_accum, task.eos_id),
              "grpo": lambda: make_grpo_step(model, task, spec, tx),
              "ppo-rlhf": lambda: make_ppo_rlhf_step(model, task, spec, tx),
              "dpo": lambda: make_dpo_step(model, tx, task.prompt_len, *spec, grad_accum=grad_accum),
@@ -398,6 +225,8 @@ def _eval_fn(model_cfg: LMConfig, task: Task | TextTask, max_new_tokens: int):
             out[f"{name}accuracy"] = jnp.mean(correct)
             out[f"{name}response_length"] = jnp.mean(task.response_lengths(roll.response))
             out[f"{name}format"] = jnp.mean(well_formed)
+            if isinstance(task, ThinkTask):  # the share of responses reasoning in column steps
+                out[f"{name}think_steps"] = jnp.mean(task.writes_steps(roll.response))
             if temperature:
                 ref_logp = response_logprobs(model, ref_params, roll.tokens, prompt_len)
                 out["kl_to_ref"] = sequence_kl(roll.model_logps, ref_logp, roll.mask)
@@ -446,6 +275,8 @@ def _eval_records(path: pathlib.Path) -> list[dict]:
 def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
     """Run (or resume) SFT and then ``cfg.method`` under ``out_dir``; returns a summary dict.
 
+    With ``cfg.pretrain_steps``, a ``pretrain/`` stage first trains the initial model on the task's base corpus
+    (:mod:`jaxlab.rl.llm.base_corpus`) and the summary's ``base`` is that base model's evaluation.
     The summary holds the SFT start's evaluation (``sft``), the final one (``final``), the method stage's
     evaluations over its steps (``history``, ``[{"step", "accuracy", ...}]``) and the run's timing; with
     ``cfg.init_from``, ``exported``: the Hugging Face folder of the final policy (``out_dir/hf``).
@@ -509,8 +340,21 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
             _log(f"{name}: resumed from step {result.resumed_from}")
         return result
 
+    # Stage 0: the base model, pretrained on the task's corpus (none with pretrain_steps=0).
+    base_eval, preempted = None, False
+    if cfg.pretrain_steps:
+        opt = stage_optimizer_config(cfg.pretrain_lr, cfg.optimizer)
+        state, step = stage("pretrain", None, opt, create_train_state(init, _optimizer("pretrain", model_cfg, opt),
+                                                                      stream(_BASE_KEY)))
+        corpus = CorpusIterator(task, cfg.pretrain_batch_size, model_cfg.max_len, stream(_BASE_DATA))
+        pre = run_stage("pretrain", step, state, corpus, cfg.pretrain_steps)
+        init, preempted = _local(pre.state.params), pre.preempted
+        base_eval = evaluate_policy(model, init, init, eval_prompts, eval_answers, eval_key, response_len, task)
+        _log(f"base model: pass@1 {base_eval['accuracy']:.3f} (greedy {base_eval['greedy_accuracy']:.3f}), format "
+             f"{base_eval['format']:.3f}")
+
     # Stage 1: supervised warm start (shared by every method run in this folder; none with sft_steps=0).
-    if cfg.sft_steps:
+    if cfg.sft_steps and not preempted:
         opt = stage_optimizer_config(cfg.sft_lr, cfg.optimizer)
         state, step = stage("sft", None, opt, create_train_state(init, _optimizer("sft", model_cfg, opt),
                                                                  stream(_SFT_KEY)))
@@ -518,16 +362,48 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
                         cfg.sft_steps)
         ref, resumed_from, preempted = _local(sft.state.params), sft.resumed_from, sft.preempted
     else:
-        ref, resumed_from, preempted = init, None, False
+        ref, resumed_from = init, None
     sft_eval = evaluate_policy(model, ref, ref, eval_prompts, eval_answers, eval_key, response_len, task)
     _log(f"sft: accuracy {sft_eval['accuracy']:.3f} (greedy {sft_eval['greedy_accuracy']:.3f})")
     summary = {"method": cfg.method, "sft": sft_eval, "history": [], "resumed_from": resumed_from}
+    if base_eval is not None:
+        summary["base"] = base_eval
     final_params = ref
 
     def new_stage(params, lr: float, kind: str, spec=None):
         """A method stage's fresh state and its jitted step."""
         opt = stage_optimizer_config(lr, cfg.optimizer)
-        return stage(kind, spec, opt, create_train_state(params, _optimizer(kind, model_cfg, opt), stream(_RL_KEY)))
+        state = create_train_state(params, _optimizer(kind, model_cfg, opt), stream(_RL_KEY))
+        if kind == "grpo" and spec.rollout_budget:  # the rollouts in flight live in the (checkpointed) state
+            state = with_rollout_pool(state, model, task, spec, cfg.batch_size)
+        return stage(kind, spec, opt, state)
+
+    def run_long2short(params):
+        """Kimi k1.5's long2short (section 2.4) on ``params`` in the ``long2short-<mode>/`` stage (one folder per
+        mode, so both modes can shorten the same GRPO policy of one output folder): (params, preempted, info)."""
+        before = evaluate_policy(model, params, ref, eval_prompts, eval_answers, eval_key, response_len, task)
+        data = long2short_data(model, params, task, stream(_LONG2SHORT), cfg.pair_prompts, cfg.long2short_samples,
+                               response_len, cfg.long2short, temperature=cfg.temperature)
+        count = len(next(iter(data.values())))
+        info = {"mode": cfg.long2short, "problems": cfg.pair_prompts, "samples": cfg.long2short_samples,
+                "examples": count, "before": before}
+        _log(f"long2short ({cfg.long2short}): {count} {'pairs' if cfg.long2short == 'dpo' else 'examples'} from "
+             f"{cfg.pair_prompts} problems' {cfg.long2short_samples} samples")
+        rows = cfg.grad_accum * int(mesh.shape.get("data", 1))  # a batch splits over both evenly
+        wanted = cfg.sft_batch_size if cfg.long2short == "rejection" else cfg.batch_size
+        batch = min(wanted, count) // rows * rows
+        if batch < 1:
+            raise ValueError(f"long2short={cfg.long2short!r}: only {count} usable problems of pair_prompts="
+                             f"{cfg.pair_prompts} (a batch needs {rows}: grad_accum times the mesh's data axis); "
+                             "raise pair_prompts or long2short_samples")
+        if cfg.long2short == "rejection":
+            state, step = new_stage(_copy(params), cfg.lr, "sft")
+        else:
+            state, step = new_stage(_copy(params), cfg.dpo_lr, "dpo", (cfg.dpo_beta, cfg.dpo_loss, cfg.dpo_nll_coef))
+        result = run_stage(f"long2short-{cfg.long2short}", step, state, ArrayIterator(data, batch, seed=cfg.seed),
+                           cfg.long2short_steps, ref)
+        info["batch_size"] = batch
+        return _local(result.state.params), result.preempted, info
 
     if cfg.method == "grpo" and not preempted:
         state, step = new_stage(_copy(ref), cfg.lr, "grpo", cfg.grpo_spec(response_len))
@@ -597,8 +473,17 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
             final_params = _local(result.state.params["policy"])
         preempted, summary["resumed_from"] = result.preempted, result.resumed_from
 
+    if cfg.long2short != "none" and not preempted:
+        final_params, preempted, summary["long2short"] = run_long2short(final_params)
+
     final = sft_eval if cfg.method == "sft" else evaluate_policy(model, final_params, ref, eval_prompts,
                                                                  eval_answers, eval_key, response_len, task)
+    if "long2short" in summary:
+        stage_dir = out_dir / f"long2short-{cfg.long2short}"
+        summary["long2short"].update(after=final, history=_eval_records(stage_dir / "metrics.jsonl"))
+        _log(f"long2short: mean response length {summary['long2short']['before']['response_length']:.2f} -> "
+             f"{final['response_length']:.2f}, accuracy {summary['long2short']['before']['accuracy']:.3f} -> "
+             f"{final['accuracy']:.3f}")
     if cfg.method != "sft":
         summary["history"] = _eval_records(out_dir / cfg.method / "metrics.jsonl")
     summary.update(final=final, preempted=preempted, seconds=time.perf_counter() - start,

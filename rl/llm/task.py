@@ -30,15 +30,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["BOS", "EOS", "PAD", "PROMPT_FORMATS", "TASKS", "VOCAB_SIZE", "Task", "TextTask", "decode", "encode",
-           "format_ok", "is_correct", "response_lengths", "response_mask", "rule_reward"]
+__all__ = ["BOS", "EOS", "PAD", "PROMPT_FORMATS", "TASKS", "TASK_NAMES", "VOCAB_SIZE", "Task", "TextTask", "decode",
+           "encode", "format_ok", "is_correct", "make_task", "response_lengths", "response_mask", "rule_reward"]
 
 PAD, BOS, EOS = 0, 1, 2
 CHARS = "0123456789+="
 VOCAB_SIZE = 3 + len(CHARS)
 DIGIT0 = 3  # token of "0"; digits are DIGIT0 .. DIGIT0 + 9
 TASKS = ("add", "sort")
+TASK_NAMES = (*TASKS, "think-add")
+"""Every task post-training reaches by name: :class:`Task`'s kinds and "think-add"
+(:class:`jaxlab.rl.llm.reasoning_task.ThinkTask`, whose vocabulary extends this one's additively)."""
 _CHAR_TO_ID = {c: 3 + i for i, c in enumerate(CHARS)}
+
+
+def make_task(name: str, num_digits: int = 2):
+    """The task called ``name`` (one of ``TASK_NAMES``) with ``num_digits``."""
+    if name == "think-add":
+        from jaxlab.rl.llm.reasoning_task import ThinkTask
+
+        return ThinkTask(num_digits)
+    if name not in TASKS:
+        raise ValueError(f"task={name!r} must be one of {TASK_NAMES}")
+    return Task(name, num_digits)
 
 
 def encode(text: str) -> list[int]:
@@ -84,6 +98,15 @@ class Task:
     def answer_len(self) -> int:
         """The longest answer's digits plus EOS."""
         return self.num_digits + 2 if self.kind == "add" else self.num_digits + 1
+
+    @property
+    def vocab_size(self) -> int:
+        return VOCAB_SIZE
+
+    @property
+    def response_budget(self) -> int:
+        """The default response budget: the longest answer (with its EOS) plus 2 tokens."""
+        return self.answer_len + 2
 
     @property
     def description(self) -> str:
@@ -333,6 +356,11 @@ class TextTask:
     def answer_len(self) -> int:
         """The longest answer's tokens plus EOS (padding after a shorter answer's EOS)."""
         return self.base.answer_len * self.digit_width
+
+    @property
+    def response_budget(self) -> int:
+        """The default response budget: the longest answer (with its EOS) plus 2 tokens."""
+        return self.answer_len + 2
 
     def encode_prompt(self, problem: str) -> np.ndarray:
         """Token ids [prompt_len] of a problem text such as ``"07+35="`` (host; what :meth:`sample` gives)."""

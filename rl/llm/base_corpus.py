@@ -1,0 +1,148 @@
+"""A base model's pretraining corpus for ``"think-add"``, generated from a key: the pieces of the task, never
+the task (the setting of DeepSeek-R1-Zero, whose RL starts from a base model pretrained on text that teaches
+arithmetic and formats, not from one fine-tuned on the RL problems; DeepSeek-AI 2025, section 2.2).
+
+Documents (each ``<bos> text``, most then ``<eos>``; the notation is :mod:`jaxlab.rl.llm.reasoning_task`'s):
+
+* ``"facts"`` - one to six single-digit addition facts, with and without a carry in:
+  ``<bos>7+5=12,3+4+1=8<eos>``;
+* ``"partial"`` - a problem in the prompt's format followed by the *first* column steps of its worked
+  solution, cut off before it is finished: ``<bos>07+35=<think>7+5=12:2,`` or, at most, every column with the
+  last one's result left out, ``<bos>07+35=<think>7+5=12:2,0+3+1=4`` (no EOS: the document is cut, and
+  never closes the think span or gives an answer);
+* ``"worked"`` - worked column steps in the tag format with no question:
+  ``<bos><think>7+5=12:2,0+3+1=4:42</think><answer>42</answer><eos>``;
+* ``"reverse"`` - the tag format on unrelated content, numbers copied: digits reversed by the same
+  result-so-far notation, the answer a copy of the last result:
+  ``<bos><think>4:4,1:14,3:314</think><answer>314</answer><eos>``.
+
+So no document holds a problem of the RL task in the prompt's format together with its answer: a prompt
+(``07+35=<think>``) is only ever followed by unfinished steps (never ``</think>``, ``<answer>``, or the last
+column's result, the sum), and the complete worked solutions come without their question. A base model
+trained on this has to compose the pieces to solve the task.
+
+:class:`CorpusIterator` packs documents into rows ``[B, L]`` of the LM batch schema (``inputs``, ``targets``,
+``mask``, ``segment_ids``, ``positions``; :mod:`jaxlab.models.packing`): each row holds whole documents one
+after another (a document that does not fit in the row's remaining room is cut there), each its own segment
+with positions from 0, as the prompt of an RL problem sits alone at position 0. Batch ``i`` is a pure function
+of ``fold_in(key, i)``, so the position is the iterator's whole state. :func:`make_pretrain_step` is the
+spine's ``make_train_step`` on :func:`pretrain_loss`, the LM's ``next_token_loss`` on the packed rows.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+
+from jaxlab.models.lm import LM, next_token_loss
+from jaxlab.models.packing import target_mask_from_segments
+from jaxlab.rl.llm.reasoning_task import ThinkTask, encode_text, worked_solution
+from jaxlab.rl.llm.task import BOS, EOS, PAD
+from jaxlab.train_state import make_train_step
+
+__all__ = ["DOCUMENT_KINDS", "CorpusIterator", "corpus_documents", "document", "make_pretrain_step", "pretrain_loss"]
+
+DOCUMENT_KINDS = ("facts", "partial", "worked", "reverse")
+_WEIGHTS = (0.2, 0.35, 0.25, 0.2)  # how often each kind is drawn
+
+
+def _steps(solution: str) -> list[str]:
+    """The column steps of a worked solution (its text before ``</think>``)."""
+    return solution.split("</think>")[0].split(",")
+
+
+def document(rng: np.random.Generator, num_digits: int, kind: str | None = None) -> tuple[str, bool]:
+    """One document's text (after BOS) drawn with ``rng`` and whether it ends with EOS; ``kind`` one of
+    ``DOCUMENT_KINDS`` (None: drawn, ``partial`` 35%, ``worked`` 25%, ``facts`` and ``reverse`` 20% each)."""
+    if kind is None:
+        kind = DOCUMENT_KINDS[int(rng.choice(len(DOCUMENT_KINDS), p=_WEIGHTS))]
+    if kind == "facts":
+        facts = []
+        for _ in range(int(rng.integers(1, 7))):
+            x, y, c = int(rng.integers(10)), int(rng.integers(10)), int(rng.integers(2))
+            facts.append(f"{x}+{y}{'+1' if c else ''}={x + y + c}")
+        return ",".join(facts), True
+    if kind == "partial":
+        w = num_digits
+        a, b = (int(v) for v in rng.integers(0, 10**w, size=2))
+        steps = _steps(worked_solution(a, b, w))
+        k = int(rng.integers(1, w + 1))  # columns shown
+        shown = steps[:k - 1] + [steps[k - 1] if k < w else steps[k - 1].split(":")[0]]
+        return f"{a:0{w}d}+{b:0{w}d}=<think>" + ",".join(shown) + ("," if k < w else ""), False
+    if kind == "worked":
+        a, b = (int(v) for v in rng.integers(0, 10**num_digits, size=2))
+        return "<think>" + worked_solution(a, b, num_digits), True
+    if kind == "reverse":
+        digits = [str(int(v)) for v in rng.integers(0, 10, size=int(rng.integers(1, num_digits + 3)))]
+        results = ["".join(reversed(digits[:i + 1])) for i in range(len(digits))]
+        think = ",".join(f"{d}:{r}" for d, r in zip(digits, results))
+        return f"<think>{think}</think><answer>{results[-1]}</answer>", True
+    raise ValueError(f"kind={kind!r} must be one of {DOCUMENT_KINDS}")
+
+
+def _rng(key: jax.Array) -> np.random.Generator:
+    """A NumPy generator seeded by a JAX key's bits."""
+    data = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    return np.random.default_rng(np.asarray(data).astype(np.uint32).tolist())
+
+
+def corpus_documents(key: jax.Array, n: int, num_digits: int) -> list[str]:
+    """``n`` documents' texts drawn from ``key`` (what :class:`CorpusIterator` packs; for inspection)."""
+    rng = _rng(key)
+    return [document(rng, num_digits)[0] for _ in range(n)]
+
+
+class CorpusIterator:
+    """Packed pretraining batches ``[batch_size, seq_len]`` of the corpus of ``task`` (see the module docstring);
+    batch ``i`` from ``fold_in(key, i)``."""
+
+    def __init__(self, task: ThinkTask, batch_size: int, seq_len: int, key: jax.Array):
+        if not isinstance(task, ThinkTask):
+            raise ValueError(f"the base corpus is the 'think-add' task's; got task {getattr(task, 'kind', task)!r}")
+        if seq_len < task.answer_len + 1:
+            raise ValueError(f"seq_len={seq_len} must hold a whole worked document ({task.answer_len + 1} tokens)")
+        self.task, self.batch_size, self.seq_len, self.key, self.index = task, batch_size, seq_len, key, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        rng = _rng(jax.random.fold_in(self.key, self.index))
+        self.index += 1
+        B, L = self.batch_size, self.seq_len
+        inputs = np.full((B, L), PAD, np.int32)
+        segment_ids, positions = np.zeros((B, L), np.int32), np.zeros((B, L), np.int32)
+        for r in range(B):
+            t, segment = 0, 0
+            while t < L - 1:  # a document of one token would teach nothing
+                text, ends = document(rng, self.task.num_digits)
+                ids = ([BOS] + encode_text(text) + ([EOS] if ends else []))[:L - t]
+                segment += 1
+                inputs[r, t:t + len(ids)] = ids
+                segment_ids[r, t:t + len(ids)] = segment
+                positions[r, t:t + len(ids)] = np.arange(len(ids))
+                t += len(ids)
+        targets = np.concatenate([inputs[:, 1:], np.full((B, 1), PAD, np.int32)], axis=1)  # [B, L]
+        return {"inputs": inputs, "targets": targets, "mask": target_mask_from_segments(segment_ids),
+                "segment_ids": segment_ids, "positions": positions}
+
+    def get_state(self) -> dict:
+        return {"index": self.index}
+
+    def set_state(self, state: dict) -> None:
+        self.index = int(state["index"])
+
+
+def pretrain_loss(model: LM, params, batch: dict) -> tuple[jax.Array, dict]:
+    """Next-token cross-entropy of packed rows (``models.lm.next_token_loss``; documents attend only within
+    themselves): ``(loss, {"accuracy", "loss_weight"})``."""
+    logits, _ = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+    return next_token_loss(logits, batch["targets"], batch["mask"])
+
+
+def make_pretrain_step(model: LM, optimizer: optax.GradientTransformation, grad_accum: int = 1):
+    """``train_step(state, batch, key) -> (state, metrics)`` minimising :func:`pretrain_loss` (the spine's
+    ``make_train_step``; ``grad_accum`` microbatches weighted by their targets)."""
+    return make_train_step(lambda params, batch, key: pretrain_loss(model, params, batch), optimizer,
+                           grad_accum=grad_accum)
