@@ -37,7 +37,7 @@ def test_source_index_names_the_module_that_registers_each_name():
     assert {n: e.fn.__module__ for n, e in registry.experiments().items()} == idx.experiment
     assert {n: t.fn.__module__ for n, t in registry.trainers().items()} == idx.trainer
     assert registry.experiment_names() == sorted(idx.experiment)
-    assert registry.trainer_names() == ["lm", "posttrain", "rl", "vlm"]
+    assert registry.trainer_names() == ["gui-agent", "lm", "posttrain", "rl", "vlm"]
 
 
 def test_scan_reads_decorators_and_plain_calls():
