@@ -62,6 +62,7 @@ class GRPOSpec:
     temperature: float = 1.0
     format_weight: float = 0.0
     length_penalty: float = 0.0
+    """Weight of Kimi k1.5's length reward (:func:`~jaxlab.rl.llm.losses.kimi_length_reward`) added to the rewards."""
     grad_accum: int = 1
     loss: str = "grpo"
     """grpo (clipped ratio, k3 KL to the reference) | mirror-descent (Kimi k1.5's online mirror descent:
@@ -78,6 +79,10 @@ class GRPOSpec:
     metrics before they are logged)."""
     clip_eps_high: float | None = None
     """DAPO's clip-higher: the ratio's upper clip 1 + clip_eps_high (None: 1 + clip_eps, symmetric)."""
+    length_penalty_warmup: int = 0
+    """Kimi k1.5's warm-up (section 2.3.3): the length reward joins the rewards only from the stage's step
+    ``length_penalty_warmup`` on (``state.step``, 0 at the stage's first step), after standard policy
+    optimisation without it."""
     dynamic_sampling: bool = False
     """DAPO's dynamic sampling: groups whose rewards are all equal leave the loss and its normaliser
     (:func:`~jaxlab.rl.llm.losses.mixed_groups`; ``metrics["kept_groups"]`` their share kept)."""
@@ -85,7 +90,7 @@ class GRPOSpec:
     def __post_init__(self):
         check_positive(self, "group_size", "max_new_tokens", "ppo_epochs")
         check_positive(self, "grad_accum", integer=True)
-        check_positive(self, "rollout_budget", minimum=0, integer=True)
+        check_positive(self, "rollout_budget", "length_penalty_warmup", minimum=0, integer=True)
         if self.rollout_budget and self.return_rollout:
             raise ValueError(f"rollout_budget={self.rollout_budget} trains on rollouts of earlier steps' problems: it "
                              "cannot return the step's rollout (return_rollout=True)")
@@ -191,7 +196,8 @@ def make_grpo_learner(model: LM, task: Task, spec: GRPOSpec, optimizer: optax.Gr
         lengths = task.response_lengths(roll.response)
         rewards = rule_reward(correct, well_formed, spec.format_weight)
         if spec.length_penalty:
-            rewards = rewards + spec.length_penalty * kimi_length_reward(lengths, correct, G)
+            weight = jnp.where(state.step >= spec.length_penalty_warmup, spec.length_penalty, 0.0)
+            rewards = rewards + weight * kimi_length_reward(lengths, correct, G)
         advantages = grpo_advantages(rewards, G, scale=spec.scale_rewards)  # [N * G]
         ref_logp = response_logprobs(model, ref_params, roll.tokens, Lp, spec.temperature)  # [N * G, R]
         old_logp = sampled_logps(roll, spec.temperature)  # [N * G, R]

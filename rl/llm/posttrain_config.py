@@ -95,6 +95,9 @@ class PostTrainConfig:
     """Mirror descent's tau (the squared log-ratio tether to the sampling policy)."""
     length_penalty: float = 0.0
     """Weight of Kimi k1.5's length reward (GRPO)."""
+    length_penalty_warmup: int = 0
+    """GRPO: steps at the start of the stage without the length reward (Kimi k1.5, section 2.3.3: standard policy
+    optimisation first, then the constant length penalty)."""
     dpo_lr: float = 1e-4
     """Adam learning rate of DPO."""
     dpo_beta: float = 0.1
@@ -230,7 +233,7 @@ class PostTrainConfig:
         for name, unset in (("problem_sampling", "uniform"), ("problem_pool", 0), ("log_rollouts", 0)):
             check(self.method == "grpo" or getattr(self, name) == unset,
                   f"{name}={getattr(self, name)!r} is for method='grpo' (method={self.method!r})")
-        check_positive(self, "rollout_budget", minimum=0, integer=True)
+        check_positive(self, "rollout_budget", "length_penalty_warmup", minimum=0, integer=True)
         check(self.rollout_budget == 0 or self.method == "grpo",
               f"rollout_budget={self.rollout_budget} is for method='grpo' (method={self.method!r})")
         check(self.rollout_budget == 0 or (self.problem_pool == 0 and self.log_rollouts == 0),
@@ -273,6 +276,7 @@ class PostTrainConfig:
                         self.length_penalty, self.grad_accum, self.loss, self.mirror_tau,
                         return_rollout=self.problem_pool > 0 or self.log_rollouts > 0,
                         clip_eps_high=self.clip_eps_high, dynamic_sampling=self.dynamic_sampling,
+                        length_penalty_warmup=self.length_penalty_warmup,
                         rollout_budget=self.rollout_budget)
 
     def ppo_spec(self, response_len: int | None = None) -> PPOSpec:

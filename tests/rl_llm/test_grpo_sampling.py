@@ -19,9 +19,10 @@ from jaxlab.rl.llm.task import Task, TextTask, decode
 
 BASE = PostTrainConfig(method="grpo", task="add", num_digits=2, d_model=32, num_layers=1, num_heads=2, sft_steps=0,
                        steps=4, batch_size=4, group_size=2, eval_problems=8, eval_every=4, log_every=2,
-                       checkpoint_every=2, progress=False, mesh="data=1", problem_pool=16, length_penalty=0.5)
+                       checkpoint_every=2, progress=False, mesh="data=1", problem_pool=16, length_penalty=0.5,
+                       length_penalty_warmup=1)
 """No SFT: the initial model is never right, so Kimi's length reward (on the wrong answers of a group of varied
-lengths) is what moves the policy."""
+lengths) is what moves the policy, from the second step on (the first is the warm-up without it)."""
 ROWS = BASE.batch_size * BASE.group_size
 
 
@@ -113,7 +114,10 @@ def test_prioritized_pool_counts_every_attempt_resumes_exactly_and_logs_rollouts
         assert r["correct"] == (r["response"] == str(a + b) and r["length"] == len(r["response"]) + 1)
         assert 1 <= r["length"] <= cfg.response_len and 0 <= r["problem"] < cfg.problem_pool
     lengths, correct = (np.array([r[k] for r in records], np.float32) for k in ("length", "correct"))
-    expected = correct + cfg.length_penalty * np.asarray(kimi_length_reward(lengths, correct, cfg.group_size))
+    penalised = np.array([r["step"] > cfg.length_penalty_warmup for r in records])  # the warm-up step has none
+    length_reward = np.asarray(kimi_length_reward(lengths, correct, cfg.group_size))
+    assert np.any(length_reward[~penalised] != 0)  # the warm-up's rewards would differ with the penalty
+    expected = correct + cfg.length_penalty * penalised * length_reward
     np.testing.assert_allclose([r["reward"] for r in records], expected, rtol=1e-6)
     assert len({r["response"] for r in records}) > 1
 
