@@ -10,6 +10,13 @@ Documents (each ``<bos> text``, most then ``<eos>``; the notation is :mod:`jaxla
   solution, cut off before it is finished: ``<bos>07+35=<think>7+5=12:2,`` or, at most, every column with the
   last one's result left out, ``<bos>07+35=<think>7+5=12:2,0+3+1=4`` (no EOS: the document is cut, and
   never closes the think span or gives an answer);
+* ``"guess"`` - a problem in the prompt's format answered at once, with no steps, by a wrong guess (a
+  possible sum drawn at random, never the right one): ``<bos>07+35=<think></think><answer>61</answer><eos>``.
+  A base language model's first habit on an arithmetic prompt is to answer it directly (DeepSeek-R1-Zero's
+  responses start short, its Figure 3); these documents give the base model that habit beside the unfinished
+  steps, so RL has a choice to make: answer at once or think first. (A guess by a rule, e.g. the column sums
+  without their carries, would be right on the problems without a carry, a second strategy that RL can settle
+  on instead of thinking: it did at one seed of two.);
 * ``"worked"`` - worked column steps in the tag format with no question:
   ``<bos><think>7+5=12:2,0+3+1=4:42</think><answer>42</answer><eos>``;
 * ``"reverse"`` - the tag format on unrelated content, numbers copied: digits reversed by the same
@@ -18,7 +25,8 @@ Documents (each ``<bos> text``, most then ``<eos>``; the notation is :mod:`jaxla
 
 So no document holds a problem of the RL task in the prompt's format together with its answer: a prompt
 (``07+35=<think>``) is only ever followed by unfinished steps (never ``</think>``, ``<answer>``, or the last
-column's result, the sum), and the complete worked solutions come without their question. A base model
+column's result, the sum) or by a wrong guess with no steps, and the complete worked solutions come without
+their question. A base model
 trained on this has to compose the pieces to solve the task.
 
 :class:`CorpusIterator` packs documents into rows ``[B, L]`` of the LM batch schema (``inputs``, ``targets``,
@@ -43,8 +51,8 @@ from jaxlab.train_state import make_train_step
 
 __all__ = ["DOCUMENT_KINDS", "CorpusIterator", "corpus_documents", "document", "make_pretrain_step", "pretrain_loss"]
 
-DOCUMENT_KINDS = ("facts", "partial", "worked", "reverse")
-_WEIGHTS = (0.2, 0.35, 0.25, 0.2)  # how often each kind is drawn
+DOCUMENT_KINDS = ("facts", "partial", "guess", "worked", "reverse")
+_WEIGHTS = (0.1, 0.25, 0.35, 0.2, 0.1)  # how often each kind is drawn: of the prompts, 58% answered at once
 
 
 def _steps(solution: str) -> list[str]:
@@ -54,7 +62,8 @@ def _steps(solution: str) -> list[str]:
 
 def document(rng: np.random.Generator, num_digits: int, kind: str | None = None) -> tuple[str, bool]:
     """One document's text (after BOS) drawn with ``rng`` and whether it ends with EOS; ``kind`` one of
-    ``DOCUMENT_KINDS`` (None: drawn, ``partial`` 35%, ``worked`` 25%, ``facts`` and ``reverse`` 20% each)."""
+    ``DOCUMENT_KINDS`` (None: drawn, ``guess`` 35%, ``partial`` 25%, ``worked`` 20%, ``facts`` and ``reverse``
+    10% each)."""
     if kind is None:
         kind = DOCUMENT_KINDS[int(rng.choice(len(DOCUMENT_KINDS), p=_WEIGHTS))]
     if kind == "facts":
@@ -70,6 +79,12 @@ def document(rng: np.random.Generator, num_digits: int, kind: str | None = None)
         k = int(rng.integers(1, w + 1))  # columns shown
         shown = steps[:k - 1] + [steps[k - 1] if k < w else steps[k - 1].split(":")[0]]
         return f"{a:0{w}d}+{b:0{w}d}=<think>" + ",".join(shown) + ("," if k < w else ""), False
+    if kind == "guess":
+        w = num_digits
+        a, b = (int(v) for v in rng.integers(0, 10**w, size=2))
+        guess = int(rng.integers(0, 2 * 10**w - 2))  # any possible sum but the right one
+        guess += guess >= a + b
+        return f"{a:0{w}d}+{b:0{w}d}=<think></think><answer>{guess}</answer>", True
     if kind == "worked":
         a, b = (int(v) for v in rng.integers(0, 10**num_digits, size=2))
         return "<think>" + worked_solution(a, b, num_digits), True

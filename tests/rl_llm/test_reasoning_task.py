@@ -11,7 +11,7 @@ import pytest
 
 from jaxlab.rl.llm.base_corpus import DOCUMENT_KINDS, CorpusIterator, corpus_documents, document
 from jaxlab.rl.llm.posttrain import PostTrainConfig, posttrain
-from jaxlab.rl.llm.reasoning_task import (ANSWER_CLOSE, THINK_CLOSE, THINK_TOKENS, THINK_VOCAB_SIZE, ThinkTask,
+from jaxlab.rl.llm.reasoning_task import (THINK_TOKENS, THINK_VOCAB_SIZE, ThinkTask,
                                           decode_text, encode_text, reference_verify, worked_solution)
 from jaxlab.rl.llm.task import BOS, CHARS, EOS, PAD, TASK_NAMES, Task, encode, make_task
 
@@ -136,9 +136,9 @@ def test_base_corpus_never_holds_a_problem_with_its_answer():
     rng = np.random.default_rng(1)
     kinds = {kind: document(rng, 2, kind)[0] for kind in DOCUMENT_KINDS}
     for kind, text in kinds.items():  # every kind is in the corpus: the search below is not vacuous
-        pattern = {"facts": r"^\d\+\d(\+1)?=\d+(,|$)", "partial": r"^\d\d\+\d\d=<think>", "worked": r"^<think>\d\+",
-                   "reverse": r"^<think>\d:\d(,|<)"}[kind]
-        assert re.search(pattern, text) and sum(bool(re.search(pattern, d)) for d in docs) > 2000, kind
+        pattern = {"facts": r"^\d\+\d(\+1)?=\d+(,|$)", "partial": r"^\d\d\+\d\d=<think>\d", "worked": r"^<think>\d\+",
+                   "reverse": r"^<think>\d:\d(,|<)", "guess": r"^\d\d\+\d\d=<think></think><answer>\d+</answer>$"}[kind]
+        assert re.search(pattern, text) and sum(bool(re.search(pattern, d)) for d in docs) > 1000, kind
     # every problem of a sample of the RL task: its prompt is often there, never followed by the answer
     prompts, answers = task.sample(jax.random.PRNGKey(7), 500)
     seen = 0
@@ -151,10 +151,20 @@ def test_base_corpus_never_holds_a_problem_with_its_answer():
         seen += bool(with_prompt)
         assert not any(answer in d.split(prompt, 1)[1] for d in with_prompt), prompt
     assert seen > 100
-    # no document that holds a prompt of the task's format closes the think span or gives an answer
+    # a prompt of the task's format is followed by unfinished steps (never closing the think span or giving an
+    # answer) or at once by a wrong guess with no steps
+    guesses = 0
     for d in docs:
-        if re.search(r"\d\d\+\d\d=<think>", d):
-            assert "</think>" not in d and "<answer>" not in d and "</answer>" not in d, d
+        prompt = re.search(r"(\d\d)\+(\d\d)=<think>", d)
+        if prompt:
+            rest = d[prompt.end():]
+            guess = re.fullmatch(r"</think><answer>(\d+)</answer>", rest)
+            if guess:
+                guesses += 1
+                assert int(guess[1]) != int(prompt[1]) + int(prompt[2]), d
+            else:
+                assert "</think>" not in rest and "<answer>" not in rest and "</answer>" not in rest, d
+    assert guesses > 1000
 
 
 def test_corpus_batches_are_packed_documents_drawn_from_the_key():
