@@ -244,6 +244,18 @@ class LM(nn.Module):
         if tokens.shape[1] > self.cfg.max_len:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_len={self.cfg.max_len}")
 
+    def _check_embeds(self, tokens, embeds, embeds_mask) -> None:
+        """``embeds [B, L, d_model]`` and ``embeds_mask [B, L]`` for ``tokens [B, L]``: both or neither."""
+        B, L = tokens.shape
+        if (embeds is None) != (embeds_mask is None):
+            raise ValueError("embeds and embeds_mask must be given together, got "
+                             f"embeds={None if embeds is None else embeds.shape}, "
+                             f"embeds_mask={None if embeds_mask is None else embeds_mask.shape}")
+        if embeds is not None and (embeds.shape != (B, L, self.cfg.d_model) or embeds_mask.shape != (B, L)):
+            raise ValueError(f"embeds must have shape {(B, L, self.cfg.d_model)} and embeds_mask {(B, L)} "
+                             f"(tokens {tokens.shape}, d_model={self.cfg.d_model}), got embeds {embeds.shape} "
+                             f"and embeds_mask {embeds_mask.shape}")
+
     def _run(self, tokens, positions, segment_ids, states, embeds=None, embeds_mask=None):
         # perturb: adds a zero "perturbations" variable when that collection is passed, so gradients with
         # respect to the embedded inputs (e.g. causality checks) come from jax.grad on it.
@@ -304,14 +316,7 @@ class LM(nn.Module):
             positions = default_positions(B, L, segment_ids)
         elif positions.shape != (B, L):
             raise ValueError(f"positions must have shape {(B, L)}, got {positions.shape}")
-        if (embeds is None) != (embeds_mask is None):
-            raise ValueError("embeds and embeds_mask must be given together, got "
-                             f"embeds={None if embeds is None else embeds.shape}, "
-                             f"embeds_mask={None if embeds_mask is None else embeds_mask.shape}")
-        if embeds is not None and (embeds.shape != (B, L, self.cfg.d_model) or embeds_mask.shape != (B, L)):
-            raise ValueError(f"embeds must have shape {(B, L, self.cfg.d_model)} and embeds_mask {(B, L)} "
-                             f"(tokens {tokens.shape}, d_model={self.cfg.d_model}), got embeds {embeds.shape} "
-                             f"and embeds_mask {embeds_mask.shape}")
+        self._check_embeds(tokens, embeds, embeds_mask)
         logits, _, aux = self._run(tokens, positions, segment_ids, None, embeds,
                                    None if embeds_mask is None else embeds_mask.astype(bool))
         return logits, aux
@@ -324,14 +329,7 @@ class LM(nn.Module):
         prefilled by ``models.vlm_sampling``). Give both or neither."""
         self._check_tokens(tokens)
         B, L = tokens.shape
-        if (embeds is None) != (embeds_mask is None):
-            raise ValueError("embeds and embeds_mask must be given together, got "
-                             f"embeds={None if embeds is None else embeds.shape}, "
-                             f"embeds_mask={None if embeds_mask is None else embeds_mask.shape}")
-        if embeds is not None and (embeds.shape != (B, L, self.cfg.d_model) or embeds_mask.shape != (B, L)):
-            raise ValueError(f"embeds must have shape {(B, L, self.cfg.d_model)} and embeds_mask {(B, L)} "
-                             f"(tokens {tokens.shape}, d_model={self.cfg.d_model}), got embeds {embeds.shape} "
-                             f"and embeds_mask {embeds_mask.shape}")
+        self._check_embeds(tokens, embeds, embeds_mask)
         positions = cache.index + jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
         logits, states, _ = self._run(tokens, positions, None, cache.layers, embeds,
                                       None if embeds_mask is None else embeds_mask.astype(bool))

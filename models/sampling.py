@@ -42,7 +42,7 @@ from flax import struct
 
 from jaxlab.models.lm import LM, LMConfig, token_logprobs
 
-__all__ = ["Sample", "draw_token", "response_logprobs", "sample", "sampling_logits"]
+__all__ = ["Sample", "decode_tokens", "draw_token", "response_logprobs", "sample", "sampling_logits"]
 
 
 @struct.dataclass
@@ -127,6 +127,23 @@ def draw_token(logits: jax.Array, key: jax.Array, t, done: jax.Array, *, tempera
     return token, logp, model_logp, live, done
 
 
+def decode_tokens(pick, next_logits, logits: jax.Array, cache, max_new_tokens: int):
+    """The decoding loop after a prefill: token 0 is ``pick(logits, 0, done)`` from the prompt's last logits
+    [B, V], then each token ``t`` is picked from ``next_logits(token_{t-1} [B], cache) -> (logits [B, V], cache)``
+    in a ``lax.scan``; ``pick`` is :func:`draw_token` with its options bound. Returns ``(response, logps,
+    model_logps, mask)``, each [B, R]."""
+    first = pick(logits, 0, jnp.zeros((logits.shape[0],), bool))
+
+    def step(carry, t):
+        token, cache, done = carry  # token t - 1 [B], its cache, [B] bool
+        logits, cache = next_logits(token, cache)
+        token, logp, model_logp, live, done = pick(logits, t, done)
+        return (token, cache, done), (token, logp, model_logp, live)
+
+    _, rest = jax.lax.scan(step, (first[0], cache, first[4]), jnp.arange(1, max_new_tokens))
+    return tuple(jnp.concatenate([a[:, None], b.T], axis=1) for a, b in zip(first[:4], rest))  # [B, R] each
+
+
 @functools.lru_cache(maxsize=64)
 def _sample_fn(cfg: LMConfig, max_new_tokens: int, top_k: int | None, nucleus: bool, stops: bool):
     """The jitted sampler of one configuration and response length; temperature, top_p, the EOS and the
@@ -142,17 +159,12 @@ def _sample_fn(cfg: LMConfig, max_new_tokens: int, top_k: int | None, nucleus: b
 
         cache = model.init_cache(B, Lp + max_new_tokens)
         logits, cache = model.apply({"params": params}, prompts, cache, method=LM.decode)  # prefill
-        first = pick(logits[:, -1], 0, jnp.zeros((B,), bool))
 
-        def step(carry, t):
-            token, cache, done = carry  # token t - 1 [B], its cache, [B] bool
+        def next_logits(token, cache):  # token [B] -> the logits [B, V] after it
             logits, cache = model.apply({"params": params}, token[:, None], cache, method=LM.decode)
-            token, logp, model_logp, live, done = pick(logits[:, 0], t, done)
-            return (token, cache, done), (token, logp, model_logp, live)
+            return logits[:, 0], cache
 
-        _, rest = jax.lax.scan(step, (first[0], cache, first[4]), jnp.arange(1, max_new_tokens))
-        response, logps, model_logps, mask = (jnp.concatenate([a[:, None], b.T], axis=1)  # [B, R]
-                                              for a, b in zip(first[:4], rest))
+        response, logps, model_logps, mask = decode_tokens(pick, next_logits, logits[:, -1], cache, max_new_tokens)
         return Sample(jnp.concatenate([prompts, response], axis=1), response, logps, mask, model_logps)
 
     return jax.jit(run)

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlab.models.lm import LM, token_logprobs
-from jaxlab.models.sampling import Sample, draw_token
+from jaxlab.models.sampling import Sample, decode_tokens, draw_token
 from jaxlab.models.vision import pack_images
 from jaxlab.models.vlm import VLM, VLMConfig, VLMExample, VLMImages, expand_image_placeholders, merge_indices
 
@@ -144,17 +144,12 @@ def _sample_fn(cfg: VLMConfig, max_new_tokens: int, stops: bool):
         cache = lm.init_cache(B, Lp + max_new_tokens)
         logits, cache = lm.apply(variables, tokens, cache, embeds=embeds, embeds_mask=slots >= 0,
                                  method=LM.decode)  # prefill: [B, Lp, V]
-        first = pick(logits[:, -1], 0, jnp.zeros((B,), bool))
 
-        def step(carry, t):
-            token, cache, done = carry  # token t - 1 [B]
+        def next_logits(token, cache):  # token [B] -> the logits [B, V] after it
             logits, cache = lm.apply(variables, token[:, None], cache, method=LM.decode)  # [B, 1, V]
-            token, logp, model_logp, live, done = pick(logits[:, 0], t, done)
-            return (token, cache, done), (token, logp, model_logp, live)
+            return logits[:, 0], cache
 
-        _, rest = jax.lax.scan(step, (first[0], cache, first[4]), jnp.arange(1, max_new_tokens))
-        response, logps, model_logps, mask = (jnp.concatenate([a[:, None], b.T], axis=1)  # [B, R]
-                                              for a, b in zip(first[:4], rest))
+        response, logps, model_logps, mask = decode_tokens(pick, next_logits, logits[:, -1], cache, max_new_tokens)
         return Sample(jnp.concatenate([tokens, response], axis=1), response, logps, mask, model_logps)
 
     return jax.jit(run)
