@@ -20,7 +20,7 @@ from jaxlab.rl.llm.losses import AGGREGATIONS, DPO_LOSSES
 from jaxlab.rl.llm.ppo_rlhf import PPOSpec
 from jaxlab.rl.llm.problem_sampling import MODES as SAMPLING_MODES
 from jaxlab.rl.llm.reasoning_task import ThinkTask
-from jaxlab.rl.llm.task import PROMPT_FORMATS, TASK_NAMES, Task, TextTask, make_task
+from jaxlab.rl.llm.task import LEVELLED_TASKS, PROMPT_FORMATS, TASK_NAMES, Task, TextTask, make_task
 from jaxlab.validation import check, check_choice, check_greater, check_positive
 
 __all__ = ["ARCHITECTURE_FIELDS", "METHODS", "PostTrainConfig"]
@@ -154,8 +154,8 @@ class PostTrainConfig:
     gradient); divides sft_batch_size, batch_size and batch_size * group_size."""
     problem_sampling: str = "uniform"
     """GRPO: how each step's problems are drawn from the pool (Kimi k1.5): uniform | curriculum (one more
-    difficulty level opened per 1/num_digits of the steps; task add: a problem's level is its larger operand's
-    digits minus 1) | prioritized (in proportion to 1 - the problem's success rate so far) |
+    difficulty level opened per 1/num_digits of the steps; tasks add and think-add: a problem's level is its
+    larger operand's digits minus 1) | prioritized (in proportion to 1 - the problem's success rate so far) |
     curriculum+prioritized. Every mode but uniform needs problem_pool."""
     problem_pool: int = 0
     """GRPO: problems in a fixed pool drawn once from the seed (add: levels equally often), whose per-problem
@@ -246,9 +246,9 @@ class PostTrainConfig:
         check(self.long2short_samples >= 2, f"long2short_samples={self.long2short_samples!r} must be >= 2")
         check(self.problem_sampling == "uniform" or self.problem_pool > 0,
               f"problem_sampling={self.problem_sampling!r} draws from a pool: set problem_pool > 0 (got 0)")
-        check("curriculum" not in self.problem_sampling or self.task == "add",
+        check("curriculum" not in self.problem_sampling or self.task in LEVELLED_TASKS,
               f"problem_sampling={self.problem_sampling!r} needs difficulty levels, which task={self.task!r} lacks "
-              "(only 'add' has them: the larger operand's digits)")
+              f"(only {LEVELLED_TASKS} have them: the larger operand's digits)")
         if self.prompt_format != "plain" and self.init_from is None:
             raise ValueError(f"prompt_format={self.prompt_format!r} needs init_from (a checkpoint's tokenizer)")
 

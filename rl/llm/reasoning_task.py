@@ -44,7 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlab.rl.llm.task import BOS, CHARS, DIGIT0, EOS, PAD, response_lengths, response_mask, rule_reward
+from jaxlab.rl.llm.task import (BOS, CHARS, DIGIT0, EOS, PAD, level_operands, response_lengths, response_mask,
+                                rule_reward)
 
 __all__ = ["ANSWER_CLOSE", "ANSWER_OPEN", "TAGS", "THINK_CLOSE", "THINK_OPEN", "THINK_TOKENS", "THINK_VOCAB_SIZE",
            "ThinkTask", "decode_text", "encode_text", "reference_verify", "worked_solution"]
@@ -162,9 +163,25 @@ class ThinkTask:
     def sample(self, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
         """``n`` problems: prompts int32 [n, prompt_len] and their worked solutions int32 [n, answer_len]
         (:func:`worked_solution`, then EOS, then PAD; jittable: the solutions are written on the host)."""
-        d = self.num_digits
         ka, kb = jax.random.split(key)
-        a, b = jax.random.randint(ka, (n,), 0, 10**d), jax.random.randint(kb, (n,), 0, 10**d)
+        return self._problems(jax.random.randint(ka, (n,), 0, 10**self.num_digits),
+                              jax.random.randint(kb, (n,), 0, 10**self.num_digits))
+
+    @property
+    def num_levels(self) -> int:
+        """Difficulty levels of :meth:`sample_levels`: ``num_digits``."""
+        return self.num_digits
+
+    def sample_levels(self, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``n`` problems spread evenly over the difficulty levels, for a curriculum (Kimi k1.5, section 2.3.4):
+        prompts, worked solutions and levels int32 [n], a problem's level the number of digits of its larger
+        operand minus 1 (:func:`jaxlab.rl.llm.task.level_operands`, as for "add"); operands stay zero-padded."""
+        a, b, levels = level_operands(key, n, self.num_digits)
+        return (*self._problems(a, b), levels)
+
+    def _problems(self, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The problems ``a + b`` of operands int [n] below ``10**num_digits``: (prompts, worked solutions)."""
+        d, n = self.num_digits, a.shape[0]
         prompts = jnp.concatenate([jnp.full((n, 1), BOS), _digits(a, d), jnp.full((n, 1), _PLUS), _digits(b, d),
                                    jnp.full((n, 1), _EQUALS), jnp.full((n, 1), THINK_OPEN)], axis=1)
         answers = jax.pure_callback(self._solutions, jax.ShapeDtypeStruct((n, self.answer_len), jnp.int32), a, b,

@@ -24,7 +24,7 @@ from jaxlab.loop import DataIterator
 from jaxlab.metrics import MetricsWriter
 from jaxlab.rl.llm.problem_sampling import MODES as SAMPLING_MODES
 from jaxlab.rl.llm.problem_sampling import ProblemStats, record, sample_problems
-from jaxlab.rl.llm.task import Task, TextTask
+from jaxlab.rl.llm.task import LEVELLED_TASKS, Task, TextTask
 
 __all__ = ["GRPOHost", "ProblemIterator", "ProblemPool", "WithFrozen"]
 
@@ -77,19 +77,20 @@ class ProblemPool:
     """Batches ``{"prompts", "answers"}`` drawn from a fixed pool of problems by Kimi k1.5's sampling strategies
     (:func:`~jaxlab.rl.llm.problem_sampling.sample_problems`), with the pool's per-problem outcomes.
 
-    The pool is ``size`` problems drawn once from ``pool_key``: ``task.sample_levels`` for "add" (difficulty
-    levels, each equally often; ``levels`` [size]), else ``task.sample`` (every problem at level 0). Batch ``i``
-    draws ``batch_size`` problem indices (``last``, int32 [batch_size]) from ``fold_in(key, i)`` by ``mode`` at
-    training progress ``i / steps``; :meth:`record` then adds the outcomes of their ``group_size`` responses each
-    to ``stats`` (:class:`~jaxlab.rl.llm.problem_sampling.ProblemStats`). The position and the counts are the
-    iterator state (JSON; float32 counts are integers and read back exactly), so the loop checkpoints them with
+    The pool is ``size`` problems drawn once from ``pool_key``: ``task.sample_levels`` for the tasks with
+    difficulty levels, ``LEVELLED_TASKS`` (each level equally often; ``levels`` [size]), else ``task.sample``
+    (every problem at level 0). Batch ``i`` draws ``batch_size`` problem indices (``last``, int32 [batch_size])
+    from ``fold_in(key, i)`` by ``mode`` at training progress ``i / steps``; :meth:`record` then adds the
+    outcomes of their ``group_size`` responses each to ``stats``
+    (:class:`~jaxlab.rl.llm.problem_sampling.ProblemStats`). The position and the counts are the iterator state
+    (JSON; float32 counts are integers and read back exactly), so the loop checkpoints them with
     the train state and a resumed run draws the problems of an uninterrupted one."""
 
     def __init__(self, task: Task | TextTask, size: int, batch_size: int, pool_key: jax.Array, key: jax.Array,
                  mode: str = "uniform", steps: int = 1, group_size: int = 1):
         if mode not in SAMPLING_MODES:
             raise ValueError(f"mode={mode!r} must be one of {SAMPLING_MODES}")
-        if task.kind == "add":
+        if task.kind in LEVELLED_TASKS:
             self.prompts, self.answers, self.levels = _pool_fn(task, size)(pool_key)
             self.num_levels = task.num_levels
         else:

@@ -19,7 +19,8 @@ read (``eos_id``, ``pad_id``, ``prompt_len``, ``answer_len``, ``sample``, ``is_c
 
 Difficulty levels (a curriculum's, Kimi Team 2025, section 2.3.4): ``Task.sample_levels`` draws "add" problems
 with every level equally often, a problem's level being the number of digits of its larger operand minus 1
-(``07+35=``: level 1; operands still zero-padded). "sort" has no levels: a curriculum over it is an error.
+(``07+35=``: level 1; operands still zero-padded; :func:`level_operands`, shared with "think-add"). "sort" has no
+levels: a curriculum over it is an error.
 """
 
 from __future__ import annotations
@@ -30,14 +31,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["BOS", "EOS", "PAD", "PROMPT_FORMATS", "TASKS", "TASK_NAMES", "VOCAB_SIZE", "Task", "TextTask", "decode",
-           "encode", "format_ok", "is_correct", "make_task", "response_lengths", "response_mask", "rule_reward"]
+__all__ = ["BOS", "EOS", "LEVELLED_TASKS", "PAD", "PROMPT_FORMATS", "TASKS", "TASK_NAMES", "VOCAB_SIZE", "Task",
+           "TextTask", "decode", "encode", "format_ok", "is_correct", "level_operands", "make_task", "response_lengths",
+           "response_mask", "rule_reward"]
 
 PAD, BOS, EOS = 0, 1, 2
 CHARS = "0123456789+="
 VOCAB_SIZE = 3 + len(CHARS)
 DIGIT0 = 3  # token of "0"; digits are DIGIT0 .. DIGIT0 + 9
 TASKS = ("add", "sort")
+LEVELLED_TASKS = ("add", "think-add")
+"""The tasks with difficulty levels (``sample_levels``, ``num_levels``): a curriculum needs one."""
 TASK_NAMES = (*TASKS, "think-add")
 """Every task post-training reaches by name: :class:`Task`'s kinds and "think-add"
 (:class:`jaxlab.rl.llm.reasoning_task.ThinkTask`, whose vocabulary extends this one's additively)."""
@@ -53,6 +57,21 @@ def make_task(name: str, num_digits: int = 2):
     if name not in TASKS:
         raise ValueError(f"task={name!r} must be one of {TASK_NAMES}")
     return Task(name, num_digits)
+
+
+def level_operands(key: jax.Array, n: int, num_digits: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Operands ``a, b`` int32 [n] of ``n`` addition problems spread evenly over ``num_digits`` difficulty
+    levels, and the levels int32 [n] (jittable). A problem's level is the number of digits of its larger
+    operand minus 1: it draws its level uniformly, then one operand uniformly among the numbers of exactly
+    ``level + 1`` digits and the other uniformly below ``10**(level + 1)``, in a random order."""
+    kl, kh, ko, ks = jax.random.split(key, 4)
+    levels = jax.random.randint(kl, (n,), 0, num_digits)  # [n]
+    top = 10 ** (levels + 1)  # [n], operands below it
+    low = jnp.where(levels > 0, 10**levels, 0)  # [n], the larger operand at least this
+    high = jax.random.randint(kh, (n,), low, top)  # exactly level + 1 digits
+    other = jax.random.randint(ko, (n,), 0, top)
+    swap = jax.random.bernoulli(ks, 0.5, (n,))
+    return jnp.where(swap, other, high), jnp.where(swap, high, other), levels.astype(jnp.int32)
 
 
 def encode(text: str) -> list[int]:
@@ -139,15 +158,8 @@ class Task:
         to ``num_digits`` (every prompt has one length). "sort" has no levels here (``ValueError``)."""
         if self.kind != "add":
             raise ValueError(f"kind={self.kind!r} has no difficulty levels (sample_levels is for 'add')")
-        kl, kh, ko, ks = jax.random.split(key, 4)
-        levels = jax.random.randint(kl, (n,), 0, self.num_digits)  # [n]
-        top = 10 ** (levels + 1)  # [n], operands below it
-        low = jnp.where(levels > 0, 10**levels, 0)  # [n], the larger operand at least this
-        high = jax.random.randint(kh, (n,), low, top)  # exactly level + 1 digits
-        other = jax.random.randint(ko, (n,), 0, top)
-        swap = jax.random.bernoulli(ks, 0.5, (n,))
-        prompts, answers = self._add(jnp.where(swap, other, high), jnp.where(swap, high, other))
-        return prompts, answers, levels.astype(jnp.int32)
+        a, b, levels = level_operands(key, n, self.num_digits)
+        return (*self._add(a, b), levels)
 
     def _add(self, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The "add" problems ``a + b`` of operands int [n] below ``10**num_digits``: (prompts, answers)."""

@@ -11,6 +11,7 @@ import pytest
 
 from jaxlab.rl.llm.base_corpus import DOCUMENT_KINDS, CorpusIterator, corpus_documents, document
 from jaxlab.rl.llm.posttrain import PostTrainConfig, posttrain
+from jaxlab.rl.llm.stage_data import ProblemPool
 from jaxlab.rl.llm.reasoning_task import (THINK_TOKENS, THINK_VOCAB_SIZE, ThinkTask,
                                           decode_text, encode_text, reference_verify, worked_solution)
 from jaxlab.rl.llm.task import BOS, CHARS, EOS, PAD, TASK_NAMES, Task, encode, make_task
@@ -197,7 +198,6 @@ def test_corpus_batches_are_packed_documents_drawn_from_the_key():
     (dict(task="think-add", num_digits=1), r"num_digits=1 must be an int in \[2, 6\]"),
     (dict(task="think-add", pretrain_steps=-1), "pretrain_steps"),
     (dict(task="think-add", pretrain_lr=0.0), "pretrain_lr"),
-    (dict(task="think-add", problem_pool=8, problem_sampling="curriculum"), "needs difficulty levels"),
 ])
 def test_config_rejects_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -224,3 +224,22 @@ def test_r1_zero_grpo_from_the_pretrained_base_model(tmp_path):
     assert [r["step"] for r in logged] == [1, 2] and np.isfinite(run["final"]["kl_to_ref"])
     for r in logged:  # a batch without a group of mixed rewards has nothing in the loss
         assert 0 <= r["kept_groups"] <= 1 and (r["kept_groups"] > 0 or r["loss"] == 0.0)
+
+
+def test_think_task_levels_follow_the_larger_operand_and_open_a_curriculum():
+    task = ThinkTask(3)
+    prompts, answers, levels = jax.jit(lambda k: task.sample_levels(k, 96))(jax.random.PRNGKey(3))
+    assert prompts.shape == (96, task.prompt_len) and answers.shape == (96, task.answer_len) and task.num_levels == 3
+    for prompt, answer, level in zip(np.asarray(prompts), np.asarray(answers), np.asarray(levels)):
+        a, b = (int(x) for x in task.text(prompt, until_eos=False).split("=")[0].split("+"))
+        assert task.text(prompt, until_eos=False) == task.prompt_text(a, b)  # zero-padded operands
+        assert level == len(str(max(a, b))) - 1, (a, b, level)
+        assert task.text(answer) == worked_solution(a, b, 3)
+    assert np.bincount(np.asarray(levels), minlength=3).min() >= 20  # each level about a third of the time
+    pool = ProblemPool(task, 64, 16, jax.random.PRNGKey(1), jax.random.PRNGKey(2), "curriculum", steps=30)
+    next(pool)  # progress 0: only level 0 (single-digit operands) is open
+    assert (np.asarray(pool.levels)[np.asarray(pool.last)] == 0).all()
+    cfg = PostTrainConfig(task="think-add", problem_sampling="curriculum+prioritized", problem_pool=64)
+    assert cfg.problem_sampling == "curriculum+prioritized"
+    with pytest.raises(ValueError, match="task='sort'"):
+        PostTrainConfig(task="sort", problem_sampling="curriculum", problem_pool=64)
