@@ -38,7 +38,7 @@ import optax
 from jaxlab.models.lm import LM
 from jaxlab.models.sampling import response_logprobs, sample
 from jaxlab.rl.llm.losses import (AGGREGATIONS, grpo_advantages, grpo_loss, kimi_length_reward, masked_mean,
-                                  masked_sum, mirror_descent_loss, mixed_groups)
+                                  mirror_descent_loss, mixed_groups, sequence_kl)
 from jaxlab.rl.llm.task import Task, rule_reward
 from jaxlab.train_state import LossFn, TrainState, apply_update, loss_and_grads
 from jaxlab.validation import check_positive
@@ -182,11 +182,8 @@ def make_grpo_learner(model: LM, task: Task, spec: GRPOSpec, optimizer: optax.Gr
         del key
         logp = response_logprobs(model, params, exp["tokens"], Lp, spec.temperature)
         if spec.loss == "mirror-descent":
-            loss, metrics = mirror_descent_loss(logp, exp["old_logp"], exp["rewards"], exp["mask"], G,
-                                                spec.mirror_tau)
-            if "keep" in exp:  # the dropped rows have no tokens (their terms are 0): a mean over the kept rows
-                loss = loss * exp["keep"].size / jnp.maximum(jnp.sum(exp["keep"]), 1.0)
-            return loss, metrics
+            return mirror_descent_loss(logp, exp["old_logp"], exp["rewards"], exp["mask"], G, spec.mirror_tau,
+                                       keep=exp.get("keep"))
         return grpo_loss(logp, exp["old_logp"], exp["ref_logp"], exp["advantages"], exp["mask"],
                          clip_eps=spec.clip_eps, beta=spec.beta, aggregation=spec.aggregation,
                          clip_eps_high=spec.clip_eps_high, keep=exp.get("keep"))
@@ -208,8 +205,6 @@ def make_grpo_learner(model: LM, task: Task, spec: GRPOSpec, optimizer: optax.Gr
         keep = mixed_groups(rewards, G) if spec.dynamic_sampling else None  # [N * G]
         if rows is not None:
             keep = rows if keep is None else keep * rows
-            if spec.loss == "mirror-descent":  # no keep= of its own: the dropped rows lose their tokens
-                exp["mask"] = mask
         if keep is not None:
             exp["keep"] = keep
         state, metrics = update_epochs(state, loss_fn, exp, jax.random.split(key)[1], optimizer, spec.ppo_epochs,
@@ -221,7 +216,7 @@ def make_grpo_learner(model: LM, task: Task, spec: GRPOSpec, optimizer: optax.Gr
             group_mean = lambda x: masked_mean(x, ready.astype(jnp.float32))  # noqa: E731
         solved = jnp.mean(correct.reshape(-1, G), axis=1)  # [N]
         metrics.update(reward=mean(rewards), accuracy=mean(correct), response_length=mean(lengths),
-                       seq_kl=mean(masked_sum(old_logp - ref_logp, mask, axis=1)),
+                       seq_kl=sequence_kl(old_logp, ref_logp, mask, rows),
                        mixed_groups=group_mean(((solved > 0) & (solved < 1)).astype(jnp.float32)),
                        entropy_proxy=-masked_mean(old_logp, mask))
         if spec.dynamic_sampling:

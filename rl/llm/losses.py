@@ -68,10 +68,12 @@ def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
     return masked_sum(x, mask, axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
 
 
-def sequence_kl(logp: jax.Array, ref_logp: jax.Array, mask: jax.Array) -> jax.Array:
+def sequence_kl(logp: jax.Array, ref_logp: jax.Array, mask: jax.Array, rows: jax.Array | None = None) -> jax.Array:
     """``E_pi[log pi(y|x) - log pi_ref(y|x)]`` estimated on responses sampled from pi: the batch mean of
-    ``sum_t mask (logp - ref_logp)`` over per-token log-probabilities [B, T]."""
-    return jnp.mean(masked_sum(logp - ref_logp, mask, axis=1))
+    ``sum_t mask (logp - ref_logp)`` over per-token log-probabilities [B, T] (with ``rows`` [B] 0/1: the mean
+    over the rows set)."""
+    per_sequence = masked_sum(logp - ref_logp, mask, axis=1)  # [B]
+    return jnp.mean(per_sequence) if rows is None else masked_mean(per_sequence, rows)
 
 
 # ---- DPO ---------------------------------------------------------------------------------------------
@@ -237,7 +239,8 @@ def kimi_length_reward(lengths: jax.Array, correct: jax.Array, group_size: int) 
 
 
 def mirror_descent_loss(logp: jax.Array, old_logp: jax.Array, rewards: jax.Array, mask: jax.Array,
-                        group_size: int, tau: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+                        group_size: int, tau: float,
+                        keep: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Kimi k1.5's online policy mirror descent (Kimi Team 2025, section 2.3.2), negated for minimisation.
 
     The iteration maximises ``E[r] - tau KL(pi || pi_i)`` against the sampling policy ``pi_i``; with ``k``
@@ -249,21 +252,32 @@ def mirror_descent_loss(logp: jax.Array, old_logp: jax.Array, rewards: jax.Array
 
     with sequence log-probabilities ``log pi(y_j) = sum_t logp m``. ``logp``, ``old_logp``, ``mask`` [B, T]
     (``B = N * group_size``, groups contiguous); ``rewards`` [B]; ``old_logp`` and ``rewards`` are constants.
+    ``keep`` [B] (0/1; None: every sequence), as :func:`grpo_loss`'s: the other sequences leave the loss, its
+    mean and ``loss_weight`` (the loss is the mean over the kept sequences; none kept: 0).
     Metrics: ``policy_loss`` (the REINFORCE term), ``log_ratio_sq`` (mean squared sequence log-ratio)."""
     _check_same_shape(logp=logp, old_logp=old_logp, mask=mask)
     if jnp.ndim(logp) != 2 or jnp.shape(rewards) != logp.shape[:1]:
         raise ValueError(f"need logp [B, T] and rewards [B], got {jnp.shape(logp)} and {jnp.shape(rewards)}")
     if not tau > 0:
         raise ValueError(f"tau={tau!r} must be > 0")
+    if keep is not None and jnp.shape(keep) != logp.shape[:1]:
+        raise ValueError(f"keep must be [B] = {logp.shape[:1]}, got shape {jnp.shape(keep)}")
     r = _grouped(sg(jnp.asarray(rewards, jnp.float32)), group_size, "rewards")  # [N, G]
     baseline = (r - jnp.mean(r, axis=1, keepdims=True)).reshape(-1)  # r_j - r_bar, [B]
     mask = mask.astype(jnp.float32)
+    if keep is None:
+        mean, weight = jnp.mean, jnp.float32(logp.shape[0])
+    else:
+        kept = sg(jnp.asarray(keep, jnp.float32))  # [B]
+        mask = mask * kept[:, None]  # [B, T]: dropped sequences have no tokens
+        mean = lambda x: jnp.sum(kept * x) / jnp.maximum(jnp.sum(kept), 1.0)  # noqa: E731
+        weight = sg(jnp.sum(kept))
     seq = masked_sum(logp, mask, axis=1)  # log pi(y_j), [B]
     log_ratio = seq - masked_sum(sg(old_logp), mask, axis=1)  # [B]
     reinforce = -baseline * seq  # [B]
-    loss = jnp.mean(reinforce + 0.5 * tau * jnp.square(log_ratio))
-    metrics = {"policy_loss": sg(jnp.mean(reinforce)), "log_ratio_sq": sg(jnp.mean(jnp.square(log_ratio))),
-               LOSS_WEIGHT: jnp.float32(logp.shape[0])}
+    loss = mean(reinforce + 0.5 * tau * jnp.square(log_ratio))
+    metrics = {"policy_loss": sg(mean(reinforce)), "log_ratio_sq": sg(mean(jnp.square(log_ratio))),
+               LOSS_WEIGHT: weight}
     return loss, metrics
 
 

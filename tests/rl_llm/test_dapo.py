@@ -8,7 +8,7 @@ import pytest
 
 from jaxlab.cli import _parse
 from jaxlab.rl.llm.grpo import GRPOSpec
-from jaxlab.rl.llm.losses import AGGREGATIONS, grpo_loss, mixed_groups
+from jaxlab.rl.llm.losses import AGGREGATIONS, grpo_loss, mirror_descent_loss, mixed_groups
 from jaxlab.rl.llm.posttrain import PostTrainConfig
 from jaxlab.train_state import LOSS_WEIGHT
 
@@ -96,6 +96,28 @@ def test_dynamic_sampling_is_the_loss_over_the_kept_groups_only(aggregation):
     weights = [float(m[LOSS_WEIGHT]) for _, m in halves]
     np.testing.assert_allclose(sum(float(l) * w for (l, _), w in zip(halves, weights)) / sum(weights), float(loss),
                                rtol=1e-6)
+
+
+def test_mirror_descent_keep_is_the_loss_over_the_kept_groups_only():
+    """Partial rollouts train mirror descent on the finished groups only: the others leave the loss, its mean,
+    the metrics and the microbatch weight, as grpo_loss's keep does."""
+    logp, old, _, _, mask = _batch()
+    rewards = jnp.array([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    keep, rows = jnp.array([1.0, 1.0, 0.0, 0.0, 1.0, 1.0]), np.array([0, 1, 4, 5])
+    loss, metrics = mirror_descent_loss(logp, old, rewards, mask, 2, 0.5, keep=keep)
+    want, want_metrics = mirror_descent_loss(logp[rows], old[rows], rewards[rows], mask[rows], 2, 0.5)
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
+    for name in ("policy_loss", "log_ratio_sq", LOSS_WEIGHT):
+        np.testing.assert_allclose(float(metrics[name]), float(want_metrics[name]), rtol=1e-6, err_msg=name)
+    grad = jax.grad(lambda lp: mirror_descent_loss(lp, old, rewards, mask, 2, 0.5, keep=keep)[0])(logp)
+    assert np.all(np.asarray(grad)[2:4] == 0)
+    halves = [mirror_descent_loss(logp[s], old[s], rewards[s], mask[s], 2, 0.5, keep=keep[s])
+              for s in (slice(0, 2), slice(2, 6))]  # microbatches of whole groups, 2 and 2 sequences kept of 2 and 4
+    weights = [float(m[LOSS_WEIGHT]) for _, m in halves]
+    np.testing.assert_allclose(sum(float(l) * w for (l, _), w in zip(halves, weights)) / sum(weights), float(loss),
+                               rtol=1e-6)
+    none, none_metrics = mirror_descent_loss(logp, old, rewards, mask, 2, 0.5, keep=jnp.zeros(6))
+    assert float(none) == 0.0 and float(none_metrics[LOSS_WEIGHT]) == 0.0
 
 
 def test_options_reach_the_spec_and_the_command_line(capsys):
