@@ -44,8 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlab.rl.llm.task import (BOS, CHARS, DIGIT0, EOS, PAD, level_operands, response_lengths, response_mask,
-                                rule_reward)
+from jaxlab.rl.llm.task import (BOS, CHARS, DIGIT0, EOS, PAD, digit_tokens, level_operands, response_lengths,
+                                response_mask, rule_reward)
 
 __all__ = ["ANSWER_CLOSE", "ANSWER_OPEN", "TAGS", "THINK_CLOSE", "THINK_OPEN", "THINK_TOKENS", "THINK_VOCAB_SIZE",
            "ThinkTask", "decode_text", "encode_text", "reference_verify", "worked_solution"]
@@ -182,8 +182,8 @@ class ThinkTask:
     def _problems(self, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The problems ``a + b`` of operands int [n] below ``10**num_digits``: (prompts, worked solutions)."""
         d, n = self.num_digits, a.shape[0]
-        prompts = jnp.concatenate([jnp.full((n, 1), BOS), _digits(a, d), jnp.full((n, 1), _PLUS), _digits(b, d),
-                                   jnp.full((n, 1), _EQUALS), jnp.full((n, 1), THINK_OPEN)], axis=1)
+        prompts = jnp.concatenate([jnp.full((n, 1), BOS), digit_tokens(a, d), jnp.full((n, 1), _PLUS),
+                                   digit_tokens(b, d), jnp.full((n, 1), _EQUALS), jnp.full((n, 1), THINK_OPEN)], axis=1)
         answers = jax.pure_callback(self._solutions, jax.ShapeDtypeStruct((n, self.answer_len), jnp.int32), a, b,
                                     vmap_method="sequential")
         return prompts.astype(jnp.int32), answers
@@ -237,12 +237,6 @@ class ThinkTask:
         """R1-Zero's rule-based reward [n]: 1 for the right answer in the tags, plus ``format_weight`` for a
         well-formed response (:func:`~jaxlab.rl.llm.task.rule_reward`)."""
         return rule_reward(*self.verify(response, answers), format_weight)
-
-
-def _digits(x: jax.Array, width: int) -> jax.Array:
-    """Decimal digit tokens of non-negative ints x [n], most significant first, zero-padded: [n, width]."""
-    powers = 10 ** jnp.arange(width - 1, -1, -1)  # [width]
-    return (x[:, None] // powers[None, :]) % 10 + DIGIT0
 
 
 def _is_digit(t: jax.Array) -> jax.Array:

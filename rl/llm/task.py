@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["BOS", "EOS", "LEVELLED_TASKS", "PAD", "PROMPT_FORMATS", "TASKS", "TASK_NAMES", "VOCAB_SIZE", "Task",
-           "TextTask", "decode", "encode", "format_ok", "is_correct", "level_operands", "make_task", "response_lengths",
-           "response_mask", "rule_reward"]
+           "TextTask", "decode", "digit_tokens", "encode", "format_ok", "is_correct", "level_operands", "make_task",
+           "response_lengths", "response_mask", "rule_reward"]
 
 PAD, BOS, EOS = 0, 1, 2
 CHARS = "0123456789+="
@@ -165,9 +165,9 @@ class Task:
         """The "add" problems ``a + b`` of operands int [n] below ``10**num_digits``: (prompts, answers)."""
         d, n = self.num_digits, a.shape[0]
         plus, equals = _CHAR_TO_ID["+"], _CHAR_TO_ID["="]
-        prompts = jnp.concatenate([jnp.full((n, 1), BOS), _digits(a, d), jnp.full((n, 1), plus), _digits(b, d),
-                                   jnp.full((n, 1), equals)], axis=1)
-        s = _digits(a + b, d + 1)  # [n, d + 1] with leading zeros
+        prompts = jnp.concatenate([jnp.full((n, 1), BOS), digit_tokens(a, d), jnp.full((n, 1), plus),
+                                   digit_tokens(b, d), jnp.full((n, 1), equals)], axis=1)
+        s = digit_tokens(a + b, d + 1)  # [n, d + 1] with leading zeros
         lead = jnp.minimum(jnp.sum(jnp.cumprod(s == DIGIT0, axis=1), axis=1), d)  # leading zeros (keep one digit)
         num = d + 1 - lead  # digits of the answer, [n]
         idx = jnp.arange(self.answer_len)[None, :]  # [1, Ra]
@@ -214,7 +214,7 @@ def rule_reward(correct: jax.Array, well_formed: jax.Array, format_weight: float
     return correct + format_weight * well_formed
 
 
-def _digits(x: jax.Array, width: int) -> jax.Array:
+def digit_tokens(x: jax.Array, width: int) -> jax.Array:
     """Decimal digit tokens of non-negative ints x [n], most significant first, zero-padded: [n, width]."""
     powers = 10 ** jnp.arange(width - 1, -1, -1)  # [width]
     return (x[:, None] // powers[None, :]) % 10 + DIGIT0
