@@ -10,6 +10,7 @@ import dataclasses
 
 import numpy as np
 
+from jaxlab.models.corpus import decode, encode
 from jaxlab.models.gui_screens import ScreenConfig
 from jaxlab.models.gui_tasks import TASK_KINDS, GUITask
 from jaxlab.models.lm import LMConfig
@@ -149,17 +150,13 @@ class GUIAgentConfig:
 
 
 # ---- examples -------------------------------------------------------------------------------------
-def _bytes(text: str) -> np.ndarray:
-    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
-
-
 def _image(state: GUIState) -> np.ndarray:
     return render_state(state).astype(np.float32) / 255.0  # [H, W, 3] in [0, 1]
 
 
 def _prompt_tokens(image: np.ndarray, instruction: str, history, cfg: GUIAgentConfig) -> np.ndarray:
     """``PAD... <image> instruction \\n history <action>``, left-padded to ``prompt_len`` expanded slots."""
-    text = _bytes(instruction + "\n" + HISTORY_SEP.join(history))
+    text = encode(instruction + "\n" + HISTORY_SEP.join(history))
     n_image = (image.shape[0] // cfg.patch_size // 2) * (image.shape[1] // cfg.patch_size // 2)
     pad = cfg.prompt_len - n_image - len(text) - 1
     if pad < 0:
@@ -177,7 +174,7 @@ def policy_prompt(state: GUIState, history, cfg: GUIAgentConfig) -> VLMExample:
 
 def sft_example(state: GUIState, history, action: str, cfg: GUIAgentConfig) -> VLMExample:
     """The prompt at ``state`` followed by ``action`` and ``<eos>``; the loss counts the action and ``<eos>``."""
-    a = _bytes(action)
+    a = encode(action)
     if len(a) > cfg.max_action_len:
         raise ValueError(f"action {action!r} has {len(a)} bytes, more than max_action_len={cfg.max_action_len}")
     prompt = policy_prompt(state, history, cfg)
@@ -260,4 +257,4 @@ def action_text(response: np.ndarray) -> str:
     body = response[:stop[0]] if len(stop) else response
     if (body > 255).any():
         return "<special token>"
-    return bytes(body.astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+    return decode(body)

@@ -45,6 +45,7 @@ import numpy as np
 
 from jaxlab.loop import LoopConfig, fit
 from jaxlab.metrics import to_jsonable
+from jaxlab.models.corpus import encode
 from jaxlab.models.lm import NO_DECAY_PARAMS, LMConfig, cross_entropy_sums, next_token_loss
 from jaxlab.models.vision import ViTConfig
 from jaxlab.models.vision_data import Scene, ShapesConfig, make_scenes
@@ -70,8 +71,7 @@ def qa_example(scene: Scene, qa_index: int, *, question_loss: bool = False) -> V
     in [0, 1]. The loss counts the answer and ``<eos>`` (and the question and ``<answer>`` with
     ``question_loss``)."""
     question, answer = scene.qa[qa_index]
-    q = np.frombuffer(question.encode("utf-8"), np.uint8).astype(np.int32)
-    a = np.frombuffer(answer.encode("utf-8"), np.uint8).astype(np.int32)
+    q, a = encode(question), encode(answer)  # UTF-8 bytes
     tokens = np.concatenate([[IMAGE_ID], q, [ANSWER_ID], a, [EOS_ID]]).astype(np.int32)
     loss = np.zeros(len(tokens), bool)
     loss[len(q) + 2:] = True  # the answer bytes and <eos>
