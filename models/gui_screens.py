@@ -40,9 +40,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import numpy as np
 
+from jaxlab.models.vision_data import host_rng
 from jaxlab.validation import check, check_range
 
 __all__ = ["BUTTONS", "CHECKBOXES", "FIELDS", "FONT", "MENUS", "TEXT_COLOR", "WIDGET_KINDS", "Box", "Screen",
@@ -311,7 +311,7 @@ def _place(rng, taken: list[Box], w: int, h: int, width: int, y_lo: int, y_hi: i
 
 def make_screen(key, cfg: ScreenConfig = ScreenConfig()) -> Screen:
     """One screen drawn from the PRNG ``key`` (see the module docstring)."""
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    rng = host_rng(key)
     H, W = cfg.sizes[int(rng.integers(len(cfg.sizes)))]
     tall = bool(rng.random() < cfg.tall_fraction)
     page_h, s = (2 * H if tall else H), max(1, min(H, W) // 160)

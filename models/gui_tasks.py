@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from jaxlab.models.gui_screens import FIELD_CHARS, Screen, ScreenConfig, make_screen
+from jaxlab.models.vision_data import host_rng
 
 __all__ = ["TASK_KINDS", "WORDS", "GUITask", "Step", "goal_values", "make_task", "make_tasks", "offered_targets"]
 
@@ -133,7 +134,7 @@ def make_task(key, cfg: ScreenConfig = ScreenConfig(), kinds: tuple[str, ...] = 
     else:
         raise ValueError(f"no screen in 100 draws offers any of kinds={kinds!r} (is tall_fraction={cfg.tall_fraction}"
                          " zero while asking for 'scroll' only?)")
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(task_key)).ravel().tolist())
+    rng = host_rng(task_key)
     names = sorted(offered)
     kind = names[int(rng.integers(len(names)))]
     choice = offered[kind][int(rng.integers(len(offered[kind])))]

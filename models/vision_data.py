@@ -42,7 +42,7 @@ import numpy as np
 from jaxlab.validation import check, check_positive
 
 __all__ = ["COLORS", "IMAGE_SUFFIXES", "KINDS", "POSITIONS", "ImageText", "Scene", "Shape", "ShapesConfig",
-           "load_image", "load_image_folder", "load_image_text", "make_scene", "make_scenes"]
+           "host_rng", "load_image", "load_image_folder", "load_image_text", "make_scene", "make_scenes"]
 
 COLORS = {"red": (230, 25, 25), "green": (25, 200, 40), "blue": (30, 60, 230), "yellow": (240, 220, 20),
           "magenta": (220, 30, 220), "cyan": (20, 220, 230), "white": (255, 255, 255)}
@@ -157,9 +157,15 @@ def _text(shapes: tuple[Shape, ...]) -> tuple[str, tuple[tuple[str, str], ...]]:
     return caption, tuple(qa)
 
 
+def host_rng(key: jax.Array) -> np.random.Generator:
+    """A NumPy generator seeded by the bits of a JAX PRNG key (raw ``uint32[2]`` or typed): the host-side draws
+    of the data generated from a key (scenes, GUI screens and tasks, the reasoning task's base corpus)."""
+    return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+
+
 def make_scene(key, cfg: ShapesConfig = ShapesConfig()) -> Scene:
     """One scene drawn from the PRNG ``key`` (see the module docstring)."""
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    rng = host_rng(key)
     lo, hi = cfg.size_range
     m = cfg.size_multiple
     H, W = (int(rng.integers(lo // m, hi // m + 1)) * m for _ in range(2))

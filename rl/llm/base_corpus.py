@@ -45,6 +45,7 @@ import optax
 
 from jaxlab.models.lm import LM, next_token_loss
 from jaxlab.models.packing import target_mask_from_segments
+from jaxlab.models.vision_data import host_rng
 from jaxlab.rl.llm.reasoning_task import ThinkTask, encode_text, worked_solution
 from jaxlab.rl.llm.task import BOS, EOS, PAD
 from jaxlab.train_state import make_train_step
@@ -96,15 +97,9 @@ def document(rng: np.random.Generator, num_digits: int, kind: str | None = None)
     raise ValueError(f"kind={kind!r} must be one of {DOCUMENT_KINDS}")
 
 
-def _rng(key: jax.Array) -> np.random.Generator:
-    """A NumPy generator seeded by a JAX key's bits."""
-    data = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    return np.random.default_rng(np.asarray(data).astype(np.uint32).tolist())
-
-
 def corpus_documents(key: jax.Array, n: int, num_digits: int) -> list[str]:
     """``n`` documents' texts drawn from ``key`` (what :class:`CorpusIterator` packs; for inspection)."""
-    rng = _rng(key)
+    rng = host_rng(key)
     return [document(rng, num_digits)[0] for _ in range(n)]
 
 
@@ -123,7 +118,7 @@ class CorpusIterator:
         return self
 
     def __next__(self) -> dict:
-        rng = _rng(jax.random.fold_in(self.key, self.index))
+        rng = host_rng(jax.random.fold_in(self.key, self.index))
         self.index += 1
         B, L = self.batch_size, self.seq_len
         inputs = np.full((B, L), PAD, np.int32)
