@@ -45,6 +45,7 @@ __all__ = [
     "NORMS",
     "Projection",
     "RMSNorm",
+    "ResolvedDtypes",
     "RopeScaling",
     "apply_rope",
     "contract_last",
@@ -70,6 +71,21 @@ def resolve_dtype(name: str, field: str = "dtype"):
     if name not in DTYPES:
         raise ValueError(f"{field}={name!r} must be one of {tuple(DTYPES)}")
     return DTYPES[name]
+
+
+class ResolvedDtypes:
+    """The jnp dtypes of a model config's string fields ``dtype`` and ``param_dtype`` (a base of the frozen
+    config dataclasses)."""
+
+    @property
+    def compute_dtype(self):
+        """``dtype`` resolved: the jnp dtype activations and matmuls run in."""
+        return resolve_dtype(self.dtype)
+
+    @property
+    def storage_dtype(self):
+        """``param_dtype`` resolved: the jnp dtype the parameters are stored in."""
+        return resolve_dtype(self.param_dtype, "param_dtype")
 
 
 def _named(init, axis_name: str | None):

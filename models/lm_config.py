@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxlab.kernels.attention import IMPLEMENTATIONS
-from jaxlab.models.layers import NORMS, RopeScaling, resolve_dtype
+from jaxlab.models.layers import NORMS, ResolvedDtypes, RopeScaling, resolve_dtype
 from jaxlab.models.linear_mixers import FEATURE_MAPS
 from jaxlab.models.moe import BALANCE, DISPATCH, GATES
 from jaxlab.models.remat import validate_remat
@@ -29,7 +29,7 @@ RESIDUAL_AXES = ("batch", "length", "embed")
 
 
 @dataclasses.dataclass(frozen=True)
-class LMConfig:
+class LMConfig(ResolvedDtypes):
     """Configuration of :class:`LM`; validated on construction (errors name the fields)."""
 
     vocab_size: int = 256
@@ -250,13 +250,3 @@ class LMConfig:
         if self.d_expert is not None:
             return self.d_expert
         return max(1, self.ffn_hidden // (self.experts_per_token + self.num_shared_experts))
-
-    @property
-    def compute_dtype(self):
-        """``dtype`` resolved: the jnp dtype activations and matmuls run in."""
-        return resolve_dtype(self.dtype)
-
-    @property
-    def storage_dtype(self):
-        """``param_dtype`` resolved: the jnp dtype the parameters are stored in."""
-        return resolve_dtype(self.param_dtype, "param_dtype")

@@ -35,7 +35,7 @@ import optax
 
 from jaxlab.kernels.attention import IMPLEMENTATIONS
 from jaxlab.models.attention import Attention, KVCache
-from jaxlab.models.layers import FeedForward, resolve_dtype, sinusoidal_positions
+from jaxlab.models.layers import FeedForward, ResolvedDtypes, resolve_dtype, sinusoidal_positions
 from jaxlab.validation import check_positive
 
 __all__ = ["NORMS", "Transformer", "TransformerConfig", "beam_search", "greedy_decode", "seq2seq_loss",
@@ -45,7 +45,7 @@ NORMS = ("post", "pre")
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(ResolvedDtypes):
     """Configuration of :class:`Transformer`; defaults are the paper's base model (Table 3)."""
 
     src_vocab_size: int = 32000
@@ -97,16 +97,6 @@ class TransformerConfig:
             raise ValueError(f"attention_impl={self.attention_impl!r} must be one of {IMPLEMENTATIONS}")
         resolve_dtype(self.dtype, "dtype")
         resolve_dtype(self.param_dtype, "param_dtype")
-
-    @property
-    def compute_dtype(self):
-        """``dtype`` resolved: the jnp dtype activations and matmuls run in."""
-        return resolve_dtype(self.dtype)
-
-    @property
-    def storage_dtype(self):
-        """``param_dtype`` resolved: the jnp dtype the parameters are stored in."""
-        return resolve_dtype(self.param_dtype, "param_dtype")
 
 
 def shift_right(targets, bos_id: int):
