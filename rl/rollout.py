@@ -120,7 +120,13 @@ def rollout_steps(env, params, carry: EnvCarry, policy: Callable[[jax.Array, Any
     ``rollout`` passes the keys of ``step_keys``; a policy whose randomness does not depend on the
     observation can instead take numbers drawn for the whole rollout in one call before the scan
     (``policies.categorical_gumbel``), which on CPU costs one PRNG call per rollout instead of one per step.
+    For the same reason the envs' auto-reset draws (a reset state from a fresh key at every step, kept where an
+    episode ends) are made for all ``T`` steps before the scan when the stack allows it
+    (``wrappers.VecEnv.draw_steps``): the same keys, so the same transitions.
     """
+
+    if getattr(env, "draws_ahead", False):  # a VecEnv of gymnax's step: every step's reset drawn in one call
+        env_keys = env.draw_steps(env_keys, params)
 
     def one_step(carry: EnvCarry, xs):
         policy_input, k_env = xs

@@ -39,6 +39,7 @@ __all__ = [
     "NormalizeObservation",
     "NormalizeReward",
     "RunningMeanStd",
+    "StepDraw",
     "VecEnv",
     "check_action_space",
     "known_env_ids",
@@ -165,14 +166,38 @@ class _Wrapper:
         return getattr(self._env, name)
 
 
+@struct.dataclass
+class StepDraw:
+    """The randomness of one auto-resetting ``VecEnv.step``, drawn ahead of the step (:meth:`VecEnv.draw_steps`):
+    what gymnax's ``Environment.step`` draws from each env's key, ``key_step, key_reset = split(key)``."""
+
+    key_step: jax.Array  # [E] each env's key for its transition (``step_env``)
+    reset_obs: Any       # [E, *O] each env's next first observation, used where its episode ends
+    reset_state: Any     # [E, ...] and its state
+
+
+def _draws_ahead(env) -> bool:
+    """Whether ``env``'s step is gymnax's auto-resetting ``Environment.step`` itself (not overridden), whose
+    pieces (``step_env``, ``is_truncated``, ``reset_env``) :class:`VecEnv` can then run with presampled resets."""
+    return isinstance(env, gymnax.environments.environment.Environment) and (
+        type(env).step is gymnax.environments.environment.Environment.step)
+
+
 class VecEnv(_Wrapper):
-    """``num_envs`` copies of an env stepped together (``jax.vmap``); one key per call, split per env."""
+    """``num_envs`` copies of an env stepped together (``jax.vmap``); one key per call, split per env.
+
+    ``step`` takes a key, or the step's randomness drawn ahead as a :class:`StepDraw`: gymnax's step draws a
+    reset state from a fresh key on *every* step (kept where the episode ends), so a scan over steps pays one
+    PRNG call and one ``reset_env`` per step. :meth:`draw_steps` draws them for ``T`` steps in one batched call
+    before the scan, with the same keys, so the steps give the same numbers bit for bit."""
 
     def __init__(self, env, num_envs: int):
         if num_envs < 1:
             raise ValueError(f"{num_envs=} must be >= 1")
         super().__init__(env)
         self.num_envs = num_envs
+        self.draws_ahead = _draws_ahead(env)
+        """Whether :meth:`draw_steps` is available (the env steps by gymnax's own auto-resetting ``step``)."""
 
     @partial(jax.jit, static_argnums=0)
     def reset(self, key, params):
@@ -180,8 +205,34 @@ class VecEnv(_Wrapper):
 
     @partial(jax.jit, static_argnums=0)
     def step(self, key, state, action, params):
+        if isinstance(key, StepDraw):
+            return jax.vmap(self._step_drawn, in_axes=(0, 0, 0, None))(key, state, action, params)
         keys = jax.random.split(key, self.num_envs)
         return jax.vmap(self._env.step, in_axes=(0, 0, 0, None))(keys, state, action, params)
+
+    def draw_steps(self, keys: jax.Array, params) -> StepDraw:
+        """The :class:`StepDraw` of each of ``keys [T]`` (leaves ``[T, E, ...]``): step ``t`` given ``draw[t]``
+        equals the step given ``keys[t]``."""
+        if not self.draws_ahead:
+            raise ValueError(f"{type(self._env).__name__} overrides gymnax's step: its randomness cannot be drawn "
+                             "ahead; pass keys")
+
+        def one(key):  # the split of step(key) and of gymnax's Environment.step, for every env
+            pairs = jax.vmap(jax.random.split)(jax.random.split(key, self.num_envs))  # [E, 2, *key]
+            obs, state = jax.vmap(self._env.reset_env, in_axes=(0, None))(pairs[:, 1], params)
+            return StepDraw(pairs[:, 0], obs, state)
+
+        return jax.vmap(one)(keys)
+
+    def _step_drawn(self, draw: StepDraw, state, action, params):
+        """gymnax 1.x's ``Environment.step`` for one env with its reset drawn ahead."""
+        obs_st, state_st, reward, terminated, info = self._env.step_env(draw.key_step, state, action, params)
+        truncated = self._env.is_truncated(state_st, params)
+        done = jnp.logical_or(terminated, truncated)
+        state = jax.tree.map(lambda x, y: jax.lax.select(done, x, y), draw.reset_state, state_st)
+        obs = jax.tree.map(lambda x, y: jax.lax.select(done, x, y), draw.reset_obs, obs_st)
+        info = {**info, "terminated": terminated, "truncated": truncated, "final_observation": obs_st}
+        return obs, state, reward, terminated, truncated, info
 
 
 @struct.dataclass
