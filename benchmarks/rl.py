@@ -355,6 +355,7 @@ def main(argv=None) -> int:
     repeats = 2 if args.quick else 3
     result = {"backend": backend, "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
               "machine": platform.machine(), "quick": args.quick, "cpu_count": os.cpu_count(),
+              "cpus_allowed": len(os.sched_getaffinity(0)),
               "load_average_start": os.getloadavg()[0]}
 
     ppo_cfg = ppo.PPOConfig(env_id="CartPole-v1", total_timesteps=100_352 if args.quick else 499_712)
@@ -442,10 +443,33 @@ SPEED_NOTES = [
     "learning rate; the env step and the learning phase's dots are the same work on both sides. DQN, SAC and "
     "TD3 changed only by the key split (the same before and after, within noise).",
     "",
+    "Then, timed with the process pinned to one core (`taskset -c 0`: on this 2-core machine XLA:CPU's thread "
+    "pool hands these tiny kernels between cores, which made both programs slower than on one core, ~3.1 s "
+    "against ~1.8 s, and let the other core's load into the timings):",
+    "",
+    "* **The envs' auto-reset draws made before the scan** (`wrappers.VecEnv.draw_steps`): gymnax's step draws a "
+    "reset state from a fresh key at every step (the threefry loop above, and `reset_env`), kept only where the "
+    "episode ends. `VecEnv.step` also takes that randomness drawn ahead (`StepDraw`, the same key splits), and "
+    "`rollout_steps` draws all T steps' in one batched call; transitions equal bit for bit "
+    "(`tests/rl_deep/test_presampled.py`). On one core the threefry loop was serial work: PPO 1.05x -> 0.97x "
+    "rejax's time. (On two cores it had overlapped with the policy and critic kernels, so it had cost little "
+    "there.) Split by epochs (1 against 4) on one core: rejax's rollout + GAE 0.73 s and 0.286 s per epoch; "
+    "jaxlab's rollout + GAE 0.50-0.57 s and 0.31 s per epoch: the remaining cost is the learning phase.",
+    "* **`optax.flatten` around PPO's Adam** (tried before at 0-3% on two cores and set aside for changing the "
+    "optimizer state's layout): on one core 1.84 -> 1.78 s (in-step critic) and 1.76 -> 1.69 s (critic after "
+    "the rollout), so kept.",
+    "",
+    "Measured and left: the critic over the whole rollout after the scan (`values_in_rollout=False`) is ~4% "
+    "faster on one core (1.84 -> 1.76 s), was measured ~1.3x slower on two cores before and equal (2.07 against "
+    "2.09 s) on two cores shared with another job this time, so the default stays until a quiet two-core run "
+    "decides; GAE by "
+    "`kernels.scan.linear_recurrence`'s associative or chunked form instead of the sequential scan (no change: "
+    "the 128-step scan is cheap); one gather of every batch field packed into one array per epoch (no change); "
+    "the per-minibatch metrics dropped (no change).",
+    "",
     "Tried and not kept (measured with one core pinned, alternating runs in one process): writing each step's "
-    "transition as one array per dtype (fewer in-place updates per step, no measurable change); `optax.flatten` "
-    "around PPO's Adam (110 instead of 163 thunks per minibatch step, 0-3% faster, and it changes the "
-    "checkpointed optimizer state's layout); every epoch's permutation drawn in one `vmap`ped call (the batched "
+    "transition as one array per dtype (fewer in-place updates per step, no measurable change); every epoch's "
+    "permutation drawn in one `vmap`ped call (the batched "
     "sort was 12% slower in the learning phase); unrolling the rollout scan 2-8 times (fewer thunks, no faster, "
     "slower to compile); one block-diagonal network for actor and critic (the dots' cost grows with the weight "
     "matrix, so 3 wider dots cost as much as 6 narrow ones); matrix products of 8 rows or fewer written as "
@@ -464,7 +488,9 @@ def _markdown(r: dict) -> str:
         "",
         f"Host: {r.get('cpu_count')} CPU cores, 1-minute load average {r.get('load_average_start', float('nan')):.1f} "
         f"at the start and {r.get('load_average_end', float('nan')):.1f} at the end (other processes share the "
-        "cores when it exceeds the core count, and every number here drops in proportion).",
+        "cores when it exceeds the core count, and every number here drops in proportion)"
+        + (f"; this process pinned to {r['cpus_allowed']} of them (`taskset`), so the other cores' load does not "
+           "reach it." if r.get("cpus_allowed", r.get("cpu_count")) != r.get("cpu_count") else "."),
         "",
         "## PPO on CartPole-v1 at PureJaxRL's defaults (4 envs x 128 steps, 4 epochs x 4 minibatches)",
         "",
