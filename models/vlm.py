@@ -52,8 +52,9 @@ from jaxlab.models.packing import pack_documents
 from jaxlab.models.vision import PackedImages, Projector, ViT, ViTConfig, pack_images
 from jaxlab.validation import check, check_positive
 
-__all__ = ["CapacityError", "ExpandedText", "VLM", "VLMConfig", "VLMExample", "VLMImages", "expand_image_placeholders",
-           "images_of", "init_vlm_params", "merge_indices", "pack_examples", "vlm_apply"]
+__all__ = ["CapacityError", "ExpandedText", "VLM", "VLMConfig", "VLMExample", "VLMImages", "expand_example",
+           "expand_image_placeholders", "images_of", "init_vlm_params", "merge_indices", "pack_batch_images",
+           "pack_examples", "vlm_apply"]
 
 
 # ---- configuration --------------------------------------------------------------------------------
@@ -278,33 +279,21 @@ def pack_examples(examples: Sequence[VLMExample], *, seq_len: int, patch_size: i
 
     ``num_rows``/``image_rows``/``image_tokens`` fix B, Bv and T (for ``jit``; None: as many as needed);
     :class:`CapacityError` when the examples need more. ``ValueError`` naming the example for an expanded
-    example longer than ``seq_len`` (an example is never cut), an image of more than ``image_len`` patches,
-    or a placeholder count differing from its image count. ``num_channels`` is the patch width of a batch
+    example longer than ``seq_len`` (an example is never cut), and for what :func:`expand_example` checks (an
+    image not of whole patches or of more than ``image_len`` patches, a patch grid not divisible by ``factor``, a
+    placeholder count differing from its image count). ``num_channels`` is the patch width of a batch
     without images.
     """
     if len(examples) == 0:
         raise ValueError("examples must hold at least one example, got none")
     expanded, images, first_image = [], [], []
     for e, ex in enumerate(examples):
-        grids = []
-        for j, image in enumerate(ex.images):
-            shape = np.shape(image)
-            if len(shape) < 2 or shape[0] % patch_size or shape[1] % patch_size:
-                raise ValueError(f"examples[{e}].images[{j}] of shape {shape}: height and width must be multiples "
-                                 f"of patch_size={patch_size}")
-            grids.append((shape[0] // patch_size, shape[1] // patch_size))
-            if grids[-1][0] * grids[-1][1] > image_len:
-                raise ValueError(f"examples[{e}].images[{j}] of shape {shape} has {grids[-1][0]}x{grids[-1][1]} "
-                                 f"patches, more than an image row of image_len={image_len}")
-        try:
-            text = expand_image_placeholders(ex.tokens, np.asarray(grids, np.int64).reshape(-1, 2), image_token,
-                                             factor)
-        except ValueError as err:
-            raise ValueError(f"examples[{e}]: {err}") from None
+        text = expand_example(ex, f"examples[{e}]", patch_size=patch_size, image_token=image_token, factor=factor,
+                              image_len=image_len)
         if len(text.tokens) > seq_len:
             raise ValueError(f"examples[{e}] needs {len(text.tokens)} slots ({len(ex.tokens)} tokens with "
-                             f"{len(grids)} images expanded to {int((text.image_index >= 0).sum())} image slots), "
-                             f"more than a row of seq_len={seq_len}: an example is never cut")
+                             f"{len(ex.images)} images expanded to {int((text.image_index >= 0).sum())} image "
+                             f"slots), more than a row of seq_len={seq_len}: an example is never cut")
         keep = np.ones(len(ex.tokens), bool) if ex.loss_mask is None else np.asarray(ex.loss_mask, bool)
         if keep.shape != np.shape(ex.tokens):
             raise ValueError(f"examples[{e}].loss_mask has shape {keep.shape}, tokens {np.shape(ex.tokens)}")
@@ -342,15 +331,58 @@ def pack_examples(examples: Sequence[VLMExample], *, seq_len: int, patch_size: i
     target_counts = np.concatenate([counts[:, 1:], np.zeros_like(counts[:, :1])], axis=1)
     mask = packer_mask & target_counts  # image-slot targets are never counted (keep is False there)
 
-    if images:
+    vision, offsets = pack_batch_images(images, patch_size=patch_size, image_len=image_len, factor=factor,
+                                        num_channels=num_channels, image_rows=image_rows, image_tokens=image_tokens)
+    image_slots = np.where(image_of_slot >= 0, offsets[np.maximum(image_of_slot, 0)] + token_of_slot, -1)
+    return {"inputs": inputs, "targets": targets.astype(np.int32), "mask": mask, "segment_ids": segment_ids,
+            "positions": positions, "image_slots": image_slots.astype(np.int32),
+            "example_ids": example_ids.astype(np.int32), "patches": vision.patches,
+            "patch_segment_ids": vision.segment_ids, "patch_positions": vision.positions,
+            "merge_index": vision.merge_index}
+
+
+def expand_example(example: VLMExample, name: str, *, patch_size: int, image_token: int, factor: int = 2,
+                   image_len: int | None = None) -> ExpandedText:
+    """``example.tokens`` with each image placeholder expanded (:func:`expand_image_placeholders`), after checking
+    every image: ``[H, W(, C)]`` with H and W multiples of ``patch_size`` and, with ``image_len``, at most
+    ``image_len`` patches (one image row). ``ValueError`` messages start with ``name`` (``"examples[3]"``), as do
+    the expansion's (a placeholder count differing from the image count, a patch grid not divisible by
+    ``factor``)."""
+    grids = []
+    for j, image in enumerate(example.images):
+        shape = np.shape(image)
+        if len(shape) < 2 or shape[0] % patch_size or shape[1] % patch_size:
+            raise ValueError(f"{name}.images[{j}] of shape {shape}: height and width must be multiples of "
+                             f"patch_size={patch_size}")
+        grids.append((shape[0] // patch_size, shape[1] // patch_size))
+        if image_len is not None and grids[-1][0] * grids[-1][1] > image_len:
+            raise ValueError(f"{name}.images[{j}] of shape {shape} has {grids[-1][0]}x{grids[-1][1]} patches, "
+                             f"more than an image row of image_len={image_len}")
+    try:
+        return expand_image_placeholders(example.tokens, np.asarray(grids, np.int64).reshape(-1, 2), image_token,
+                                         factor)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+
+
+def pack_batch_images(images: Sequence[Any], *, patch_size: int, image_len: int, factor: int = 2,
+                      num_channels: int = 3, image_rows: int | None = None,
+                      image_tokens: int | None = None) -> tuple[VLMImages, np.ndarray]:
+    """The vision inputs of a batch: every image packed at native resolution into rows of ``image_len`` patches
+    (:func:`jaxlab.models.vision.pack_images`) and their merge gather (:func:`merge_indices`), padded to
+    ``image_rows`` rows and ``image_tokens`` merged tokens (None: as many as needed, at least one); a batch
+    without images gets one empty row of ``num_channels`` patches. Returns the :class:`VLMImages` and
+    ``offsets [N + 1]`` (image i's merged tokens are rows ``offsets[i]:offsets[i + 1]`` of ``merge_index``).
+    :class:`CapacityError` when the images need more rows or merged tokens than fixed."""
+    if len(images):
         packed = pack_images(images, patch_size=patch_size, max_len=image_len)
         merge_index, offsets = merge_indices(packed, factor)
-    else:  # text only: one empty image row, one unused merged token
-        packed = PackedImages(np.zeros((1, image_len, patch_size * patch_size * num_channels), np.float32),
-                              np.zeros((1, image_len), np.int32), np.zeros((1, image_len, 2), np.int32),
-                              np.full((1, image_len), -1, np.int32), np.zeros((0, 2), np.int32))
+        patches, segment_ids, positions = packed.patches, packed.segment_ids, packed.positions
+    else:  # text only: one empty image row, no merged token
+        patches = np.zeros((1, image_len, patch_size * patch_size * num_channels), np.float32)
+        segment_ids, positions = np.zeros((1, image_len), np.int32), np.zeros((1, image_len, 2), np.int32)
         merge_index, offsets = np.zeros((0, factor * factor), np.int32), np.zeros(1, np.int64)
-    Bv, T = len(packed.patches), len(merge_index)
+    Bv, T = len(patches), len(merge_index)
     if image_rows is not None and Bv > image_rows:
         raise CapacityError(f"the {len(images)} images need {Bv} rows of image_len={image_len}, "
                             f"image_rows={image_rows}")
@@ -358,11 +390,7 @@ def pack_examples(examples: Sequence[VLMExample], *, seq_len: int, patch_size: i
         raise CapacityError(f"the {len(images)} images give {T} merged tokens, image_tokens={image_tokens}")
     Bv = Bv if image_rows is None else image_rows
     T = max(T, 1) if image_tokens is None else image_tokens
-    image_slots = np.where(image_of_slot >= 0, offsets[np.maximum(image_of_slot, 0)] + token_of_slot, -1)
-    return {"inputs": inputs, "targets": targets.astype(np.int32), "mask": mask, "segment_ids": segment_ids,
-            "positions": positions, "image_slots": image_slots.astype(np.int32),
-            "example_ids": example_ids.astype(np.int32),
-            "patches": _pad_rows(np.asarray(packed.patches, np.float32), Bv, 0),
-            "patch_segment_ids": _pad_rows(packed.segment_ids, Bv, 0),
-            "patch_positions": _pad_rows(packed.positions, Bv, 0),
-            "merge_index": _pad_rows(merge_index, T, 0)}
+    return VLMImages(_pad_rows(np.asarray(patches, np.float32), Bv, 0),
+                     _pad_rows(np.asarray(segment_ids, np.int32), Bv, 0),
+                     _pad_rows(np.asarray(positions, np.int32), Bv, 0),
+                     _pad_rows(np.asarray(merge_index, np.int32), T, 0)), offsets

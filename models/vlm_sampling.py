@@ -36,8 +36,7 @@ import numpy as np
 
 from jaxlab.models.lm import LM, token_logprobs
 from jaxlab.models.sampling import Sample, decode_tokens, draw_token
-from jaxlab.models.vision import pack_images
-from jaxlab.models.vlm import VLM, VLMConfig, VLMExample, VLMImages, expand_image_placeholders, merge_indices
+from jaxlab.models.vlm import VLM, VLMConfig, VLMExample, VLMImages, expand_example, pack_batch_images
 
 __all__ = ["VLMPrompts", "prepare_prompts", "repeat_prompts", "sample_vlm", "vlm_response_logprobs"]
 
@@ -64,58 +63,32 @@ def prepare_prompts(prompts: Sequence[VLMExample], *, image_token: int, patch_si
 
     Images are packed into rows of ``image_len`` patches (default: the largest image's); ``image_rows`` and
     ``image_tokens`` fix the image rows and merged tokens (for one compiled shape; default: as many as
-    needed). ``ValueError`` when the expanded prompts differ in length (naming them), an image is not a
-    multiple of ``factor * patch_size`` or a fixed capacity is too small."""
+    needed). ``ValueError`` when the expanded prompts differ in length (naming them), for what
+    :func:`jaxlab.models.vlm.expand_example` checks (an image's patch grid must be divisible by ``factor``), and
+    :class:`~jaxlab.models.vlm.CapacityError` when a fixed capacity is too small."""
     if len(prompts) == 0:
         raise ValueError("prompts must hold at least one prompt, got none")
-    rows, slots, images, first = [], [], [], []
+    rows, images, first = [], [], []
     for i, ex in enumerate(prompts):
-        grids = []
-        for j, image in enumerate(ex.images):
-            shape = np.shape(image)
-            if len(shape) != 3 or shape[0] % (factor * patch_size) or shape[1] % (factor * patch_size):
-                raise ValueError(f"prompts[{i}].images[{j}] of shape {shape}: must be [H, W, C] with H and W "
-                                 f"multiples of factor * patch_size = {factor * patch_size}")
-            grids.append((shape[0] // patch_size, shape[1] // patch_size))
-        try:
-            text = expand_image_placeholders(ex.tokens, np.asarray(grids, np.int64).reshape(-1, 2), image_token,
-                                             factor)
-        except ValueError as err:
-            raise ValueError(f"prompts[{i}]: {err}") from None
-        rows.append(text)
+        rows.append(expand_example(ex, f"prompts[{i}]", patch_size=patch_size, image_token=image_token, factor=factor,
+                                   image_len=image_len))
         first.append(len(images))
         images.extend(ex.images)
     lengths = sorted({len(t.tokens) for t in rows})
     if len(lengths) > 1:
         raise ValueError(f"the expanded prompts have lengths {lengths}: a batch decodes one document per row from "
                          "position 0, so every prompt needs the same length (pad the text, or group prompts by length)")
-    if images:
-        most = max(int(np.prod(np.shape(im)[:2])) // patch_size ** 2 for im in images)
-        image_len = most if image_len is None else image_len
-        if most > image_len:
-            raise ValueError(f"an image has {most} patches, more than image_len={image_len}")
-        packed = pack_images(images, patch_size=patch_size, max_len=image_len)
-        merge_index, offsets = merge_indices(packed, factor)
-        patches, seg, pos = np.asarray(packed.patches, np.float32), packed.segment_ids, packed.positions
-    else:  # text only: one empty image row and one unused merged token
-        image_len = 1 if image_len is None else image_len
-        patches = np.zeros((1, image_len, patch_size * patch_size * num_channels), np.float32)
-        seg, pos = np.zeros((1, image_len), np.int32), np.zeros((1, image_len, 2), np.int32)
-        merge_index, offsets = np.zeros((1, factor * factor), np.int32), np.zeros(1, np.int64)
-    Bv, T = len(patches), len(merge_index)
-    for name, need, have in (("image_rows", Bv, image_rows), ("image_tokens", T, image_tokens)):
-        if have is not None and need > have:
-            raise ValueError(f"the {len(images)} images need {need} {name.replace('_', ' ')}, {name}={have}")
-    pad = lambda a, n, fill=0: np.concatenate([a, np.full((n - len(a),) + a.shape[1:], fill, a.dtype)])  # noqa: E731
-    Bv, T = image_rows or Bv, image_tokens or T
+    if image_len is None:  # the largest image's patches (1 without images)
+        image_len = max([int(np.prod(np.shape(im)[:2])) // patch_size ** 2 for im in images], default=1)
+    vision, offsets = pack_batch_images(images, patch_size=patch_size, image_len=image_len, factor=factor,
+                                        num_channels=num_channels, image_rows=image_rows, image_tokens=image_tokens)
+    slots = []
     for i, text in enumerate(rows):
         where = text.image_index >= 0
         slot = np.full(len(text.tokens), -1, np.int64)
         slot[where] = offsets[first[i] + text.image_index[where]] + text.token_index[where]
         slots.append(slot)
-    return VLMPrompts(np.stack([t.tokens for t in rows]).astype(np.int32), np.stack(slots).astype(np.int32),
-                      VLMImages(pad(patches, Bv), pad(np.asarray(seg, np.int32), Bv),
-                                pad(np.asarray(pos, np.int32), Bv), pad(merge_index.astype(np.int32), T)))
+    return VLMPrompts(np.stack([t.tokens for t in rows]).astype(np.int32), np.stack(slots).astype(np.int32), vision)
 
 
 def repeat_prompts(prompts: VLMPrompts, times: int) -> VLMPrompts:
