@@ -10,8 +10,9 @@ Models").
 2. The LM: one :class:`~jaxlab.models.lm.LM` over the fused vocabulary (:class:`~jaxlab.models.early_fusion.
    FusionVocab`: the trainer's 259 text ids, ``<boi>``, ``<eoi>``, the codes) with QK-norm; an example is
    ``<boi> codes <eoi> question <answer> answer <eos>``, one per row, the loss on the answer and ``<eos>``
-   (plus the question with ``question_loss``, the image codes with ``image_loss``) and the z-loss
-   (``z_loss``) on the counted targets' logits. With ``image_loss`` each evaluation also draws ``GENERATED``
+   (plus the question with ``question_loss``, the image codes with ``image_loss``: of every example, or of the
+   share ``image_loss_fraction`` of them drawn per example) and the z-loss
+   (``z_loss``) on the counted targets' logits. With ``image_loss`` each evaluation also draws ``generated_images``
    images after ``<boi>`` (codes only, :func:`~jaxlab.models.early_fusion.generate_image_codes`), decodes them
    with the VQ-VAE into ``OUT/generated.png`` and logs the fraction of the codebook they use.
 3. Data and evaluation are the projector variant's: example k is question ``qa_k`` of scene ``s_k`` drawn
@@ -47,7 +48,8 @@ __all__ = ["GENERATED", "FusionQABatches", "early_fusion_parts", "fusion_qa_exam
 
 
 GENERATED = 4
-"""Images drawn after ``<boi>`` at each evaluation with ``image_loss`` (``OUT/generated.png``)."""
+"""Of the ``generated_images`` drawn after ``<boi>`` at each evaluation with ``image_loss``, the first this many
+go to ``OUT/generated.png`` (all of them, codes and pixels, to ``OUT/generated.npz``)."""
 
 
 def save_image_row(images: np.ndarray, path: pathlib.Path) -> None:
@@ -153,8 +155,10 @@ class FusionQABatches(QABatches):
 
     def example(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         s, q = self.pick(k)
+        image_loss = self.cfg.image_loss and (self.cfg.image_loss_fraction >= 1.0 or np.random.default_rng(
+            (self.cfg.seed, 2, k)).random() < self.cfg.image_loss_fraction)
         return fusion_qa_example(self.codes[s], self.scenes[s], q, self.vocab, question_loss=self.cfg.question_loss,
-                                 image_loss=self.cfg.image_loss)
+                                 image_loss=image_loss)
 
     def __next__(self) -> dict:
         examples = [self.example(k) for k in range(self.next, self.next + self.cfg.rows)]
@@ -197,10 +201,11 @@ def early_fusion_parts(cfg: VLMTrainConfig, out_dir: pathlib.Path, train_scenes:
     def evaluate(params) -> dict:
         out = answers(params)
         if cfg.image_loss:  # the model also learnt to write images: draw some and decode them to pixels
-            prompts = jnp.full((GENERATED, 1), vocab.boi, jnp.int32)
+            prompts = jnp.full((cfg.generated_images, 1), vocab.boi, jnp.int32)
             codes = generate_image_codes(lm, params["lm"], prompts, jax.random.fold_in(key, 5), vocab, grid)
             pixels = decode(vq_params, codes)  # [n, size, size, 3]
-            save_image_row(np.asarray(pixels), out_dir / "generated.png")
+            save_image_row(np.asarray(pixels)[:GENERATED], out_dir / "generated.png")
+            np.savez(out_dir / "generated.npz", codes=np.asarray(codes), pixels=np.asarray(pixels))
             out["generated_distinct_codes"] = len(np.unique(np.asarray(codes))) / vocab.codebook_size
         return out
 

@@ -191,6 +191,13 @@ class VLMTrainConfig:
     """early-fusion: weight of the z-loss (log^2 of the softmax normaliser) on the LM's output logits."""
     image_loss: bool = False
     """early-fusion: also train on predicting the image tokens (what generating images needs)."""
+    image_loss_fraction: float = 1.0
+    """early-fusion with image_loss: the share of training examples whose image tokens are counted (example k
+    drawn from ``default_rng((seed, 2, k))``); the others count the answer only, a mix of image-generation and
+    VQA examples as in Chameleon's data mixture."""
+    generated_images: int = 4
+    """early-fusion with image_loss: images drawn after <boi> at each evaluation (OUT/generated.png and
+    OUT/generated.npz)."""
     fast_compile: bool = False
     """Compile the step and the evaluation with XLA's backend optimisation off (faster compiles, slower steps:
     for short runs and tests)."""
@@ -224,6 +231,8 @@ class VLMTrainConfig:
                 check(not missing, f"vq_path={self.vq_path!r} must be a VQ-VAE folder (the vqvae/ of an earlier run), "
                                    f"but it has no {' or '.join(missing)}")
             check_range(self, "z_loss", 0.0, 1.0)
+            check_range(self, "image_loss_fraction", 0.0, 1.0, open_low=True)
+            check_positive(self, "generated_images", integer=True)
             f = self.vq_downsample
             check(self.fusion_image_size % f == 0, f"fusion_image_size={self.fusion_image_size} must be a multiple "
                                                    f"of vq_downsample={f}")
