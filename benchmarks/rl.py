@@ -443,9 +443,9 @@ SPEED_NOTES = [
     "learning rate; the env step and the learning phase's dots are the same work on both sides. DQN, SAC and "
     "TD3 changed only by the key split (the same before and after, within noise).",
     "",
-    "Then, timed with the process pinned to one core (`taskset -c 0`: on this 2-core machine XLA:CPU's thread "
-    "pool hands these tiny kernels between cores, which made both programs slower than on one core, ~3.1 s "
-    "against ~1.8 s, and let the other core's load into the timings):",
+    "Then, timed with the process pinned to one core (`taskset -c 0`), so that jobs on the other core do not "
+    "reach the timings (the runs above, unpinned under a load of 1.5-3, took ~3.1 s; on the quiet machine one "
+    "core and two give about the same times, 1.78-1.81 s):",
     "",
     "* **The envs' auto-reset draws made before the scan** (`wrappers.VecEnv.draw_steps`): gymnax's step draws a "
     "reset state from a fresh key at every step (the threefry loop above, and `reset_env`), kept only where the "
@@ -460,9 +460,8 @@ SPEED_NOTES = [
     "the rollout), so kept.",
     "",
     "Measured and left: the critic over the whole rollout after the scan (`values_in_rollout=False`) is ~4% "
-    "faster on one core (1.84 -> 1.76 s), was measured ~1.3x slower on two cores before and equal (2.07 against "
-    "2.09 s) on two cores shared with another job this time, so the default stays until a quiet two-core run "
-    "decides; GAE by "
+    "faster on one core (1.84 -> 1.76 s) and 5% on the quiet two cores (1.78 -> 1.69 s, rejax 1.79 s, not in "
+    "this table), where it had once been measured ~1.3x slower; the default is still the in-step critic; GAE by "
     "`kernels.scan.linear_recurrence`'s associative or chunked form instead of the sequential scan (no change: "
     "the 128-step scan is cheap); one gather of every batch field packed into one array per epoch (no change); "
     "the per-minibatch metrics dropped (no change).",
