@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jaxlab.experiments.vlm_train import QUESTION_KINDS, majority_answers, question_kind
-from jaxlab.models.vision import PackedImages, ViT, ViTConfig, pack_images
+from jaxlab.models.vision import PackedImages, ViT, ViTConfig, first_fit_rows, pack_images
 from jaxlab.models.vision_data import Scene, ShapesConfig, make_scenes
 from matplotlib.figure import Figure
 
@@ -210,9 +210,9 @@ def one_per_row(images: list[np.ndarray], *, patch_size: int, row_len: int, num_
 
 
 def _rows_needed(grids: list[tuple[int, int]], row_len: int) -> int:
-    """Rows :func:`pack_images` takes for images of these patch grids (its own first-fit decreasing)."""
-    return len(pack_images([np.zeros((h, w, 1), np.uint8) for h, w in grids], patch_size=1, max_len=row_len)
-               .segment_ids)
+    """Rows :func:`pack_images` takes for images of these patch grids (its first-fit decreasing,
+    :func:`~jaxlab.models.vision.first_fit_rows`)."""
+    return int(first_fit_rows([h * w for h, w in grids], row_len).max()) + 1
 
 
 def make_batch(pipeline: str, examples: list[tuple[Scene, tuple[int, ...]]], vocab: QAVocab,

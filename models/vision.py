@@ -57,8 +57,8 @@ from jaxlab.models.layers import FFN_KINDS, NORMS, FeedForward, LayerNorm, Proje
     rope_angles
 from jaxlab.validation import check, check_choice, check_greater, check_positive
 
-__all__ = ["PackedImages", "Projector", "ViT", "ViTConfig", "abs_pos_embedding", "apply_rope_2d", "grid_sizes",
-           "pack_images", "pixel_shuffle", "pixel_unshuffle", "rope_angles_2d", "unpack_images"]
+__all__ = ["PackedImages", "Projector", "ViT", "ViTConfig", "abs_pos_embedding", "apply_rope_2d", "first_fit_rows",
+           "grid_sizes", "pack_images", "pixel_shuffle", "pixel_unshuffle", "rope_angles_2d", "unpack_images"]
 
 
 # ---- packing --------------------------------------------------------------------------------------
@@ -97,6 +97,23 @@ def _as_image(image, index: int) -> np.ndarray:
     return array
 
 
+def first_fit_rows(lengths: Sequence[int], max_len: int) -> np.ndarray:
+    """The row of each item of ``lengths`` (patch counts, each <= ``max_len``) under first-fit decreasing: items
+    longest first (ties in input order), each into the first row with room, a new row when none has. The rows
+    :func:`pack_images` uses; ``int(first_fit_rows(...).max()) + 1`` rows in all. int64 [N]."""
+    room: list[int] = []  # free slots of each open row
+    row_of = np.zeros(len(lengths), np.int64)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: ties in input order
+        n = lengths[i]
+        row = next((r for r, free in enumerate(room) if free >= n), None)
+        if row is None:
+            room.append(max_len)
+            row = len(room) - 1
+        room[row] -= n
+        row_of[i] = row
+    return row_of
+
+
 def pack_images(images: Sequence[Any], *, patch_size: int, max_len: int,
                 num_rows: int | None = None) -> PackedImages:
     """Cut ``images`` (each ``[H, W, C]``, or greyscale ``[H, W]`` = one channel) into patches and pack
@@ -131,17 +148,8 @@ def pack_images(images: Sequence[Any], *, patch_size: int, max_len: int,
         patches = a.reshape(h, P, w, P, C).transpose(0, 2, 1, 3, 4).reshape(h * w, P * P * C)  # [h*w, P*P*C]
         flat.append((patches, h, w))
 
-    room: list[int] = []  # free slots of each open row
-    row_of = np.zeros(len(flat), np.int64)
-    for i in sorted(range(len(flat)), key=lambda i: -len(flat[i][0])):  # stable: ties in input order
-        n = len(flat[i][0])
-        row = next((r for r, free in enumerate(room) if free >= n), None)
-        if row is None:
-            room.append(max_len)
-            row = len(room) - 1
-        room[row] -= n
-        row_of[i] = row
-    B = len(room)
+    row_of = first_fit_rows([h * w for _, h, w in flat], max_len)
+    B = int(row_of.max()) + 1
     if num_rows is not None:
         if isinstance(num_rows, bool) or not (isinstance(num_rows, (int, np.integer)) and num_rows >= B):
             raise ValueError(f"num_rows={num_rows!r}: the images need {B} rows of max_len={max_len}")
