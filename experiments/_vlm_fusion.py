@@ -40,10 +40,10 @@ from jaxlab.metrics import to_jsonable
 from jaxlab.models.early_fusion import (FusionVocab, fusion_batch, fusion_example, fusion_lm_config, fusion_loss,
                                         generate_image_codes)
 from jaxlab.models.lm import LM, init_params
-from jaxlab.models.vision_data import Scene
+from jaxlab.models.vision_data import Scene, resize_nearest
 from jaxlab.models.vqvae import VQTrainConfig, VQVAE, VQVAEConfig, evaluate_vqvae, train_vqvae
 
-__all__ = ["GENERATED", "FusionQABatches", "early_fusion_parts", "fusion_qa_example", "load_vqvae", "resize_nearest",
+__all__ = ["GENERATED", "FusionQABatches", "early_fusion_parts", "fusion_qa_example", "load_vqvae", "scene_images",
            "save_image_row", "scene_codes", "vqvae_config"]
 
 
@@ -68,16 +68,9 @@ def vqvae_config(cfg: VLMTrainConfig) -> VQVAEConfig:
                        downsample=cfg.vq_downsample, codebook_update=cfg.vq_codebook_update)
 
 
-def resize_nearest(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [H, W, C] -> float32 [size, size, C] in [0, 1], the nearest source pixel of each pixel centre."""
-    H, W = image.shape[:2]
-    rows = np.minimum(((np.arange(size) + 0.5) * H / size).astype(np.int64), H - 1)
-    cols = np.minimum(((np.arange(size) + 0.5) * W / size).astype(np.int64), W - 1)
-    return image[rows][:, cols].astype(np.float32) / 255.0
-
-
-def _images(scenes: list[Scene], size: int) -> np.ndarray:
-    return np.stack([resize_nearest(s.image, size) for s in scenes])  # [N, size, size, 3]
+def scene_images(scenes: list[Scene], size: int) -> np.ndarray:
+    """The scenes resized (nearest pixel) to ``size`` squared, float32 in [0, 1]: [N, size, size, 3]."""
+    return np.stack([resize_nearest(s.image, size) for s in scenes]).astype(np.float32) / 255.0
 
 
 def load_vqvae(folder, expected: VQVAEConfig | None = None) -> tuple[VQVAE, dict]:
@@ -115,21 +108,21 @@ def _vqvae(cfg: VLMTrainConfig, out_dir: pathlib.Path, train_scenes: list[Scene]
         model = VQVAE(vqvae_config(cfg))
         train = VQTrainConfig(steps=cfg.vq_steps, batch_size=cfg.vq_batch_size, lr=cfg.vq_lr,
                               log_every=max(1, cfg.vq_steps // 10))
-        params, metrics = train_vqvae(model, _images(train_scenes, cfg.fusion_image_size), train, key)
+        params, metrics = train_vqvae(model, scene_images(train_scenes, cfg.fusion_image_size), train, key)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "metrics.json").write_text(json.dumps(to_jsonable(metrics), indent=2))
         (folder / "config.json").write_text(json.dumps(to_jsonable(model.cfg), indent=2))
         tmp = folder / "params.msgpack.tmp"  # written whole, then renamed: never half a file
         tmp.write_bytes(serialization.to_bytes(params))
         tmp.replace(folder / "params.msgpack")
-    metrics = evaluate_vqvae(model, params, _images(held_out, cfg.fusion_image_size))
+    metrics = evaluate_vqvae(model, params, scene_images(held_out, cfg.fusion_image_size))
     return model, params, metrics
 
 
 def scene_codes(model: VQVAE, params, scenes: list[Scene], size: int, batch_size: int = 256) -> np.ndarray:
     """VQ-VAE codes int32 [N, h, w] of the scenes resized to ``size``."""
     encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VQVAE.encode))
-    images = _images(scenes, size)
+    images = scene_images(scenes, size)
     return np.concatenate([np.asarray(encode(params, images[i:i + batch_size]))
                            for i in range(0, len(images), batch_size)])
 

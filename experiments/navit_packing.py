@@ -50,7 +50,7 @@ import numpy as np
 import optax
 from jaxlab.experiments.vlm_train import QUESTION_KINDS, majority_answers, question_kind
 from jaxlab.models.vision import PackedImages, ViT, ViTConfig, first_fit_rows, pack_images
-from jaxlab.models.vision_data import Scene, ShapesConfig, make_scenes
+from jaxlab.models.vision_data import Scene, ShapesConfig, make_scenes, resize_nearest
 from matplotlib.figure import Figure
 
 from jaxlab.context import RunContext
@@ -188,12 +188,6 @@ class QAVocab:
             question, answer = scene.qa[i]
             q[j], a[j], m[j] = self._q.get(question, 0), self._a.get(answer, 0), True
         return q, a, m
-
-
-def resize_nearest(image: np.ndarray, side: int) -> np.ndarray:
-    """``image [H, W, C]`` resized to ``[side, side, C]`` by the nearest pixel (pixel centres aligned)."""
-    rows, cols = (((np.arange(side) + 0.5) * n / side).astype(np.int64) for n in image.shape[:2])
-    return image[rows][:, cols]
 
 
 def one_per_row(images: list[np.ndarray], *, patch_size: int, row_len: int, num_rows: int) -> PackedImages:

@@ -44,7 +44,7 @@ from matplotlib.figure import Figure
 from scipy import ndimage
 
 from jaxlab.context import RunContext
-from jaxlab.experiments._vlm_fusion import load_vqvae, resize_nearest, scene_codes
+from jaxlab.experiments._vlm_fusion import load_vqvae, scene_codes, scene_images
 from jaxlab.experiments.vlm_train import QUESTION_KINDS, VARIANTS, VLMTrainConfig, train_vlm
 from jaxlab.models.vision_data import COLORS, make_scenes
 from jaxlab.models.vqvae import VQVAE
@@ -186,7 +186,7 @@ def vlm_fusion(cfg: VLMFusionConfig, ctx: RunContext) -> ExperimentResult:
     # the tokenizer on the held-out scenes (train_vlm's: fold_in(key, 1))
     held_out = make_scenes(jax.random.fold_in(jax.random.PRNGKey(ctx.seed), 1), cfg.eval_scenes,
                            tcfg.shapes_config())
-    real = np.stack([resize_nearest(s.image, size) for s in held_out])  # [N, size, size, 3]
+    real = scene_images(held_out, size)  # [N, size, size, 3]
     vq, vq_params = load_vqvae(fusion / "vqvae")
     recon = np.asarray(jax.jit(lambda p, x: vq.apply({"params": p}, x)[0])(vq_params, jnp.asarray(real)))
     recon_mse = float(np.mean((recon - real) ** 2))

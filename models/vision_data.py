@@ -42,7 +42,8 @@ import numpy as np
 from jaxlab.validation import check, check_positive
 
 __all__ = ["COLORS", "IMAGE_SUFFIXES", "KINDS", "POSITIONS", "ImageText", "Scene", "Shape", "ShapesConfig",
-           "host_rng", "load_image", "load_image_folder", "load_image_text", "make_scene", "make_scenes"]
+           "host_rng", "load_image", "load_image_folder", "load_image_text", "make_scene", "make_scenes",
+           "resize_nearest"]
 
 COLORS = {"red": (230, 25, 25), "green": (25, 200, 40), "blue": (30, 60, 230), "yellow": (240, 220, 20),
           "magenta": (220, 30, 220), "cyan": (20, 220, 230), "white": (255, 255, 255)}
@@ -161,6 +162,15 @@ def host_rng(key: jax.Array) -> np.random.Generator:
     """A NumPy generator seeded by the bits of a JAX PRNG key (raw ``uint32[2]`` or typed): the host-side draws
     of the data generated from a key (scenes, GUI screens and tasks, the reasoning task's base corpus)."""
     return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+
+
+def resize_nearest(image: np.ndarray, size: int) -> np.ndarray:
+    """``image [H, W, ...]`` resized to ``[size, size, ...]`` by the nearest source pixel of each pixel centre
+    (dtype kept; nearest keeps the scenes' colours pure)."""
+    H, W = image.shape[:2]
+    rows = np.minimum(((np.arange(size) + 0.5) * H / size).astype(np.int64), H - 1)
+    cols = np.minimum(((np.arange(size) + 0.5) * W / size).astype(np.int64), W - 1)
+    return image[rows][:, cols]
 
 
 def make_scene(key, cfg: ShapesConfig = ShapesConfig()) -> Scene:
