@@ -459,12 +459,23 @@ SPEED_NOTES = [
     "optimizer state's layout): on one core 1.84 -> 1.78 s (in-step critic) and 1.76 -> 1.69 s (critic after "
     "the rollout), so kept.",
     "",
-    "Measured and left: the critic over the whole rollout after the scan (`values_in_rollout=False`) is ~4% "
-    "faster on one core (1.84 -> 1.76 s) and 5% on the quiet two cores (1.78 -> 1.69 s, rejax 1.79 s, not in "
-    "this table), where it had once been measured ~1.3x slower; the default is still the in-step critic; GAE by "
-    "`kernels.scan.linear_recurrence`'s associative or chunked form instead of the sequential scan (no change: "
-    "the 128-step scan is cheap); one gather of every batch field packed into one array per epoch (no change); "
-    "the per-minibatch metrics dropped (no change).",
+    "* **The critic over the whole rollout after the scan** (`OnPolicyConfig.values_in_rollout=False`, now the "
+    "default; it had once been measured ~1.3x slower, under another process's load): one call on the `[2T, E]` "
+    "observations instead of one per step. On one core 1.76 against 1.84 s; on the quiet two cores 1.69 against "
+    "1.78 s (rejax 1.79 s). A2C ~3% and TRPO ~1% faster the same way.",
+    "* **PPO's metrics summed in the minibatch loop's carry** instead of stacked as its outputs (one fused add "
+    "per minibatch instead of one write per metric; the same means): 1.63 -> 1.58 s on one core.",
+    "",
+    "Measured and left: GAE by `kernels.scan.linear_recurrence`'s associative or chunked form instead of the "
+    "sequential scan (no change: the 128-step scan is cheap); one gather of every batch field packed into one "
+    "array per epoch (no change); the actor's and the critic's gradients taken by two `grad` calls (no change); "
+    "the minibatch loop unrolled (2: no change; all 16 minibatch steps of an update: 18% slower); XLA:CPU "
+    "options (`--xla_cpu_use_thunk_runtime=false` is no longer honoured, `--xla_cpu_multi_thread_eigen=false` and "
+    "`--xla_cpu_use_xnnpack=false` 4% slower, YNNPACK fusions off 25% slower).",
+    "",
+    "Where it stands: pinned to one core, the table's ratio. Unpinned on the quiet two cores, 5 alternating runs "
+    "gave rejax 1.85 s and jaxlab 1.80 s (0.97x); jaxlab alone in its process runs 1.69 s on two cores against "
+    "1.63 s on one: the second core only adds hand-offs between XLA:CPU's threads at these kernel sizes.",
     "",
     "Tried and not kept (measured with one core pinned, alternating runs in one process): writing each step's "
     "transition as one array per dtype (fewer in-place updates per step, no measurable change); every epoch's "

@@ -30,8 +30,6 @@ class REINFORCEConfig(OnPolicyConfig):
 
     num_envs: int = 8
     rollout_length: int = 256
-    values_in_rollout: bool = False
-    """One critic call over the whole 256-step rollout (faster here than one per step)."""
     learning_rate: float = 3e-3
     """Adam step size (one update per 2048 steps: 244 updates in 5e5 steps, so larger than A2C's)."""
     max_grad_norm: float = 0.5
