@@ -45,8 +45,9 @@ class TRPOConfig(OnPolicyConfig):
     rollout_length: int = 128
     learning_rate: float = 1e-3
     """Adam step size of the critic."""
-    gae_lambda: float = 0.95
-    """GAE lambda."""
+    gae_lambda: float = 0.98
+    """GAE lambda (Stable Baselines' TRPO default). On CartPole-v1 in 5e5 steps, 24 seeds: mean final return 497.9
+    (lowest 481) against 471.6 at 0.95, where 3 of 24 runs fell back to 255-350 after reaching 500."""
     max_kl: float = 0.01
     """Trust region radius: bound on the mean KL(pi_old || pi_new)."""
     cg_iters: int = 10
