@@ -50,7 +50,8 @@ def _selective_all(args, h0, methods):
 
 
 # The methods are linear_recurrence's (compared one by one in test_scan.py); each runs here on real or complex.
-@pytest.mark.parametrize("complex_,methods", [(False, ("sequential", "chunked")), (True, ("associative",))])
+@pytest.mark.parametrize("complex_,methods",
+                         [(False, ("sequential", "chunked")), (True, ("sequential", "associative"))])
 def test_selective_scan_matches_reference(complex_, methods):
     args, h0 = _mamba_inputs(complex_)
     outs = _selective_all(args, h0, methods)
@@ -67,7 +68,8 @@ def _selective_grads(args, h0, w):
         y, h = _selective(args, h0, method)
         return jnp.sum(y * w) + jnp.sum(h)
 
-    return {m: jax.grad(functools.partial(loss, m), argnums=(0, 1))(args, h0) for m in ("reference", "chunked")}
+    return {m: jax.grad(functools.partial(loss, m), argnums=(0, 1))(args, h0)
+            for m in ("reference", "sequential", "chunked")}
 
 
 def test_selective_scan_gradients_match_reference():
