@@ -23,7 +23,7 @@ from jax import lax
 from jaxlab.kernels.linear_attention import causal_decay_attention
 from jaxlab.kernels.scan import METHODS, auto_method, linear_recurrence, segment_starts
 
-__all__ = ["hippo_legs", "selective_scan", "selective_scan_reference", "ssd", "ssd_reference"]
+__all__ = ["SSD_METHODS", "hippo_legs", "selective_scan", "selective_scan_reference", "ssd", "ssd_reference"]
 
 
 def __getattr__(name):  # ``from jaxlab.kernels.ssm import hippo_legs`` without importing hippo eagerly
@@ -216,7 +216,11 @@ def _skip(y, x, D, out_dtype):
     return y.astype(out_dtype)
 
 
-def ssd(x, dt, A, B, C, *, D=None, chunk_size=64, initial_state=None, segment_ids=None, return_state=False):
+SSD_METHODS = ("auto", "chunked", "recurrent")
+
+
+def ssd(x, dt, A, B, C, *, D=None, chunk_size=64, initial_state=None, segment_ids=None, return_state=False,
+        method="auto"):
     """Mamba-2's SSD layer core, chunked (Dao and Gu 2024, Section 6 and Listing 1).
 
     h_t = exp(dt_t A_h) h_{t-1} + dt_t B_t x_t^T (state [N, P] per head), y_t = h_t^T C_t (+ D x_t).
@@ -226,17 +230,23 @@ def ssd(x, dt, A, B, C, *, D=None, chunk_size=64, initial_state=None, segment_id
       B, C: [B, L, G, N], head h reading group h // (H / G).
       D: [H] or [H, P]; chunk_size: C (any, L need not be a multiple); initial_state: [B, H, N, P].
       segment_ids: [B, L] packed sequences; return_state: also return h_L [B, H, N, P].
+      method: "chunked" (the state-space dual form: matmuls inside chunks, a recurrence across them),
+        "recurrent" (step by step, rematerialised per chunk of steps) or "auto" (``scan.auto_method("ssd")``:
+        recurrent on CPU, chunked on accelerators).
 
     Returns:
       y [B, L, H, P] in x's dtype (and h_L).
     """
     x, dt, A, B, C = (jnp.asarray(a) for a in (x, dt, A, B, C))
     _validate_ssd(x, dt, A, B, C, D, initial_state, chunk_size)
+    if method not in SSD_METHODS:
+        raise ValueError(f"method={method!r} must be one of {SSD_METHODS}")
     dtype = jnp.result_type(x, dt, A, B, C, jnp.float32)
     xf, dt = x.astype(dtype), dt.astype(dtype)
     y, h = causal_decay_attention(C.astype(dtype), B.astype(dtype), xf * dt[..., None], dt * A.astype(dtype),
                                   initial_state=initial_state, reset=_resets(segment_ids, *x.shape[:2]),
-                                  method="chunked", chunk_size=chunk_size)
+                                  method=auto_method("ssd") if method == "auto" else method,
+                                  chunk_size=chunk_size)
     y = _skip(y, xf, D, x.dtype)
     return (y, h) if return_state else y
 

@@ -10,6 +10,7 @@ import scipy.linalg
 
 from jaxlab.kernels import s4, ssm
 from jaxlab.kernels.s4 import s4d_kernel, s4d_lambda
+from jaxlab.kernels.scan import auto_method
 
 Bsz, L, Dm, N = 2, 29, 6, 4  # L = 29: chunk sizes 4 and 8 leave partial chunks
 H, P, G = 4, 3, 2
@@ -125,20 +126,21 @@ def _ssd_inputs(seed=0, groups=G):
 SSD_CASES = ((4, (H,)), (8, (H, P)), (64, None))  # (chunk size, D shape): partial chunks, one chunk > L
 
 
-@jax.jit
-def _ssd_all(inputs, Ds, h0):
+@functools.partial(jax.jit, static_argnames="method")
+def _ssd_all(inputs, Ds, h0, method):
     kw = dict(initial_state=h0, segment_ids=SEGMENTS, return_state=True)
-    return [(ssm.ssd(*inputs, chunk_size=c, D=D, **kw), ssm.ssd_reference(*inputs, D=D, **kw))
+    return [(ssm.ssd(*inputs, chunk_size=c, D=D, method=method, **kw), ssm.ssd_reference(*inputs, D=D, **kw))
             for (c, _), D in zip(SSD_CASES, Ds)]
 
 
-def test_ssd_matches_reference():
+@pytest.mark.parametrize("method", ["chunked", "recurrent"])
+def test_ssd_matches_reference(method):
     rng = np.random.default_rng(3)
     Ds = [None if shape is None else _normal(rng, *shape) for _, shape in SSD_CASES]
     for (chunk_size, _), ((y, h), (y_ref, h_ref)) in zip(SSD_CASES, _ssd_all(_ssd_inputs(), Ds,
-                                                                             _normal(rng, Bsz, H, N, P))):
-        np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4, err_msg=f"{chunk_size=}")
-        np.testing.assert_allclose(h, h_ref, rtol=1e-4, atol=1e-4, err_msg=f"{chunk_size=}")
+                                                                             _normal(rng, Bsz, H, N, P), method)):
+        np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4, err_msg=f"{method} {chunk_size=}")
+        np.testing.assert_allclose(h, h_ref, rtol=1e-4, atol=1e-4, err_msg=f"{method} {chunk_size=}")
 
 
 @jax.jit
@@ -147,14 +149,21 @@ def _ssd_grads(inputs, h0):
         y, h = fn(*inputs, initial_state=h0, segment_ids=SEGMENTS, return_state=True)
         return jnp.sum(jnp.sin(y)) + jnp.sum(h)
 
-    fast = functools.partial(ssm.ssd, chunk_size=8)
-    return [jax.grad(functools.partial(loss, fn), argnums=(0, 1))(inputs, h0) for fn in (fast, ssm.ssd_reference)]
+    fns = [functools.partial(ssm.ssd, chunk_size=8, method=m) for m in ("chunked", "recurrent")]
+    return [jax.grad(functools.partial(loss, fn), argnums=(0, 1))(inputs, h0) for fn in (*fns, ssm.ssd_reference)]
 
 
 def test_ssd_gradients_match_reference():
-    grads, ref = _ssd_grads(_ssd_inputs(seed=4), _normal(np.random.default_rng(5), Bsz, H, N, P))
-    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
-        np.testing.assert_allclose(g, g_ref, rtol=1e-3, atol=1e-4)
+    *grads, ref = _ssd_grads(_ssd_inputs(seed=4), _normal(np.random.default_rng(5), Bsz, H, N, P))
+    for method, grad in zip(("chunked", "recurrent"), grads):
+        for g, g_ref in zip(jax.tree.leaves(grad), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(g, g_ref, rtol=1e-3, atol=1e-4, err_msg=method)
+
+
+def test_ssd_auto_method():
+    assert auto_method("ssd", backend="cpu") == "recurrent" and auto_method("ssd", backend="gpu") == "chunked"
+    with pytest.raises(ValueError, match="method"):
+        ssm.ssd(*_ssd_inputs(), method="parallel")
 
 
 @jax.jit
