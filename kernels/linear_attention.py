@@ -27,10 +27,9 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from jaxlab.kernels.feature_maps import elu_plus_one, favor_features, favor_projection, relu_features
-from jaxlab.kernels.scan import auto_method, linear_recurrence, segment_starts
+from jaxlab.kernels.scan import auto_method, linear_recurrence, remat_scan, segment_starts
 
 __all__ = [
     "LinearAttentionState",
@@ -118,19 +117,12 @@ def _chunked(q, k, v, log_a, h0, reset, C):
     return o, h_end[:, :, :, -1].reshape(B, H, N, P)
 
 
-RECURRENT_CHUNK = 16
-"""Steps per rematerialised chunk of the recurrent form."""
-
-
-def _recurrent(q, k, v, log_a, h0, reset, T=RECURRENT_CHUNK):
-    """The step-by-step form, in chunks of ``T`` steps under ``jax.checkpoint``: the backward pass keeps the
-    state only at chunk boundaries and recomputes the chunk's states (as Mamba's fused scan does), instead of
-    saving every step's [B, H, N, P] state."""
+def _recurrent(q, k, v, log_a, h0, reset):
+    """The step-by-step form; the backward recomputes the states per chunk of steps (``scan.remat_scan``)
+    rather than saving every step's [B, H, N, P] state."""
     B, L, G, N = q.shape
     H, P = v.shape[2:]
     R = H // G
-    T = min(T, L)
-    pad = -L % T  # tokens with k = v = 0 and no decay at the end: the state passes them unchanged
 
     def step(S, x):  # S [B, G, R, N, P]
         q_t, k_t, v_t, a_t, r_t = x
@@ -138,16 +130,10 @@ def _recurrent(q, k, v, log_a, h0, reset, T=RECURRENT_CHUNK):
         S = a_t[..., None, None] * S + jnp.einsum("bgn,bgrp->bgrnp", k_t, v_t)
         return S, jnp.einsum("bgn,bgrnp->bgrp", q_t, S)
 
-    @jax.checkpoint
-    def chunk(S, xs):
-        return lax.scan(step, S, xs)
-
     reset = jnp.zeros((B, L), bool) if reset is None else reset
     xs = (q, k, v.reshape(B, L, G, R, P), log_a.reshape(B, L, G, R), reset)
-    xs = tuple(jnp.moveaxis(jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)), 1, 0) for x in xs)
-    xs = tuple(x.reshape((-1, T) + x.shape[1:]) for x in xs)  # [L' / T, T, B, ...]
-    S, o = lax.scan(chunk, h0.reshape(B, G, R, N, P), xs)
-    o = o.reshape((-1,) + o.shape[2:])[:L]  # [L, B, G, R, P]
+    # Padding steps (k = v = 0, no decay, no reset) leave the state unchanged.
+    S, o = remat_scan(step, h0.reshape(B, G, R, N, P), tuple(jnp.moveaxis(x, 1, 0) for x in xs))
     return jnp.moveaxis(o, 0, 1).reshape(B, L, H, P), S.reshape(B, H, N, P)
 
 

@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import jax.scipy.linalg
 
 from jaxlab.kernels.scan import METHODS as SCAN_METHODS
-from jaxlab.kernels.scan import auto_method, linear_recurrence, segment_starts
+from jaxlab.kernels.scan import auto_method, linear_recurrence, remat_scan, segment_starts
 
 __all__ = ["DISCRETIZATIONS", "S4D_METHODS", "causal_fft_conv", "discretize", "discretize_diag", "s4d", "s4d_kernel",
-           "s4d_lambda", "s4d_reference", "s5", "s5_reference"]
+           "s4d_lambda", "s4d_recurrence", "s4d_reference", "s5", "s5_reference"]
 
 DISCRETIZATIONS = ("zoh", "bilinear")
 S4D_METHODS = ("fft",) + SCAN_METHODS  # the FFT convolution, or the recurrence by a linear_recurrence method
@@ -171,6 +171,39 @@ def s4d(u, Lambda, B, C, dt, D=None, *, discretization="zoh", method="auto"):
         x = linear_recurrence(Lambda_bar[None, None], B_bar * u[..., None], method=method)  # [B, L, H, N]
         y = _output(jnp.einsum("blhn,hn->blh", x, C))
     return y if D is None else y + D * u
+
+
+def s4d_recurrence(u, Lambda_bar, B_bar, C, *, initial_state=None, reset=None):
+    """S4D's recurrence x_k = Lambda_bar x_{k-1} + B_bar u_k, y_k = C . x_k (2 Re for conjugate pairs), with a
+    state in and out: the form of packed rows and decoding.
+
+    One fused scan (``scan.remat_scan``: the input, update and read-out inside each step, the states
+    recomputed per chunk in the backward) rather than a ``linear_recurrence`` over a materialised
+    [B, L, H, N] input and state sequence: a 4-layer d=128 S4D LM's forward+backward on packed [8, 256] rows
+    measured ~2x faster on one CPU core.
+
+    Args:
+      u: [B, L, H]; Lambda_bar, B_bar, C: [H, N] (discretised, ``discretize_diag``); initial_state: [B, H, N]
+        (default zeros); reset: bool [B, L], True where a packed segment starts (the state before it is
+        dropped; the initial state enters the first segment).
+
+    Returns:
+      (y [B, L, H] without the D skip, x_L [B, H, N]).
+    """
+    Bsz, L, H = u.shape
+    dtype = jnp.result_type(Lambda_bar, B_bar, u)
+    x0 = jnp.zeros((Bsz,) + Lambda_bar.shape, dtype) if initial_state is None else jnp.asarray(initial_state, dtype)
+    keep = jnp.ones((Bsz, L), jnp.float32) if reset is None else 1.0 - reset.at[:, 0].set(False).astype(jnp.float32)
+
+    def step(x, inputs):  # x [B, H, N]
+        u_k, keep_k, real_k = inputs
+        new = (Lambda_bar * keep_k[:, None, None]) * x + B_bar * u_k[..., None]
+        x = jnp.where(real_k, new, x)  # the padding steps of remat_scan (real = False) leave the state alone
+        return x, _output(jnp.einsum("bhn,hn->bh", x, C))
+
+    xs = (jnp.moveaxis(u, 1, 0), jnp.moveaxis(keep, 1, 0), jnp.ones((L,), bool))
+    last, y = remat_scan(step, x0, xs, fill=(0, 1, False))
+    return jnp.moveaxis(y, 0, 1), last
 
 
 def s4d_reference(u, Lambda, B, C, dt, D=None, *, discretization="zoh"):

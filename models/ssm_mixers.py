@@ -19,8 +19,8 @@ every mixer of ``jaxlab.models``, the state is a frozen dataclass pytree with na
 * :class:`Mamba2` (Dao & Gu 2024, Figure 6): one in-projection to (z, x, B, C, dt), conv1d over
   (x, B, C), per-head scalar decay through ``ssd``, gated RMSNorm, out-projection.
 
-S4D and S5 compose ``jaxlab.kernels.s4`` (ZOH ``discretize_diag``, the FFT convolution ``s4d``, ``s5``)
-and ``jaxlab.kernels.scan.linear_recurrence`` (complex states); Mamba and Mamba-2 use
+S4D and S5 compose ``jaxlab.kernels.s4`` (ZOH ``discretize_diag``, the FFT convolution ``s4d``, the fused
+recurrence ``s4d_recurrence`` with complex states, ``s5``); Mamba and Mamba-2 use
 ``jaxlab.kernels.ssm.selective_scan`` / ``ssd`` with ``initial_state`` and ``return_state``.
 """
 
@@ -37,8 +37,8 @@ from flax import struct
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxlab.kernels.hippo import hippo_legs
-from jaxlab.kernels.s4 import discretize_diag, s4d, s4d_lambda, s5
-from jaxlab.kernels.scan import linear_recurrence, segment_starts
+from jaxlab.kernels.s4 import discretize_diag, s4d, s4d_lambda, s4d_recurrence, s5
+from jaxlab.kernels.scan import segment_starts
 from jaxlab.kernels.ssm import selective_scan, ssd
 from jaxlab.models.layers import RMSNorm
 
@@ -192,7 +192,7 @@ class S4D(ChannelSSM):
     """S4D layer: ``d_model`` independent diagonal SSMs with ``d_state / 2`` complex modes each.
 
     Without state or segment ids the layer runs as a convolution with the Vandermonde kernel by FFT
-    (``kernels.s4.s4d``, O(L log L)); with them, as the equivalent complex ``linear_recurrence``.
+    (``kernels.s4.s4d``, O(L log L)); with them, as the equivalent complex recurrence (``s4d_recurrence``).
     """
 
     state_cls = S4DState
@@ -201,7 +201,10 @@ class S4D(ChannelSSM):
     def __call__(self, x, positions=None, segment_ids=None, state=None):
         N2 = self.num_modes()
         B, L, H = x.shape
-        lin = lambda k, s: jnp.broadcast_to(s4d_lambda(N2, "lin"), s)  # noqa: E731  S4D-Lin: -1/2 + i pi n
+
+        def lin(k, s):  # S4D-Lin: -1/2 + i pi n
+            return jnp.broadcast_to(s4d_lambda(N2, "lin"), s)
+
         log_A_real = self.param("log_A_real", lambda k, s: jnp.log(-lin(k, s).real), (H, N2))
         A_imag = self.param("A_imag", lambda k, s: lin(k, s).imag, (H, N2))
         B_ = self.param("B", lambda k, s: jnp.zeros(s).at[0].set(1.0), (2, H, N2))  # real, imaginary parts
@@ -213,11 +216,10 @@ class S4D(ChannelSSM):
             y = s4d(u, Lambda, B_c, C_c, dt, D, method="fft")
         else:
             Lambda_bar, B_bar = discretize_diag(Lambda, B_c, dt[:, None])  # [H, N2]
-            h = linear_recurrence(Lambda_bar[None, None], B_bar * u[..., None],
-                                  initial_state=None if state is None else state.h,
-                                  reset=_reset(segment_ids))  # [B, L, H, N2] complex
-            y = 2 * jnp.real(jnp.einsum("blhn,hn->blh", h, C_c)) + D * u
-            state = S4DState(h[:, -1])
+            y, h = s4d_recurrence(u, Lambda_bar, B_bar, C_c, initial_state=None if state is None else state.h,
+                                  reset=_reset(segment_ids))  # y [B, L, H], h [B, H, N2] complex
+            y = y + D * u
+            state = S4DState(h)
         return self.output(y), state
 
 

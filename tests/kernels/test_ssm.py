@@ -10,7 +10,7 @@ import scipy.linalg
 
 from jaxlab.kernels import s4, ssm
 from jaxlab.kernels.s4 import s4d_kernel, s4d_lambda
-from jaxlab.kernels.scan import auto_method
+from jaxlab.kernels.scan import auto_method, linear_recurrence, segment_starts
 
 Bsz, L, Dm, N = 2, 29, 6, 4  # L = 29: chunk sizes 4 and 8 leave partial chunks
 H, P, G = 4, 3, 2
@@ -209,6 +209,37 @@ def test_s4d_fft_convolution_equals_recurrence():
         for y_rec in recurrent:
             np.testing.assert_allclose(y_fft, y_rec, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(y_fft))),
                                        err_msg=str(case))
+
+
+@jax.jit
+def _s4d_recurrence_forms(u, Lam_bar, B_bar, Cp, h0, w):
+    """The fused recurrence and the linear_recurrence over the materialised [B, L, H, N] input, with packed
+    segments and an initial state: outputs, final states and their gradients."""
+    reset = segment_starts(SEGMENTS)
+
+    def fused(u, h0):
+        return s4.s4d_recurrence(u, Lam_bar, B_bar, Cp, initial_state=h0, reset=reset)
+
+    def materialised(u, h0):
+        h = linear_recurrence(Lam_bar[None, None], B_bar * u[..., None], initial_state=h0, reset=reset)
+        return 2 * jnp.real(jnp.einsum("blhn,hn->blh", h, Cp)), h[:, -1]
+
+    def loss(f, u, h0):
+        y, last = f(u, h0)
+        return jnp.sum(y * w) + jnp.sum(jnp.abs(last) ** 2)
+
+    return {name: (f(u, h0), jax.grad(functools.partial(loss, f), argnums=(0, 1))(u, h0))
+            for name, f in (("fused", fused), ("materialised", materialised))}
+
+
+def test_s4d_recurrence_with_segments_and_state():
+    Lam, Bp, Cp, dt, _ = _s4d_params("lin", H4=3, N4=4)
+    Lam_bar, B_bar = s4.discretize_diag(Lam, Bp, dt[:, None])
+    rng = np.random.default_rng(8)
+    u, w = _normal(rng, Bsz, L, 3), _normal(rng, Bsz, L, 3)  # L = 29: a partial chunk of remat_scan's 16
+    out = _s4d_recurrence_forms(u, Lam_bar, B_bar, Cp, _normal(rng, Bsz, 3, 4, complex_=True), w)
+    for a, b in zip(jax.tree.leaves(out["fused"]), jax.tree.leaves(out["materialised"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_s4d_kernel_is_the_vandermonde_product():
