@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlab.kernels.feature_maps import elu_plus_one, favor_features, favor_projection, relu_features
-from jaxlab.kernels.scan import auto_method, linear_recurrence, remat_scan, segment_starts
+from jaxlab.kernels.scan import auto_method, carry_mask, linear_recurrence, remat_scan, segment_starts
 
 __all__ = [
     "LinearAttentionState",
@@ -125,14 +125,12 @@ def _recurrent(q, k, v, log_a, h0, reset):
     R = H // G
 
     def step(S, x):  # S [B, G, R, N, P]
-        q_t, k_t, v_t, a_t, r_t = x
-        a_t = jnp.exp(a_t) * (1.0 - r_t.astype(a_t.dtype))[:, None, None]  # [B, G, R]
+        q_t, k_t, v_t, a_t, keep_t = x
+        a_t = jnp.exp(a_t) * keep_t[:, None, None]  # [B, G, R]
         S = a_t[..., None, None] * S + jnp.einsum("bgn,bgrp->bgrnp", k_t, v_t)
         return S, jnp.einsum("bgn,bgrnp->bgrp", q_t, S)
 
-    reset = jnp.zeros((B, L), bool) if reset is None else reset
-    xs = (q, k, v.reshape(B, L, G, R, P), log_a.reshape(B, L, G, R), reset)
-    # Padding steps (k = v = 0, no decay, no reset) leave the state unchanged.
+    xs = (q, k, v.reshape(B, L, G, R, P), log_a.reshape(B, L, G, R), carry_mask(reset, B, L, log_a.dtype))
     S, o = remat_scan(step, h0.reshape(B, G, R, N, P), tuple(jnp.moveaxis(x, 1, 0) for x in xs))
     return jnp.moveaxis(o, 0, 1).reshape(B, L, H, P), S.reshape(B, H, N, P)
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg
 
 from jaxlab.kernels.scan import METHODS as SCAN_METHODS
-from jaxlab.kernels.scan import auto_method, linear_recurrence, remat_scan, segment_starts
+from jaxlab.kernels.scan import auto_method, carry_mask, linear_recurrence, remat_scan, segment_starts
 
 __all__ = ["DISCRETIZATIONS", "S4D_METHODS", "causal_fft_conv", "discretize", "discretize_diag", "s4d", "s4d_kernel",
            "s4d_lambda", "s4d_recurrence", "s4d_reference", "s5", "s5_reference"]
@@ -193,16 +193,14 @@ def s4d_recurrence(u, Lambda_bar, B_bar, C, *, initial_state=None, reset=None):
     Bsz, L, H = u.shape
     dtype = jnp.result_type(Lambda_bar, B_bar, u)
     x0 = jnp.zeros((Bsz,) + Lambda_bar.shape, dtype) if initial_state is None else jnp.asarray(initial_state, dtype)
-    keep = jnp.ones((Bsz, L), jnp.float32) if reset is None else 1.0 - reset.at[:, 0].set(False).astype(jnp.float32)
+    keep = carry_mask(reset, Bsz, L, jnp.float32)  # [B, L]
 
     def step(x, inputs):  # x [B, H, N]
-        u_k, keep_k, real_k = inputs
-        new = (Lambda_bar * keep_k[:, None, None]) * x + B_bar * u_k[..., None]
-        x = jnp.where(real_k, new, x)  # the padding steps of remat_scan (real = False) leave the state alone
+        u_k, keep_k = inputs
+        x = (Lambda_bar * keep_k[:, None, None]) * x + B_bar * u_k[..., None]
         return x, _output(jnp.einsum("bhn,hn->bh", x, C))
 
-    xs = (jnp.moveaxis(u, 1, 0), jnp.moveaxis(keep, 1, 0), jnp.ones((L,), bool))
-    last, y = remat_scan(step, x0, xs, fill=(0, 1, False))
+    last, y = remat_scan(step, x0, (jnp.moveaxis(u, 1, 0), jnp.moveaxis(keep, 1, 0)))
     return jnp.moveaxis(y, 0, 1), last
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "AUTO_OPS",
     "METHODS",
     "auto_method",
+    "carry_mask",
     "linear_recurrence",
     "linear_recurrence_reference",
     "remat_scan",
@@ -97,42 +98,47 @@ REMAT_CHUNK = 16
 """Steps per rematerialised chunk of :func:`remat_scan` (16 measured best of 8-32 for the selective scan on CPU)."""
 
 
-def remat_scan(step, init, xs, *, chunk: int = REMAT_CHUNK, fill=0):
+def remat_scan(step, init, xs, *, chunk: int = REMAT_CHUNK):
     """``lax.scan(step, init, xs)`` run in chunks of ``chunk`` steps, each under ``jax.checkpoint``.
 
     The fused recurrences (Mamba's selective scan, the recurrent form of causal decay attention, S4D's
     recurrence) compute each step's inputs, state update and read-out inside ``step``, so no [L, state]
     tensor is materialised; autodiff of a plain scan would still save every step's state for the backward
     pass. Here the backward keeps the carry only at chunk boundaries and recomputes each chunk's steps (the
-    recomputation of Mamba's fused kernel, Gu and Dao 2023, section 3.3.2).
+    recomputation of Mamba's fused kernel, Gu and Dao 2023, section 3.3.2). When ``chunk`` does not divide
+    L, the last ``L % chunk`` steps run as one shorter chunk.
 
     Args:
       step: ``(carry, x_t) -> (carry, y_t)``.
       init: the initial carry.
       xs: a pytree of time-major arrays ``[L, ...]``.
-      chunk: steps per chunk (at most L).
-      fill: the value (or a pytree of values like ``xs``) that pads ``xs`` to a multiple of ``chunk``; the
-        caller picks values for which ``step`` leaves the carry unchanged (e.g. zero input and unit decay).
+      chunk: steps per chunk.
 
     Returns:
       (carry after step L - 1, ys [L, ...]).
     """
-    leaves = jax.tree.leaves(xs)
-    L = leaves[0].shape[0]
+    L = jax.tree.leaves(xs)[0].shape[0]
     T = min(chunk, L)
-    pad = -L % T
-    fills = jax.tree.map(lambda _: fill, xs) if not isinstance(fill, (tuple, list, dict)) else fill
-
-    def split(x, value):  # [L, ...] -> [L' / T, T, ...]
-        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=value)
-        return x.reshape((-1, T) + x.shape[1:])
+    n = L - L % T  # steps in whole chunks
 
     @jax.checkpoint
     def run_chunk(carry, chunk_xs):
         return lax.scan(step, carry, chunk_xs)
 
-    carry, ys = lax.scan(run_chunk, init, jax.tree.map(split, xs, fills))
-    return carry, jax.tree.map(lambda y: y.reshape((-1,) + y.shape[2:])[:L], ys)
+    carry, ys = lax.scan(run_chunk, init, jax.tree.map(lambda x: x[:n].reshape((-1, T) + x.shape[1:]), xs))
+    ys = jax.tree.map(lambda y: y.reshape((n,) + y.shape[2:]), ys)
+    if n < L:
+        carry, tail = run_chunk(carry, jax.tree.map(lambda x: x[n:], xs))
+        ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, tail)
+    return carry, ys
+
+
+def carry_mask(reset: jax.Array | None, batch: int, length: int, dtype) -> jax.Array:
+    """[B, L] factors of the state carried into each step of a fused recurrence: 0 where ``reset`` starts a
+    segment, else 1; 1 at t = 0 whatever ``reset`` says (the initial state enters the first segment)."""
+    if reset is None:
+        return jnp.ones((batch, length), dtype)
+    return 1.0 - jnp.asarray(reset).at[:, 0].set(False).astype(dtype)
 
 
 def segment_starts(segment_ids: jax.Array) -> jax.Array:

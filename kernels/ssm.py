@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxlab.kernels.linear_attention import causal_decay_attention
-from jaxlab.kernels.scan import METHODS, auto_method, linear_recurrence, remat_scan, segment_starts
+from jaxlab.kernels.scan import METHODS, auto_method, carry_mask, linear_recurrence, remat_scan, segment_starts
 
 __all__ = ["SSD_METHODS", "hippo_legs", "selective_scan", "selective_scan_reference", "ssd", "ssd_reference"]
 
@@ -138,16 +138,15 @@ def _fused_selective_scan(u, delta, A, B, C, initial_state, reset):
     Bsz, L, Dm = u.shape
     dtype = jnp.result_type(A, B, C, delta)
     h0 = jnp.zeros((Bsz, Dm, A.shape[1]), dtype) if initial_state is None else jnp.asarray(initial_state, dtype)
-    keep = jnp.ones((Bsz, L), delta.dtype) if reset is None else 1.0 - reset.at[:, 0].set(False).astype(delta.dtype)
+    keep = carry_mask(reset, Bsz, L, delta.dtype)  # [B, L]
 
     def step(h, inputs):  # h [B, Dm, N]
         delta_t, u_t, B_t, C_t, keep_t = inputs
         h = (jnp.exp(delta_t[..., None] * A) * keep_t[:, None, None]) * h + (delta_t * u_t)[..., None] * B_t[:, None]
         return h, jnp.einsum("bdn,bn->bd", h, C_t)
 
-    # Padding steps have delta = 0 (exp(0 A) = 1, no input) and keep = 1: the state passes them unchanged.
     xs = tuple(jnp.moveaxis(x, 1, 0) for x in (delta, u, B, C, keep))  # time-major [L, B, ...]
-    last, y = remat_scan(step, h0, xs, fill=(0, 0, 0, 0, 1))  # y [L, B, Dm]
+    last, y = remat_scan(step, h0, xs)  # y [L, B, Dm]
     return jnp.moveaxis(y, 0, 1), last
 
 
