@@ -123,6 +123,7 @@ def _simulate(key: jax.Array, cfg: SAConfig) -> dict:
     "sa-mean",
     description="Robbins-Monro mean estimation and root finding; SGD vs mini-batch GD vs BGD",
     paper="Zhao 2025, Mathematical Foundations of Reinforcement Learning, Ch. 6 (Secs. 6.1, 6.2, 6.4)",
+    quick_seconds=3.0,
     quick=SAConfig(num_steps=1000, num_seeds=8),
 )
 def sa_mean(cfg: SAConfig, ctx: RunContext) -> ExperimentResult:
@@ -187,7 +188,7 @@ def sa_mean(cfg: SAConfig, ctx: RunContext) -> ExperimentResult:
               "below the constant step's) and, without noise, converges to it (1 < w < 1.01) (Sec. 6.2)",
               holds=rm["a_k = 1/k"] < 0.1 and rm["a_k = 1/k"] < rm[const]
               and 1.0 < metrics["robbins_monro_noise_free_final_w"] < 1.01,
-              evidence=f"mean |w - 1|: " + ", ".join(f"{k} {v:.3f}" for k, v in rm.items())
+              evidence="mean |w - 1|: " + ", ".join(f"{k} {v:.3f}" for k, v in rm.items())
                        + f"; noise-free w = {metrics['robbins_monro_noise_free_final_w']:.4f}"),
         Claim("BGD, MBGD and SGD converge to the mean, closer the larger the batch: final distance falls as m grows, "
               "BGD's < 1e-4 and SGD's < 1 (Sec. 6.4)",

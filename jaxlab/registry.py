@@ -135,6 +135,9 @@ class Experiment:
     timed: bool = False
     """Its claims read wall-clock times: ``jaxlab reproduce --jobs N`` runs it with no other experiment
     beside it."""
+    quick_seconds: float | None = None
+    """About how long the quick size runs on 2 CPU cores beside one other experiment (as last measured): orders
+    the first ``jaxlab reproduce --quick`` in a folder, longest first; the folder's own earlier times replace it."""
 
     @property
     def config_cls(self) -> type:
@@ -165,20 +168,23 @@ def _check_name(name: str, table: dict, kind: str, fn: Callable) -> None:
 
 
 def register_experiment(name: str, *, description: str, paper: str, quick: Any, full_needs_gpu: bool = False,
-                        timed: bool = False):
+                        timed: bool = False, quick_seconds: float | None = None):
     """Register ``fn(cfg, ctx) -> ExperimentResult`` under ``name``.
 
     ``quick`` is an instance of the experiment's frozen config dataclass sized for
     ``jaxlab reproduce --quick`` (sized so that its claims hold, the whole set in under 20 minutes on 2 CPU cores).
     ``full_needs_gpu`` marks experiments whose full size takes hours on a CPU; ``timed`` those whose claims
-    compare wall-clock times, which run alone when experiments run in parallel.
+    compare wall-clock times, which run alone when experiments run in parallel; ``quick_seconds`` the quick
+    size's run time on 2 CPU cores, which orders a first run when no earlier times exist.
     """
     if not dataclasses.is_dataclass(quick) or isinstance(quick, type):
         raise TypeError(f"{name}: quick= must be a dataclass instance, got {quick!r}")
+    if quick_seconds is not None and not quick_seconds > 0:
+        raise ValueError(f"{name}: {quick_seconds=} must be a positive number of seconds")
 
     def decorator(fn):
         _check_name(name, _EXPERIMENTS, "experiment", fn)
-        _EXPERIMENTS[name] = Experiment(name, description, paper, fn, quick, full_needs_gpu, timed)
+        _EXPERIMENTS[name] = Experiment(name, description, paper, fn, quick, full_needs_gpu, timed, quick_seconds)
         return fn
 
     return decorator

@@ -273,13 +273,18 @@ def may_start(experiment: Experiment, running: Sequence[Experiment], jobs: int) 
     return not running or not (experiment.timed or any(r.timed for r in running))
 
 
-def run_order(experiments: Sequence[Experiment], seconds: dict[str, float]) -> list[Experiment]:
+def run_order(experiments: Sequence[Experiment], seconds: dict[str, float], *,
+              quick: bool = False) -> list[Experiment]:
     """The order child processes start in: the ``timed`` experiments first (each runs alone), then the
-    longest first, so that the last to finish are short ones and no core idles long at the end: by
-    ``seconds`` (an earlier run's times) where known; those never run go first, the ones whose full size needs
-    a GPU (the long language-model runs) ahead of the others."""
+    longest first, so that the last to finish are short ones and no core idles long at the end. An
+    experiment's length is ``seconds[name]`` (an earlier run's time in the same folder) where known, else, for
+    ``quick`` runs, its registered ``quick_seconds``; those with neither go first, the ones whose full size
+    needs a GPU (the long language-model runs) ahead of the others."""
+    def length(e: Experiment) -> float | None:
+        return seconds.get(e.name, e.quick_seconds if quick else None)
+
     rest = sorted((e for e in experiments if not e.timed),
-                  key=lambda e: (e.name in seconds, -seconds.get(e.name, 0.0), not e.full_needs_gpu))
+                  key=lambda e: (length(e) is not None, -(length(e) or 0.0), not e.full_needs_gpu))
     return [e for e in experiments if e.timed] + rest
 
 
@@ -289,7 +294,7 @@ def _reproduce_parallel(experiments: list[Experiment], out_dir: pathlib.Path, *,
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     before = {r.name: r.runtime_s for r in earlier_records(out_dir, quick=quick, exclude=set())}
-    queue = run_order(experiments, before)
+    queue = run_order(experiments, before, quick=quick)
     running: dict[str, tuple[subprocess.Popen, Any, float, Experiment]] = {}
     done: dict[str, RunRecord] = {}
     bar = tqdm(total=len(queue), desc="reproduce", unit="exp", disable=not show_progress, file=sys.stderr,

@@ -1,7 +1,6 @@
 """Claims in results and REPORT.md: each paper's result as a predicate, counted, failing ones shown failing."""
 
 import json
-import pathlib
 
 import numpy as np
 import pytest
@@ -136,3 +135,23 @@ def test_run_order_puts_timed_first_then_the_longest():
     known, slow = exp("known"), exp("slow")
     order = run_order([a, b, known, lm, slow, t], {"known": 5.0, "slow": 50.0})
     assert [e.name for e in order] == ["t", "lm", "a", "b", "slow", "known"]
+
+
+def test_run_order_falls_back_on_registered_quick_seconds():
+    """A first quick run (no earlier times in the folder) starts the longest registered ones first; the
+    folder's own times win over the registered ones, and full-size runs ignore the quick estimates."""
+    from jaxlab.registry import Experiment, experiments
+    from jaxlab.reproduce import run_order
+
+    def exp(name, **kw):
+        return Experiment(name, "", "", lambda c, x: None, None, **kw)
+
+    short, long_, unknown = exp("short", quick_seconds=10.0), exp("long", quick_seconds=200.0), exp("unknown")
+    mid = exp("mid", quick_seconds=300.0)
+    assert [e.name for e in run_order([short, long_, unknown, mid], {}, quick=True)] == [
+        "unknown", "mid", "long", "short"]
+    assert [e.name for e in run_order([short, long_, unknown, mid], {"mid": 5.0}, quick=True)] == [
+        "unknown", "long", "short", "mid"]
+    assert [e.name for e in run_order([short, long_, mid], {}, quick=False)] == ["short", "long", "mid"]
+    # every registered experiment carries an estimate, so a first quick run is ordered by length
+    assert all(e.quick_seconds for e in experiments().values())
