@@ -16,7 +16,7 @@ import optax
 import pytest
 
 from jaxlab.rl import ppo, trpo
-from jaxlab.rl.on_policy import ActorCritic, Batch, minibatches
+from jaxlab.rl.on_policy import ActorCritic, Batch, minibatches, random_permutation
 from jaxlab.xla_options import FAST_COMPILE
 
 SMALL = dict(env_id="Bandit-probe", hidden_sizes=(3,))
@@ -119,6 +119,32 @@ def test_ppo_normalises_advantages_within_each_minibatch(key):
     np.testing.assert_allclose(loss, loss_by_hand, rtol=1e-5)
     np.testing.assert_allclose(metrics["policy_loss"], metrics_by_hand["policy_loss"], rtol=1e-5)
     assert not np.isclose(unnormalised, loss)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 512, 4097, 70_000])  # 1, 1, 1, 2, 2 and 4 rounds
+def test_random_permutation_is_a_permutation(n):
+    for seed in range(3):
+        perm = np.asarray(random_permutation(jax.random.PRNGKey(seed), n))
+        assert perm.dtype == np.int32 and perm.shape == (n,)
+        np.testing.assert_array_equal(np.sort(perm), np.arange(n))
+    with pytest.raises(ValueError, match="n=0"):
+        random_permutation(jax.random.PRNGKey(0), 0)
+
+
+def test_random_permutation_is_uniform():
+    """Every one of the 3! orders of 3 items, and every (item, position) pair of 6 items, as often as a
+    uniform draw makes them (within 5 standard errors over 60,000 draws); different keys, different orders."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 60_000)
+    perms3 = np.asarray(jax.vmap(lambda k: random_permutation(k, 3))(keys))  # [S, 3]
+    codes = perms3 @ np.array([9, 3, 1])
+    counts = np.array([np.sum(codes == c) for c in np.unique(codes)])
+    assert len(counts) == 6
+    p, n = 1 / 6, len(keys)
+    assert np.all(np.abs(counts / n - p) < 5 * np.sqrt(p * (1 - p) / n)), counts
+    perms6 = np.asarray(jax.vmap(lambda k: random_permutation(k, 6))(keys))  # [S, 6]
+    freq = np.stack([(perms6 == item).mean(0) for item in range(6)])  # [item, position]
+    assert np.all(np.abs(freq - p) < 5 * np.sqrt(p * (1 - p) / n)), freq
+    assert len({tuple(r) for r in perms6[:100]}) > 90
 
 
 def test_minibatches_share_one_permutation_across_fields(key):
