@@ -179,11 +179,12 @@ def _size_args(size: dict) -> list[str]:
 
 
 def jaxlab_train_tokens_per_s(size: dict, mixer: str, steps: int, workdir: pathlib.Path,
-                              async_dispatch: bool = False) -> float:
+                              async_dispatch: bool | None = None) -> float:
     """Tokens/s of ``jaxlab train lm`` run as a user runs it (a child process, the stdlib corpus packed by its
     own pipeline), from the ``metrics.jsonl`` time stamps between the second logged step and the last one
-    before the end (compilation and the final evaluation excluded). ``async_dispatch``: with JAX's
-    asynchronous CPU dispatch, which the CLI turns off (``JAX_CPU_ENABLE_ASYNC_DISPATCH=1`` keeps it)."""
+    before the end (compilation and the final evaluation excluded). ``async_dispatch``: JAX's asynchronous CPU
+    dispatch forced on or off (``JAX_CPU_ENABLE_ASYNC_DISPATCH``); None leaves the CLI's choice (on for
+    ``train lm``, ``jaxlab.cli.ASYNC_DISPATCH_COMMANDS``)."""
     import os
     import shutil
     import subprocess
@@ -198,7 +199,9 @@ def jaxlab_train_tokens_per_s(size: dict, mixer: str, steps: int, workdir: pathl
                                 "--seq-len", str(size["seq_len"]), *_size_args(size), "--log-every", str(log_every),
                                 "--eval-every", str(10 ** 6), "--eval-batches", "1", "--sample-every", "0",
                                 "--checkpoint-every", str(10 ** 6), "--no-progress")
-    env = {**os.environ, "JAX_CPU_ENABLE_ASYNC_DISPATCH": "1" if async_dispatch else "0"}
+    env = {k: v for k, v in os.environ.items() if k != "JAX_CPU_ENABLE_ASYNC_DISPATCH"}
+    if async_dispatch is not None:
+        env["JAX_CPU_ENABLE_ASYNC_DISPATCH"] = "1" if async_dispatch else "0"
     subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     stamps = [(r["step"], r["time"]) for r in lines if "time" in r][1:-1]  # [(step, wall time)]
@@ -249,7 +252,7 @@ def twin_check(torch_python: pathlib.Path, size: dict, workdir: pathlib.Path) ->
 
 def bench_torch(torch_python: pathlib.Path, repeats: int, steps: int) -> list[dict]:
     """Per size: the twin check, then ``repeats`` alternating rounds of jaxlab (attention, with and without
-    asynchronous dispatch, and Mamba-2), torch eager and torch.compile; medians over rounds. ``steps`` timed
+    asynchronous dispatch off, and Mamba-2), torch eager and torch.compile; medians over rounds. ``steps`` timed
     steps at the default size, fewer at larger ones (in proportion to the work per step)."""
     import statistics
     import tempfile
@@ -258,12 +261,12 @@ def bench_torch(torch_python: pathlib.Path, repeats: int, steps: int) -> list[di
     with tempfile.TemporaryDirectory() as tmp:
         workdir = pathlib.Path(tmp)
         for size in TORCH_SIZES:
-            runs: dict[str, list[float]] = {"jaxlab": [], "jaxlab_async": [], "jaxlab_mamba2": [], "torch_eager": [],
+            runs: dict[str, list[float]] = {"jaxlab": [], "jaxlab_sync": [], "jaxlab_mamba2": [], "torch_eager": [],
                                             "torch_compile": []}
             steps = max(10, round(steps * 4096 / (size["batch"] * size["seq_len"]) * 128 ** 2 / size["d_model"] ** 2))
             for _ in range(repeats):
                 runs["jaxlab"].append(jaxlab_train_tokens_per_s(size, "attention", steps, workdir))
-                runs["jaxlab_async"].append(jaxlab_train_tokens_per_s(size, "attention", steps, workdir, True))
+                runs["jaxlab_sync"].append(jaxlab_train_tokens_per_s(size, "attention", steps, workdir, False))
                 runs["torch_eager"].append(torch_tokens_per_s(torch_python, size, steps, False)["tokens_per_s"])
                 runs["torch_compile"].append(torch_tokens_per_s(torch_python, size, steps, True)["tokens_per_s"])
                 runs["jaxlab_mamba2"].append(jaxlab_train_tokens_per_s(size, "mamba2", steps, workdir))
@@ -330,12 +333,12 @@ def _torch_lines(rows: list[dict]) -> list[str]:
     lines = ["", "Against PyTorch: tokens/s of `jaxlab train lm` (attention, SwiGLU; its data pipeline and loop "
              "included) and of the same model in PyTorch 2.13 (CPU build) eager and under torch.compile, fp32, "
              "medians of alternating runs; the Mamba-2 column is `jaxlab train lm --mixer mamba2`.", "",
-             "| size | jaxlab | jaxlab, async dispatch | torch eager | torch.compile | jaxlab / eager | jaxlab / compile | "
-             "jaxlab mamba2 | twin check: loss jaxlab / torch |", "|---|---|---|---|---|---|---|---|---|"]
+             "| size | jaxlab | jaxlab, async dispatch off | torch eager | torch.compile | jaxlab / eager | "
+             "jaxlab / compile | jaxlab mamba2 | twin check: loss jaxlab / torch |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s, c = r["size"], r["check"]
         lines.append(f"| d={s['d_model']}, {s['num_layers']} layers, {s['num_heads']} heads, B{s['batch']} x "
-                     f"L{s['seq_len']} | {r['jaxlab_tokens_per_s']:,.0f} | {r['jaxlab_async_tokens_per_s']:,.0f} | "
+                     f"L{s['seq_len']} | {r['jaxlab_tokens_per_s']:,.0f} | {r['jaxlab_sync_tokens_per_s']:,.0f} | "
                      f"{r['torch_eager_tokens_per_s']:,.0f} | "
                      f"{r['torch_compile_tokens_per_s']:,.0f} | "
                      f"{r['jaxlab_tokens_per_s'] / r['torch_eager_tokens_per_s']:.2f} | "
@@ -436,6 +439,17 @@ def _mfu_lines(mfu: dict | None) -> list[str]:
 
 
 CPU_NOTES = """
+## Reading the PyTorch table across runs
+
+Both sides of a row are measured in the same run, alternating, so a row's ratio compares like with like; rows
+of different runs need not. The tables above (2026-12-06, host load 0.5 at the start) ran on an AMD EPYC host
+of 2 cores where the previous run of this script (2026-12-05) had given 12,857 tok/s for jaxlab against 22,367
+for torch eager (0.57x) and 1,855 against 2,893 (0.64x), with no change to jaxlab's attention, projections or
+optimizer in between: the tiled attention's forward+backward at B16 x L256 runs in 12.7 ms here against
+27.6 ms there while torch's SDPA takes the same 11-12 ms, and torch eager's d=384 step runs 26% slower here.
+Between those hosts the jaxlab/torch ratio moved from 0.57x to 0.99x at the default size and from 0.64x to
+1.35x at d=384. The ratio depends on the host's CPU as much as on either program.
+
 ## What was changed for CPU speed, and why (profile of the default `jaxlab train lm` step, 2 cores)
 
 Method: `jax.profiler.trace(..., create_perfetto_trace=True)` around training steps, summing each XLA
@@ -459,8 +473,12 @@ PyTorch eager's 173 ms; without attention (`v` passed through) it took 187 ms ag
 * **Checked and left:** XLA:CPU flags (`--xla_cpu_use_onednn`, `--xla_cpu_use_xnnpack=false`,
   `--xla_cpu_prefer_vector_width=512`, the concurrency-optimised scheduler) moved the step by under 5%, within
   noise; fast-math is not used (it changes numerics). Batch packing costs 0.05 ms per batch, so host-side data
-  never stalls the step; the async-dispatch column measures what turning JAX's asynchronous CPU dispatch off
-  (needed for the host-callback progress bars) costs. A raw `[4096, 384] x [384, 1024]` GEMM runs at ~300
+  never stalls the step. JAX's asynchronous CPU dispatch, which the CLI turns off for the commands whose
+  programs make host callbacks (progress bars inside jitted scans, the post-training verifiers), is kept for
+  `jaxlab train lm` (`jaxlab.cli.ASYNC_DISPATCH_COMMANDS`), whose steps make none: the host then packs the
+  next batch while the step runs. The "async dispatch off" column measures what it would cost: 4-5% of
+  the tokens/s at both sizes when first measured (12,857 against 13,449 and 1,855 against 1,934), 1-4% in the
+  current table. A raw `[4096, 384] x [384, 1024]` GEMM runs at ~300
   GFLOP/s under XLA, on par with torch's oneDNN, yet at the larger size the step without attention still took
   longer than torch's whole step: the GEMMs inside the step, their fusions and the elementwise passes between
   them are the next thing to profile there.
@@ -506,9 +524,11 @@ against torch, pinned to one core (`taskset -c 0`, one torch thread), where CPU 
   close this part. (2) At the second size the rest of the model is more than half the gap (473 of 838 ms): SwiGLU
   (6 x 38 ms of it) and 108 MiB of transposed q/k/v activations copied for the projections' weight gradients. (3) Two-core
   scaling: from the table's runs, jaxlab's two-core step is 1.5-1.7x faster than its one-core CPU time, torch's
-  2.0-2.1x, which turns the one-core 0.76-0.77x into the table's 0.57x and 0.64x; inferred from runs under different loads, to
-  be rechecked on a quiet host (e.g. data parallelism over two single-threaded host devices against XLA's
-  intra-op threads).
+  2.0-2.1x, which turns the one-core 0.76-0.77x into that run's 0.57x and 0.64x; inferred from runs under
+  different loads. Rechecked on the quiet host of the current table: data parallelism over two host devices
+  (`XLA_FLAGS=--xla_force_host_platform_device_count=2`, so `jaxlab train lm` runs on a `data=2` mesh), with and
+  without `--xla_cpu_multi_thread_eigen=false`, gave 19.2-19.9k and 19.0-19.3k tok/s against 19.5-21.1k on
+  one device with XLA's intra-op threads (two alternating rounds): not faster, so not pursued.
 """
 
 

@@ -288,19 +288,33 @@ def _usage() -> str:
     return f"usage: jaxlab COMMAND [ARGS ...]\n\ncommands:\n{rows}\n\n`jaxlab COMMAND --help` for details."
 
 
-def _configure_cpu_dispatch() -> None:
-    """Run CPU computations inline rather than on JAX's asynchronous CPU dispatch threads.
+ASYNC_DISPATCH_COMMANDS = frozenset({("train", "lm")})
+"""``(command, name)`` pairs whose programs make no host callbacks, so they keep JAX's asynchronous CPU
+dispatch: the host packs the next batch while the step runs (``jaxlab train lm``: 4-5% more tokens/s,
+``benchmarks/results/lm-cpu.md``)."""
+
+
+def _configure_cpu_dispatch(command: str | None = None, rest: Sequence[str] = ()) -> None:
+    """Run CPU computations inline rather than on JAX's asynchronous CPU dispatch threads, except for the
+    commands in ``ASYNC_DISPATCH_COMMANDS``.
 
     The training loops report progress through ``jax.debug.callback`` from inside jitted scans
-    (``JitProgress``); with asynchronous CPU dispatch such programs can hang, intermittently
-    (jax-ml/jax#25861). Whole-run ``jit`` programs lose nothing by running inline. Must run before
-    JAX creates its CPU client; ``JAX_CPU_ENABLE_ASYNC_DISPATCH=1`` in the environment keeps it on.
+    (``JitProgress``) and the post-training verifiers run on the host (``jax.pure_callback``); with
+    asynchronous CPU dispatch such programs can hang, intermittently (jax-ml/jax#25861). Whole-run ``jit``
+    programs lose nothing by running inline. Must run before JAX creates its CPU client.
+    ``JAX_CPU_ENABLE_ASYNC_DISPATCH=1`` (or ``0``) in the environment turns it on (or off) for every command.
     """
     import os
 
     import jax
 
-    keep = os.environ.get("JAX_CPU_ENABLE_ASYNC_DISPATCH", "").strip().lower() in ("1", "true", "yes")
+    choice = os.environ.get("JAX_CPU_ENABLE_ASYNC_DISPATCH", "").strip().lower()
+    if choice in ("1", "true", "yes"):
+        keep = True
+    elif choice in ("0", "false", "no"):
+        keep = False
+    else:
+        keep = (command, rest[0] if rest else None) in ASYNC_DISPATCH_COMMANDS
     jax.config.update("jax_cpu_enable_async_dispatch", keep)
 
 
@@ -336,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise CLIError(f"unknown command {command!r}{hint} (commands: {', '.join(handlers)})")
         if command in ("reproduce", "run", "train", "generate"):
-            _configure_cpu_dispatch()
+            _configure_cpu_dispatch(command, rest)
             # Under `jaxlab launch` this joins the multi-process job before JAX sees devices;
             # on its own it does nothing.
             from jaxlab.parallel.launch import maybe_initialize_distributed
