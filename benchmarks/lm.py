@@ -442,13 +442,14 @@ CPU_NOTES = """
 ## Reading the PyTorch table across runs
 
 Both sides of a row are measured in the same run, alternating, so a row's ratio compares like with like; rows
-of different runs need not. The tables above (2026-12-06, host load 0.5 at the start) ran on an AMD EPYC host
-of 2 cores where the previous run of this script (2026-12-05) had given 12,857 tok/s for jaxlab against 22,367
-for torch eager (0.57x) and 1,855 against 2,893 (0.64x), with no change to jaxlab's attention, projections or
-optimizer in between: the tiled attention's forward+backward at B16 x L256 runs in 12.7 ms here against
-27.6 ms there while torch's SDPA takes the same 11-12 ms, and torch eager's d=384 step runs 26% slower here.
-Between those hosts the jaxlab/torch ratio moved from 0.57x to 0.99x at the default size and from 0.64x to
-1.35x at d=384. The ratio depends on the host's CPU as much as on either program.
+of different runs need not. The tables above (2026-12-06, host load 0.5 at the start, an AMD EPYC machine with
+2 cores) follow a run of this script on 2026-12-05 (host load 2.5 at its start; the machine's CPU model was
+not recorded) that had given 12,857 tok/s for jaxlab against 22,367 for torch eager (0.57x) and 1,855 against
+2,893 (0.64x). jaxlab's attention, projections and optimizer did not change in between, yet the tiled
+attention's forward+backward at B16 x L256 takes 12.7 ms here against 27.6 ms then, while torch's SDPA takes
+the same 11-12 ms and torch eager's d=384 step runs 26% slower here. The ratio moved from 0.57x to 0.99x at the
+default size and from 0.64x to 1.35x at d=384: it depends on the machine (and its load) as much as on either
+program.
 
 ## What was changed for CPU speed, and why (profile of the default `jaxlab train lm` step, 2 cores)
 
