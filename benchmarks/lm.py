@@ -334,7 +334,8 @@ def _torch_lines(rows: list[dict]) -> list[str]:
              "included) and of the same model in PyTorch 2.13 (CPU build) eager and under torch.compile, fp32, "
              "medians of alternating runs; the Mamba-2 column is `jaxlab train lm --mixer mamba2`.", "",
              "| size | jaxlab | jaxlab, async dispatch off | torch eager | torch.compile | jaxlab / eager | "
-             "jaxlab / compile | jaxlab mamba2 | twin check: loss jaxlab / torch |", "|---|---|---|---|---|---|---|---|---|"]
+             "jaxlab / compile | jaxlab mamba2 | twin check: loss jaxlab / torch |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s, c = r["size"], r["check"]
         lines.append(f"| d={s['d_model']}, {s['num_layers']} layers, {s['num_heads']} heads, B{s['batch']} x "
