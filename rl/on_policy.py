@@ -139,10 +139,11 @@ def random_permutation(key: jax.Array, n: int) -> jax.Array:
     Each round sorts ``(random key << b) | position`` (``b`` = bits of ``n - 1``; a tie of the ``32 - b`` key
     bits keeps the current order, random after the first round) and reorders by the positions read back from
     the low bits. As many rounds are made as keep the expected number of pairs tied in every round below
-    ``1 / n`` (``jax.random.permutation``'s rule for its 32-bit keys): 2 rounds up to ``n = 2^16``. A
-    single-operand integer sort is XLA:CPU's fast path: 29 against ``jax.random.permutation``'s 55 us at
-    ``n = 512`` (PPO's CartPole batch), and 10x fewer at 4,096, where the key-value sort of the latter
-    took a sixth of PPO's learning phase (``benchmarks/results/rl-cpu.md``)."""
+    ``1 / n`` (``jax.random.permutation``'s rule for its 32-bit keys): 1 round up to ``n = 256``, 2 up to
+    6,501, 3 up to 65,536. A single-operand integer sort is XLA:CPU's fast path: 26 against
+    ``jax.random.permutation``'s 55 us at ``n = 512`` (PPO's CartPole batch) and 205 against 1,084 us at
+    4,096; the latter's key-value sort had taken a sixth of PPO's learning phase
+    (``benchmarks/results/rl-cpu.md``)."""
     if not 1 <= n < 2**31:
         raise ValueError(f"{n=} must be in [1, 2**31)")
     b = max(1, (n - 1).bit_length())  # bits of a position
