@@ -103,7 +103,7 @@ def measure(cfg: LMConfig, policy: str, batch: int, seq_len: int, repeats: int, 
 
 @register_experiment("remat", description="activation checkpointing: memory vs step time across depth per policy",
                      paper="Chen et al. 2016, Training Deep Nets with Sublinear Memory Cost, Section 4 / Figure 4",
-                     quick_seconds=21,
+                     quick_seconds=23,
                      quick=RematConfig(depths=(4, 8, 16), policies=("none", "full", "every-sqrt"), d_model=64,
                                        seq_len=128, batch_size=4, repeats=3),
                      timed=True)

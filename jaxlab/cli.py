@@ -332,6 +332,7 @@ def _is_run_failure(e: BaseException) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from jaxlab import __version__
+    from jaxlab.host_memory import keep_freed_memory
     from jaxlab.registry import RegistryError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -351,6 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CLIError(f"unknown command {command!r}{hint} (commands: {', '.join(handlers)})")
         if command in ("reproduce", "run", "train", "generate"):
             _configure_cpu_dispatch(command, rest)
+            keep_freed_memory()  # XLA:CPU's buffers reused instead of page-faulted in anew every step
             # Under `jaxlab launch` this joins the multi-process job before JAX sees devices;
             # on its own it does nothing.
             from jaxlab.parallel.launch import maybe_initialize_distributed

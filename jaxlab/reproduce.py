@@ -367,12 +367,15 @@ def _worker(argv: Sequence[str]) -> int:
     size, its record and figure written to OUT_DIR (what :func:`reproduce` starts for ``jobs > 1``)."""
     import argparse
 
+    from jaxlab.host_memory import keep_freed_memory
+
     parser = argparse.ArgumentParser(prog="python -m jaxlab.reproduce")
     parser.add_argument("name")
     parser.add_argument("out_dir", type=pathlib.Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as the jaxlab command does
     experiment = get_experiment(args.name)
     record = run_experiment(experiment, experiment.default_config(args.quick), args.out_dir, quick=args.quick,
                             seed=args.seed, show_progress=False)
