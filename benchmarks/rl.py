@@ -482,7 +482,8 @@ SPEED_NOTES = [
     "",
     "Where it stands: pinned to one core, the table's ratio. Unpinned on the quiet two cores, 5 alternating "
     "runs gave rejax 1.90 s and jaxlab 1.70 s (0.89x; before the shuffle change 1.85 and 1.80 s, 0.97x); "
-    "jaxlab alone in its process had run 1.69 s on two cores against 1.63 s on one: the second core only adds hand-offs between XLA:CPU's threads at these kernel sizes.",
+    "jaxlab alone in its process had run 1.69 s on two cores against 1.63 s on one: the second core only adds "
+    "hand-offs between XLA:CPU's threads at these kernel sizes.",
     "",
     "Tried and not kept (measured with one core pinned, alternating runs in one process): writing each step's "
     "transition as one array per dtype (fewer in-place updates per step, no measurable change); every epoch's "
