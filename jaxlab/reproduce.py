@@ -8,7 +8,9 @@ jaxlab.reproduce NAME OUT_DIR`` through :func:`jaxlab.child_process.python_modul
 imports the installed jaxlab), each writing its JSON and figure and its output to ``OUT_DIR/logs/NAME.log``;
 the parent reads the JSON back. Results do not change: every experiment derives its keys from the seed alone.
 Experiments registered ``timed=True`` (their claims compare wall-clock times) run first, one at a time, with
-nothing beside them.
+nothing beside them and every core. The others are pinned (:func:`cpu_slices`): with ``jobs`` no more than the
+cores, each child runs on its own share of them, so the children's XLA thread pools do not contend for the same
+cores (on 2 cores, two children each on one core finish sooner than two children each spreading over both).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from jaxlab.context import RunContext
 from jaxlab.metrics import to_jsonable
 from jaxlab.registry import Claim, Comparison, Experiment, ExperimentResult, experiment_names, get_experiment
 
-__all__ = ["RunRecord", "claims_tally", "default_jobs", "folder_report", "may_start", "reproduce",
+__all__ = ["RunRecord", "claims_tally", "cpu_slices", "default_jobs", "folder_report", "may_start", "reproduce",
            "run_experiment", "run_order", "usable_cpus", "write_report"]
 
 
@@ -227,6 +229,20 @@ def usable_cpus() -> int:
     return max(1, count)
 
 
+def cpu_slices(jobs: int) -> list[tuple[int, ...]]:
+    """The cores of this process's affinity mask cut into ``jobs`` disjoint shares of near-equal size (the first
+    ones one core larger), one per child; no shares (children unpinned) when ``jobs`` exceeds the cores or the
+    platform has no affinity masks."""
+    if not hasattr(os, "sched_setaffinity"):
+        return []
+    cpus = sorted(os.sched_getaffinity(0))
+    if jobs > len(cpus):
+        return []
+    size, extra = divmod(len(cpus), jobs)
+    bounds = [i * size + min(i, extra) for i in range(jobs + 1)]
+    return [tuple(cpus[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
 def default_jobs() -> int:
     """Experiments run at a time when not told: one on a GPU/TPU (children would share its memory), else
     one per usable CPU core, at most 4 (each child's XLA also spreads its larger operations over the cores)."""
@@ -295,7 +311,8 @@ def _reproduce_parallel(experiments: list[Experiment], out_dir: pathlib.Path, *,
     logs.mkdir(parents=True, exist_ok=True)
     before = {r.name: r.runtime_s for r in earlier_records(out_dir, quick=quick, exclude=set())}
     queue = run_order(experiments, before, quick=quick)
-    running: dict[str, tuple[subprocess.Popen, Any, float, Experiment]] = {}
+    free_cpus = cpu_slices(jobs)  # shares of the cores not held by a running child
+    running: dict[str, tuple[subprocess.Popen, Any, float, Experiment, tuple[int, ...] | None]] = {}
     done: dict[str, RunRecord] = {}
     bar = tqdm(total=len(queue), desc="reproduce", unit="exp", disable=not show_progress, file=sys.stderr,
                dynamic_ncols=True)
@@ -306,24 +323,28 @@ def _reproduce_parallel(experiments: list[Experiment], out_dir: pathlib.Path, *,
                 experiment = queue.pop(0)
                 (out_dir / f"{experiment.name}.json").unlink(missing_ok=True)  # never read a stale record
                 log = open(logs / f"{experiment.name}.log", "w")  # noqa: SIM115 (closed when it ends)
+                cpus = None if experiment.timed or not free_cpus else free_cpus.pop(0)  # timed: every core
                 argv = python_module_command("jaxlab.reproduce", experiment.name, str(out_dir), "--seed",
-                                             str(seed), *(["--quick"] if quick else []))
+                                             str(seed), *(["--quick"] if quick else []),
+                                             *(["--cpus", ",".join(map(str, cpus))] if cpus else []))
                 env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
                 proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-                running[experiment.name] = (proc, log, time.perf_counter(), experiment)
+                running[experiment.name] = (proc, log, time.perf_counter(), experiment, cpus)
             if shown != (shown := ", ".join(running)):
                 bar.set_postfix_str(shown)
             time.sleep(0.2)
-            for name, (proc, log, started, experiment) in list(running.items()):
+            for name, (proc, log, started, experiment, cpus) in list(running.items()):
                 if proc.poll() is None:
                     continue
                 log.close()
                 del running[name]
+                if cpus:
+                    free_cpus.append(cpus)
                 done[name] = _child_record(experiment, out_dir, quick=quick, status=proc.returncode,
                                            runtime=time.perf_counter() - started, log_path=logs / f"{name}.log")
                 bar.update()
     finally:
-        for proc, log, _, _ in running.values():  # interrupted: stop the children
+        for proc, log, *_ in running.values():  # interrupted: stop the children
             proc.kill()
             log.close()
         bar.close()
@@ -362,9 +383,21 @@ def folder_report(out_dir: pathlib.Path, *, quick: bool, records: Sequence[RunRe
     return write_report(everything, out_dir, quick=quick, not_run=not_run, needs_gpu=needs_gpu, wall=wall)
 
 
+def _pin_process(cpus: set[int]) -> None:
+    """Restrict this process to ``cpus``: every thread it has (imports may have started some) and, through
+    inheritance, every thread it starts later."""
+    tasks = pathlib.Path("/proc/self/task")
+    for tid in ([int(t.name) for t in tasks.iterdir()] if tasks.is_dir() else [0]):
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except ProcessLookupError:  # a thread that has ended since
+            pass
+
+
 def _worker(argv: Sequence[str]) -> int:
-    """``python -m jaxlab.reproduce NAME OUT_DIR [--seed S] [--quick]``: one experiment at its registered
-    size, its record and figure written to OUT_DIR (what :func:`reproduce` starts for ``jobs > 1``)."""
+    """``python -m jaxlab.reproduce NAME OUT_DIR [--seed S] [--quick] [--cpus 0,1]``: one experiment at its
+    registered size, its record and figure written to OUT_DIR (what :func:`reproduce` starts for ``jobs > 1``),
+    on the listed cores only (its share from :func:`cpu_slices`; XLA sizes its thread pool by them)."""
     import argparse
 
     from jaxlab.host_memory import keep_freed_memory
@@ -374,7 +407,10 @@ def _worker(argv: Sequence[str]) -> int:
     parser.add_argument("out_dir", type=pathlib.Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--cpus", type=lambda text: {int(c) for c in text.split(",")}, default=None)
     args = parser.parse_args(argv)
+    if args.cpus:  # before JAX starts its backend, whose CPU thread pool has one thread per core it may use
+        _pin_process(args.cpus)
     keep_freed_memory()  # as the jaxlab command does
     experiment = get_experiment(args.name)
     record = run_experiment(experiment, experiment.default_config(args.quick), args.out_dir, quick=args.quick,

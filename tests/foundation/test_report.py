@@ -112,6 +112,17 @@ def test_timed_experiments_run_alone():
     assert not may_start(plain[0], [timed], 4)  # and nothing starts beside it
 
 
+def test_cpu_slices_give_each_child_its_own_cores(monkeypatch):
+    from jaxlab import reproduce as rp
+
+    monkeypatch.setattr(rp.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 5}, raising=False)
+    monkeypatch.setattr(rp.os, "sched_setaffinity", lambda pid, cpus: None, raising=False)
+    assert rp.cpu_slices(2) == [(0, 1, 2), (3, 5)]  # disjoint, covering the mask, the first one larger
+    assert rp.cpu_slices(5) == [(0,), (1,), (2,), (3,), (5,)]
+    assert rp.cpu_slices(1) == [(0, 1, 2, 3, 5)]
+    assert rp.cpu_slices(6) == []  # more children than cores: unpinned
+
+
 def test_a_child_that_dies_is_a_failed_record(tmp_path):
     from jaxlab.registry import get_experiment
     from jaxlab.reproduce import _child_record
