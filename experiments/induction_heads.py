@@ -35,6 +35,8 @@ class InductionHeadsConfig:
     vocab_size: int = 16
     """As in the paper."""
     d_model: int = 64
+    """Width of every mixer. The quick size uses 96: at 64 (train length 64, 800 steps) Mamba reached 0.86, 0.89
+    and 0.80 at L=512 over seeds 0-2 on one core, at 96 1.00, 0.90 and 1.00."""
     num_layers: int = 2
     steps: int = 4000
     batch_size: int = 64
@@ -55,9 +57,9 @@ class InductionHeadsConfig:
                      paper="Gu & Dao 2023, Mamba: Linear-Time Sequence Modeling with Selective State Spaces, "
                            "Section 4.1.2, Table 2",
                      full_needs_gpu=True,
-                     quick_seconds=119,
+                     quick_seconds=150,
                      quick=InductionHeadsConfig(mixers=("mamba", "attention"), train_len=64, test_lens=(64, 128, 256, 512),
-                                                d_model=64, steps=800, batch_size=32, lr=3e-3, eval_batches=16))
+                                                d_model=96, steps=800, batch_size=32, lr=3e-3, eval_batches=16))
 def induction_heads_experiment(cfg: InductionHeadsConfig, ctx: RunContext) -> ExperimentResult:
     make = lambda L: functools.partial(induction_heads, batch=cfg.batch_size, seq_len=L,  # noqa: E731
                                        vocab_size=cfg.vocab_size)

@@ -131,7 +131,7 @@ class ThroughputConfig:
                      description="PPO on CartPole: env steps/s against parallel environments and seeds "
                                  "(end-to-end jit, vmap over seeds)",
                      paper="Lu et al. 2022, Discovered Policy Optimisation (PureJaxRL), Figure 2",
-                     quick_seconds=21,
+                     quick_seconds=20,
                      quick=ThroughputConfig(num_envs=(4, 64), seeds=(1, 4), env_steps=100_000, repeats=1),
                      timed=True)
 def rl_throughput(cfg: ThroughputConfig, ctx: RunContext) -> ExperimentResult:
