@@ -6,7 +6,9 @@ and ``reproduce`` returns the names of the failures so that the CLI exits non-ze
 With ``jobs > 1`` the experiments run in child processes, ``jobs`` at a time (``python -m
 jaxlab.reproduce NAME OUT_DIR`` through :func:`jaxlab.child_process.python_module_command`, so a child
 imports the installed jaxlab), each writing its JSON and figure and its output to ``OUT_DIR/logs/NAME.log``;
-the parent reads the JSON back. Results do not change: every experiment derives its keys from the seed alone.
+the parent reads the JSON back. Every experiment derives its keys from the seed alone, so the draws do not
+change; the floating-point results may, by reassociation, with the number of XLA threads a process has (a
+pinned child has fewer than a run in one process).
 Experiments registered ``timed=True`` (their claims compare wall-clock times) run first, one at a time, with
 nothing beside them and every core. The others are pinned (:func:`cpu_slices`): with ``jobs`` no more than the
 cores, each child runs on its own share of them, so the children's XLA thread pools do not contend for the same
