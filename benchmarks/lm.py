@@ -184,7 +184,7 @@ def jaxlab_train_tokens_per_s(size: dict, mixer: str, steps: int, workdir: pathl
     own pipeline), from the ``metrics.jsonl`` time stamps between the second logged step and the last one
     before the end (compilation and the final evaluation excluded). ``async_dispatch``: JAX's asynchronous CPU
     dispatch forced on or off (``JAX_CPU_ENABLE_ASYNC_DISPATCH``); None leaves the CLI's choice (on for
-    ``train lm``, ``jaxlab.cli.ASYNC_DISPATCH_COMMANDS``)."""
+    ``train lm``, ``jaxlab.process_setup.ASYNC_DISPATCH_COMMANDS``)."""
     import os
     import shutil
     import subprocess
@@ -477,7 +477,7 @@ PyTorch eager's 173 ms; without attention (`v` passed through) it took 187 ms ag
   noise; fast-math is not used (it changes numerics). Batch packing costs 0.05 ms per batch, so host-side data
   never stalls the step. JAX's asynchronous CPU dispatch, which the CLI turns off for the commands whose
   programs make host callbacks (progress bars inside jitted scans, the post-training verifiers), is kept for
-  `jaxlab train lm` (`jaxlab.cli.ASYNC_DISPATCH_COMMANDS`), whose steps make none: the host then packs the
+  `jaxlab train lm` (`jaxlab.process_setup.ASYNC_DISPATCH_COMMANDS`), whose steps make none: the host then packs the
   next batch while the step runs. The "async dispatch off" column measures what it would cost: 4-5% of
   the tokens/s at both sizes when first measured (12,857 against 13,449 and 1,855 against 1,934), 1-4% in the
   current table. A raw `[4096, 384] x [384, 1024]` GEMM runs at ~300

@@ -288,36 +288,6 @@ def _usage() -> str:
     return f"usage: jaxlab COMMAND [ARGS ...]\n\ncommands:\n{rows}\n\n`jaxlab COMMAND --help` for details."
 
 
-ASYNC_DISPATCH_COMMANDS = frozenset({("train", "lm")})
-"""``(command, name)`` pairs whose programs make no host callbacks, so they keep JAX's asynchronous CPU
-dispatch: the host packs the next batch while the step runs (``jaxlab train lm``: 4-5% more tokens/s,
-``benchmarks/results/lm-cpu.md``)."""
-
-
-def _configure_cpu_dispatch(command: str | None = None, rest: Sequence[str] = ()) -> None:
-    """Run CPU computations inline rather than on JAX's asynchronous CPU dispatch threads, except for the
-    commands in ``ASYNC_DISPATCH_COMMANDS``.
-
-    The training loops report progress through ``jax.debug.callback`` from inside jitted scans
-    (``JitProgress``) and the post-training verifiers run on the host (``jax.pure_callback``); with
-    asynchronous CPU dispatch such programs can hang, intermittently (jax-ml/jax#25861). Whole-run ``jit``
-    programs lose nothing by running inline. Must run before JAX creates its CPU client.
-    ``JAX_CPU_ENABLE_ASYNC_DISPATCH=1`` (or ``0``) in the environment turns it on (or off) for every command.
-    """
-    import os
-
-    import jax
-
-    choice = os.environ.get("JAX_CPU_ENABLE_ASYNC_DISPATCH", "").strip().lower()
-    if choice in ("1", "true", "yes"):
-        keep = True
-    elif choice in ("0", "false", "no"):
-        keep = False
-    else:
-        keep = (command, rest[0] if rest else None) in ASYNC_DISPATCH_COMMANDS
-    jax.config.update("jax_cpu_enable_async_dispatch", keep)
-
-
 _RUN_FAILURES = ("NonFiniteError", "CheckpointError", "CorruptCheckpointError")
 
 
@@ -332,7 +302,7 @@ def _is_run_failure(e: BaseException) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from jaxlab import __version__
-    from jaxlab.host_memory import keep_freed_memory
+    from jaxlab.process_setup import setup_process
     from jaxlab.registry import RegistryError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -351,8 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise CLIError(f"unknown command {command!r}{hint} (commands: {', '.join(handlers)})")
         if command in ("reproduce", "run", "train", "generate"):
-            _configure_cpu_dispatch(command, rest)
-            keep_freed_memory()  # XLA:CPU's buffers reused instead of page-faulted in anew every step
+            setup_process(command, rest)  # dispatch mode and host memory, as reproduce's child processes do
             # Under `jaxlab launch` this joins the multi-process job before JAX sees devices;
             # on its own it does nothing.
             from jaxlab.parallel.launch import maybe_initialize_distributed

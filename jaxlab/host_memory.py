@@ -10,8 +10,8 @@ unchanged (the same numbers, bit for bit). Measured on ``jaxlab run lm-stdlib --
 85-92 s before, 63 s after, with system time 27-33 s before and 2-3 s after.
 
 The cost is that the process keeps its peak heap until it exits, which is what a training run holds anyway.
-The ``jaxlab`` command and the experiments' child processes call :func:`keep_freed_memory` at start;
-library users can call it themselves.
+The ``jaxlab`` command and the experiments' child processes call :func:`keep_freed_memory` at start
+(through :func:`jaxlab.process_setup.setup_process`); library users can call it themselves.
 """
 
 from __future__ import annotations

@@ -402,7 +402,7 @@ def _worker(argv: Sequence[str]) -> int:
     on the listed cores only (its share from :func:`cpu_slices`; XLA sizes its thread pool by them)."""
     import argparse
 
-    from jaxlab.host_memory import keep_freed_memory
+    from jaxlab.process_setup import setup_process
 
     parser = argparse.ArgumentParser(prog="python -m jaxlab.reproduce")
     parser.add_argument("name")
@@ -413,7 +413,7 @@ def _worker(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     if args.cpus:  # before JAX starts its backend, whose CPU thread pool has one thread per core it may use
         _pin_process(args.cpus)
-    keep_freed_memory()  # as the jaxlab command does
+    setup_process("reproduce", [args.name])  # as `jaxlab reproduce NAME` sets up its own process
     experiment = get_experiment(args.name)
     record = run_experiment(experiment, experiment.default_config(args.quick), args.out_dir, quick=args.quick,
                             seed=args.seed, show_progress=False)

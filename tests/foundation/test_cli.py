@@ -103,7 +103,7 @@ def test_commands_that_compute_turn_cpu_async_dispatch_off(monkeypatch):
     makes none and keeps it (the host packs the next batch meanwhile); the environment variable wins both ways."""
     import jax
 
-    from jaxlab.cli import _configure_cpu_dispatch
+    from jaxlab.process_setup import configure_cpu_dispatch as _configure_cpu_dispatch
 
     flag = "jax_cpu_enable_async_dispatch"
     before = jax.config.read(flag)

@@ -112,6 +112,22 @@ def test_timed_experiments_run_alone():
     assert not may_start(plain[0], [timed], 4)  # and nothing starts beside it
 
 
+def test_child_process_is_set_up_as_the_command_sets_up_its_own(monkeypatch, tmp_path):
+    """A child of `reproduce --jobs N` runs its experiment with the dispatch mode and allocator settings of
+    `jaxlab reproduce NAME` (asynchronous CPU dispatch had made its timed sweeps slower and noisier)."""
+    from types import SimpleNamespace
+
+    from jaxlab import process_setup
+    from jaxlab import reproduce as rp
+
+    calls = []
+    monkeypatch.setattr(process_setup, "setup_process", lambda *args: calls.append(args))
+    monkeypatch.setattr(rp, "run_experiment", lambda *args, **kwargs: SimpleNamespace(error=None))
+    assert rp._worker(["linear-scaling", str(tmp_path), "--quick"]) == 0
+    assert calls == [("reproduce", ["linear-scaling"])]
+    assert process_setup.ASYNC_DISPATCH_COMMANDS.isdisjoint({("reproduce", "linear-scaling")})
+
+
 def test_cpu_slices_give_each_child_its_own_cores(monkeypatch):
     from jaxlab import reproduce as rp
 
