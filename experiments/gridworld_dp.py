@@ -71,7 +71,7 @@ class OptimalConfig:
     "gridworld-optimal",
     description="Optimal state values and policies of the book's grid world for four reward/discount settings",
     paper="Zhao 2025, Mathematical Foundations of Reinforcement Learning, Fig. 3.4 and Sec. 3.5",
-    quick_seconds=0.8,
+    quick_seconds=0.7,
     quick=OptimalConfig(),
 )
 def gridworld_optimal(cfg: OptimalConfig, ctx: RunContext) -> ExperimentResult:
@@ -167,7 +167,7 @@ class DPConfig:
     "gridworld-dp",
     description="Convergence of value iteration, policy iteration and truncated policy iteration on the grid",
     paper="Zhao 2025, Mathematical Foundations of Reinforcement Learning, Ch. 4 (Sec. 4.3, truncated PI)",
-    quick_seconds=1.8,
+    quick_seconds=1.6,
     quick=DPConfig(num_iters=100),
 )
 def gridworld_dp(cfg: DPConfig, ctx: RunContext) -> ExperimentResult:

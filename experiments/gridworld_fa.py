@@ -101,7 +101,7 @@ def _feature_sets(env, orders) -> dict[str, jax.Array]:
     "gridworld-fa",
     description="TD-linear (polynomial / Fourier features) and deep Q-learning on the grid: value error against steps",
     paper="Zhao 2025, Mathematical Foundations of Reinforcement Learning, Secs. 8.2 and 8.4",
-    quick_seconds=7.1,
+    quick_seconds=6.7,
     quick=FAConfig(num_episodes=100, num_chunks=5, num_seeds=2, dqn_updates=1000, dqn_anneal_lr=False),
 )
 def gridworld_fa(cfg: FAConfig, ctx: RunContext) -> ExperimentResult:

@@ -64,7 +64,7 @@ class MCExperimentConfig:
     "gridworld-mc",
     description="MC epsilon-greedy on the book's grid world for several epsilon, against the best epsilon-greedy policy",
     paper="Zhao 2025, Mathematical Foundations of Reinforcement Learning, Secs. 5.4-5.6",
-    quick_seconds=3.7,
+    quick_seconds=3.5,
     quick=MCExperimentConfig(num_episodes=4000, num_chunks=4, num_seeds=2),
 )
 def gridworld_mc(cfg: MCExperimentConfig, ctx: RunContext) -> ExperimentResult:

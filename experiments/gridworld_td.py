@@ -75,7 +75,7 @@ def _smooth(x: np.ndarray, k: int) -> np.ndarray:
     "gridworld-td",
     description="Sarsa, Expected Sarsa, n-step Sarsa and Q-learning on the episodic grid: episode length and return",
     paper="Zhao 2025, Mathematical Foundations of Reinforcement Learning, Secs. 7.2-7.4",
-    quick_seconds=5.4,
+    quick_seconds=5.3,
     quick=TDExperimentConfig(num_episodes=1000, num_seeds=8),
 )
 def gridworld_td(cfg: TDExperimentConfig, ctx: RunContext) -> ExperimentResult:

@@ -55,7 +55,7 @@ class GRPOReasoningConfig:
 
 @register_experiment("grpo-reasoning", description="GRPO from an SFT start: accuracy and length vs RL steps",
                      paper="DeepSeek-AI 2025, DeepSeek-R1 (arXiv:2501.12948), Figures 2-3; Shao et al. 2024 (GRPO)",
-                     quick_seconds=78,
+                     quick_seconds=75,
                      quick=GRPOReasoningConfig())
 def grpo_reasoning(cfg: GRPOReasoningConfig, ctx: RunContext) -> ExperimentResult:
     out = ctx.out_dir / "grpo-reasoning-runs"

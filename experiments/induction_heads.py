@@ -57,7 +57,7 @@ class InductionHeadsConfig:
                      paper="Gu & Dao 2023, Mamba: Linear-Time Sequence Modeling with Selective State Spaces, "
                            "Section 4.1.2, Table 2",
                      full_needs_gpu=True,
-                     quick_seconds=150,
+                     quick_seconds=138,
                      quick=InductionHeadsConfig(mixers=("mamba", "attention"), train_len=64, test_lens=(64, 128, 256, 512),
                                                 d_model=96, steps=800, batch_size=32, lr=3e-3, eval_batches=16))
 def induction_heads_experiment(cfg: InductionHeadsConfig, ctx: RunContext) -> ExperimentResult:

@@ -82,7 +82,7 @@ def load_imbalance(records: list[dict], steps: int) -> dict[str, float]:
 
 @register_experiment("moe-balance", description="dense vs MoE at equal active parameters; aux-loss vs bias balancing",
                      paper="Fedus et al. 2021; Wang et al. 2024 (auxiliary-loss-free balancing); DeepSeek-V3",
-                     quick_seconds=116,
+                     quick_seconds=85,
                      quick=MoEBalanceConfig(steps=300, seq_len=128, d_model=64, num_layers=2, lr=3e-3,
                                             warmup_steps=30, eval_every=50, eval_batches=4))
 def moe_balance(cfg: MoEBalanceConfig, ctx: RunContext) -> ExperimentResult:

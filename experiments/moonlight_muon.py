@@ -82,7 +82,7 @@ def flops_to_reach(curve: list[tuple[float, float]], target: float) -> float:
 @register_experiment("moonlight-muon", description="Muon vs AdamW: validation loss against training FLOPs",
                      paper="Liu et al. 2025 (Moonlight: Muon is Scalable for LLM Training), Fig. 3",
                      full_needs_gpu=True,
-                     quick_seconds=240,
+                     quick_seconds=173,
                      quick=MoonlightMuonConfig(widths=(128, 256), num_layers=2, steps=300, seq_len=128, lr=3e-3,
                                                warmup_steps=30, eval_every=25, eval_batches=4))
 def moonlight_muon(cfg: MoonlightMuonConfig, ctx: RunContext) -> ExperimentResult:

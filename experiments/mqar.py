@@ -98,7 +98,7 @@ def model_config(cfg: MQARConfig, mixer: str, d_model: int, seq_len: int) -> LMC
 @register_experiment("mqar", description="MQAR accuracy vs width: attention, linear attention, GAU, Mamba, Mamba-2",
                      paper="Arora et al. 2023, Zoology: Measuring and Improving Recall in Efficient LMs, Figure 2",
                      full_needs_gpu=True,
-                     quick_seconds=66,
+                     quick_seconds=60,
                      quick=MQARConfig(mixers=("attention", "mamba2"), widths=(64, 128), seq_lens=(64,), kv_pairs=(4,),
                                       vocab_size=16, steps=300, batch_size=16, lrs=(3e-3,), eval_batches=2))
 def mqar_experiment(cfg: MQARConfig, ctx: RunContext) -> ExperimentResult:

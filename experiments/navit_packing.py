@@ -438,7 +438,7 @@ def _by_kind(runs: dict, pipeline: str) -> str:  # final held-out accuracy per q
 
 @register_experiment("navit-packing", description="NaViT packing vs resize-to-square vs pad-to-max at equal "
                                                   "compute: wasted slots and shapes-QA accuracy", paper=PAPER,
-                     quick_seconds=55,
+                     quick_seconds=53,
                      quick=NaViTPackingConfig(steps=600, train_scenes=2000, eval_scenes=200, eval_every=100))
 def navit_packing(cfg: NaViTPackingConfig, ctx: RunContext) -> ExperimentResult:
     out = run_pipelines(cfg, ctx.key, ctx.seed, progress=lambda it, desc: ctx.progress(it, desc=desc))

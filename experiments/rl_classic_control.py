@@ -109,7 +109,7 @@ def _seed_mean(returns: np.ndarray) -> np.ndarray:
                                  "Acrobot and Pendulum (gymnax), mean and spread over seeds",
                      paper="Lu et al. 2022, Discovered Policy Optimisation (PureJaxRL); Schulman et al. 2017; "
                            "Mnih et al. 2015; Haarnoja et al. 2018; Fujimoto et al. 2018",
-                     quick_seconds=214,
+                     quick_seconds=189,
                      quick=ClassicControlConfig(
                          runs=("ppo/CartPole-v1", "dqn/CartPole-v1", "trpo/CartPole-v1", "a2c/CartPole-v1",
                                "reinforce/CartPole-v1", "ppo/Acrobot-v1", "ddpg/Pendulum-v1", "td3/Pendulum-v1",

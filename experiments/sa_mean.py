@@ -123,7 +123,7 @@ def _simulate(key: jax.Array, cfg: SAConfig) -> dict:
     "sa-mean",
     description="Robbins-Monro mean estimation and root finding; SGD vs mini-batch GD vs BGD",
     paper="Zhao 2025, Mathematical Foundations of Reinforcement Learning, Ch. 6 (Secs. 6.1, 6.2, 6.4)",
-    quick_seconds=1.8,
+    quick_seconds=1.7,
     quick=SAConfig(num_steps=1000, num_seeds=8),
 )
 def sa_mean(cfg: SAConfig, ctx: RunContext) -> ExperimentResult:

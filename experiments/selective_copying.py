@@ -56,7 +56,7 @@ class SelectiveCopyingConfig:
                      paper="Gu & Dao 2023, Mamba: Linear-Time Sequence Modeling with Selective State Spaces, "
                            "Section 4.1.1, Table 1",
                      full_needs_gpu=True,
-                     quick_seconds=80,
+                     quick_seconds=77,
                      quick=SelectiveCopyingConfig(mixers=("s4d", "mamba"), seq_len=96, num_tokens=4, vocab_size=16,
                                                   d_model=64, steps=500, batch_size=32, lr=5e-3, eval_batches=4))
 def selective_copying_experiment(cfg: SelectiveCopyingConfig, ctx: RunContext) -> ExperimentResult:

@@ -89,7 +89,7 @@ def _reconstruct_history(c: jax.Array, length: int) -> jax.Array:
     "ssm-hippo",
     description="HiPPO-LegS online reconstruction of a signal's whole history from N coefficients",
     paper="Gu et al. 2020, HiPPO: Recurrent Memory with Optimal Polynomial Projections, Fig. 1 and Sec. 4",
-    quick_seconds=10.5,
+    quick_seconds=9.0,
     quick=HippoConfig(length=1024, state_sizes=(4, 8, 16, 32, 64), num_signals=4, bandwidth=8.0),
 )
 def ssm_hippo(cfg: HippoConfig, ctx: RunContext) -> ExperimentResult:

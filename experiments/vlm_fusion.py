@@ -169,7 +169,7 @@ def _tile(rows: list[np.ndarray]) -> np.ndarray:
 @register_experiment("vlm-fusion", description="projector VLM vs early-fusion VLM on shapes QA: accuracy against "
                                                "steps; early fusion also generates images",
                      paper=PAPER,
-                     quick_seconds=155,
+                     quick_seconds=111,
                      quick=VLMFusionConfig(steps=600, lr=2e-3, train_scenes=1000, eval_every=150, vq_steps=300,
                                            generated_images=32))
 def vlm_fusion(cfg: VLMFusionConfig, ctx: RunContext) -> ExperimentResult:

@@ -182,7 +182,7 @@ def _plot(path, counts, measured, formula, psi, example_n=64):
 
 
 @register_experiment("zero-memory", description="per-device memory of DDP and ZeRO-1/2/3 vs device count",
-                     quick_seconds=11.9,
+                     quick_seconds=9.9,
                      paper=PAPER, quick=ZeroMemoryConfig(device_counts=(1, 2, 4, 8), vocab_size=512,
                                                          d_model=128, num_layers=2, seq_len=32))
 def zero_memory(cfg: ZeroMemoryConfig, ctx: RunContext) -> ExperimentResult:

@@ -310,7 +310,7 @@ def _eval_sets(cfg: ZooRecallConfig, validation, key) -> dict:
 @register_experiment("zoo-recall", description="MQAR accuracy vs state size and stdlib bits/byte, every LM mixer",
                      paper="Arora et al. 2023, Zoology: Measuring and Improving Recall in Efficient LMs "
                            "(arXiv:2312.04927), Figure 2 and the accuracy-vs-state-size figure",
-                     quick_seconds=247,
+                     quick_seconds=242,
                      quick=ZooRecallConfig(seq_len=32, window=8, steps=200, lrs=(3e-3,), eval_batches=2,
                                            max_documents=200, max_train_windows=20_000, fast_compile=True))
 def zoo_recall(cfg: ZooRecallConfig, ctx: RunContext) -> ExperimentResult:
