@@ -183,8 +183,8 @@ def jaxlab_train_tokens_per_s(size: dict, mixer: str, steps: int, workdir: pathl
     """Tokens/s of ``jaxlab train lm`` run as a user runs it (a child process, the stdlib corpus packed by its
     own pipeline), from the ``metrics.jsonl`` time stamps between the second logged step and the last one
     before the end (compilation and the final evaluation excluded). ``async_dispatch``: JAX's asynchronous CPU
-    dispatch forced on or off (``JAX_CPU_ENABLE_ASYNC_DISPATCH``); None leaves the CLI's choice (on for
-    ``train lm``, ``jaxlab.process_setup.ASYNC_DISPATCH_COMMANDS``)."""
+    dispatch forced on or off (``JAX_CPU_ENABLE_ASYNC_DISPATCH``); None leaves the CLI's choice (off,
+    ``jaxlab.process_setup.configure_cpu_dispatch``)."""
     import os
     import shutil
     import subprocess
@@ -261,12 +261,12 @@ def bench_torch(torch_python: pathlib.Path, repeats: int, steps: int) -> list[di
     with tempfile.TemporaryDirectory() as tmp:
         workdir = pathlib.Path(tmp)
         for size in TORCH_SIZES:
-            runs: dict[str, list[float]] = {"jaxlab": [], "jaxlab_sync": [], "jaxlab_mamba2": [], "torch_eager": [],
+            runs: dict[str, list[float]] = {"jaxlab": [], "jaxlab_async": [], "jaxlab_mamba2": [], "torch_eager": [],
                                             "torch_compile": []}
             steps = max(10, round(steps * 4096 / (size["batch"] * size["seq_len"]) * 128 ** 2 / size["d_model"] ** 2))
             for _ in range(repeats):
                 runs["jaxlab"].append(jaxlab_train_tokens_per_s(size, "attention", steps, workdir))
-                runs["jaxlab_sync"].append(jaxlab_train_tokens_per_s(size, "attention", steps, workdir, False))
+                runs["jaxlab_async"].append(jaxlab_train_tokens_per_s(size, "attention", steps, workdir, True))
                 runs["torch_eager"].append(torch_tokens_per_s(torch_python, size, steps, False)["tokens_per_s"])
                 runs["torch_compile"].append(torch_tokens_per_s(torch_python, size, steps, True)["tokens_per_s"])
                 runs["jaxlab_mamba2"].append(jaxlab_train_tokens_per_s(size, "mamba2", steps, workdir))
@@ -333,13 +333,13 @@ def _torch_lines(rows: list[dict]) -> list[str]:
     lines = ["", "Against PyTorch: tokens/s of `jaxlab train lm` (attention, SwiGLU; its data pipeline and loop "
              "included) and of the same model in PyTorch 2.13 (CPU build) eager and under torch.compile, fp32, "
              "medians of alternating runs; the Mamba-2 column is `jaxlab train lm --mixer mamba2`.", "",
-             "| size | jaxlab | jaxlab, async dispatch off | torch eager | torch.compile | jaxlab / eager | "
+             "| size | jaxlab | jaxlab, async dispatch on | torch eager | torch.compile | jaxlab / eager | "
              "jaxlab / compile | jaxlab mamba2 | twin check: loss jaxlab / torch |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s, c = r["size"], r["check"]
         lines.append(f"| d={s['d_model']}, {s['num_layers']} layers, {s['num_heads']} heads, B{s['batch']} x "
-                     f"L{s['seq_len']} | {r['jaxlab_tokens_per_s']:,.0f} | {r['jaxlab_sync_tokens_per_s']:,.0f} | "
+                     f"L{s['seq_len']} | {r['jaxlab_tokens_per_s']:,.0f} | {r['jaxlab_async_tokens_per_s']:,.0f} | "
                      f"{r['torch_eager_tokens_per_s']:,.0f} | "
                      f"{r['torch_compile_tokens_per_s']:,.0f} | "
                      f"{r['jaxlab_tokens_per_s'] / r['torch_eager_tokens_per_s']:.2f} | "
@@ -443,14 +443,12 @@ CPU_NOTES = """
 ## Reading the PyTorch table across runs
 
 Both sides of a row are measured in the same run, alternating, so a row's ratio compares like with like; rows
-of different runs need not. The tables above (2026-12-06, host load 0.5 at the start, an AMD EPYC machine with
-2 cores) follow a run of this script on 2026-12-05 (host load 2.5 at its start; the machine's CPU model was
-not recorded) that had given 12,857 tok/s for jaxlab against 22,367 for torch eager (0.57x) and 1,855 against
-2,893 (0.64x). jaxlab's attention, projections and optimizer did not change in between, yet the tiled
-attention's forward+backward at B16 x L256 takes 12.7 ms here against 27.6 ms then, while torch's SDPA takes
-the same 11-12 ms and torch eager's d=384 step runs 26% slower here. The ratio moved from 0.57x to 0.99x at the
-default size and from 0.64x to 1.35x at d=384: it depends on the machine (and its load) as much as on either
-program.
+of different runs need not. The tables above (2026-12-06, an AMD EPYC machine with 2 cores) are the first run
+since `jaxlab train lm` runs its steps inline with freed memory kept (below): 1.59x and 1.56x torch eager's
+tokens/s, 1.48x and 1.45x torch.compile's. Runs before it gave 0.99x and 1.35x (the same machine, asynchronous
+dispatch) and 0.57x and 0.64x (2026-12-05, host load 2.5, a machine whose CPU model was not recorded, with
+jaxlab's attention, projections and optimizer as they are now): the ratio depends on the machine and its load
+as much as on either program.
 
 ## What was changed for CPU speed, and why (profile of the default `jaxlab train lm` step, 2 cores)
 
@@ -459,6 +457,18 @@ operation's time per step, and the compiled HLO (`jit(...).lower(...).compile().
 fusions to the model's lines. Before the changes a step (B16 x L256, d=128, 4 layers) took 376 ms against
 PyTorch eager's 173 ms; without attention (`v` passed through) it took 187 ms against torch's 119 ms.
 
+* **CPU computations inline, freed memory kept (`jaxlab.process_setup`, `jaxlab.host_memory`).** XLA:CPU
+  mallocs every buffer of a step and frees it after; glibc handed the large ones back to the OS, so each step
+  page-faulted its activations in anew. `keep_freed_memory` raises glibc's mmap and trim thresholds so freed
+  buffers are reused, but only for the memory of the thread that runs the program: under JAX's asynchronous CPU
+  dispatch, buffers are allocated and freed on other threads, in malloc arenas of their own that still hand
+  memory back. `jaxlab train lm` had kept asynchronous dispatch (measured 1-5% faster before memory was kept),
+  and then gained nothing from it. Measured at the default size (2 cores, 80 steps): asynchronous 20-22k tok/s,
+  6.0 million page faults, 10.3 s of system time; inline 32-34k tok/s, 0.14 million, 1.4 s; at d=384 (B8 x
+  L512) 3.0-3.1k against 3.7-3.9k tok/s. `MALLOC_ARENA_MAX=1` (one arena for every thread) brings the
+  asynchronous faults down to 0.2 million but not all of its speed at d=384 (3.0k against 3.8k). So every
+  `jaxlab` command and `reproduce`'s child processes now run inline (`setup_process`); the "async dispatch on"
+  column above is the old choice.
 * **Attention tiles (`kernels/attention.py`, `auto_tile`).** `impl="auto"` switched to the tiled pass only above
   8 MiB of scores, with 256-wide tiles: at L=256 one tile, i.e. the dense computation plus the recomputing
   backward. The dense scores [16, 4, 256, 256] (16 MiB) stream through memory several times per layer (mask,
@@ -475,17 +485,15 @@ PyTorch eager's 173 ms; without attention (`v` passed through) it took 187 ms ag
 * **Checked and left:** XLA:CPU flags (`--xla_cpu_use_onednn`, `--xla_cpu_use_xnnpack=false`,
   `--xla_cpu_prefer_vector_width=512`, the concurrency-optimised scheduler) moved the step by under 5%, within
   noise; fast-math is not used (it changes numerics). Batch packing costs 0.05 ms per batch, so host-side data
-  never stalls the step. JAX's asynchronous CPU dispatch, which the CLI turns off for the commands whose
-  programs make host callbacks (progress bars inside jitted scans, the post-training verifiers), is kept for
-  `jaxlab train lm` (`jaxlab.process_setup.ASYNC_DISPATCH_COMMANDS`), whose steps make none: the host then packs the
-  next batch while the step runs. The "async dispatch off" column measures what it would cost: 4-5% of
-  the tokens/s at both sizes when first measured (12,857 against 13,449 and 1,855 against 1,934), 1-4% in the
-  current table. A raw `[4096, 384] x [384, 1024]` GEMM runs at ~300
+  barely delays the step even when packed between steps (inline dispatch). A raw `[4096, 384] x [384, 1024]` GEMM runs at ~300
   GFLOP/s under XLA, on par with torch's oneDNN, yet at the larger size the step without attention still took
   longer than torch's whole step: the GEMMs inside the step, their fusions and the elementwise passes between
   them are the next thing to profile there.
 
 ### Measured and dropped: attention restructurings; where the remaining time goes
+
+Measured before the steps ran inline (above), as one-core CPU times; the per-component ratios still
+say where XLA:CPU's step spends more than torch's.
 
 Host load average 8-12 on 2 cores throughout (other jobs), so wall times were not comparable; variants were
 compared by the process's CPU time per call (median of alternating rounds, in one process) and, for jaxlab
@@ -542,6 +550,8 @@ def _markdown(result: dict) -> str:
         lines += _mixer_lines(result)
     if result["packing"]:
         lines += _packing_lines(result)
+        if result.get("packing_rerun_note"):
+            lines += ["", f"Note: {result['packing_rerun_note']}."]
     if result.get("torch"):
         lines += _torch_lines(result["torch"])
         if result.get("torch_rerun_note"):
@@ -556,6 +566,9 @@ def _markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     args = _args(sys.argv[1:] if argv is None else argv)
+    from jaxlab.process_setup import setup_process
+
+    setup_process()  # the in-process timings run as the jaxlab command runs (inline CPU dispatch, memory kept)
     import jax
 
     repeats = args.repeats or (2 if args.quick else 5)

@@ -321,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise CLIError(f"unknown command {command!r}{hint} (commands: {', '.join(handlers)})")
         if command in ("reproduce", "run", "train", "generate"):
-            setup_process(command, rest)  # dispatch mode and host memory, as reproduce's child processes do
+            setup_process()  # dispatch mode and host memory, as reproduce's child processes do
             # Under `jaxlab launch` this joins the multi-process job before JAX sees devices;
             # on its own it does nothing.
             from jaxlab.parallel.launch import maybe_initialize_distributed

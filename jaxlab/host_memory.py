@@ -10,8 +10,11 @@ unchanged (the same numbers, bit for bit). Measured on ``jaxlab run lm-stdlib --
 85-92 s before, 63 s after, with system time 27-33 s before and 2-3 s after.
 
 The cost is that the process keeps its peak heap until it exits, which is what a training run holds anyway.
-The ``jaxlab`` command and the experiments' child processes call :func:`keep_freed_memory` at start
-(through :func:`jaxlab.process_setup.setup_process`); library users can call it themselves.
+It keeps the memory of programs run inline (``jax.config.update("jax_cpu_enable_async_dispatch", False)``):
+under JAX's asynchronous CPU dispatch the buffers are allocated and freed on other threads, whose malloc arenas
+still hand memory back (:func:`jaxlab.process_setup.configure_cpu_dispatch` has the measurements).
+The ``jaxlab`` command and the experiments' child processes call both at start
+(:func:`jaxlab.process_setup.setup_process`); library users can call them themselves.
 """
 
 from __future__ import annotations

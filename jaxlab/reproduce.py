@@ -413,7 +413,7 @@ def _worker(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     if args.cpus:  # before JAX starts its backend, whose CPU thread pool has one thread per core it may use
         _pin_process(args.cpus)
-    setup_process("reproduce", [args.name])  # as `jaxlab reproduce NAME` sets up its own process
+    setup_process()  # as `jaxlab reproduce NAME` sets up its own process
     experiment = get_experiment(args.name)
     record = run_experiment(experiment, experiment.default_config(args.quick), args.out_dir, quick=args.quick,
                             seed=args.seed, show_progress=False)
