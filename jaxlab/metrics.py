@@ -127,7 +127,8 @@ class JitProgress:
 
     On CPU, programs with host callbacks can hang under JAX's asynchronous CPU dispatch
     (jax-ml/jax#25861): the ``jaxlab`` CLI and the test suite turn it off; scripts that use this bar
-    should too, before any computation: ``jax.config.update("jax_cpu_enable_async_dispatch", False)``.
+    should too, before any computation: ``jax.config.update("jax_cpu_enable_async_dispatch", False)``, or
+    :func:`jaxlab.process_setup.setup_process`, which also keeps freed host memory for reuse.
     """
 
     def __init__(self, total: int, every: int, desc: str | None = None, *, disable: bool = False):
