@@ -4,6 +4,14 @@ The device count must be fixed before JAX initialises its backend, hence at impo
 """
 
 import os
+import pathlib
+import sys
+
+# `python -m pytest` from the repository root puts the root on sys.path, which makes the source folders
+# (kernels/, models/, rl/, ...) importable as top-level packages that shadow installed ones of the same names
+# (transformers imports Hugging Face's `kernels`). jaxlab is tested as installed, so the root comes off.
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if pathlib.Path(p or os.getcwd()).resolve() != _ROOT]
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
