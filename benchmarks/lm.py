@@ -485,10 +485,10 @@ PyTorch eager's 173 ms; without attention (`v` passed through) it took 187 ms ag
 * **Checked and left:** XLA:CPU flags (`--xla_cpu_use_onednn`, `--xla_cpu_use_xnnpack=false`,
   `--xla_cpu_prefer_vector_width=512`, the concurrency-optimised scheduler) moved the step by under 5%, within
   noise; fast-math is not used (it changes numerics). Batch packing costs 0.05 ms per batch, so host-side data
-  barely delays the step even when packed between steps (inline dispatch). A raw `[4096, 384] x [384, 1024]` GEMM runs at ~300
-  GFLOP/s under XLA, on par with torch's oneDNN, yet at the larger size the step without attention still took
-  longer than torch's whole step: the GEMMs inside the step, their fusions and the elementwise passes between
-  them are the next thing to profile there.
+  barely delays the step even when packed between steps (inline dispatch). A raw `[4096, 384] x [384, 1024]`
+  GEMM runs at ~300 GFLOP/s under XLA, on par with torch's oneDNN, yet at the larger size the step without
+  attention still took longer than torch's whole step: the GEMMs inside the step, their fusions and the
+  elementwise passes between them are the next thing to profile there.
 
 ### Measured and dropped: attention restructurings; where the remaining time goes
 
