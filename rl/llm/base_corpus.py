@@ -18,7 +18,14 @@ Documents (each ``<bos> text``, most then ``<eos>``; the notation is :mod:`jaxla
   without their carries, would be right on the problems without a carry, a second strategy that RL can settle
   on instead of thinking: it did at one seed of two.);
 * ``"worked"`` - worked column steps in the tag format with no question:
-  ``<bos><think>7+5=12:2,0+3+1=4:42</think><answer>42</answer><eos>``;
+  ``<bos><think>7+5=12:2,0+3+1=4:42</think><answer>42</answer><eos>``; with the corpus option ``checks`` (a
+  probability, 0 by default) a worked solution checks its steps: it works them again with the operands swapped,
+  ``<bos><think>7+5=12:2,0+3+1=4:42,5+7=12:2,3+0+1=4:42</think><answer>42</answer><eos>``, and with the option
+  ``slips`` (a probability) a checked solution's first working has a slip, one column's sum one off, which the
+  check corrects: ``<bos><think>7+5=13:3,0+3+1=5:53,5+7=12:2,3+0+1=4:42</think><answer>42</answer><eos>``.
+  The answer is the check's. Checks are length that a policy whose first working is right does not need: the
+  "overthinking" of long-CoT models that Kimi k1.5's length penalty and long2short remove (Kimi Team 2025,
+  arXiv:2501.12599, sections 2.3.3 and 2.4);
 * ``"reverse"`` - the tag format on unrelated content, numbers copied: digits reversed by the same
   result-so-far notation, the answer a copy of the last result:
   ``<bos><think>4:4,1:14,3:314</think><answer>314</answer><eos>``.
@@ -50,7 +57,8 @@ from jaxlab.rl.llm.reasoning_task import ThinkTask, encode_text, worked_solution
 from jaxlab.rl.llm.task import BOS, EOS, PAD
 from jaxlab.train_state import make_train_step
 
-__all__ = ["DOCUMENT_KINDS", "CorpusIterator", "corpus_documents", "document", "make_pretrain_step", "pretrain_loss"]
+__all__ = ["DOCUMENT_KINDS", "CorpusIterator", "checked_length", "corpus_documents", "document", "make_pretrain_step",
+           "pretrain_loss"]
 
 DOCUMENT_KINDS = ("facts", "partial", "guess", "worked", "reverse")
 _WEIGHTS = (0.1, 0.25, 0.35, 0.2, 0.1)  # how often each kind is drawn: of the prompts, 58% answered at once
@@ -61,10 +69,42 @@ def _steps(solution: str) -> list[str]:
     return solution.split("</think>")[0].split(",")
 
 
-def document(rng: np.random.Generator, num_digits: int, kind: str | None = None) -> tuple[str, bool]:
+def _check_rates(checks: float, slips: float) -> None:
+    for name, rate in (("checks", checks), ("slips", slips)):
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"{name}={rate!r} must be a probability in [0, 1]")
+
+
+def _slip(rng: np.random.Generator, a: int, b: int, num_digits: int) -> str:
+    """The column steps of ``a + b`` with a slip: one column's sum written one off (up or down, at random;
+    never below 0 or above 19), and the steps after it carrying on from the wrong sum."""
+    column, delta = int(rng.integers(num_digits)), int(rng.choice([-1, 1]))
+    steps, running, carry = [], "", 0
+    for i in range(num_digits):
+        x, y = a // 10**i % 10, b // 10**i % 10
+        s = x + y + carry
+        if i == column:
+            s = s + delta if 0 <= s + delta <= 19 else s - delta
+        running = str(s % 10) + running if i < num_digits - 1 else str(int(str(s) + running))
+        steps.append(f"{x}+{y}{'+1' if carry else ''}={s}:{running}")
+        carry = s // 10
+    return ",".join(steps)
+
+
+def checked_length(num_digits: int) -> int:
+    """Tokens of the longest worked response with a check (every column carrying), EOS included."""
+    top = 10**num_digits - 1
+    solution = worked_solution(top, top, num_digits)
+    return len(encode_text(solution.split("</think>")[0] + "," + solution)) + 1
+
+
+def document(rng: np.random.Generator, num_digits: int, kind: str | None = None, checks: float = 0.0,
+             slips: float = 0.0) -> tuple[str, bool]:
     """One document's text (after BOS) drawn with ``rng`` and whether it ends with EOS; ``kind`` one of
     ``DOCUMENT_KINDS`` (None: drawn, ``guess`` 35%, ``partial`` 25%, ``worked`` 20%, ``facts`` and ``reverse``
-    10% each)."""
+    10% each); ``checks``: the probability that a worked document checks its steps, ``slips``: that a checked
+    one's first working has a slip (0 and 0: ``rng`` is drawn from exactly as without the options)."""
+    _check_rates(checks, slips)
     if kind is None:
         kind = DOCUMENT_KINDS[int(rng.choice(len(DOCUMENT_KINDS), p=_WEIGHTS))]
     if kind == "facts":
@@ -88,7 +128,11 @@ def document(rng: np.random.Generator, num_digits: int, kind: str | None = None)
         return f"{a:0{w}d}+{b:0{w}d}=<think></think><answer>{guess}</answer>", True
     if kind == "worked":
         a, b = (int(v) for v in rng.integers(0, 10**num_digits, size=2))
-        return "<think>" + worked_solution(a, b, num_digits), True
+        solution = worked_solution(a, b, num_digits)
+        if checks and rng.random() < checks:  # checked: worked again with the operands swapped
+            first = _slip(rng, a, b, num_digits) if slips and rng.random() < slips else solution.split("</think>")[0]
+            solution = first + "," + worked_solution(b, a, num_digits)
+        return "<think>" + solution, True
     if kind == "reverse":
         digits = [str(int(v)) for v in rng.integers(0, 10, size=int(rng.integers(1, num_digits + 3)))]
         results = ["".join(reversed(digits[:i + 1])) for i in range(len(digits))]
@@ -97,22 +141,29 @@ def document(rng: np.random.Generator, num_digits: int, kind: str | None = None)
     raise ValueError(f"kind={kind!r} must be one of {DOCUMENT_KINDS}")
 
 
-def corpus_documents(key: jax.Array, n: int, num_digits: int) -> list[str]:
+def corpus_documents(key: jax.Array, n: int, num_digits: int, checks: float = 0.0, slips: float = 0.0) -> list[str]:
     """``n`` documents' texts drawn from ``key`` (what :class:`CorpusIterator` packs; for inspection)."""
     rng = host_rng(key)
-    return [document(rng, num_digits)[0] for _ in range(n)]
+    return [document(rng, num_digits, checks=checks, slips=slips)[0] for _ in range(n)]
 
 
 class CorpusIterator:
     """Packed pretraining batches ``[batch_size, seq_len]`` of the corpus of ``task`` (see the module docstring);
-    batch ``i`` from ``fold_in(key, i)``."""
+    batch ``i`` from ``fold_in(key, i)``; ``checks`` and ``slips``: :func:`document`'s, how often worked documents
+    check their steps and how often a checked one's first working slips."""
 
-    def __init__(self, task: ThinkTask, batch_size: int, seq_len: int, key: jax.Array):
+    def __init__(self, task: ThinkTask, batch_size: int, seq_len: int, key: jax.Array, checks: float = 0.0,
+                 slips: float = 0.0):
         if not isinstance(task, ThinkTask):
             raise ValueError(f"the base corpus is the 'think-add' task's; got task {getattr(task, 'kind', task)!r}")
         if seq_len < task.answer_len + 1:
             raise ValueError(f"seq_len={seq_len} must hold a whole worked document ({task.answer_len + 1} tokens)")
+        _check_rates(checks, slips)
+        if checks and seq_len < checked_length(task.num_digits) + 1:
+            raise ValueError(f"seq_len={seq_len} must hold a whole checked worked document "
+                             f"({checked_length(task.num_digits) + 1} tokens)")
         self.task, self.batch_size, self.seq_len, self.key, self.index = task, batch_size, seq_len, key, 0
+        self.checks, self.slips = checks, slips
 
     def __iter__(self):
         return self
@@ -126,7 +177,7 @@ class CorpusIterator:
         for r in range(B):
             t, segment = 0, 0
             while t < L - 1:  # a document of one token would teach nothing
-                text, ends = document(rng, self.task.num_digits)
+                text, ends = document(rng, self.task.num_digits, checks=self.checks, slips=self.slips)
                 ids = ([BOS] + encode_text(text) + ([EOS] if ends else []))[:L - t]
                 segment += 1
                 inputs[r, t:t + len(ids)] = ids

@@ -346,7 +346,8 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
         opt = stage_optimizer_config(cfg.pretrain_lr, cfg.optimizer)
         state, step = stage("pretrain", None, opt, create_train_state(init, _optimizer("pretrain", model_cfg, opt),
                                                                       stream(_BASE_KEY)))
-        corpus = CorpusIterator(task, cfg.pretrain_batch_size, model_cfg.max_len, stream(_BASE_DATA))
+        corpus = CorpusIterator(task, cfg.pretrain_batch_size, model_cfg.max_len, stream(_BASE_DATA),
+                                checks=cfg.corpus_checks, slips=cfg.corpus_slips)
         pre = run_stage("pretrain", step, state, corpus, cfg.pretrain_steps)
         init, preempted = _local(pre.state.params), pre.preempted
         base_eval = evaluate_policy(model, init, init, eval_prompts, eval_answers, eval_key, response_len, task)

@@ -14,6 +14,7 @@ from jaxlab.models.lm import LMConfig
 from jaxlab.models.lm_training import check_architecture_unset
 from jaxlab.parallel.mesh import parse_mesh
 from jaxlab.parallel.strategies import STRATEGIES
+from jaxlab.rl.llm.base_corpus import checked_length
 from jaxlab.rl.llm.grpo import GRPO_LOSSES, GRPOSpec
 from jaxlab.rl.llm.long2short import LONG2SHORT_MODES
 from jaxlab.rl.llm.losses import AGGREGATIONS, DPO_LOSSES
@@ -59,6 +60,12 @@ class PostTrainConfig:
     """Packed rows (of the model's max_len tokens) per pretraining step."""
     pretrain_lr: float = 3e-3
     """Adam learning rate of the pretraining stage."""
+    corpus_checks: float = 0.0
+    """Share of the base corpus's worked solutions that check their column steps, working them again with the
+    operands swapped (Kimi k1.5's overthinking in miniature, for long2short to remove; 0: none, think-add's)."""
+    corpus_slips: float = 0.0
+    """Share of the checked worked solutions whose first working has a slip (a column's sum one off) that the
+    check corrects."""
     steps: int = 100
     """Steps of the method's stage (DPO / PPO / GRPO); unused by sft."""
     batch_size: int = 16
@@ -188,6 +195,10 @@ class PostTrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")
         check_positive(self, "sft_steps", "pretrain_steps", minimum=0, integer=True)
         check_positive(self, "pretrain_batch_size", integer=True)
+        for name in ("corpus_checks", "corpus_slips"):
+            check(0 <= getattr(self, name) <= 1, f"{name}={getattr(self, name)!r} must be a probability in [0, 1]")
+            check(getattr(self, name) == 0 or self.pretrain_steps > 0,
+                  f"{name}={getattr(self, name)!r} shapes the base corpus: it needs pretrain_steps > 0")
         check_greater(self, "pretrain_lr")
         check(self.pretrain_steps == 0 or self.task == "think-add",
               f"pretrain_steps={self.pretrain_steps} needs a task with a base corpus: task='think-add' "
@@ -217,6 +228,9 @@ class PostTrainConfig:
         if self.response_len < self.task_spec.answer_len:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} is shorter than the longest answer "
                              f"({self.task_spec.answer_len} tokens with EOS)")
+        if self.corpus_checks and self.response_len < checked_length(self.num_digits):
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} is shorter than the longest checked worked answer "
+                             f"({checked_length(self.num_digits)} tokens with EOS)")
         check_choice(self, "strategy", tuple(STRATEGIES))
         check_positive(self, "grad_accum", integer=True)
         for name, rows in (("sft_batch_size", self.sft_batch_size), ("batch_size", self.batch_size),
