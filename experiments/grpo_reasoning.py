@@ -43,6 +43,8 @@ class GRPOReasoningConfig:
     aggregation: str = "token-mean"
     eval_every: int = 30
     eval_problems: int = 256
+    fast_compile: bool = False
+    """Compile under ``FAST_COMPILE`` (``PostTrainConfig.fast_compile``): tests and runs of a few steps only."""
 
     def __post_init__(self):
         check_positive(self, "num_digits", "d_model", "num_layers", "sft_steps", "steps", "batch_size", "eval_every",
@@ -55,7 +57,7 @@ class GRPOReasoningConfig:
 
 @register_experiment("grpo-reasoning", description="GRPO from an SFT start: accuracy and length vs RL steps",
                      paper="DeepSeek-AI 2025, DeepSeek-R1 (arXiv:2501.12948), Figures 2-3; Shao et al. 2024 (GRPO)",
-                     quick_seconds=75,
+                     quick_seconds=45,
                      quick=GRPOReasoningConfig())
 def grpo_reasoning(cfg: GRPOReasoningConfig, ctx: RunContext) -> ExperimentResult:
     out = ctx.out_dir / "grpo-reasoning-runs"

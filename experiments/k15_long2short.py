@@ -92,6 +92,8 @@ class K15Long2ShortConfig:
     """long2short methods run on the long model: rejection (shortest rejection sampling) and/or dpo."""
     eval_every: int = 10
     eval_problems: int = 256
+    fast_compile: bool = False
+    """Compile under ``FAST_COMPILE`` (``PostTrainConfig.fast_compile``): tests and runs of a few steps only."""
 
     def __post_init__(self):
         check_positive(self, "num_digits", "d_model", "num_layers", "pretrain_steps", "steps", "batch_size",
@@ -119,7 +121,7 @@ def _steps_to(points: list[dict], target: float) -> int | None:
 
 @register_experiment("k15-long2short", description="Kimi k1.5's length penalty and long2short shorten an "
                      "overthinking long model; curriculum + prioritised sampling", paper=PAPER,
-                     quick_seconds=330,
+                     quick_seconds=150,
                      quick=K15Long2ShortConfig(pretrain_steps=800, steps=40, penalty_warmup=10, problem_pool=256,
                                                pair_prompts=256, long2short_steps=30))
 def k15_long2short(cfg: K15Long2ShortConfig, ctx: RunContext) -> ExperimentResult:

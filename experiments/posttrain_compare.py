@@ -54,6 +54,8 @@ class PostTrainCompareConfig:
     """Prompts sampled for DPO / reward-model preference pairs."""
     eval_problems: int = 512
     """Fixed evaluation problems (also the prompts of the reward model's held-out pairs)."""
+    fast_compile: bool = False
+    """Compile under ``FAST_COMPILE`` (``PostTrainConfig.fast_compile``): tests and runs of a few steps only."""
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -70,7 +72,7 @@ class PostTrainCompareConfig:
 
 @register_experiment("posttrain-compare", description="SFT vs DPO vs PPO-RLHF vs GRPO: accuracy and KL",
                      paper="Ouyang et al. 2022; Rafailov et al. 2023; Shao et al. 2024; DeepSeek-AI 2025",
-                     quick_seconds=185,
+                     quick_seconds=135,
                      quick=PostTrainCompareConfig(eval_problems=256))
 def posttrain_compare(cfg: PostTrainCompareConfig, ctx: RunContext) -> ExperimentResult:
     out = ctx.out_dir / "posttrain-compare-runs"

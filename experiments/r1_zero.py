@@ -64,6 +64,8 @@ class R1ZeroConfig:
     eval_problems: int = 256
     log_rollouts: int = 4
     """Rollouts per step written to rollouts.jsonl."""
+    fast_compile: bool = False
+    """Compile under ``FAST_COMPILE`` (``PostTrainConfig.fast_compile``): tests and runs of a few steps only."""
 
     def __post_init__(self):
         check_positive(self, "num_digits", "d_model", "num_layers", "pretrain_steps", "steps", "batch_size",
@@ -89,7 +91,7 @@ def _rollout_examples(path, count: int = 3) -> dict[str, list[str]]:
 
 @register_experiment("r1-zero", description="RL from a base model: accuracy and response length grow together",
                      paper=PAPER,
-                     quick_seconds=185,
+                     quick_seconds=60,
                      quick=R1ZeroConfig(pretrain_steps=800, steps=60, eval_every=10, eval_problems=256))
 def r1_zero(cfg: R1ZeroConfig, ctx: RunContext) -> ExperimentResult:
     out = ctx.out_dir / "r1-zero-runs"

@@ -128,7 +128,8 @@ def _optimizer(kind: str, model_cfg: LMConfig, opt_cfg: OptimizerConfig):
     return make_optimizer(opt_cfg, muon_dims=dims)
 
 
-def _build_step(kind: str, model_cfg: LMConfig, task: Task | TextTask, spec, opt_cfg: OptimizerConfig, grad_accum: int = 1):
+def _build_step(kind: str, model_cfg: LMConfig, task: Task | TextTask, spec, opt_cfg: OptimizerConfig,
+                grad_accum: int = 1):
     """A stage's step; GRPO's and PPO's ``spec`` carry their ``grad_accum``, the others take ``grad_accum``."""
     model, tx = LM(model_cfg), _optimizer(kind, model_cfg, opt_cfg)
     build = {"pretrain": lambda: make_pretrain_step(model, tx, grad_accum),
@@ -140,10 +141,15 @@ def _build_step(kind: str, model_cfg: LMConfig, task: Task | TextTask, spec, opt
     return build()
 
 
+def _options(fast_compile: bool) -> dict | None:
+    return FAST_COMPILE if fast_compile else None
+
+
 @functools.lru_cache(maxsize=16)
-def _jit_step(kind: str, model_cfg: LMConfig, task: Task, spec, opt_cfg: OptimizerConfig, grad_accum: int = 1):
+def _jit_step(kind: str, model_cfg: LMConfig, task: Task, spec, opt_cfg: OptimizerConfig, grad_accum: int = 1,
+              fast_compile: bool = False):
     return jax.jit(_build_step(kind, model_cfg, task, spec, opt_cfg, grad_accum), donate_argnums=0,
-                   compiler_options=FAST_COMPILE)
+                   compiler_options=_options(fast_compile))
 
 
 class _OnMesh:
@@ -184,7 +190,7 @@ def stage_param_axes(kind: str, model_cfg: LMConfig):
 
 
 def _mesh_stage(kind: str, model_cfg: LMConfig, task: Task, spec, opt_cfg: OptimizerConfig, state, mesh,
-                strategy: str, grad_accum: int = 1):
+                strategy: str, grad_accum: int = 1, fast_compile: bool = False):
     """A stage's state laid out on ``mesh`` by ``strategy`` (ZeRO over ``data``; with a ``model`` axis the
     parameters split by their logical axes) and its step compiled to keep that layout: the partitioner
     splits the work by the batch rows and, on ``model``, by heads and hidden units (the LM's logical
@@ -207,12 +213,12 @@ def _mesh_stage(kind: str, model_cfg: LMConfig, task: Task, spec, opt_cfg: Optim
             return inner(state, batch, key)
 
     step = jax.jit(step, donate_argnums=0, out_shardings=(shardings, replicated(mesh)),
-                   compiler_options=FAST_COMPILE)
+                   compiler_options=_options(fast_compile))
     return state, step
 
 
 @functools.lru_cache(maxsize=16)
-def _eval_fn(model_cfg: LMConfig, task: Task | TextTask, max_new_tokens: int):
+def _eval_fn(model_cfg: LMConfig, task: Task | TextTask, max_new_tokens: int, fast_compile: bool):
     model = LM(model_cfg)
 
     def run(params, ref_params, prompts, answers, key):
@@ -232,16 +238,16 @@ def _eval_fn(model_cfg: LMConfig, task: Task | TextTask, max_new_tokens: int):
                 out["kl_to_ref"] = sequence_kl(roll.model_logps, ref_logp, roll.mask)
         return out
 
-    return jax.jit(run, compiler_options=FAST_COMPILE)
+    return jax.jit(run, compiler_options=_options(fast_compile))
 
 
 def evaluate_policy(model: LM, params, ref_params, prompts, answers, key, max_new_tokens: int,
-                    task: Task | TextTask | None = None) -> dict[str, float]:
+                    task: Task | TextTask | None = None, fast_compile: bool = False) -> dict[str, float]:
     """Verifier accuracy, response length and format rate of sampled (T = 1) and greedy (``greedy_*``) answers,
     and ``kl_to_ref``: the sequence KL ``E_pi[log pi - log pi_ref]`` estimated on the samples. ``task``: whose
-    verifier and EOS (None: the character task's)."""
-    out = _eval_fn(model.cfg, Task() if task is None else task, max_new_tokens)(params, ref_params, prompts,
-                                                                                 answers, key)
+    verifier and EOS (None: the character task's); ``fast_compile``: compiled under ``FAST_COMPILE``."""
+    out = _eval_fn(model.cfg, Task() if task is None else task, max_new_tokens, fast_compile)(
+        params, ref_params, prompts, answers, key)
     return {k: float(v) for k, v in jax.device_get(out).items()}
 
 
@@ -316,8 +322,14 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
     def stage(kind, spec, opt, state):
         """The stage's (state, step): on one device the cached jitted step, else laid out on the mesh."""
         if mesh.size == 1:
-            return state, _jit_step(kind, model_cfg, task, spec, opt, cfg.grad_accum)
-        return _mesh_stage(kind, model_cfg, task, spec, opt, state, mesh, cfg.strategy, cfg.grad_accum)
+            return state, _jit_step(kind, model_cfg, task, spec, opt, cfg.grad_accum, cfg.fast_compile)
+        return _mesh_stage(kind, model_cfg, task, spec, opt, state, mesh, cfg.strategy, cfg.grad_accum,
+                           cfg.fast_compile)
+
+    def evaluate(params, ref_params) -> dict[str, float]:
+        """The fixed evaluation set's metrics of ``params`` (KL to ``ref_params``)."""
+        return evaluate_policy(model, params, ref_params, eval_prompts, eval_answers, eval_key, response_len, task,
+                               cfg.fast_compile)
 
     def run_stage(name, train_step, state, data, steps, ref=None, pool=None):
         if mesh.size > 1:
@@ -328,9 +340,8 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
                                           cfg.log_rollouts)
         loop = LoopConfig(num_steps=steps, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                           resume=cfg.resume, progress=cfg.progress, skip_nonfinite=cfg.skip_nonfinite)
-        eval_fn = None if ref is None else (lambda s: evaluate_policy(
-            model, _local(s.params["policy"] if name == "ppo-rlhf" else s.params), ref, eval_prompts, eval_answers,
-            eval_key, response_len, task))
+        eval_fn = None if ref is None else (lambda s: evaluate(
+            _local(s.params["policy"] if name == "ppo-rlhf" else s.params), ref))
         try:
             result = fit(train_step, state, data, loop, out_dir / name, eval_fn=eval_fn, eval_every=cfg.eval_every)
         finally:
@@ -350,7 +361,7 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
                                 checks=cfg.corpus_checks, slips=cfg.corpus_slips)
         pre = run_stage("pretrain", step, state, corpus, cfg.pretrain_steps)
         init, preempted = _local(pre.state.params), pre.preempted
-        base_eval = evaluate_policy(model, init, init, eval_prompts, eval_answers, eval_key, response_len, task)
+        base_eval = evaluate(init, init)
         _log(f"base model: pass@1 {base_eval['accuracy']:.3f} (greedy {base_eval['greedy_accuracy']:.3f}), format "
              f"{base_eval['format']:.3f}")
 
@@ -364,7 +375,7 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
         ref, resumed_from, preempted = _local(sft.state.params), sft.resumed_from, sft.preempted
     else:
         ref, resumed_from = init, None
-    sft_eval = evaluate_policy(model, ref, ref, eval_prompts, eval_answers, eval_key, response_len, task)
+    sft_eval = evaluate(ref, ref)
     _log(f"sft: accuracy {sft_eval['accuracy']:.3f} (greedy {sft_eval['greedy_accuracy']:.3f})")
     summary = {"method": cfg.method, "sft": sft_eval, "history": [], "resumed_from": resumed_from}
     if base_eval is not None:
@@ -382,7 +393,7 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
     def run_long2short(params):
         """Kimi k1.5's long2short (section 2.4) on ``params`` in the ``long2short-<mode>/`` stage (one folder per
         mode, so both modes can shorten the same GRPO policy of one output folder): (params, preempted, info)."""
-        before = evaluate_policy(model, params, ref, eval_prompts, eval_answers, eval_key, response_len, task)
+        before = evaluate(params, ref)
         data = long2short_data(model, params, task, stream(_LONG2SHORT), cfg.pair_prompts, cfg.long2short_samples,
                                response_len, cfg.long2short, temperature=cfg.temperature)
         count = len(next(iter(data.values())))
@@ -477,8 +488,7 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
     if cfg.long2short != "none" and not preempted:
         final_params, preempted, summary["long2short"] = run_long2short(final_params)
 
-    final = sft_eval if cfg.method == "sft" else evaluate_policy(model, final_params, ref, eval_prompts,
-                                                                 eval_answers, eval_key, response_len, task)
+    final = sft_eval if cfg.method == "sft" else evaluate(final_params, ref)
     if "long2short" in summary:
         stage_dir = out_dir / f"long2short-{cfg.long2short}"
         summary["long2short"].update(after=final, history=_eval_records(stage_dir / "metrics.jsonl"))

@@ -141,6 +141,10 @@ class PostTrainConfig:
     progress: bool = True
     skip_nonfinite: bool = False
     """Skip steps with a non-finite loss or gradient (counted in the metrics) instead of stopping the run."""
+    fast_compile: bool = False
+    """Compile the stages' steps and the evaluation with XLA's backend optimisation off (``FAST_COMPILE``): for
+    tests and runs of a few steps only. It compiles about 1.5x faster but runs the sampler's decode loop about 15x
+    slower (d_model=64, 128 rows of 64 tokens on one core: 1.04 s against 0.07 s a rollout)."""
     init_from: str | None = None
     """Start from a Hugging Face checkpoint folder (Llama, Qwen2, Mistral, GPT-2: config.json, *.safetensors,
     tokenizer.json with an eos_token): its architecture and weights, the problems as text through its tokenizer,

@@ -130,7 +130,8 @@ def test_posttrain_on_a_data_mesh_equals_one_device(tmp_path):
 
     cfg = PostTrainConfig(task="sort", num_digits=3, d_model=32, num_layers=1, num_heads=2, sft_steps=6,
                           sft_batch_size=8, steps=4, batch_size=4, group_size=4, eval_problems=8, eval_every=4,
-                          log_every=1, checkpoint_every=4, progress=False, method="grpo", format_weight=0.5)
+                          log_every=1, checkpoint_every=4, progress=False, method="grpo", format_weight=0.5,
+                          fast_compile=True)
     runs = {}
     for mesh, strategy in (("data=1", "ddp"), ("data=2", "zero1")):
         out = tmp_path / mesh
@@ -158,7 +159,7 @@ def test_posttrain_tensor_parallel_ppo_rlhf_equals_one_device(tmp_path):
     cfg = PostTrainConfig(task="sort", num_digits=3, d_model=32, num_layers=1, num_heads=2, sft_steps=40,
                           sft_batch_size=16, sft_lr=1e-2, steps=2, batch_size=4, group_size=4, eval_problems=8,
                           eval_every=2, log_every=1, checkpoint_every=2, progress=False, method="ppo-rlhf",
-                          rm_steps=2, pair_prompts=64)
+                          rm_steps=2, pair_prompts=64, fast_compile=True)
     runs = {}
     for mesh, strategy in (("data=1", "ddp"), ("data=2,model=2", "zero3")):
         out = tmp_path / mesh

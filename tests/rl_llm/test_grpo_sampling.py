@@ -20,7 +20,7 @@ from jaxlab.rl.llm.task import Task, TextTask, decode
 BASE = PostTrainConfig(method="grpo", task="add", num_digits=2, d_model=32, num_layers=1, num_heads=2, sft_steps=0,
                        steps=4, batch_size=4, group_size=2, eval_problems=8, eval_every=4, log_every=2,
                        checkpoint_every=2, progress=False, mesh="data=1", problem_pool=16, length_penalty=0.5,
-                       length_penalty_warmup=1)
+                       length_penalty_warmup=1, fast_compile=True)
 """No SFT: the initial model is never right, so Kimi's length reward (on the wrong answers of a group of varied
 lengths) is what moves the policy, from the second step on (the first is the warm-up without it)."""
 ROWS = BASE.batch_size * BASE.group_size

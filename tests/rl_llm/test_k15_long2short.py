@@ -108,8 +108,8 @@ def test_checks_need_room_and_a_base_corpus():
 def test_k15_long2short_smoke(tmp_path):
     exp = get_experiment("k15-long2short")
     # the quick size's model (a smaller one answers nothing right, leaving long2short no data), briefly trained
-    cfg = dataclasses.replace(exp.quick, pretrain_steps=400, steps=2, batch_size=4, group_size=4, eval_every=1,
-                              eval_problems=32, problem_pool=16, penalty_warmup=1, pair_prompts=64,
+    cfg = dataclasses.replace(exp.quick, fast_compile=True, pretrain_steps=400, steps=2, batch_size=4, group_size=4,
+                              eval_every=1, eval_problems=32, problem_pool=16, penalty_warmup=1, pair_prompts=64,
                               long2short_samples=4, long2short_steps=2)
     ctx = RunContext("k15-long2short", tmp_path, quick=True, show_progress=False)
     result = exp.fn(cfg, ctx)

@@ -51,7 +51,7 @@ def test_long2short_pairs_by_hand():
 TINY = PostTrainConfig(method="grpo", task="add", num_digits=1, d_model=32, num_layers=1, num_heads=2, sft_steps=60,
                        sft_batch_size=32, steps=6, batch_size=2, group_size=2, eval_problems=16, eval_every=6,
                        log_every=1, checkpoint_every=3, progress=False, mesh="data=1", rollout_budget=2,
-                       pair_prompts=64, long2short_samples=4, long2short_steps=2)
+                       pair_prompts=64, long2short_samples=4, long2short_steps=2, fast_compile=True)
 """Kimi's pipeline in small: GRPO on partial rollouts (R = 4 response tokens: answers of up to 2 digits, EOS, 2
 more; in segments of 2, so a pool spans up to 2 steps), then long2short from its policy."""
 

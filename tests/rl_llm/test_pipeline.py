@@ -26,7 +26,7 @@ from jaxlab.rl.llm.task import EOS, PAD, Task, decode, format_ok, is_correct, re
 TINY = PostTrainConfig(task="sort", num_digits=3, d_model=32, num_layers=1, num_heads=2, sft_steps=100,
                        sft_batch_size=32, steps=20, batch_size=8, group_size=4, lr=1e-3, dpo_lr=5e-4,
                        pair_prompts=512, rm_steps=150, eval_problems=256, eval_every=20, log_every=5,
-                       checkpoint_every=10, progress=False, mesh="data=1")
+                       checkpoint_every=10, progress=False, mesh="data=1", fast_compile=True)
 
 
 @pytest.fixture(scope="module")

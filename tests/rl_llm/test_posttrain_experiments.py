@@ -9,7 +9,7 @@ def _run(name, tmp_path, **overrides):
     import dataclasses
 
     exp = get_experiment(name)
-    cfg = dataclasses.replace(exp.quick, **overrides)
+    cfg = dataclasses.replace(exp.quick, fast_compile=True, **overrides)
     ctx = RunContext(name, tmp_path, quick=True, show_progress=False)
     result = exp.fn(cfg, ctx)
     assert ctx.figure_path.exists()

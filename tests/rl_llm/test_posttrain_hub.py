@@ -181,7 +181,7 @@ def grpo_run(ckpt, tmp_path_factory):
     args = ["--method", "grpo", "--init-from", str(folder), "--task", "add", "--num-digits", "1", "--sft-steps", "0",
             "--steps", "2", "--batch-size", "2", "--group-size", "4", "--lr", "0.01", "--length-penalty", "0.5",
             "--eval-problems", "8", "--eval-every", "2", "--log-every", "1", "--checkpoint-every", "2",
-            "--no-progress", "--mesh", "data=1", "--out", str(out)]
+            "--no-progress", "--mesh", "data=1", "--fast-compile", "--out", str(out)]
     assert cli_main(["train", "posttrain", *args]) == 0
     return out, json.loads((out / "summary-grpo.json").read_text())
 

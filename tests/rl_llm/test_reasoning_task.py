@@ -209,7 +209,7 @@ def test_r1_zero_grpo_from_the_pretrained_base_model(tmp_path):
                           pretrain_batch_size=8, pretrain_lr=1e-2, sft_steps=0, method="grpo", steps=2, batch_size=2,
                           group_size=4, format_weight=0.5, clip_eps_high=0.28, dynamic_sampling=True,
                           eval_problems=16, eval_every=2, log_every=1, checkpoint_every=100, progress=False,
-                          mesh="data=1")
+                          mesh="data=1", fast_compile=True)
     assert cfg.model_config().vocab_size == THINK_VOCAB_SIZE and cfg.response_len == 64
     run = posttrain(cfg, tmp_path)
     assert (tmp_path / "pretrain").is_dir() and not (tmp_path / "sft").exists()
