@@ -57,7 +57,7 @@ class GRPOReasoningConfig:
 
 @register_experiment("grpo-reasoning", description="GRPO from an SFT start: accuracy and length vs RL steps",
                      paper="DeepSeek-AI 2025, DeepSeek-R1 (arXiv:2501.12948), Figures 2-3; Shao et al. 2024 (GRPO)",
-                     quick_seconds=45,
+                     quick_seconds=35,
                      quick=GRPOReasoningConfig())
 def grpo_reasoning(cfg: GRPOReasoningConfig, ctx: RunContext) -> ExperimentResult:
     out = ctx.out_dir / "grpo-reasoning-runs"

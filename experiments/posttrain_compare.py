@@ -72,7 +72,7 @@ class PostTrainCompareConfig:
 
 @register_experiment("posttrain-compare", description="SFT vs DPO vs PPO-RLHF vs GRPO: accuracy and KL",
                      paper="Ouyang et al. 2022; Rafailov et al. 2023; Shao et al. 2024; DeepSeek-AI 2025",
-                     quick_seconds=135,
+                     quick_seconds=130,
                      quick=PostTrainCompareConfig(eval_problems=256))
 def posttrain_compare(cfg: PostTrainCompareConfig, ctx: RunContext) -> ExperimentResult:
     out = ctx.out_dir / "posttrain-compare-runs"

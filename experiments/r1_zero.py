@@ -91,7 +91,7 @@ def _rollout_examples(path, count: int = 3) -> dict[str, list[str]]:
 
 @register_experiment("r1-zero", description="RL from a base model: accuracy and response length grow together",
                      paper=PAPER,
-                     quick_seconds=60,
+                     quick_seconds=56,
                      quick=R1ZeroConfig(pretrain_steps=800, steps=60, eval_every=10, eval_problems=256))
 def r1_zero(cfg: R1ZeroConfig, ctx: RunContext) -> ExperimentResult:
     out = ctx.out_dir / "r1-zero-runs"
