@@ -53,7 +53,7 @@ import optax
 from jaxlab.models.lm import LM, next_token_loss
 from jaxlab.models.packing import target_mask_from_segments
 from jaxlab.models.vision_data import host_rng
-from jaxlab.rl.llm.reasoning_task import ThinkTask, encode_text, worked_solution
+from jaxlab.rl.llm.reasoning_task import ThinkTask, column_steps, encode_text, worked_solution
 from jaxlab.rl.llm.task import BOS, EOS, PAD
 from jaxlab.train_state import make_train_step
 
@@ -62,11 +62,6 @@ __all__ = ["DOCUMENT_KINDS", "CorpusIterator", "checked_length", "corpus_documen
 
 DOCUMENT_KINDS = ("facts", "partial", "guess", "worked", "reverse")
 _WEIGHTS = (0.1, 0.25, 0.35, 0.2, 0.1)  # how often each kind is drawn: of the prompts, 58% answered at once
-
-
-def _steps(solution: str) -> list[str]:
-    """The column steps of a worked solution (its text before ``</think>``)."""
-    return solution.split("</think>")[0].split(",")
 
 
 def _check_rates(checks: float, slips: float) -> None:
@@ -79,23 +74,13 @@ def _slip(rng: np.random.Generator, a: int, b: int, num_digits: int) -> str:
     """The column steps of ``a + b`` with a slip: one column's sum written one off (up or down, at random;
     never below 0 or above 19), and the steps after it carrying on from the wrong sum."""
     column, delta = int(rng.integers(num_digits)), int(rng.choice([-1, 1]))
-    steps, running, carry = [], "", 0
-    for i in range(num_digits):
-        x, y = a // 10**i % 10, b // 10**i % 10
-        s = x + y + carry
-        if i == column:
-            s = s + delta if 0 <= s + delta <= 19 else s - delta
-        running = str(s % 10) + running if i < num_digits - 1 else str(int(str(s) + running))
-        steps.append(f"{x}+{y}{'+1' if carry else ''}={s}:{running}")
-        carry = s // 10
-    return ",".join(steps)
+    return column_steps(a, b, num_digits, slip=(column, delta))
 
 
 def checked_length(num_digits: int) -> int:
     """Tokens of the longest worked response with a check (every column carrying), EOS included."""
     top = 10**num_digits - 1
-    solution = worked_solution(top, top, num_digits)
-    return len(encode_text(solution.split("</think>")[0] + "," + solution)) + 1
+    return len(encode_text(column_steps(top, top, num_digits) + "," + worked_solution(top, top, num_digits))) + 1
 
 
 def document(rng: np.random.Generator, num_digits: int, kind: str | None = None, checks: float = 0.0,
@@ -116,7 +101,7 @@ def document(rng: np.random.Generator, num_digits: int, kind: str | None = None,
     if kind == "partial":
         w = num_digits
         a, b = (int(v) for v in rng.integers(0, 10**w, size=2))
-        steps = _steps(worked_solution(a, b, w))
+        steps = column_steps(a, b, w).split(",")
         k = int(rng.integers(1, w + 1))  # columns shown
         shown = steps[:k - 1] + [steps[k - 1] if k < w else steps[k - 1].split(":")[0]]
         return f"{a:0{w}d}+{b:0{w}d}=<think>" + ",".join(shown) + ("," if k < w else ""), False
@@ -130,7 +115,7 @@ def document(rng: np.random.Generator, num_digits: int, kind: str | None = None,
         a, b = (int(v) for v in rng.integers(0, 10**num_digits, size=2))
         solution = worked_solution(a, b, num_digits)
         if checks and rng.random() < checks:  # checked: worked again with the operands swapped
-            first = _slip(rng, a, b, num_digits) if slips and rng.random() < slips else solution.split("</think>")[0]
+            first = _slip(rng, a, b, num_digits) if slips and rng.random() < slips else column_steps(a, b, num_digits)
             solution = first + "," + worked_solution(b, a, num_digits)
         return "<think>" + solution, True
     if kind == "reverse":

@@ -22,7 +22,7 @@ from jaxlab.rl.llm.ppo_rlhf import PPOSpec
 from jaxlab.rl.llm.problem_sampling import MODES as SAMPLING_MODES
 from jaxlab.rl.llm.reasoning_task import ThinkTask
 from jaxlab.rl.llm.task import LEVELLED_TASKS, PROMPT_FORMATS, TASK_NAMES, Task, TextTask, make_task
-from jaxlab.validation import check, check_choice, check_greater, check_positive
+from jaxlab.validation import check, check_choice, check_greater, check_positive, check_range
 
 __all__ = ["ARCHITECTURE_FIELDS", "METHODS", "PostTrainConfig"]
 
@@ -200,7 +200,7 @@ class PostTrainConfig:
         check_positive(self, "sft_steps", "pretrain_steps", minimum=0, integer=True)
         check_positive(self, "pretrain_batch_size", integer=True)
         for name in ("corpus_checks", "corpus_slips"):
-            check(0 <= getattr(self, name) <= 1, f"{name}={getattr(self, name)!r} must be a probability in [0, 1]")
+            check_range(self, name, 0.0, 1.0)
             check(getattr(self, name) == 0 or self.pretrain_steps > 0,
                   f"{name}={getattr(self, name)!r} shapes the base corpus: it needs pretrain_steps > 0")
         check_greater(self, "pretrain_lr")

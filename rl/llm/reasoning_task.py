@@ -48,7 +48,7 @@ from jaxlab.rl.llm.task import (BOS, CHARS, DIGIT0, EOS, PAD, digit_tokens, leve
                                 response_mask, rule_reward)
 
 __all__ = ["ANSWER_CLOSE", "ANSWER_OPEN", "TAGS", "THINK_CLOSE", "THINK_OPEN", "THINK_TOKENS", "THINK_VOCAB_SIZE",
-           "ThinkTask", "decode_text", "encode_text", "reference_verify", "worked_solution"]
+           "ThinkTask", "column_steps", "decode_text", "encode_text", "reference_verify", "worked_solution"]
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 THINK_TOKENS = (*CHARS, ",", ":", *TAGS)
@@ -81,17 +81,27 @@ def decode_text(tokens, until_eos: bool = True) -> str:
     return "".join(out)
 
 
-def worked_solution(a: int, b: int, num_digits: int) -> str:
-    """The response of the worked solution of ``a + b`` over ``num_digits`` columns, in the step notation:
-    ``worked_solution(7, 35, 2) == "7+5=12:2,0+3+1=4:42</think><answer>42</answer>"``."""
+def column_steps(a: int, b: int, num_digits: int, slip: tuple[int, int] | None = None) -> str:
+    """The column steps of ``a + b`` over ``num_digits`` columns, in the step notation (the think span of
+    :func:`worked_solution`): ``column_steps(7, 35, 2) == "7+5=12:2,0+3+1=4:42"``. ``slip = (column, delta)``
+    writes that column's sum ``delta`` off (``-delta`` where that would leave 0..19) and carries on from the
+    wrong sum: ``column_steps(7, 35, 2, slip=(0, 1)) == "7+5=13:3,0+3+1=4:43"``."""
     steps, running, carry = [], "", 0
     for i in range(num_digits):
         x, y = a // 10**i % 10, b // 10**i % 10
         s = x + y + carry
-        running = str(a + b) if i == num_digits - 1 else str(s % 10) + running
+        if slip is not None and i == slip[0]:
+            s = s + slip[1] if 0 <= s + slip[1] <= 19 else s - slip[1]
+        running = str(int(str(s) + running)) if i == num_digits - 1 else str(s % 10) + running
         steps.append(f"{x}+{y}{'+1' if carry else ''}={s}:{running}")
         carry = s // 10
-    return ",".join(steps) + f"</think><answer>{a + b}</answer>"
+    return ",".join(steps)
+
+
+def worked_solution(a: int, b: int, num_digits: int) -> str:
+    """The response of the worked solution of ``a + b`` over ``num_digits`` columns, in the step notation:
+    ``worked_solution(7, 35, 2) == "7+5=12:2,0+3+1=4:42</think><answer>42</answer>"``."""
+    return column_steps(a, b, num_digits) + f"</think><answer>{a + b}</answer>"
 
 
 _STEP = re.compile(r"(?=(?<![0-9])([0-9])\+([0-9])(\+1)?=([0-9]+))")  # every start, overlapping ones too

@@ -12,8 +12,8 @@ import pytest
 from jaxlab.rl.llm.base_corpus import DOCUMENT_KINDS, CorpusIterator, corpus_documents, document
 from jaxlab.rl.llm.posttrain import PostTrainConfig, posttrain
 from jaxlab.rl.llm.stage_data import ProblemPool
-from jaxlab.rl.llm.reasoning_task import (THINK_TOKENS, THINK_VOCAB_SIZE, ThinkTask,
-                                          decode_text, encode_text, reference_verify, worked_solution)
+from jaxlab.rl.llm.reasoning_task import (THINK_TOKENS, THINK_VOCAB_SIZE, ThinkTask, column_steps, decode_text,
+                                          encode_text, reference_verify, worked_solution)
 from jaxlab.rl.llm.task import BOS, CHARS, EOS, PAD, TASK_NAMES, Task, encode, make_task
 
 
@@ -44,6 +44,11 @@ def test_vocabulary_extends_the_character_task_additively():
 
 def test_worked_solution_by_hand():
     assert worked_solution(7, 35, 2) == "7+5=12:2,0+3+1=4:42</think><answer>42</answer>"
+    assert column_steps(7, 35, 2) == "7+5=12:2,0+3+1=4:42"
+    # a slip writes one column's sum off by delta (the other way where that would leave 0..19) and carries on
+    assert column_steps(7, 35, 2, slip=(0, 1)) == "7+5=13:3,0+3+1=4:43"
+    assert column_steps(99, 99, 2, slip=(1, 1)) == "9+9=18:8,9+9+1=18:188"
+    assert column_steps(0, 0, 1, slip=(0, -1)) == "0+0=1:1"
     assert worked_solution(99, 99, 2) == "9+9=18:8,9+9+1=19:198</think><answer>198</answer>"
     assert worked_solution(5, 3, 3) == "5+3=8:8,0+0=0:08,0+0=0:8</think><answer>8</answer>"  # no leading zeros
     assert worked_solution(250, 750, 3) == "0+0=0:0,5+5=10:00,2+7+1=10:1000</think><answer>1000</answer>"
