@@ -23,7 +23,10 @@ Documents (each ``<bos> text``, most then ``<eos>``; the notation is :mod:`jaxla
   ``<bos><think>7+5=12:2,0+3+1=4:42,5+7=12:2,3+0+1=4:42</think><answer>42</answer><eos>``, and with the option
   ``slips`` (a probability) a checked solution's first working has a slip, one column's sum one off, which the
   check corrects: ``<bos><think>7+5=13:3,0+3+1=5:53,5+7=12:2,3+0+1=4:42</think><answer>42</answer><eos>``.
-  The answer is the check's. Checks are length that a policy whose first working is right does not need: the
+  The answer is the check's. With the option ``rechecks`` (a probability) a checked solution checks once more,
+  the operands back in their first order: three workings of the same sum, as long-CoT models verify an easy answer
+  round after round (Chen et al. 2024, "Do NOT Think That Much for 2+3=? On the Overthinking of o1-Like LLMs",
+  arXiv:2412.21187). Checks are length that a policy whose first working is right does not need: the
   "overthinking" of long-CoT models that Kimi k1.5's length penalty and long2short remove (Kimi Team 2025,
   arXiv:2501.12599, sections 2.3.3 and 2.4);
 * ``"reverse"`` - the tag format on unrelated content, numbers copied: digits reversed by the same
@@ -57,15 +60,15 @@ from jaxlab.rl.llm.reasoning_task import ThinkTask, column_steps, encode_text, w
 from jaxlab.rl.llm.task import BOS, EOS, PAD
 from jaxlab.train_state import make_train_step
 
-__all__ = ["DOCUMENT_KINDS", "CorpusIterator", "checked_length", "corpus_documents", "document", "make_pretrain_step",
-           "pretrain_loss"]
+__all__ = ["DOCUMENT_KINDS", "CorpusIterator", "LongCoTIterator", "checked_length", "checked_solution",
+           "corpus_documents", "document", "make_pretrain_step", "max_checks", "pretrain_loss"]
 
 DOCUMENT_KINDS = ("facts", "partial", "guess", "worked", "reverse")
 _WEIGHTS = (0.1, 0.25, 0.35, 0.2, 0.1)  # how often each kind is drawn: of the prompts, 58% answered at once
 
 
-def _check_rates(checks: float, slips: float) -> None:
-    for name, rate in (("checks", checks), ("slips", slips)):
+def _check_rates(checks: float, slips: float, rechecks: float = 0.0) -> None:
+    for name, rate in (("checks", checks), ("slips", slips), ("rechecks", rechecks)):
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"{name}={rate!r} must be a probability in [0, 1]")
 
@@ -77,19 +80,40 @@ def _slip(rng: np.random.Generator, a: int, b: int, num_digits: int) -> str:
     return column_steps(a, b, num_digits, slip=(column, delta))
 
 
-def checked_length(num_digits: int) -> int:
-    """Tokens of the longest worked response with a check (every column carrying), EOS included."""
+def checked_length(num_digits: int, checks: int = 1) -> int:
+    """Tokens of the longest worked response with ``checks`` checks (every column carrying), EOS included."""
     top = 10**num_digits - 1
-    return len(encode_text(column_steps(top, top, num_digits) + "," + worked_solution(top, top, num_digits))) + 1
+    return len(encode_text((column_steps(top, top, num_digits) + ",") * checks
+                           + worked_solution(top, top, num_digits))) + 1
+
+
+def max_checks(checks: float, rechecks: float) -> int:
+    """The most checks a worked document of the corpus options ``checks`` and ``rechecks`` has: 0, 1 or 2."""
+    return (checks > 0) * (1 + (rechecks > 0))
+
+
+def checked_solution(rng: np.random.Generator, a: int, b: int, num_digits: int, checks: float = 0.0,
+                     slips: float = 0.0, rechecks: float = 0.0) -> str:
+    """The response to ``a + b`` of a worked document (after ``<think>``): :func:`worked_solution`, and with
+    probability ``checks`` checked (worked again with the operands swapped, the answer the check's), a checked
+    one's first working slipped with probability ``slips`` and checked a second time with probability
+    ``rechecks``; ``rng`` is drawn from only for the options that are not 0."""
+    if not (checks and rng.random() < checks):
+        return worked_solution(a, b, num_digits)
+    first = _slip(rng, a, b, num_digits) if slips and rng.random() < slips else column_steps(a, b, num_digits)
+    if rechecks and rng.random() < rechecks:  # and again, the operands back in their first order
+        return first + "," + column_steps(b, a, num_digits) + "," + worked_solution(a, b, num_digits)
+    return first + "," + worked_solution(b, a, num_digits)
 
 
 def document(rng: np.random.Generator, num_digits: int, kind: str | None = None, checks: float = 0.0,
-             slips: float = 0.0) -> tuple[str, bool]:
+             slips: float = 0.0, rechecks: float = 0.0) -> tuple[str, bool]:
     """One document's text (after BOS) drawn with ``rng`` and whether it ends with EOS; ``kind`` one of
     ``DOCUMENT_KINDS`` (None: drawn, ``guess`` 35%, ``partial`` 25%, ``worked`` 20%, ``facts`` and ``reverse``
     10% each); ``checks``: the probability that a worked document checks its steps, ``slips``: that a checked
-    one's first working has a slip (0 and 0: ``rng`` is drawn from exactly as without the options)."""
-    _check_rates(checks, slips)
+    one's first working has a slip, ``rechecks``: that a checked one checks a second time (all 0: ``rng`` is
+    drawn from exactly as without the options, and with ``rechecks`` 0 exactly as before it existed)."""
+    _check_rates(checks, slips, rechecks)
     if kind is None:
         kind = DOCUMENT_KINDS[int(rng.choice(len(DOCUMENT_KINDS), p=_WEIGHTS))]
     if kind == "facts":
@@ -113,11 +137,7 @@ def document(rng: np.random.Generator, num_digits: int, kind: str | None = None,
         return f"{a:0{w}d}+{b:0{w}d}=<think></think><answer>{guess}</answer>", True
     if kind == "worked":
         a, b = (int(v) for v in rng.integers(0, 10**num_digits, size=2))
-        solution = worked_solution(a, b, num_digits)
-        if checks and rng.random() < checks:  # checked: worked again with the operands swapped
-            first = _slip(rng, a, b, num_digits) if slips and rng.random() < slips else column_steps(a, b, num_digits)
-            solution = first + "," + worked_solution(b, a, num_digits)
-        return "<think>" + solution, True
+        return "<think>" + checked_solution(rng, a, b, num_digits, checks, slips, rechecks), True
     if kind == "reverse":
         digits = [str(int(v)) for v in rng.integers(0, 10, size=int(rng.integers(1, num_digits + 3)))]
         results = ["".join(reversed(digits[:i + 1])) for i in range(len(digits))]
@@ -126,29 +146,30 @@ def document(rng: np.random.Generator, num_digits: int, kind: str | None = None,
     raise ValueError(f"kind={kind!r} must be one of {DOCUMENT_KINDS}")
 
 
-def corpus_documents(key: jax.Array, n: int, num_digits: int, checks: float = 0.0, slips: float = 0.0) -> list[str]:
+def corpus_documents(key: jax.Array, n: int, num_digits: int, checks: float = 0.0, slips: float = 0.0,
+                     rechecks: float = 0.0) -> list[str]:
     """``n`` documents' texts drawn from ``key`` (what :class:`CorpusIterator` packs; for inspection)."""
     rng = host_rng(key)
-    return [document(rng, num_digits, checks=checks, slips=slips)[0] for _ in range(n)]
+    return [document(rng, num_digits, checks=checks, slips=slips, rechecks=rechecks)[0] for _ in range(n)]
 
 
 class CorpusIterator:
     """Packed pretraining batches ``[batch_size, seq_len]`` of the corpus of ``task`` (see the module docstring);
-    batch ``i`` from ``fold_in(key, i)``; ``checks`` and ``slips``: :func:`document`'s, how often worked documents
-    check their steps and how often a checked one's first working slips."""
+    batch ``i`` from ``fold_in(key, i)``; ``checks``, ``slips`` and ``rechecks``: :func:`document`'s, how often
+    worked documents check their steps, how often a checked one's first working slips and how often it checks twice."""
 
     def __init__(self, task: ThinkTask, batch_size: int, seq_len: int, key: jax.Array, checks: float = 0.0,
-                 slips: float = 0.0):
+                 slips: float = 0.0, rechecks: float = 0.0):
         if not isinstance(task, ThinkTask):
             raise ValueError(f"the base corpus is the 'think-add' task's; got task {getattr(task, 'kind', task)!r}")
         if seq_len < task.answer_len + 1:
             raise ValueError(f"seq_len={seq_len} must hold a whole worked document ({task.answer_len + 1} tokens)")
-        _check_rates(checks, slips)
-        if checks and seq_len < checked_length(task.num_digits) + 1:
-            raise ValueError(f"seq_len={seq_len} must hold a whole checked worked document "
-                             f"({checked_length(task.num_digits) + 1} tokens)")
+        _check_rates(checks, slips, rechecks)
+        longest = checked_length(task.num_digits, max_checks(checks, rechecks)) + 1
+        if checks and seq_len < longest:
+            raise ValueError(f"seq_len={seq_len} must hold a whole checked worked document ({longest} tokens)")
         self.task, self.batch_size, self.seq_len, self.key, self.index = task, batch_size, seq_len, key, 0
-        self.checks, self.slips = checks, slips
+        self.checks, self.slips, self.rechecks = checks, slips, rechecks
 
     def __iter__(self):
         return self
@@ -162,7 +183,8 @@ class CorpusIterator:
         for r in range(B):
             t, segment = 0, 0
             while t < L - 1:  # a document of one token would teach nothing
-                text, ends = document(rng, self.task.num_digits, checks=self.checks, slips=self.slips)
+                text, ends = document(rng, self.task.num_digits, checks=self.checks, slips=self.slips,
+                                      rechecks=self.rechecks)
                 ids = ([BOS] + encode_text(text) + ([EOS] if ends else []))[:L - t]
                 segment += 1
                 inputs[r, t:t + len(ids)] = ids
@@ -172,6 +194,45 @@ class CorpusIterator:
         targets = np.concatenate([inputs[:, 1:], np.full((B, 1), PAD, np.int32)], axis=1)  # [B, L]
         return {"inputs": inputs, "targets": targets, "mask": target_mask_from_segments(segment_ids),
                 "segment_ids": segment_ids, "positions": positions}
+
+    def get_state(self) -> dict:
+        return {"index": self.index}
+
+    def set_state(self, state: dict) -> None:
+        self.index = int(state["index"])
+
+
+class LongCoTIterator:
+    """Batches ``{"prompts" [B, prompt_len], "answers" [B, W]}`` of ``task``'s problems (operands uniform below
+    ``10**num_digits``) answered by :func:`checked_solution` at the corpus rates ``checks``, ``slips`` and
+    ``rechecks``, then EOS, then PAD; ``W`` is the longest such answer. The SFT data of Kimi k1.5's long-CoT
+    warm-up (Kimi Team 2025, section 2.2: the long model learns to check its work from SFT before RL). Batch
+    ``i`` from ``fold_in(key, i)``: the position is the whole state."""
+
+    def __init__(self, task: ThinkTask, batch_size: int, key: jax.Array, checks: float, slips: float = 0.0,
+                 rechecks: float = 0.0):
+        if not isinstance(task, ThinkTask):
+            raise ValueError(f"long-CoT answers are the 'think-add' task's; got task {getattr(task, 'kind', task)!r}")
+        _check_rates(checks, slips, rechecks)
+        self.task, self.batch_size, self.key, self.index = task, batch_size, key, 0
+        self.rates = (checks, slips, rechecks)
+        self.width = max(task.answer_len, checked_length(task.num_digits, max_checks(checks, rechecks)))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        rng = host_rng(jax.random.fold_in(self.key, self.index))
+        self.index += 1
+        d, (B, W) = self.task.num_digits, (self.batch_size, self.width)
+        prompts = np.zeros((B, self.task.prompt_len), np.int32)
+        answers = np.full((B, W), PAD, np.int32)
+        for r in range(B):
+            a, b = (int(v) for v in rng.integers(0, 10**d, size=2))
+            prompts[r] = [BOS] + encode_text(self.task.prompt_text(a, b))
+            ids = encode_text(checked_solution(rng, a, b, d, *self.rates)) + [EOS]
+            answers[r, :len(ids)] = ids
+        return {"prompts": prompts, "answers": answers}
 
     def get_state(self) -> dict:
         return {"index": self.index}

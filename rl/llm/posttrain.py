@@ -32,7 +32,9 @@ the pool is part of the stage's train state, so checkpoints hold it and a resume
 ``pretrain_steps`` (task ``think-add``): a ``pretrain/`` stage first makes a base model, next-token loss on the
 task's base corpus (:mod:`jaxlab.rl.llm.base_corpus`: the pieces of the task, never a problem with its answer);
 with ``sft_steps=0`` and ``method="grpo"`` that is DeepSeek-R1-Zero's setting, RL from the base model, which is
-also the reference (DeepSeek-AI 2025, section 2.2). ``clip_eps_high`` and ``dynamic_sampling`` are DAPO's
+also the reference (DeepSeek-AI 2025, section 2.2). With ``sft_long_cot`` the SFT stage trains on answers that
+check their steps at the corpus's rates (:class:`~jaxlab.rl.llm.base_corpus.LongCoTIterator`), Kimi k1.5's long-CoT
+warm-up (section 2.2). ``clip_eps_high`` and ``dynamic_sampling`` are DAPO's
 options of the GRPO loss (Yu et al. 2025).
 
 ``init_from``: the policy is a Hugging Face checkpoint folder's model (architecture and weights, read by
@@ -77,7 +79,7 @@ from jaxlab.optim import OptimizerConfig, make_optimizer, muon_dimensions
 from jaxlab.parallel.mesh import format_mesh, mesh_from_spec, replicated, shard_batch
 from jaxlab.parallel.rules import check_mesh_for, rules_for_mesh, tensor_axes
 from jaxlab.parallel.strategies import shard_train_state, state_shardings
-from jaxlab.rl.llm.base_corpus import CorpusIterator, make_pretrain_step
+from jaxlab.rl.llm.base_corpus import CorpusIterator, LongCoTIterator, make_pretrain_step
 from jaxlab.rl.llm.dpo import make_dpo_step, preference_pairs
 from jaxlab.rl.llm.grpo import make_grpo_step
 from jaxlab.rl.llm.long2short import long2short_data
@@ -358,7 +360,7 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
         state, step = stage("pretrain", None, opt, create_train_state(init, _optimizer("pretrain", model_cfg, opt),
                                                                       stream(_BASE_KEY)))
         corpus = CorpusIterator(task, cfg.pretrain_batch_size, model_cfg.max_len, stream(_BASE_DATA),
-                                checks=cfg.corpus_checks, slips=cfg.corpus_slips)
+                                checks=cfg.corpus_checks, slips=cfg.corpus_slips, rechecks=cfg.corpus_rechecks)
         pre = run_stage("pretrain", step, state, corpus, cfg.pretrain_steps)
         init, preempted = _local(pre.state.params), pre.preempted
         base_eval = evaluate(init, init)
@@ -370,8 +372,10 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
         opt = stage_optimizer_config(cfg.sft_lr, cfg.optimizer)
         state, step = stage("sft", None, opt, create_train_state(init, _optimizer("sft", model_cfg, opt),
                                                                  stream(_SFT_KEY)))
-        sft = run_stage("sft", step, state, ProblemIterator(task, cfg.sft_batch_size, stream(_SFT_DATA)),
-                        cfg.sft_steps)
+        data = (LongCoTIterator(task, cfg.sft_batch_size, stream(_SFT_DATA), cfg.corpus_checks, cfg.corpus_slips,
+                                cfg.corpus_rechecks) if cfg.sft_long_cot
+                else ProblemIterator(task, cfg.sft_batch_size, stream(_SFT_DATA)))
+        sft = run_stage("sft", step, state, data, cfg.sft_steps)
         ref, resumed_from, preempted = _local(sft.state.params), sft.resumed_from, sft.preempted
     else:
         ref, resumed_from = init, None

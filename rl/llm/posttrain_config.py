@@ -14,7 +14,7 @@ from jaxlab.models.lm import LMConfig
 from jaxlab.models.lm_training import check_architecture_unset
 from jaxlab.parallel.mesh import parse_mesh
 from jaxlab.parallel.strategies import STRATEGIES
-from jaxlab.rl.llm.base_corpus import checked_length
+from jaxlab.rl.llm.base_corpus import checked_length, max_checks
 from jaxlab.rl.llm.grpo import GRPO_LOSSES, GRPOSpec
 from jaxlab.rl.llm.long2short import LONG2SHORT_MODES
 from jaxlab.rl.llm.losses import AGGREGATIONS, DPO_LOSSES
@@ -66,6 +66,12 @@ class PostTrainConfig:
     corpus_slips: float = 0.0
     """Share of the checked worked solutions whose first working has a slip (a column's sum one off) that the
     check corrects."""
+    corpus_rechecks: float = 0.0
+    """Share of the checked worked solutions that check a second time (three workings of the same sum)."""
+    sft_long_cot: bool = False
+    """SFT on the task's problems answered with the corpus's checks (corpus_checks, corpus_slips, corpus_rechecks):
+    Kimi k1.5's long-CoT warm-up (section 2.2), a long model's habits learnt before RL; False: the plain worked
+    solutions."""
     steps: int = 100
     """Steps of the method's stage (DPO / PPO / GRPO); unused by sft."""
     batch_size: int = 16
@@ -199,10 +205,16 @@ class PostTrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {allowed}")
         check_positive(self, "sft_steps", "pretrain_steps", minimum=0, integer=True)
         check_positive(self, "pretrain_batch_size", integer=True)
-        for name in ("corpus_checks", "corpus_slips"):
+        for name in ("corpus_checks", "corpus_slips", "corpus_rechecks"):
             check_range(self, name, 0.0, 1.0)
             check(getattr(self, name) == 0 or self.pretrain_steps > 0,
                   f"{name}={getattr(self, name)!r} shapes the base corpus: it needs pretrain_steps > 0")
+        check(not self.sft_long_cot or (self.corpus_checks > 0 and self.sft_steps > 0),
+              f"sft_long_cot=True fine-tunes on checked answers: it needs corpus_checks > 0 and sft_steps > 0 "
+              f"(corpus_checks={self.corpus_checks!r}, sft_steps={self.sft_steps!r})")
+        for name in ("corpus_slips", "corpus_rechecks"):
+            check(getattr(self, name) == 0 or self.corpus_checks > 0,
+                  f"{name}={getattr(self, name)!r} shapes the checked worked solutions: it needs corpus_checks > 0")
         check_greater(self, "pretrain_lr")
         check(self.pretrain_steps == 0 or self.task == "think-add",
               f"pretrain_steps={self.pretrain_steps} needs a task with a base corpus: task='think-add' "
@@ -232,9 +244,10 @@ class PostTrainConfig:
         if self.response_len < self.task_spec.answer_len:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} is shorter than the longest answer "
                              f"({self.task_spec.answer_len} tokens with EOS)")
-        if self.corpus_checks and self.response_len < checked_length(self.num_digits):
+        checks = max_checks(self.corpus_checks, self.corpus_rechecks)
+        if checks and self.response_len < checked_length(self.num_digits, checks):
             raise ValueError(f"max_new_tokens={self.max_new_tokens} is shorter than the longest checked worked answer "
-                             f"({checked_length(self.num_digits)} tokens with EOS)")
+                             f"({checked_length(self.num_digits, checks)} tokens with EOS)")
         check_choice(self, "strategy", tuple(STRATEGIES))
         check_positive(self, "grad_accum", integer=True)
         for name, rows in (("sft_batch_size", self.sft_batch_size), ("batch_size", self.batch_size),
@@ -281,8 +294,13 @@ class PostTrainConfig:
 
     def response_len_for(self, task: Task | TextTask | ThinkTask) -> int:
         """The response budget R on ``task`` (``task.response_budget``: its answers' tokens plus EOS plus 2, a
-        think-add task's at least 64; unless max_new_tokens)."""
-        return task.response_budget if self.max_new_tokens is None else self.max_new_tokens
+        think-add task's at least 64; with corpus checks at least the longest checked answer plus 8, rounded up to
+        a multiple of 8; unless max_new_tokens)."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        checks = max_checks(self.corpus_checks, self.corpus_rechecks)
+        room = -(-(checked_length(task.num_digits, checks) + 8) // 8) * 8 if checks else 0
+        return max(task.response_budget, room)
 
     def model_config(self) -> LMConfig:
         return LMConfig(vocab_size=self.task_spec.vocab_size, d_model=self.d_model, num_layers=self.num_layers,

@@ -11,7 +11,7 @@ import pytest
 
 from jaxlab.context import RunContext
 from jaxlab.registry import Claim, get_experiment
-from jaxlab.rl.llm.base_corpus import CorpusIterator, checked_length, corpus_documents, document
+from jaxlab.rl.llm.base_corpus import CorpusIterator, LongCoTIterator, checked_length, corpus_documents, document
 from jaxlab.rl.llm.posttrain import PostTrainConfig
 from jaxlab.rl.llm.reasoning_task import ThinkTask, encode_text, worked_solution
 
@@ -63,6 +63,48 @@ def test_checked_worked_solutions_recheck_and_correct_their_steps(num_digits, sl
     assert checked_length(num_digits) == 2 * ThinkTask(num_digits).answer_len - 3 - len(str(2 * 10**num_digits - 2))
 
 
+def test_rechecks_work_the_sum_a_third_time():
+    num_digits, rng = 2, np.random.default_rng(1)
+    counts = {1: 0, 2: 0, 3: 0}
+    for _ in range(4000):
+        text, _ = document(rng, num_digits, "worked", checks=0.8, slips=0.3, rechecks=0.5)
+        assert len(encode_text(text)) <= checked_length(num_digits, 2)  # <think> in place of EOS
+        think, answer = _WORKED.fullmatch(text).groups()
+        passes = _passes(think, num_digits)
+        counts[len(passes)] += 1
+        last = passes[-1]
+        a = int("".join(step[0] for step in reversed(last)))
+        b = int("".join(step[1] for step in reversed(last)))
+        assert int(answer) == a + b == int(last[-1][4])
+        if len(passes) == 3:  # the first working and the last have one order, the check between them the other
+            assert [(p[0], p[1]) for p in passes[0]] == [(q[0], q[1]) for q in last]
+            assert [(p[1], p[0]) for p in passes[1]] == [(q[0], q[1]) for q in last]
+            assert ",".join(f"{x}+{y}{c or ''}={s}:{r}" for x, y, c, s, r in passes[1]) == \
+                worked_solution(b, a, num_digits).split("</think>")[0]  # the check is right, even after a slip
+    assert abs(counts[1] / 4000 - 0.2) < 0.03 and abs(counts[3] / 4000 - 0.4) < 0.03  # 0.8 checked, half twice
+    assert checked_length(num_digits, 2) == max(len(encode_text(d)) for d in corpus_documents(  # <think> for EOS
+        jax.random.PRNGKey(0), 20000, num_digits, checks=1.0, rechecks=1.0) if d.endswith("</answer>"))
+
+
+def test_rechecks_zero_keeps_the_checked_corpus_and_room_grows_with_them():
+    key = jax.random.PRNGKey(5)
+    assert corpus_documents(key, 2000, 2, checks=0.8, slips=0.5, rechecks=0) == \
+        corpus_documents(key, 2000, 2, checks=0.8, slips=0.5)
+    task = ThinkTask(2)
+    with pytest.raises(ValueError, match="must hold a whole checked worked document"):
+        CorpusIterator(task, 4, checked_length(2, 2), jax.random.PRNGKey(0), checks=0.5, rechecks=0.5)
+    CorpusIterator(task, 4, checked_length(2, 2) + 1, jax.random.PRNGKey(0), checks=0.5, rechecks=0.5)
+    with pytest.raises(ValueError, match="rechecks=2"):
+        document(np.random.default_rng(0), 2, checks=0.5, rechecks=2)
+    with pytest.raises(ValueError, match="corpus_rechecks=0.5 shapes the checked worked solutions"):
+        PostTrainConfig(task="think-add", pretrain_steps=5, sft_steps=0, corpus_rechecks=0.5)
+    cfg = PostTrainConfig(task="think-add", pretrain_steps=5, sft_steps=0, corpus_checks=0.8, corpus_rechecks=0.5)
+    assert cfg.response_len == 80 >= checked_length(2, 2) + 8  # the default budget has room above the longest
+    with pytest.raises(ValueError, match="shorter than the longest checked worked answer"):
+        PostTrainConfig(task="think-add", pretrain_steps=5, sft_steps=0, corpus_checks=0.8, corpus_rechecks=0.5,
+                        max_new_tokens=64)
+
+
 def test_checked_corpus_never_holds_a_problem_with_its_answer():
     task = ThinkTask(2)
     docs = corpus_documents(jax.random.PRNGKey(0), 20000, 2, checks=0.8, slips=0.5)
@@ -105,28 +147,63 @@ def test_checks_need_room_and_a_base_corpus():
     assert cfg.response_len == 64 >= checked_length(2)
 
 
+def test_long_cot_warm_up_answers_the_prompts_problems_with_checks():
+    task = ThinkTask(2)
+    data = LongCoTIterator(task, 256, jax.random.PRNGKey(3), checks=0.8, rechecks=0.5)
+    batch = next(data)
+    assert batch["prompts"].shape == (256, task.prompt_len) and batch["answers"].shape == (256, checked_length(2, 2))
+    passes = []
+    for prompt, answer in zip(batch["prompts"], batch["answers"]):
+        a, b = (int(v) for v in re.findall(r"\d+", task.text(prompt))[:2])
+        ref_prompt, _ = task._problems(jax.numpy.array([a]), jax.numpy.array([b]))
+        np.testing.assert_array_equal(prompt, ref_prompt[0])  # the RL task's own prompt tokens
+        think, given = _WORKED.fullmatch("<think>" + task.text(answer)).groups()
+        assert int(given) == a + b and task.verify(answer[None], jax.numpy.asarray(
+            task._solutions(np.array([a]), np.array([b]))))[0][0]  # the verifier accepts it
+        worked = _passes(think, 2)
+        assert "".join(s[0] for s in reversed(worked[0])) == f"{a:02d}"[-2:]  # the first working is a + b
+        passes.append(len(worked))
+    counts = np.bincount(passes, minlength=4)[1:] / 256  # unchecked, checked once, checked twice
+    assert abs(counts[0] - 0.2) < 0.08 and abs(counts[2] - 0.4) < 0.1
+    again = LongCoTIterator(task, 256, jax.random.PRNGKey(3), checks=0.8, rechecks=0.5)
+    again.set_state(data.get_state())
+    np.testing.assert_array_equal(next(again)["answers"], next(data)["answers"])  # batch i from fold_in(key, i)
+    with pytest.raises(ValueError, match="sft_long_cot=True fine-tunes on checked answers"):
+        PostTrainConfig(task="think-add", pretrain_steps=5, sft_long_cot=True)
+    with pytest.raises(ValueError, match="sft_long_cot=True fine-tunes on checked answers"):
+        PostTrainConfig(task="think-add", pretrain_steps=5, sft_steps=0, corpus_checks=0.5, sft_long_cot=True)
+
+
 def test_k15_long2short_smoke(tmp_path):
     exp = get_experiment("k15-long2short")
     # the quick size's model (a smaller one answers nothing right, leaving long2short no data), briefly trained
-    cfg = dataclasses.replace(exp.quick, fast_compile=True, pretrain_steps=400, steps=2, batch_size=4, group_size=4,
-                              eval_every=1, eval_problems=32, problem_pool=16, penalty_warmup=1, pair_prompts=64,
-                              long2short_samples=4, long2short_steps=2)
+    cfg = dataclasses.replace(exp.quick, fast_compile=True, pretrain_steps=400, sft_steps=20, steps=2,
+                              sampling_steps=2, batch_size=4, group_size=4, eval_every=1, eval_problems=32,
+                              problem_pool=16, penalty_warmup=1, pair_prompts=64, long2short_samples=4,
+                              long2short_steps=2)
     ctx = RunContext("k15-long2short", tmp_path, quick=True, show_progress=False)
     result = exp.fn(cfg, ctx)
     assert ctx.figure_path.exists()
     m = result.metrics
-    assert list(m["curves"]) == ["uniform", "curriculum+prioritized", "length-penalty"]
-    for curve in m["curves"].values():
-        assert curve["step"] == [0, 1, 2] and all(1 <= n <= 64 for n in curve["response_length"])
+    curves = m["curves"]
+    assert list(curves) == ["long (uniform)", "length-penalty", "uniform", "curriculum+prioritized"]
+    for curve in curves.values():
+        assert curve["step"] == [0, 1, 2] and all(1 <= n <= 80 for n in curve["response_length"])
         assert all(0 <= a <= 1 for a in curve["accuracy"])
-    # every run starts at the same base model, and the long model is the uniform run's final policy
-    assert len({(c["accuracy"][0], c["response_length"][0]) for c in m["curves"].values()}) == 1
-    assert m["points"]["long (uniform GRPO)"]["accuracy"] == m["curves"]["uniform"]["accuracy"][-1]
+    # the long model and the length penalty start at the long-CoT warm-up, the sampling runs at the base model
+    # (each resumed from the first run's stage, not retrained), and the long model is its run's final policy
+    start = {name: (c["accuracy"][0], c["response_length"][0]) for name, c in curves.items()}
+    points = m["points"]
+    assert start["long (uniform)"] == start["length-penalty"] == tuple(points["long-CoT warm-up"].values())[::2]
+    assert start["uniform"] == start["curriculum+prioritized"] == tuple(points["base"].values())[::2]
+    assert points["long-CoT warm-up"] != points["base"]
+    assert points["long (uniform GRPO)"]["accuracy"] == curves["long (uniform)"]["accuracy"][-1]
+    assert m["target_accuracy"] == curves["uniform"]["accuracy"][-1]
     assert set(m["long2short"]) == {"rejection", "dpo"}
     for s in m["long2short"].values():
         assert all(math.isfinite(s[k]) for k in ("accuracy", "response_length", "length_cut", "accuracy_loss"))
     assert [c.claim[:26] for c in result.claims] == ["long2short (rejection) cut", "long2short (dpo) cuts the ",
-                                                    "curriculum + prioritised s", "Kimi's length penalty shor"]
+                                                    "from the base model, curri", "Kimi's length penalty shor"]
     assert all(isinstance(c, Claim) and isinstance(c.holds, bool) and c.evidence for c in result.claims)
     assert len(result.comparisons) == 5 and result.summary
     with pytest.raises(ValueError, match="modes"):
