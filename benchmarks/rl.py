@@ -347,6 +347,9 @@ def bench_algorithms(total: dict[str, int], key, repeats: int) -> list[dict]:
 
 def main(argv=None) -> int:
     args = _args(sys.argv[1:] if argv is None else argv)
+    from jaxlab.process_setup import setup_process
+
+    setup_process()  # both sides run as the jaxlab command runs (inline CPU dispatch, freed memory kept)
     from jaxlab.experiments.rl_throughput import ThroughputConfig, measure_throughput
     from jaxlab.rl import ppo
 
@@ -502,7 +505,9 @@ def _markdown(r: dict) -> str:
         f"# Deep RL throughput on {r['backend']} ({r['device']})",
         "",
         f"jax {r['jax']}{', --quick' if r['quick'] else ''}. Env steps per second after compilation, best of "
-        "repeats; one seed unless stated.",
+        "repeats; one seed unless stated. The process is set up as the `jaxlab` command sets itself up "
+        "(`jaxlab.process_setup`: CPU computations inline rather than on JAX's asynchronous dispatch threads, freed "
+        "memory kept for reuse), for every program timed here, rejax's included.",
         "",
         f"Host: {r.get('cpu_count')} CPU cores, 1-minute load average {r.get('load_average_start', float('nan')):.1f} "
         f"at the start and {r.get('load_average_end', float('nan')):.1f} at the end (other processes share the "

@@ -45,6 +45,10 @@ after another (a document that does not fit in the row's remaining room is cut t
 with positions from 0, as the prompt of an RL problem sits alone at position 0. Batch ``i`` is a pure function
 of ``fold_in(key, i)``, so the position is the iterator's whole state. :func:`make_pretrain_step` is the
 spine's ``make_train_step`` on :func:`pretrain_loss`, the LM's ``next_token_loss`` on the packed rows.
+
+:class:`LongCoTIterator` is not part of the corpus: it poses the task's problems in the prompt's format and answers
+them as the checked worked documents do (:func:`checked_solution`, at the same rates), the SFT data of Kimi k1.5's
+long-CoT warm-up (``PostTrainConfig.sft_long_cot``) for a run that is not R1-Zero's.
 """
 
 from __future__ import annotations
