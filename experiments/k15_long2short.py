@@ -201,8 +201,8 @@ def k15_long2short(cfg: K15Long2ShortConfig, ctx: RunContext) -> ExperimentResul
                 ylim=(0, 1.02))
     axes[2].set_xlim(left=0)
     axes[2].legend(fontsize=8)
-    fig.suptitle(f"Kimi k1.5 length control on {cfg.num_digits}-digit addition; {cfg.corpus_checks:.0%} of the base "
-                 f"corpus's worked solutions check their steps, {cfg.corpus_rechecks:.0%} of those twice")
+    fig.suptitle(f"Kimi k1.5 on {cfg.num_digits}-digit addition: a long-CoT warm-up whose answers check their steps "
+                 f"({cfg.corpus_checks:.0%} checked, {cfg.corpus_rechecks:.0%} of those twice), then GRPO")
     fig.tight_layout()
     fig.savefig(ctx.figure_path, dpi=120)
 
