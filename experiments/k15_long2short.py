@@ -144,7 +144,7 @@ def _steps_to(points: list[dict], target: float) -> int | None:
 
 @register_experiment("k15-long2short", description="Kimi k1.5's length penalty and long2short shorten an "
                      "overthinking long model; curriculum + prioritised sampling", paper=PAPER,
-                     quick_seconds=180,
+                     quick_seconds=258,
                      quick=K15Long2ShortConfig(pretrain_steps=800, steps=40, penalty_warmup=10, problem_pool=256,
                                                pair_prompts=256, long2short_steps=30))
 def k15_long2short(cfg: K15Long2ShortConfig, ctx: RunContext) -> ExperimentResult:
