@@ -19,7 +19,8 @@ Runs survive faults:
   (``skipped_nonfinite`` in the metrics);
 * an output folder that cannot be written fails before training starts.
 
-Data sources follow a three-method protocol (``ArrayIterator`` is the in-memory one):
+Data sources follow a three-method protocol (``ArrayIterator`` is the in-memory one; ``KeyedBatches`` the base of
+sources whose batch ``i`` is drawn from ``fold_in(key, i)``):
 
     next(data) -> batch;  data.get_state() -> dict (JSON);  data.set_state(dict)
 """
@@ -46,13 +47,36 @@ from jaxlab.metrics import MetricsWriter
 from jaxlab.train_state import step_key
 from jaxlab.validation import check_positive
 
-__all__ = ["ArrayIterator", "DataIterator", "FitResult", "LoopConfig", "NonFiniteError", "check_writable", "fit"]
+__all__ = ["ArrayIterator", "DataIterator", "FitResult", "KeyedBatches", "LoopConfig", "NonFiniteError",
+           "check_writable", "fit"]
 
 
 class DataIterator(Protocol):
     def __next__(self) -> Any: ...
     def get_state(self) -> dict: ...
     def set_state(self, state: dict) -> None: ...
+
+
+class KeyedBatches:
+    """The base of a data source whose batch ``i`` is a pure function of ``fold_in(key, i)``, so the position
+    ``index`` is its whole state; a subclass's ``__next__`` draws from :meth:`next_key`."""
+
+    def __init__(self, key: jax.Array):
+        self.key, self.index = key, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def next_key(self) -> jax.Array:
+        """``fold_in(key, index)``, and the position moves on by one batch."""
+        self.index += 1
+        return jax.random.fold_in(self.key, self.index - 1)
+
+    def get_state(self) -> dict:
+        return {"index": self.index}
+
+    def set_state(self, state: dict) -> None:
+        self.index = int(state["index"])
 
 
 class ArrayIterator:

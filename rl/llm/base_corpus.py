@@ -57,6 +57,7 @@ import jax
 import numpy as np
 import optax
 
+from jaxlab.loop import KeyedBatches
 from jaxlab.models.lm import LM, next_token_loss
 from jaxlab.models.packing import target_mask_from_segments
 from jaxlab.models.vision_data import host_rng
@@ -157,7 +158,7 @@ def corpus_documents(key: jax.Array, n: int, num_digits: int, checks: float = 0.
     return [document(rng, num_digits, checks=checks, slips=slips, rechecks=rechecks)[0] for _ in range(n)]
 
 
-class CorpusIterator:
+class CorpusIterator(KeyedBatches):
     """Packed pretraining batches ``[batch_size, seq_len]`` of the corpus of ``task`` (see the module docstring);
     batch ``i`` from ``fold_in(key, i)``; ``checks``, ``slips`` and ``rechecks``: :func:`document`'s, how often
     worked documents check their steps, how often a checked one's first working slips and how often it checks twice."""
@@ -172,15 +173,12 @@ class CorpusIterator:
         longest = checked_length(task.num_digits, max_checks(checks, rechecks)) + 1
         if checks and seq_len < longest:
             raise ValueError(f"seq_len={seq_len} must hold a whole checked worked document ({longest} tokens)")
-        self.task, self.batch_size, self.seq_len, self.key, self.index = task, batch_size, seq_len, key, 0
+        super().__init__(key)
+        self.task, self.batch_size, self.seq_len = task, batch_size, seq_len
         self.checks, self.slips, self.rechecks = checks, slips, rechecks
 
-    def __iter__(self):
-        return self
-
     def __next__(self) -> dict:
-        rng = host_rng(jax.random.fold_in(self.key, self.index))
-        self.index += 1
+        rng = host_rng(self.next_key())
         B, L = self.batch_size, self.seq_len
         inputs = np.full((B, L), PAD, np.int32)
         segment_ids, positions = np.zeros((B, L), np.int32), np.zeros((B, L), np.int32)
@@ -199,14 +197,8 @@ class CorpusIterator:
         return {"inputs": inputs, "targets": targets, "mask": target_mask_from_segments(segment_ids),
                 "segment_ids": segment_ids, "positions": positions}
 
-    def get_state(self) -> dict:
-        return {"index": self.index}
 
-    def set_state(self, state: dict) -> None:
-        self.index = int(state["index"])
-
-
-class LongCoTIterator:
+class LongCoTIterator(KeyedBatches):
     """Batches ``{"prompts" [B, prompt_len], "answers" [B, W]}`` of ``task``'s problems (operands uniform below
     ``10**num_digits``) answered by :func:`checked_solution` at the corpus rates ``checks``, ``slips`` and
     ``rechecks``, then EOS, then PAD; ``W`` is the longest such answer. The SFT data of Kimi k1.5's long-CoT
@@ -218,16 +210,13 @@ class LongCoTIterator:
         if not isinstance(task, ThinkTask):
             raise ValueError(f"long-CoT answers are the 'think-add' task's; got task {getattr(task, 'kind', task)!r}")
         _check_rates(checks, slips, rechecks)
-        self.task, self.batch_size, self.key, self.index = task, batch_size, key, 0
+        super().__init__(key)
+        self.task, self.batch_size = task, batch_size
         self.rates = (checks, slips, rechecks)
         self.width = max(task.answer_len, checked_length(task.num_digits, max_checks(checks, rechecks)))
 
-    def __iter__(self):
-        return self
-
     def __next__(self) -> dict:
-        rng = host_rng(jax.random.fold_in(self.key, self.index))
-        self.index += 1
+        rng = host_rng(self.next_key())
         d, (B, W) = self.task.num_digits, (self.batch_size, self.width)
         prompts = np.zeros((B, self.task.prompt_len), np.int32)
         answers = np.full((B, W), PAD, np.int32)
@@ -237,12 +226,6 @@ class LongCoTIterator:
             ids = encode_text(checked_solution(rng, a, b, d, *self.rates)) + [EOS]
             answers[r, :len(ids)] = ids
         return {"prompts": prompts, "answers": answers}
-
-    def get_state(self) -> dict:
-        return {"index": self.index}
-
-    def set_state(self, state: dict) -> None:
-        self.index = int(state["index"])
 
 
 def pretrain_loss(model: LM, params, batch: dict) -> tuple[jax.Array, dict]:

@@ -143,15 +143,11 @@ def _build_step(kind: str, model_cfg: LMConfig, task: Task | TextTask, spec, opt
     return build()
 
 
-def _options(fast_compile: bool) -> dict | None:
-    return FAST_COMPILE if fast_compile else None
-
-
 @functools.lru_cache(maxsize=16)
 def _jit_step(kind: str, model_cfg: LMConfig, task: Task, spec, opt_cfg: OptimizerConfig, grad_accum: int = 1,
               fast_compile: bool = False):
     return jax.jit(_build_step(kind, model_cfg, task, spec, opt_cfg, grad_accum), donate_argnums=0,
-                   compiler_options=_options(fast_compile))
+                   compiler_options=FAST_COMPILE if fast_compile else None)
 
 
 class _OnMesh:
@@ -215,7 +211,7 @@ def _mesh_stage(kind: str, model_cfg: LMConfig, task: Task, spec, opt_cfg: Optim
             return inner(state, batch, key)
 
     step = jax.jit(step, donate_argnums=0, out_shardings=(shardings, replicated(mesh)),
-                   compiler_options=_options(fast_compile))
+                   compiler_options=FAST_COMPILE if fast_compile else None)
     return state, step
 
 
@@ -240,7 +236,7 @@ def _eval_fn(model_cfg: LMConfig, task: Task | TextTask, max_new_tokens: int, fa
                 out["kl_to_ref"] = sequence_kl(roll.model_logps, ref_logp, roll.mask)
         return out
 
-    return jax.jit(run, compiler_options=_options(fast_compile))
+    return jax.jit(run, compiler_options=FAST_COMPILE if fast_compile else None)
 
 
 def evaluate_policy(model: LM, params, ref_params, prompts, answers, key, max_new_tokens: int,

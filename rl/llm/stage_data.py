@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlab.loop import DataIterator
+from jaxlab.loop import DataIterator, KeyedBatches
 from jaxlab.metrics import MetricsWriter
 from jaxlab.rl.llm.problem_sampling import MODES as SAMPLING_MODES
 from jaxlab.rl.llm.problem_sampling import ProblemStats, record, sample_problems
@@ -29,27 +29,18 @@ from jaxlab.rl.llm.task import LEVELLED_TASKS, Task, TextTask
 __all__ = ["GRPOHost", "ProblemIterator", "ProblemPool", "WithFrozen"]
 
 
-class ProblemIterator:
+class ProblemIterator(KeyedBatches):
     """Batches ``{"prompts", "answers"}`` of fresh problems; batch ``i`` is drawn from ``fold_in(key, i)``,
     so the position (``index``) is the whole iterator state."""
 
     def __init__(self, task: Task, batch_size: int, key: jax.Array):
-        self.task, self.batch_size, self.key, self.index = task, batch_size, key, 0
+        super().__init__(key)
+        self.task, self.batch_size = task, batch_size
         self._draw = _problem_fn(task, batch_size)
 
-    def __iter__(self):
-        return self
-
     def __next__(self) -> dict:
-        prompts, answers = self._draw(jax.random.fold_in(self.key, self.index))
-        self.index += 1
+        prompts, answers = self._draw(self.next_key())
         return {"prompts": prompts, "answers": answers}
-
-    def get_state(self) -> dict:
-        return {"index": self.index}
-
-    def set_state(self, state: dict) -> None:
-        self.index = int(state["index"])
 
 
 class WithFrozen:

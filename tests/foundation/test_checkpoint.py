@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from jaxlab.checkpoint import CheckpointError, Checkpointer
-from jaxlab.loop import ArrayIterator
+from jaxlab.loop import ArrayIterator, KeyedBatches
 from jaxlab.train_state import create_train_state, make_train_step, step_key
 
 
@@ -103,3 +103,15 @@ def test_array_iterator_state_roundtrip():
         ArrayIterator(x, batch_size=11)
     with pytest.raises(ValueError, match="same leading size"):
         ArrayIterator((x, np.arange(4)), batch_size=2)
+
+
+def test_keyed_batches_draw_batch_i_from_fold_in_key_i_and_resume():
+    key = jax.random.PRNGKey(5)
+    data = KeyedBatches(key)
+    keys = [data.next_key() for _ in range(3)]
+    for i, k in enumerate(keys):
+        np.testing.assert_array_equal(k, jax.random.fold_in(key, i))
+    assert data.get_state() == {"index": 3}
+    again = KeyedBatches(key)
+    again.set_state({"index": 1})
+    np.testing.assert_array_equal(again.next_key(), keys[1])
