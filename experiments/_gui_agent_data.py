@@ -19,12 +19,16 @@ from jaxlab.models.vlm import VLMConfig, VLMExample
 from jaxlab.rl.gui import Click, Finished, GUIState, Scroll, Type, click_in_box, demonstration, env_step, parse_action
 from jaxlab.rl.gui import render as render_state
 from jaxlab.rl.gui import reset as reset_task
-from jaxlab.validation import check, check_greater, check_positive, check_range
+from jaxlab.validation import check, check_choice, check_greater, check_positive, check_range
 
-IMAGE_ID, ACTION_ID, EOS_ID = 256, 257, 258
-VOCAB_SIZE = 259
+IMAGE_ID, ACTION_ID, EOS_ID, POINT_ID = 256, 257, 258, 259
+VOCAB_SIZE = 260
 PAD_ID = 0
 HISTORY_SEP = "; "
+GROUNDINGS = ("pointer", "text")
+"""How a click's location is produced: "pointer" (the policy writes ``click(<point>)`` and the pointing head
+picks the patch, GUI-Actor's coordinate-free grounding, :mod:`jaxlab.models.grounding`) or "text" (the
+coordinates written as digits)."""
 
 
 # ---- configuration --------------------------------------------------------------------------------
@@ -53,6 +57,13 @@ class GUIAgentConfig:
     vit_d_model: int = 64
     vit_layers: int = 2
     vit_heads: int = 4
+    grounding: str = "pointer"
+    """How clicks are located (``GROUNDINGS``): "pointer" (``click(<point>)`` and the pointing head's patch)
+    or "text" (``click(x, y)`` written as digits)."""
+    pointer_dim: int = 64
+    """Width of the pointing head (grounding "pointer")."""
+    pointer_coef: float = 1.0
+    """Weight of the pointing loss beside the action text's cross-entropy in SFT (grounding "pointer")."""
     abs_pos_grid: int | None = 8
     """Side of the ViT's learned absolute position table, interpolated to each screen's patch grid (where on
     the screen a patch is: what a click's coordinates need); None: 2D RoPE only."""
@@ -84,6 +95,9 @@ class GUIAgentConfig:
     """Reward added when the action parses (0: the task reward only)."""
     step_limit: int = 6
     """Most actions of an evaluation rollout."""
+    eval_samples: int = 0
+    """Also measure the sampled policy's click accuracy on the held-out click steps: the mean over this many
+    samples at ``temperature`` (what GRPO optimises; 0: greedy only)."""
     eval_batch: int = 16
     """Prompts per decoding call (evaluation and GRPO sampling are padded to it: one compiled shape)."""
     eval_every: int = 100
@@ -101,7 +115,10 @@ class GUIAgentConfig:
                        "vit_layers", "vit_heads", "lm_d_model", "lm_layers", "lm_heads", "steps", "rows",
                        "grpo_prompts", "ppo_epochs", "step_limit", "eval_batch", "eval_every", "log_every",
                        "checkpoint_every", integer=True)
-        check_positive(self, "grpo_steps", minimum=0, integer=True)
+        check_positive(self, "grpo_steps", "eval_samples", minimum=0, integer=True)
+        check_choice(self, "grounding", GROUNDINGS)
+        check_positive(self, "pointer_dim", integer=True)
+        check_range(self, "pointer_coef", 0.0, 100.0, open_low=True)
         check_positive(self, "group_size", minimum=2, integer=True)
         check_greater(self, "lr", "grpo_lr", "clip_norm", "temperature", "clip_eps")
         check_range(self, "weight_decay", 0.0, 1.0)
@@ -146,7 +163,8 @@ class GUIAgentConfig:
                         num_heads=self.vit_heads, num_channels=3, abs_pos_grid=self.abs_pos_grid)
         lm = LMConfig(vocab_size=VOCAB_SIZE, d_model=self.lm_d_model, num_layers=self.lm_layers,
                       num_heads=self.lm_heads, max_len=self.seq_len)
-        return VLMConfig(vit=vit, lm=lm, image_token=IMAGE_ID, merge_factor=2)
+        return VLMConfig(vit=vit, lm=lm, image_token=IMAGE_ID, merge_factor=2,
+                         pointer_dim=self.pointer_dim if self.grounding == "pointer" else None)
 
 
 # ---- examples -------------------------------------------------------------------------------------
@@ -172,9 +190,18 @@ def policy_prompt(state: GUIState, history, cfg: GUIAgentConfig) -> VLMExample:
     return VLMExample((image,), _prompt_tokens(image, state.task.instruction, history, cfg))
 
 
+def action_tokens(action: str, cfg: GUIAgentConfig) -> np.ndarray:
+    """The tokens the policy writes for ``action``: its bytes, except a click under grounding "pointer",
+    written ``click(<point>)`` (the location is the pointing head's)."""
+    if cfg.grounding == "pointer" and isinstance(parse_action(action), Click):
+        return np.concatenate([encode("click("), [POINT_ID], encode(")")]).astype(np.int32)
+    return np.asarray(encode(action), np.int32)
+
+
 def sft_example(state: GUIState, history, action: str, cfg: GUIAgentConfig) -> VLMExample:
-    """The prompt at ``state`` followed by ``action`` and ``<eos>``; the loss counts the action and ``<eos>``."""
-    a = encode(action)
+    """The prompt at ``state`` followed by ``action`` (:func:`action_tokens`) and ``<eos>``; the loss counts
+    the action and ``<eos>``."""
+    a = action_tokens(action, cfg)
     if len(a) > cfg.max_action_len:
         raise ValueError(f"action {action!r} has {len(a)} bytes, more than max_action_len={cfg.max_action_len}")
     prompt = policy_prompt(state, history, cfg)
@@ -250,11 +277,26 @@ def step_reward(text: str, target: StepTarget) -> tuple[bool, bool]:
     return isinstance(action, Finished), True
 
 
-def action_text(response: np.ndarray) -> str:
-    """The text of a response's tokens before its first ``<eos>`` (other special tokens make it unparsable)."""
+def point_slot(response: np.ndarray) -> int:
+    """Index of the first ``<point>`` token before ``<eos>`` in a response, -1 when there is none."""
     response = np.asarray(response)
     stop = np.flatnonzero(response == EOS_ID)
     body = response[:stop[0]] if len(stop) else response
+    hits = np.flatnonzero(body == POINT_ID)
+    return int(hits[0]) if len(hits) else -1
+
+
+def action_text(response: np.ndarray, point: tuple[int, int] | None = None) -> str:
+    """The text of a response's tokens before its first ``<eos>``, its first ``<point>`` written as the pointed
+    ``point`` (x, y) when given (other special tokens make it unparsable)."""
+    response = np.asarray(response)
+    stop = np.flatnonzero(response == EOS_ID)
+    body = response[:stop[0]] if len(stop) else response
+    parts = [body]
+    k = point_slot(body)
+    if point is not None and k >= 0:
+        parts = [body[:k], encode(f"{int(point[0])}, {int(point[1])}"), body[k + 1:]]
+    body = np.concatenate(parts).astype(np.int64)
     if (body > 255).any():
         return "<special token>"
     return decode(body)

@@ -8,10 +8,19 @@ policy optimisation, Shao et al. 2024).
 
     jaxlab train gui-agent --out runs/gui                       # SFT, then evaluation on held-out tasks
     jaxlab train gui-agent --grpo-steps 50 --out runs/gui        # then GRPO from the SFT policy
+    jaxlab train gui-agent --grounding text --out runs/gui-text  # clicks' coordinates written as digits
+
+Grounding (``--grounding``): with "pointer" (the default; GUI-Actor, Wu et al. 2025, arXiv 2506.03143) the
+policy writes a click as ``click(<point>)`` and the VLM's pointing head (:meth:`jaxlab.models.vlm.VLM.point`,
+:mod:`jaxlab.models.grounding`) chooses a ViT patch from the hidden state at ``<point>``; the action text the
+environment receives is ``click(x, y)`` at that patch's centre, and that is what the history keeps. SFT adds the
+pointing loss (the negative log-probability of the patches whose centres lie in the target's box) to the action
+text's cross-entropy; GRPO samples the patch at its temperature and counts the choice as one more action
+token. With "text" the policy writes the digits itself.
 
 Tokens (as ``jaxlab train vlm``): the UTF-8 bytes of the text (0-255, byte 0 pads), ``IMAGE_ID = 256`` (the
 screenshot's placeholder, expanded to one slot per merged image token), ``ACTION_ID = 257`` (the prompt ends,
-the action follows), ``EOS_ID = 258``. One step of an episode is one example:
+the action follows), ``EOS_ID = 258``, ``POINT_ID = 259`` (``<point>``). One step of an episode is one example:
 
     PAD ... PAD <image> instruction "\\n" previous actions joined by "; " <action> | action text <eos>
 
@@ -42,16 +51,19 @@ parses, group-relative advantages and the clipped loss with the k3 KL to the SFT
 updates of the spine (:func:`jaxlab.rl.llm.grpo.update_epochs`). Both stages run on ``fit``: metrics.jsonl,
 checkpoints, resume. Every field of :class:`GUIAgentConfig` is a flag (``jaxlab train gui-agent --help``).
 
-Measured on 2 shared CPU cores (seed 0, 48 held-out tasks, 64 click steps): at the default size with
-``--steps 400 --grpo-steps 40`` (3 minutes) the policy writes well-formed actions (parse rate 1.0) and gets
-the non-click steps largely right (step accuracy 0.44), but the click accuracy is 0.031 after SFT and 0.047
-after GRPO, task success 0.021 and 0.042: chance level (a uniformly random click lands in the target's box
-0.047 of the time). 2000 SFT steps + 100 GRPO steps (10 minutes) or 1500 steps on 4000 training tasks (6
-minutes) do not change that (click accuracy 0.016 and 0.047): grounding is not learned at this size.
+Measured on 2 CPU cores, seed 0. With ``--grounding text`` the digits stay at chance: at the default size (all
+six kinds, 48 held-out tasks, 64 click steps) click accuracy 0.031 after 400 SFT steps and 0.047 after 40 GRPO
+steps (a uniformly random click lands in the target's box 0.047 of the time), and neither 2000 SFT steps nor 4000
+training tasks change that. The pointer learns to ground: 0.234 after 300 SFT steps at the default size, and on
+the grounding tasks of ``gui-grounding`` (click, check, menu; 5000 training tasks) 0.437 after 400 steps against
+the text agent's 0.107. GRPO has not raised it there (0.427 after 40 steps of 8 x 8 samples; the
+``gui-grounding`` report). Steps that type stay wrong at these sizes (the typed text has to be copied from the
+instruction).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import time
@@ -60,16 +72,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlab.experiments._gui_agent_data import (ACTION_ID, EOS_ID, IMAGE_ID, PAD_ID, VOCAB_SIZE,
-                                                GUIAgentConfig, StepCase, StepTarget, action_text, policy_prompt,
-                                                sft_example, step_cases, step_reward)
+from jaxlab.experiments._gui_agent_data import (ACTION_ID, EOS_ID, IMAGE_ID, PAD_ID, POINT_ID, VOCAB_SIZE,
+                                                GUIAgentConfig, StepCase, StepTarget, action_text, point_slot,
+                                                policy_prompt, sft_example, step_cases, step_reward)
 from jaxlab.experiments.vlm_train import make_loss_fn
 from jaxlab.loop import LoopConfig, fit
 from jaxlab.metrics import to_jsonable
+from jaxlab.models.grounding import NEG_INF, box_targets, choose_point, pointer_loss
 from jaxlab.models.gui_tasks import GUITask, make_tasks
-from jaxlab.models.lm import NO_DECAY_PARAMS
-from jaxlab.models.vlm import VLM, VLMExample, init_vlm_params, pack_examples
-from jaxlab.models.vlm_sampling import prepare_prompts, repeat_prompts, sample_vlm, vlm_response_logprobs
+from jaxlab.models.lm import NO_DECAY_PARAMS, next_token_loss, token_logprobs
+from jaxlab.models.vlm import VLM, VLMConfig, VLMExample, images_of, init_vlm_params, pack_examples
+from jaxlab.models.vlm_sampling import (VLMPrompts, prepare_prompts, repeat_prompts, sample_vlm,
+                                        vlm_response_logprobs)
 from jaxlab.optim import OptimizerConfig, make_optimizer
 from jaxlab.registry import register_trainer
 from jaxlab.rl.gui import env_step
@@ -79,9 +93,10 @@ from jaxlab.rl.llm.losses import grpo_advantages, grpo_loss
 from jaxlab.train_state import create_train_state, make_train_step
 from jaxlab.xla_options import FAST_COMPILE
 
-__all__ = ["ACTION_ID", "EOS_ID", "IMAGE_ID", "VOCAB_SIZE", "GRPOCases", "GRPOStep", "GUIAgentConfig", "SFTBatches",
-           "StepCase", "StepTarget", "action_text", "decode_actions", "make_eval_fn", "policy_prompt", "sft_example",
-           "step_cases", "step_reward", "train_gui_agent"]
+__all__ = ["ACTION_ID", "EOS_ID", "IMAGE_ID", "POINT_ID", "VOCAB_SIZE", "GRPOCases", "GRPOStep", "GUIAgentConfig",
+           "SFTBatches", "StepCase", "StepTarget", "action_text", "decode_actions", "make_eval_fn",
+           "make_pointer_loss_fn", "point_actions", "policy_prompt", "sft_example", "step_cases", "step_reward",
+           "train_gui_agent"]
 
 
 def _prompt_arrays(prompts: list[VLMExample], cfg: GUIAgentConfig):
@@ -93,16 +108,63 @@ def _prompt_arrays(prompts: list[VLMExample], cfg: GUIAgentConfig):
                            image_rows=cfg.eval_batch, image_tokens=cfg.eval_batch * cfg.image_tokens)
 
 
+@functools.lru_cache(maxsize=8)
+def _pointer_fn(cfg: VLMConfig):
+    """Jitted ``(params, tokens, images, slots, query, key, temperature) -> (index, point, logp)``: the pointing
+    head read at each row's query slot of a teacher-forced forward pass, then :func:`choose_point`."""
+    model = VLM(cfg)
+
+    def run(params, tokens, images, slots, query, key, temperature):
+        _, _, logits, valid, points = model.apply({"params": params}, tokens, images, slots, query, method=VLM.point)
+        return choose_point(logits, valid, points, key, temperature)
+
+    return jax.jit(run)
+
+
+def _full_slots(prompts: VLMPrompts, response) -> jax.Array:
+    """Image slots of the prompt rows followed by a response (text: -1)."""
+    return jnp.concatenate([jnp.asarray(prompts.image_slots, jnp.int32),
+                            jnp.full(np.shape(response), -1, jnp.int32)], axis=1)
+
+
+def point_actions(model: VLM, params, prompts: VLMPrompts, roll, key, temperature: float) -> dict:
+    """Where each sampled response points: its ``<point>`` slot read by the pointing head (grounding
+    "pointer"). Returns numpy ``has_point [B]``, ``query [B]`` (slot of the ``<point>`` token in the prompt
+    plus response), ``index [B]`` (the chosen patch), ``point [B, 2]`` (x, y) and ``logp [B]`` (under the
+    ``temperature``'s distribution; greedy at 0)."""
+    response = np.asarray(roll.response)
+    slots = np.array([point_slot(r) for r in response])  # [B]
+    query = (np.shape(prompts.tokens)[1] + np.maximum(slots, 0)).astype(np.int32)
+    index, point, logp = _pointer_fn(model.cfg)(params, roll.tokens, prompts.images, _full_slots(prompts, response),
+                                               jnp.asarray(query), key, jnp.float32(temperature))
+    return {"has_point": slots >= 0, "query": query, "index": np.asarray(index), "point": np.asarray(point),
+            "logp": np.asarray(logp)}
+
+
+def _action_texts(model: VLM, params, prompts: VLMPrompts, roll, key, temperature: float, cfg: GUIAgentConfig):
+    """The action texts of a rollout, a ``<point>`` resolved by the pointing head; and the pointing record."""
+    response = np.asarray(roll.response)
+    if cfg.grounding != "pointer":
+        return [action_text(r) for r in response], None
+    pointed = point_actions(model, params, prompts, roll, key, temperature)
+    return [action_text(r, tuple(p) if h else None)
+            for r, p, h in zip(response, pointed["point"], pointed["has_point"], strict=True)], pointed
+
+
 def decode_actions(model: VLM, params, prompts: list[VLMExample], cfg: GUIAgentConfig, key=None,
                    temperature: float = 0.0) -> list[str]:
-    """The policy's action text for each prompt (greedy at temperature 0), ``eval_batch`` prompts per call."""
+    """The policy's action text for each prompt (greedy at temperature 0), ``eval_batch`` prompts per call;
+    under grounding "pointer" a ``click(<point>)`` is written with the pointed patch's centre."""
     key = jax.random.PRNGKey(0) if key is None else key
     out = []
     for start in range(0, len(prompts), cfg.eval_batch):
         chunk = prompts[start:start + cfg.eval_batch]
-        roll = sample_vlm(model, params, _prompt_arrays(chunk, cfg), jax.random.fold_in(key, start),
-                          cfg.max_action_len + 1, temperature=temperature, eos_id=EOS_ID, pad_id=PAD_ID)
-        out.extend(action_text(r) for r in np.asarray(roll.response)[:len(chunk)])
+        arrays = _prompt_arrays(chunk, cfg)
+        chunk_key = jax.random.fold_in(key, start)
+        roll = sample_vlm(model, params, arrays, chunk_key, cfg.max_action_len + 1,
+                          temperature=temperature, eos_id=EOS_ID, pad_id=PAD_ID)
+        texts, _ = _action_texts(model, params, arrays, roll, jax.random.fold_in(chunk_key, 1), temperature, cfg)
+        out.extend(texts[:len(chunk)])
     return out
 
 
@@ -111,7 +173,8 @@ def make_eval_fn(model: VLM, tasks: list[GUITask], cfg: GUIAgentConfig):
     """``eval_fn(params) -> metrics``: step and click accuracy on the held-out demonstrations' steps, the greedy
     rollouts' task success (overall and per kind) and the parse rate (see the module docstring)."""
     cases = [c for task in tasks for c in step_cases(task)]
-    clicks = np.array([c.target.kind == "click" for c in cases])
+    step_kinds = np.array([c.target.kind for c in cases])
+    clicks = step_kinds == "click"
     kinds = np.array([t.kind for t in tasks])
 
     def rollouts(params) -> np.ndarray:
@@ -141,9 +204,18 @@ def make_eval_fn(model: VLM, tasks: list[GUITask], cfg: GUIAgentConfig):
         success = rollouts(params)
         out = {"step_accuracy": float(scored[:, 0].mean()), "parse_rate": float(scored[:, 1].mean()),
                "click_accuracy": float(scored[clicks, 0].mean()) if clicks.any() else float("nan"),
-               "task_success": float(success.mean())}
+               "task_success": float(success.mean()), "click_steps": int(clicks.sum())}
+        if cfg.eval_samples and clicks.any():  # the sampled policy (GRPO's) on the click steps
+            click_cases = [c for c, k in zip(cases, clicks, strict=True) if k]
+            prompts = [policy_prompt(c.state, c.history, cfg) for c in click_cases]
+            hits = [step_reward(action, case.target)[0] for k in range(cfg.eval_samples)
+                    for action, case in zip(decode_actions(model, params, prompts, cfg, jax.random.PRNGKey(1 + k),
+                                                           cfg.temperature), click_cases, strict=True)]
+            out["click_accuracy_sampled"] = float(np.mean(hits))
         for kind in sorted(set(kinds)):
             out[f"task_success/{kind}"] = float(success[kinds == kind].mean())
+        for kind in sorted(set(step_kinds)):
+            out[f"step_accuracy/{kind}"] = float(scored[step_kinds == kind, 0].mean())
         return out
 
     return eval_fn
@@ -153,16 +225,23 @@ def make_eval_fn(model: VLM, tasks: list[GUITask], cfg: GUIAgentConfig):
 class SFTBatches:
     """SFT batches of ``rows`` examples: example k is a step of a demonstration of a training task, the task,
     the demonstration's jitter seed and the step drawn from ``default_rng((seed, 0, k))``. The position
-    ``{"next": k}`` is checkpointed by ``fit``."""
+    ``{"next": k}`` is checkpointed by ``fit``.
+
+    Besides :func:`pack_examples`'s arrays a batch holds the pointing targets (grounding "pointer"):
+    ``has_point [B]`` (the row's example is a click), ``point_query [B]`` (the slot of its ``<point>`` token)
+    and ``point_box [B, 4]`` (the target's box in the screenshot's pixels)."""
 
     def __init__(self, tasks: list[GUITask], cfg: GUIAgentConfig):
         self.tasks, self.cfg, self.next = tasks, cfg, 0
 
-    def example(self, k: int) -> VLMExample:
+    def case(self, k: int) -> StepCase:
         rng = np.random.default_rng((self.cfg.seed, 0, k))
         task = self.tasks[int(rng.integers(len(self.tasks)))]
         cases = step_cases(task, jitter=self.cfg.jitter, seed=k)
-        case = cases[int(rng.integers(len(cases)))]
+        return cases[int(rng.integers(len(cases)))]
+
+    def example(self, k: int) -> VLMExample:
+        case = self.case(k)
         return sft_example(case.state, case.history, case.action, self.cfg)
 
     def __iter__(self):
@@ -170,11 +249,23 @@ class SFTBatches:
 
     def __next__(self) -> dict:
         cfg = self.cfg
-        examples = [self.example(k) for k in range(self.next, self.next + cfg.rows)]
+        cases = [self.case(k) for k in range(self.next, self.next + cfg.rows)]
         self.next += cfg.rows
-        return pack_examples(examples, seq_len=cfg.seq_len, patch_size=cfg.patch_size, image_len=cfg.image_len,
-                             image_token=IMAGE_ID, num_rows=cfg.rows, image_rows=cfg.rows,
-                             image_tokens=cfg.rows * cfg.image_tokens, pad_id=PAD_ID)
+        batch = pack_examples([sft_example(c.state, c.history, c.action, cfg) for c in cases], seq_len=cfg.seq_len,
+                              patch_size=cfg.patch_size, image_len=cfg.image_len, image_token=IMAGE_ID,
+                              num_rows=cfg.rows, image_rows=cfg.rows, image_tokens=cfg.rows * cfg.image_tokens,
+                              pad_id=PAD_ID)
+        is_point = batch["inputs"] == POINT_ID  # [B, L]
+        if (is_point.sum(axis=1) > 1).any():  # a prompt fills most of a row: never two examples in one
+            raise ValueError(f"a row holds {int(is_point.sum(axis=1).max())} <point> tokens; the pointing loss "
+                             f"takes one query per row (prompt_len={cfg.prompt_len}, seq_len={cfg.seq_len})")
+        query = np.argmax(is_point, axis=1).astype(np.int32)  # [B]
+        owner = batch["example_ids"][np.arange(len(query)), query]  # [B]
+        boxes = np.zeros((len(query), 4), np.int32)
+        for b in np.flatnonzero(is_point.any(axis=1)):
+            boxes[b] = cases[owner[b]].target.box
+        batch.update(has_point=is_point.any(axis=1), point_query=query, point_box=boxes)
+        return batch
 
     def get_state(self) -> dict:
         return {"next": self.next}
@@ -210,20 +301,32 @@ class GRPOCases:
 
 
 class GRPOStep:
-    """One GRPO step seen from the host (``fit``'s ``train_step``): sample ``group_size`` actions per prompt,
-    reward them with the environment's step verifier, then the jitted update (``ppo_epochs`` of the clipped
-    loss) on group-relative advantages."""
+    """One GRPO step seen from the host (``fit``'s ``train_step``): sample ``group_size`` actions per prompt
+    (under grounding "pointer", a ``<point>`` then pointed by sampling the pointing head at the same
+    temperature), reward them with the environment's step verifier, then the jitted update (``ppo_epochs`` of
+    the clipped loss) on group-relative advantages. The pointing choice is one more action token: its
+    log-probability is appended to the text's, counted where the response points."""
 
     def __init__(self, model: VLM, ref_params, tx, cfg: GUIAgentConfig):
         self.model, self.ref_params, self.cfg = model, ref_params, cfg
-        T = cfg.temperature
+        T, pointer = cfg.temperature, cfg.grounding == "pointer"
 
-        def logprobs(params, prompts, response):  # [NG, R] at the sampling temperature
-            return vlm_response_logprobs(model, params, prompts, response, T)
+        def logprobs(params, prompts, response, query, index):  # [NG, R (+ 1)] at the sampling temperature
+            if not pointer:
+                return vlm_response_logprobs(model, params, prompts, response, T)
+            tokens, slots, images = prompts
+            Lp = np.shape(tokens)[1]
+            full = jnp.concatenate([jnp.asarray(tokens, jnp.int32), jnp.asarray(response, jnp.int32)], axis=1)
+            logits, _, pointer_logits, valid, _ = model.apply(
+                {"params": params}, full, images, _full_slots(prompts, response), query, method=VLM.point)
+            text = token_logprobs(logits[:, Lp - 1:-1] / T, full[:, Lp:])  # [NG, R]
+            flat = jnp.where(valid, pointer_logits, NEG_INF).reshape(len(query), -1) / T  # [NG, L*ff]
+            point = jnp.take_along_axis(jax.nn.log_softmax(flat, axis=-1), index[:, None], axis=1)  # [NG, 1]
+            return jnp.concatenate([text, point], axis=1)  # [NG, R + 1]
 
         def loss_fn(params, batch, key):
             del key
-            logp = logprobs(params, batch["prompts"], batch["response"])  # [NG, R]
+            logp = logprobs(params, batch["prompts"], batch["response"], batch["query"], batch["index"])
             loss, metrics = grpo_loss(logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], batch["mask"],
                                       clip_eps=cfg.clip_eps, beta=cfg.beta)
             return loss, metrics
@@ -233,32 +336,66 @@ class GRPOStep:
         self.update = jax.jit(lambda state, batch, key: update_epochs(state, loss_fn, batch, key, tx, cfg.ppo_epochs),
                               donate_argnums=0, compiler_options=options)
 
-    def __call__(self, state, cases: list[StepCase], key):
+    def experience(self, params, cases: list[StepCase], key) -> tuple[dict, np.ndarray]:
+        """The update's batch from ``group_size`` actions sampled for each case with ``params`` (``key``), and
+        the verifier's scores ``[nG, 2]`` (correct, parsed). Under grounding "pointer" the last column of
+        ``old_logp``/``ref_logp``/``mask`` is the pointing choice's."""
         cfg, G, n = self.cfg, self.cfg.group_size, len(cases)
         rows = max(n, cfg.eval_batch)  # image rows as the evaluation's (one compiled sampler when n * G = eval_batch)
         prompts = prepare_prompts([policy_prompt(c.state, c.history, cfg) for c in cases], image_token=IMAGE_ID,
                                   patch_size=cfg.patch_size, image_len=cfg.image_len, image_rows=rows,
                                   image_tokens=rows * cfg.image_tokens)
         group = repeat_prompts(prompts, G)  # [n * G] rows sharing the n screenshots, groups contiguous
-        roll = sample_vlm(self.model, state.params, group, jax.random.fold_in(key, 0), cfg.max_action_len + 1,
+        roll = sample_vlm(self.model, params, group, jax.random.fold_in(key, 0), cfg.max_action_len + 1,
                           temperature=cfg.temperature, eos_id=EOS_ID, pad_id=PAD_ID)
-        response = np.asarray(roll.response)
-        scores = np.array([step_reward(action_text(r), cases[i // G].target) for i, r in enumerate(response)],
+        texts, pointed = _action_texts(self.model, params, group, roll, jax.random.fold_in(key, 2),
+                                       cfg.temperature, cfg)
+        scores = np.array([step_reward(text, cases[i // G].target) for i, text in enumerate(texts)],
                           np.float32)  # [nG, 2]: correct, parsed
         reward = scores[:, 0] + cfg.format_weight * scores[:, 1]
-        batch = {"prompts": group, "response": roll.response, "mask": roll.mask,
-                 "old_logp": sampled_logps(roll, cfg.temperature),
-                 "ref_logp": self.ref_logprobs(self.ref_params, group, roll.response),
+        old_logp, mask = sampled_logps(roll, cfg.temperature), roll.mask
+        query = index = np.zeros(len(texts), np.int32)
+        if pointed is not None:
+            query, index = pointed["query"], pointed["index"].astype(np.int32)
+            old_logp = jnp.concatenate([old_logp, jnp.asarray(pointed["logp"])[:, None]], axis=1)  # [nG, R + 1]
+            mask = jnp.concatenate([mask, jnp.asarray(pointed["has_point"], mask.dtype)[:, None]], axis=1)
+        batch = {"prompts": group, "response": roll.response, "mask": mask, "old_logp": old_logp,
+                 "query": query, "index": index, "reward": reward,
+                 "ref_logp": self.ref_logprobs(self.ref_params, group, roll.response, query, index),
                  "advantages": grpo_advantages(jnp.asarray(reward), G)}
+        return batch, scores
+
+    def __call__(self, state, cases: list[StepCase], key):
+        batch, scores = self.experience(state.params, cases, key)
+        reward, R = batch.pop("reward"), np.shape(batch["response"])[1]  # R: text tokens of a response
         state, metrics = self.update(state, batch, jax.random.fold_in(key, 1))
         metrics = jax.device_get(metrics)
         metrics.update(reward=float(reward.mean()), correct=float(scores[:, 0].mean()),
                        parse_rate=float(scores[:, 1].mean()),
-                       response_length=float(np.asarray(roll.mask).sum(axis=1).mean()))
+                       response_length=float(np.asarray(batch["mask"])[:, :R].sum(axis=1).mean()))
         return state, metrics
 
 
 # ---- training -------------------------------------------------------------------------------------
+def make_pointer_loss_fn(model: VLM, pointer_coef: float = 1.0):
+    """SFT's ``loss_fn(params, batch, key) -> (loss, metrics)`` under grounding "pointer": the next-token
+    cross-entropy of the action text plus the pointing loss of the click rows (the negative log-probability
+    that the pointed patch's centre is in the target's box, :func:`jaxlab.models.grounding.pointer_loss`)."""
+
+    def loss_fn(params, batch, key):
+        del key
+        logits, aux, pointer_logits, valid, points = model.apply(
+            {"params": params}, batch["inputs"], images_of(batch), batch["image_slots"], batch["point_query"],
+            batch["positions"], batch["segment_ids"], method=VLM.point)
+        ce, metrics = next_token_loss(logits, batch["targets"], batch["mask"])
+        inside = box_targets(points, batch["point_box"], model.cfg.vit.patch_size)  # [B, L, ff]
+        point, accuracy = pointer_loss(pointer_logits, valid, inside, batch["has_point"])
+        metrics = {"cross_entropy": ce, "pointer_loss": point, "pointer_accuracy": accuracy, **metrics}
+        return ce + pointer_coef * point + aux["aux_loss"], metrics
+
+    return loss_fn
+
+
 def _optimizer(lr: float, warmup: int, steps: int, cfg: GUIAgentConfig):
     return make_optimizer(OptimizerConfig(lr=lr, warmup_steps=warmup, decay_steps=steps,
                                           weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm),
@@ -305,7 +442,8 @@ def train_gui_agent(cfg: GUIAgentConfig, out_dir: str | pathlib.Path) -> dict:
         return result.state
 
     tx = _optimizer(cfg.lr, cfg.warmup_steps, cfg.steps, cfg)
-    sft_step = jax.jit(make_train_step(make_loss_fn(model), tx), donate_argnums=0, compiler_options=options)
+    loss_fn = make_pointer_loss_fn(model, cfg.pointer_coef) if cfg.grounding == "pointer" else make_loss_fn(model)
+    sft_step = jax.jit(make_train_step(loss_fn, tx), donate_argnums=0, compiler_options=options)
     state = run("sft", sft_step, create_train_state(params, tx, jax.random.fold_in(key, 3)), data, cfg.steps)
     if cfg.grpo_steps:
         ref = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state.params)  # frozen SFT policy, its own buffers

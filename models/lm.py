@@ -282,7 +282,7 @@ class LM(nn.Module):
         else:
             logits = self.head(x)  # [B, L, V]
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-        return logits.astype(jnp.float32), tuple(new_states), self._collect_aux(layers)
+        return logits.astype(jnp.float32), tuple(new_states), self._collect_aux(layers), x
 
     def _collect_aux(self, layers):
         """The model's aux from the blocks' aux stacked over layers (each leaf ``[num_layers, ...]``)."""
@@ -301,9 +301,13 @@ class LM(nn.Module):
         aux["aux_loss"] = balance + cfg.router_z_coef * aux["router_z_loss"]
         return aux
 
-    def __call__(self, tokens, positions=None, segment_ids=None, *, embeds=None, embeds_mask=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, *, embeds=None, embeds_mask=None,
+                 return_hidden: bool = False):
         """tokens int [B, L]; positions int [B, L] (default: restart at 0 in every segment); segment_ids int
         [B, L] (packed documents). Same order as the mixers' ``(x, positions, segment_ids, state)``.
+        Returns ``(logits [B, L, V] fp32, aux)``, or ``(logits, aux, hidden [B, L, d_model])`` with
+        ``return_hidden``: the final-normed residual stream the output head reads (a pointing head's query,
+        ``models.grounding``).
 
         ``embeds [B, L, d_model]`` with ``embeds_mask`` bool [B, L]: precomputed input embeddings (a VLM's
         image tokens, ``models.vlm``) replace the token embeddings where the mask is True; the rest of the
@@ -317,9 +321,9 @@ class LM(nn.Module):
         elif positions.shape != (B, L):
             raise ValueError(f"positions must have shape {(B, L)}, got {positions.shape}")
         self._check_embeds(tokens, embeds, embeds_mask)
-        logits, _, aux = self._run(tokens, positions, segment_ids, None, embeds,
-                                   None if embeds_mask is None else embeds_mask.astype(bool))
-        return logits, aux
+        logits, _, aux, hidden = self._run(tokens, positions, segment_ids, None, embeds,
+                                           None if embeds_mask is None else embeds_mask.astype(bool))
+        return (logits, aux, hidden) if return_hidden else (logits, aux)
 
     def decode(self, tokens, cache: LMCache, *, embeds=None, embeds_mask=None):
         """Continue from ``cache`` with tokens [B, L] (a prompt chunk or one token): (logits, new cache).
@@ -331,8 +335,8 @@ class LM(nn.Module):
         B, L = tokens.shape
         self._check_embeds(tokens, embeds, embeds_mask)
         positions = cache.index + jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-        logits, states, _ = self._run(tokens, positions, None, cache.layers, embeds,
-                                      None if embeds_mask is None else embeds_mask.astype(bool))
+        logits, states, _, _ = self._run(tokens, positions, None, cache.layers, embeds,
+                                         None if embeds_mask is None else embeds_mask.astype(bool))
         return logits, LMCache(states, cache.index + L)
 
     @nn.nowrap

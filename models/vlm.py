@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlab.models.grounding import PointerHead, patch_candidates, pointer_mask
 from jaxlab.models.lm import LM, LMConfig
 from jaxlab.models.packing import pack_documents
 from jaxlab.models.vision import PackedImages, Projector, ViT, ViTConfig, pack_images
@@ -73,6 +74,9 @@ class VLMConfig:
     """Side of the patch blocks merged into one image token (Kimi-VL: 2, four patches per token)."""
     projector_hidden: int | None = None
     """Hidden width of the projector MLP (None: its input width, merge_factor**2 * vit.d_model)."""
+    pointer_dim: int | None = None
+    """Width of the pointing head (:meth:`VLM.point`, GUI-Actor's coordinate-free grounding,
+    :mod:`jaxlab.models.grounding`); None: no pointing head."""
 
     def __post_init__(self):
         check(isinstance(self.vit, ViTConfig), f"vit={self.vit!r} must be a models.vision.ViTConfig")
@@ -80,6 +84,8 @@ class VLMConfig:
         check_positive(self, "merge_factor", integer=True)
         if self.projector_hidden is not None:
             check_positive(self, "projector_hidden", integer=True)
+        if self.pointer_dim is not None:
+            check_positive(self, "pointer_dim", integer=True)
         check(not isinstance(self.image_token, bool) and isinstance(self.image_token, int)
               and 0 <= self.image_token < self.lm.vocab_size,
               f"image_token={self.image_token!r} must be an int in [0, lm.vocab_size={self.lm.vocab_size})")
@@ -200,9 +206,15 @@ class VLM(nn.Module):
         self.projector = Projector(cfg.lm.d_model, hidden=cfg.projector_hidden, dtype=cfg.lm.compute_dtype,
                                    param_dtype=cfg.lm.storage_dtype)
         self.lm = LM(cfg.lm)
+        if cfg.pointer_dim is not None:
+            self.pointer = PointerHead(cfg.pointer_dim)
 
     def image_embeddings(self, images: VLMImages):
         """The projected image tokens of ``images``: [T, lm.d_model]."""
+        return self._encode(images)[1]
+
+    def _encode(self, images: VLMImages):
+        """``(patch features [Bv*Lv, Dv], projected image tokens [T, lm.d_model])``."""
         cfg, (patches, segment_ids, positions, merge_index) = self.cfg, images
         ff = cfg.merge_factor ** 2
         if getattr(merge_index, "ndim", None) != 2 or merge_index.shape[1] != ff or merge_index.shape[0] < 1:
@@ -211,16 +223,43 @@ class VLM(nn.Module):
         x = self.vit(patches, segment_ids, positions)  # [Bv, Lv, Dv]
         flat = x.reshape(-1, x.shape[-1])  # [Bv*Lv, Dv]
         merged = flat[merge_index].reshape(merge_index.shape[0], ff * x.shape[-1])  # [T, f*f*Dv], pixel shuffle
-        return self.projector(merged)  # [T, d_model]
+        return flat, self.projector(merged)  # [Bv*Lv, Dv], [T, d_model]
 
     def __call__(self, tokens, images: VLMImages, image_slots, positions=None, segment_ids=None):
+        return self._forward(tokens, images, image_slots, positions, segment_ids)[:2]
+
+    def _forward(self, tokens, images, image_slots, positions, segment_ids, return_hidden=False):
         if getattr(image_slots, "shape", None) != getattr(tokens, "shape", None):
             raise ValueError(f"image_slots must have the shape of tokens {getattr(tokens, 'shape', tokens)}, got "
                              f"{getattr(image_slots, 'shape', image_slots)}")
-        embedded = self.image_embeddings(images)  # [T, d_model]
+        features, embedded = self._encode(images)  # [Bv*Lv, Dv], [T, d_model]
         slots = jnp.asarray(image_slots, jnp.int32)
         embeds = embedded[jnp.maximum(slots, 0)]  # [B, L, d_model]
-        return self.lm(tokens, positions, segment_ids, embeds=embeds, embeds_mask=slots >= 0)
+        out = self.lm(tokens, positions, segment_ids, embeds=embeds, embeds_mask=slots >= 0,
+                      return_hidden=return_hidden)
+        return (*out, features)
+
+    def point(self, tokens, images: VLMImages, image_slots, query_index, positions=None, segment_ids=None):
+        """The forward pass and the pointing head (``cfg.pointer_dim`` set): ``(logits [B, L, V], aux,
+        pointer_logits [B, L, ff], valid [B, L, 1], points [B, L, ff, 2])``.
+
+        ``query_index [B]``: the slot of each row whose hidden state queries (where the pointing token is
+        input; one query per row). ``pointer_logits[b, s, j]`` scores the j-th patch of the merged image token
+        at slot s (:func:`jaxlab.models.grounding.patch_candidates`: ``points`` are the patch centres (x, y) in
+        image pixels); ``valid`` marks the image slots of the query's own example (its segment)."""
+        if self.cfg.pointer_dim is None:
+            raise ValueError("VLM.point needs a pointing head: VLMConfig.pointer_dim is None")
+        query_index = jnp.asarray(query_index, jnp.int32)
+        if query_index.shape != tokens.shape[:1]:
+            raise ValueError(f"query_index must have shape {tokens.shape[:1]} (one query per row), got "
+                             f"{query_index.shape}")
+        logits, aux, hidden, features = self._forward(tokens, images, image_slots, positions, segment_ids,
+                                                      return_hidden=True)  # hidden [B, L, d]
+        flat, points = patch_candidates(images.merge_index, images.positions, image_slots, self.cfg.vit.patch_size)
+        query = jnp.take_along_axis(hidden, query_index[:, None, None], axis=1)[:, 0]  # [B, d]
+        pointer_logits = self.pointer(query, hidden, features[flat])  # [B, L, ff]
+        valid = pointer_mask(image_slots, segment_ids, query_index)  # [B, L, 1]
+        return logits, aux, pointer_logits.astype(jnp.float32), valid, points
 
 
 def images_of(batch: dict) -> VLMImages:
@@ -236,9 +275,14 @@ def vlm_apply(model: VLM, params, batch: dict):
 
 def init_vlm_params(model: VLM, key, batch: dict) -> dict:
     """The parameters of ``model`` (plain arrays, the logical-axis boxes removed) for a batch's shapes:
-    ``{"vit": ..., "projector": ..., "lm": ...}``."""
-    variables = jax.jit(model.init)(key, batch["inputs"], images_of(batch), batch["image_slots"],
-                                    batch["positions"], batch["segment_ids"])
+    ``{"vit": ..., "projector": ..., "lm": ...}``, and ``"pointer"`` with a pointing head."""
+    args = (batch["inputs"], images_of(batch), batch["image_slots"])
+    if model.cfg.pointer_dim is None:
+        variables = jax.jit(model.init)(key, *args, batch["positions"], batch["segment_ids"])
+    else:
+        query = np.zeros(np.shape(batch["inputs"])[:1], np.int32)
+        init = jax.jit(lambda key, *a: model.init(key, *a, method=VLM.point))
+        variables = init(key, *args, query, batch["positions"], batch["segment_ids"])
     return nn.unbox(variables["params"])
 
 

@@ -23,13 +23,21 @@ def text_of(tokens) -> str:
     return bytes(np.asarray(tokens, np.uint8).tolist()).decode()
 
 
-def form_task():
-    cfg = g.GUIAgentConfig(**TINY)
+def form_task(grounding="pointer"):
+    cfg = g.GUIAgentConfig(**TINY, grounding=grounding)
     return cfg, make_tasks(jax.random.PRNGKey(3), 1, cfg.screen_config(), ("form",))[0]
 
 
-def test_sft_targets_of_a_demonstration_by_hand():
-    cfg, task = form_task()
+def written(action: str, cfg) -> list[int]:
+    """The tokens the policy writes for an action: a click is ``click(<point>)`` under grounding "pointer"."""
+    if cfg.grounding == "pointer" and action.startswith("click("):
+        return [*b"click(", g.POINT_ID, *b")"]
+    return list(action.encode())
+
+
+@pytest.mark.parametrize("grounding", ["pointer", "text"])
+def test_sft_targets_of_a_demonstration_by_hand(grounding):
+    cfg, task = form_task(grounding)
     cases = g.step_cases(task)
     actions = [c.action for c in cases]
     assert [a.split("(")[0] for a in actions] == ["click", "type", "click", "finished"]
@@ -43,7 +51,7 @@ def test_sft_targets_of_a_demonstration_by_hand():
         assert (tokens[:start] == 0).all()
         assert start + n_image + (end - start - 1) + 1 == cfg.prompt_len  # PADs, image slots, text, <action>
         assert text_of(tokens[start + 1:end]) == task.instruction + "\n" + "; ".join(actions[:k])
-        assert text_of(tokens[end + 1:-1]) == actions[k] and tokens[-1] == g.EOS_ID
+        assert tokens[end + 1:-1].tolist() == written(actions[k], cfg) and tokens[-1] == g.EOS_ID
         np.testing.assert_array_equal(loss, np.arange(len(tokens)) > end)  # the action and <eos> only
         np.testing.assert_array_equal(image, render(case.state).astype(np.float32) / 255.0)
     # packed: the counted targets are exactly the action's bytes and <eos> of each example
@@ -52,8 +60,29 @@ def test_sft_targets_of_a_demonstration_by_hand():
                           image_token=g.IMAGE_ID, num_rows=4, image_rows=4)
     for e, action in enumerate(actions):
         counted = batch["targets"][batch["mask"] & (batch["example_ids"] == e)]
-        assert text_of(counted[:-1]) == action and counted[-1] == g.EOS_ID
-    assert int(batch["mask"].sum()) == sum(len(a) + 1 for a in actions)
+        assert counted[:-1].tolist() == written(action, cfg) and counted[-1] == g.EOS_ID
+    assert int(batch["mask"].sum()) == sum(len(written(a, cfg)) + 1 for a in actions)
+
+
+def test_sft_batches_carry_the_pointing_targets():
+    cfg = g.GUIAgentConfig(**{**TINY, "rows": 4})
+    tasks = make_tasks(jax.random.PRNGKey(0), 4, cfg.screen_config(), ("form", "click", "menu"))
+    data = g.SFTBatches(tasks, cfg)
+    seen = 0
+    for _ in range(3):
+        start = data.next
+        batch = next(data)
+        cases = [data.case(k) for k in range(start, start + cfg.rows)]
+        for b in range(cfg.rows):
+            e = batch["example_ids"][b][batch["example_ids"][b] >= 0][0]
+            click = cases[e].target.kind == "click"
+            assert bool(batch["has_point"][b]) == click
+            if click:
+                seen += 1
+                assert batch["inputs"][b, batch["point_query"][b]] == g.POINT_ID
+                assert batch["example_ids"][b, batch["point_query"][b]] == e
+                assert tuple(batch["point_box"][b]) == cases[e].target.box
+    assert seen > 0
 
 
 def test_step_targets_and_reward():
@@ -84,6 +113,10 @@ def test_step_targets_and_reward():
 
 def test_action_text():
     assert g.action_text(np.array([*b"finished()", g.EOS_ID, 0, 0])) == "finished()"
+    pointed = np.array([*b"click(", g.POINT_ID, *b")", g.EOS_ID, g.POINT_ID])
+    assert g.point_slot(pointed) == 6 and g.point_slot(np.array([*b"x", g.EOS_ID, g.POINT_ID])) == -1
+    assert g.action_text(pointed, (12, 40)) == "click(12, 40)"
+    assert g.action_text(pointed) == "<special token>"  # a <point> nobody resolved does not parse
     assert g.action_text(np.array([*b"click(1, 2)"])) == "click(1, 2)"  # no <eos>: every token
     assert g.step_reward(g.action_text(np.array([g.IMAGE_ID, *b"x", g.EOS_ID])), g.StepTarget("finished")) \
         == (False, False)
@@ -121,6 +154,9 @@ def test_smoke_run_writes_metrics_and_resumes(tmp_path):
     ("warmup_steps", 300, "warmup_steps=300"),
     ("temperature", 0.0, "temperature"),
     ("jitter", 1.5, "jitter"),
+    ("grounding", "pixels", "grounding='pixels'"),
+    ("pointer_coef", 0.0, "pointer_coef"),
+    ("eval_samples", -1, "eval_samples"),
 ])
 def test_bad_config_names_the_field(field, value, message):
     kwargs = {**TINY, field: value}
@@ -135,3 +171,40 @@ def test_prompt_too_long_is_an_error():
         g.policy_prompt(case.state, case.history * 8, cfg)
     with pytest.raises(ValueError, match="max_action_len=18"):
         g.sft_example(case.state, (), 'type("abcdefghijk")', cfg)
+
+
+def test_pointing_logp_of_the_sampler_equals_the_loss_side():
+    """GRPO's pointing column: the log-probability ``point_actions`` records when it samples a patch equals the
+    one the update's ``logprobs`` recomputes for that patch (so the first epoch's ratio is 1), and a response
+    without ``<point>`` is not counted there."""
+    cfg = g.GUIAgentConfig(**TINY, temperature=0.7)
+    tasks = make_tasks(jax.random.PRNGKey(0), 2, cfg.screen_config(), ("click",))
+    model = g.VLM(cfg.model_config())
+    params = g.init_vlm_params(model, jax.random.PRNGKey(1), next(g.SFTBatches(tasks, cfg)))
+    cases = [g.step_cases(t)[0] for t in tasks]
+    prompts = g.prepare_prompts([g.policy_prompt(c.state, c.history, cfg) for c in cases], image_token=g.IMAGE_ID,
+                                patch_size=cfg.patch_size, image_len=cfg.image_len, image_rows=2)
+    R = cfg.max_action_len + 1
+    rows = [[*b"click(", g.POINT_ID, *b")", g.EOS_ID], [*b"finished()", g.EOS_ID]]
+    response = np.array([r + [g.PAD_ID] * (R - len(r)) for r in rows], np.int32)
+
+    class Roll:  # the fields of a Sample that point_actions reads
+        tokens = np.concatenate([prompts.tokens, response], axis=1)
+
+    Roll.response = response
+    step = g.GRPOStep(model, params, g._optimizer(1e-3, 0, 1, cfg), cfg)
+    pointed = g.point_actions(model, params, prompts, Roll, jax.random.PRNGKey(2), cfg.temperature)
+    assert pointed["has_point"].tolist() == [True, False]
+    assert pointed["query"][0] == cfg.prompt_len + 6
+    logp = step.ref_logprobs(params, prompts, response, pointed["query"], pointed["index"].astype(np.int32))
+    assert logp.shape == (2, R + 1)
+    np.testing.assert_allclose(float(logp[0, -1]), pointed["logp"][0], rtol=1e-5, atol=1e-5)
+    x, y = pointed["point"][0]
+    assert 0 <= x < cases[0].state.screen.width and 0 <= y < cases[0].state.screen.height
+    assert (x - cfg.patch_size // 2) % cfg.patch_size == 0 and (y - cfg.patch_size // 2) % cfg.patch_size == 0
+
+
+def test_text_grounding_trains_sft_and_grpo(tmp_path):
+    out = g.train_gui_agent(g.GUIAgentConfig(steps=1, grpo_steps=1, grounding="text", **TINY), tmp_path)
+    assert out["grpo/step"] == 1 and 0.0 <= out["grpo/eval/click_accuracy"] <= 1.0
+    assert "pointer" not in out["num_params"]
