@@ -56,8 +56,8 @@ six kinds, 48 held-out tasks, 64 click steps) click accuracy 0.031 after 400 SFT
 steps (a uniformly random click lands in the target's box 0.047 of the time), and neither 2000 SFT steps nor 4000
 training tasks change that. The pointer learns to ground: 0.234 after 300 SFT steps at the default size, and on
 the grounding tasks of ``gui-grounding`` (click, check, menu; 5000 training tasks) 0.437 after 400 steps against
-the text agent's 0.107. GRPO has not raised it there (0.427 after 40 steps of 8 x 8 samples; the
-``gui-grounding`` report). Steps that type stay wrong at these sizes (the typed text has to be copied from the
+the text agent's 0.107 (0.550 against 0.100 after 2000). GRPO has not raised it there (0.427 after 40 steps of
+8 x 8 samples, 0.531 after 200; the ``gui-grounding`` report). Steps that type stay wrong at these sizes (the typed text has to be copied from the
 instruction).
 """
 

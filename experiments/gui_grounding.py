@@ -145,7 +145,7 @@ def plot(metrics: dict, cfg: GUIGroundingConfig, seed: int, path) -> None:
 
 @register_experiment("gui-grounding", description="GUI agent click grounding: SFT then GRPO with the environment "
                                                  "as verifier; pointer (coordinate-free) vs text coordinates",
-                     paper=PAPER, quick_seconds=206,
+                     paper=PAPER, quick_seconds=314,
                      quick=GUIGroundingConfig(sft_steps=400, grpo_steps=40, eval_tasks=96, sft_evals=2))
 def gui_grounding(cfg: GUIGroundingConfig, ctx: RunContext) -> ExperimentResult:
     runs = ctx.out_dir / "gui-grounding-runs"
