@@ -104,8 +104,9 @@ def pointer_loss(logits, valid, inside, weight):
     lands in the box, ``P_b(box) = sum_{valid & inside} softmax(logits_b)``, over the rows with ``weight > 0``.
 
     ``logits [B, L, ff]``, ``valid`` and ``inside`` (the targets, :func:`box_targets`) bool broadcastable to
-    it, ``weight [B]`` (0: a row without a pointing step). A weighted row without a valid target is an error
-    of the data; its loss is ``-NEG_INF``-sized rather than infinite. Returns ``(loss, accuracy)``: the mean loss and
+    it, ``weight [B]`` (0: a row without a pointing step). A weighted row whose targets are all invalid is an
+    error of the data: its loss is about ``-NEG_INF`` (finite, so the mean shows it rather than turning NaN);
+    a row with no valid candidate at all (no image) adds 0. Returns ``(loss, accuracy)``: the mean loss and
     the fraction of weighted rows whose most likely patch is in the box."""
     B = logits.shape[0]
     hit = jnp.broadcast_to(valid & inside, logits.shape).reshape(B, -1)  # [B, L*ff]

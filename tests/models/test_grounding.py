@@ -169,3 +169,10 @@ def test_lm_return_hidden_is_what_the_head_reads():
     head = hidden @ params["embed"]["embedding"].T if CFG.lm.tie_embeddings else \
         hidden @ params["head"]["kernel"]
     np.testing.assert_allclose(head, logits, atol=1e-4, rtol=1e-4)
+
+
+def test_pointer_loss_shows_a_box_without_targets():
+    logits = jnp.zeros((1, 2, 2))
+    valid = jnp.ones((1, 2, 1), bool)
+    loss, _ = grounding.pointer_loss(logits, valid, jnp.zeros((1, 2, 2), bool), jnp.ones(1))
+    assert np.isfinite(float(loss)) and float(loss) > 1e8  # a data error stands out, never NaN
