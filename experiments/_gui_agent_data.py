@@ -277,26 +277,26 @@ def step_reward(text: str, target: StepTarget) -> tuple[bool, bool]:
     return isinstance(action, Finished), True
 
 
-def point_slot(response: np.ndarray) -> int:
-    """Index of the first ``<point>`` token before ``<eos>`` in a response, -1 when there is none."""
+def _before_eos(response: np.ndarray) -> np.ndarray:
+    """A response's tokens before its first ``<eos>`` (all of them without one)."""
     response = np.asarray(response)
     stop = np.flatnonzero(response == EOS_ID)
-    body = response[:stop[0]] if len(stop) else response
-    hits = np.flatnonzero(body == POINT_ID)
+    return response[:stop[0]] if len(stop) else response
+
+
+def point_slot(response: np.ndarray) -> int:
+    """Index of the first ``<point>`` token before ``<eos>`` in a response, -1 when there is none."""
+    hits = np.flatnonzero(_before_eos(response) == POINT_ID)
     return int(hits[0]) if len(hits) else -1
 
 
 def action_text(response: np.ndarray, point: tuple[int, int] | None = None) -> str:
     """The text of a response's tokens before its first ``<eos>``, its first ``<point>`` written as the pointed
     ``point`` (x, y) when given (other special tokens make it unparsable)."""
-    response = np.asarray(response)
-    stop = np.flatnonzero(response == EOS_ID)
-    body = response[:stop[0]] if len(stop) else response
-    parts = [body]
+    body = _before_eos(response)
     k = point_slot(body)
     if point is not None and k >= 0:
-        parts = [body[:k], encode(f"{int(point[0])}, {int(point[1])}"), body[k + 1:]]
-    body = np.concatenate(parts).astype(np.int64)
+        body = np.concatenate([body[:k], encode(f"{int(point[0])}, {int(point[1])}"), body[k + 1:]])
     if (body > 255).any():
         return "<special token>"
     return decode(body)

@@ -57,8 +57,8 @@ steps (a uniformly random click lands in the target's box 0.047 of the time), an
 training tasks change that. The pointer learns to ground: 0.234 after 300 SFT steps at the default size, and on
 the grounding tasks of ``gui-grounding`` (click, check, menu; 5000 training tasks) 0.437 after 400 steps against
 the text agent's 0.107 (0.550 against 0.100 after 2000). GRPO has not raised it there (0.427 after 40 steps of
-8 x 8 samples, 0.531 after 200; the ``gui-grounding`` report). Steps that type stay wrong at these sizes (the typed text has to be copied from the
-instruction).
+8 x 8 samples, 0.531 after 200; the ``gui-grounding`` report). Steps that type stay wrong at these sizes (the
+typed text has to be copied from the instruction).
 """
 
 from __future__ import annotations
@@ -78,12 +78,12 @@ from jaxlab.experiments._gui_agent_data import (ACTION_ID, EOS_ID, IMAGE_ID, PAD
 from jaxlab.experiments.vlm_train import make_loss_fn
 from jaxlab.loop import LoopConfig, fit
 from jaxlab.metrics import to_jsonable
-from jaxlab.models.grounding import NEG_INF, box_targets, choose_point, pointer_loss
+from jaxlab.models.grounding import box_targets, choose_point, pointer_log_probs, pointer_loss
 from jaxlab.models.gui_tasks import GUITask, make_tasks
 from jaxlab.models.lm import NO_DECAY_PARAMS, next_token_loss, token_logprobs
 from jaxlab.models.vlm import VLM, VLMConfig, VLMExample, images_of, init_vlm_params, pack_examples
 from jaxlab.models.vlm_sampling import (VLMPrompts, prepare_prompts, repeat_prompts, sample_vlm,
-                                        vlm_response_logprobs)
+                                        teacher_forced_inputs, vlm_response_logprobs)
 from jaxlab.optim import OptimizerConfig, make_optimizer
 from jaxlab.registry import register_trainer
 from jaxlab.rl.gui import env_step
@@ -121,23 +121,18 @@ def _pointer_fn(cfg: VLMConfig):
     return jax.jit(run)
 
 
-def _full_slots(prompts: VLMPrompts, response) -> jax.Array:
-    """Image slots of the prompt rows followed by a response (text: -1)."""
-    return jnp.concatenate([jnp.asarray(prompts.image_slots, jnp.int32),
-                            jnp.full(np.shape(response), -1, jnp.int32)], axis=1)
-
-
 def point_actions(model: VLM, params, prompts: VLMPrompts, roll, key, temperature: float) -> dict:
     """Where each sampled response points: its ``<point>`` slot read by the pointing head (grounding
     "pointer"). Returns numpy ``has_point [B]``, ``query [B]`` (slot of the ``<point>`` token in the prompt
     plus response), ``index [B]`` (the chosen patch), ``point [B, 2]`` (x, y) and ``logp [B]`` (under the
     ``temperature``'s distribution; greedy at 0)."""
     response = np.asarray(roll.response)
-    slots = np.array([point_slot(r) for r in response])  # [B]
-    query = (np.shape(prompts.tokens)[1] + np.maximum(slots, 0)).astype(np.int32)
-    index, point, logp = _pointer_fn(model.cfg)(params, roll.tokens, prompts.images, _full_slots(prompts, response),
-                                               jnp.asarray(query), key, jnp.float32(temperature))
-    return {"has_point": slots >= 0, "query": query, "index": np.asarray(index), "point": np.asarray(point),
+    at = np.array([point_slot(r) for r in response])  # [B]: the <point> token's index in each response
+    query = (np.shape(prompts.tokens)[1] + np.maximum(at, 0)).astype(np.int32)
+    tokens, slots = teacher_forced_inputs(prompts, response)  # roll.tokens and the image slots under them
+    index, point, logp = _pointer_fn(model.cfg)(params, tokens, prompts.images, slots, jnp.asarray(query), key,
+                                               jnp.float32(temperature))
+    return {"has_point": at >= 0, "query": query, "index": np.asarray(index), "point": np.asarray(point),
             "logp": np.asarray(logp)}
 
 
@@ -175,6 +170,9 @@ def make_eval_fn(model: VLM, tasks: list[GUITask], cfg: GUIAgentConfig):
     cases = [c for task in tasks for c in step_cases(task)]
     step_kinds = np.array([c.target.kind for c in cases])
     clicks = step_kinds == "click"
+    prompts = [policy_prompt(c.state, c.history, cfg) for c in cases]  # the held-out steps' prompts, rendered once
+    click_cases = [c for c, k in zip(cases, clicks, strict=True) if k]
+    click_prompts = [q for q, k in zip(prompts, clicks, strict=True) if k]
     kinds = np.array([t.kind for t in tasks])
 
     def rollouts(params) -> np.ndarray:
@@ -199,17 +197,15 @@ def make_eval_fn(model: VLM, tasks: list[GUITask], cfg: GUIAgentConfig):
         return success
 
     def eval_fn(params) -> dict[str, float]:
-        actions = decode_actions(model, params, [policy_prompt(c.state, c.history, cfg) for c in cases], cfg)
+        actions = decode_actions(model, params, prompts, cfg)
         scored = np.array([step_reward(a, c.target) for a, c in zip(actions, cases, strict=True)])  # [S, 2]
         success = rollouts(params)
         out = {"step_accuracy": float(scored[:, 0].mean()), "parse_rate": float(scored[:, 1].mean()),
                "click_accuracy": float(scored[clicks, 0].mean()) if clicks.any() else float("nan"),
                "task_success": float(success.mean()), "click_steps": int(clicks.sum())}
         if cfg.eval_samples and clicks.any():  # the sampled policy (GRPO's) on the click steps
-            click_cases = [c for c, k in zip(cases, clicks, strict=True) if k]
-            prompts = [policy_prompt(c.state, c.history, cfg) for c in click_cases]
             hits = [step_reward(action, case.target)[0] for k in range(cfg.eval_samples)
-                    for action, case in zip(decode_actions(model, params, prompts, cfg, jax.random.PRNGKey(1 + k),
+                    for action, case in zip(decode_actions(model, params, click_prompts, cfg, jax.random.PRNGKey(1 + k),
                                                            cfg.temperature), click_cases, strict=True)]
             out["click_accuracy_sampled"] = float(np.mean(hits))
         for kind in sorted(set(kinds)):
@@ -239,10 +235,6 @@ class SFTBatches:
         task = self.tasks[int(rng.integers(len(self.tasks)))]
         cases = step_cases(task, jitter=self.cfg.jitter, seed=k)
         return cases[int(rng.integers(len(cases)))]
-
-    def example(self, k: int) -> VLMExample:
-        case = self.case(k)
-        return sft_example(case.state, case.history, case.action, self.cfg)
 
     def __iter__(self):
         return self
@@ -314,14 +306,12 @@ class GRPOStep:
         def logprobs(params, prompts, response, query, index):  # [NG, R (+ 1)] at the sampling temperature
             if not pointer:
                 return vlm_response_logprobs(model, params, prompts, response, T)
-            tokens, slots, images = prompts
-            Lp = np.shape(tokens)[1]
-            full = jnp.concatenate([jnp.asarray(tokens, jnp.int32), jnp.asarray(response, jnp.int32)], axis=1)
+            Lp = np.shape(prompts.tokens)[1]
+            full, slots = teacher_forced_inputs(prompts, response)  # [NG, Lp + R] each
             logits, _, pointer_logits, valid, _ = model.apply(
-                {"params": params}, full, images, _full_slots(prompts, response), query, method=VLM.point)
+                {"params": params}, full, prompts.images, slots, query, method=VLM.point)
             text = token_logprobs(logits[:, Lp - 1:-1] / T, full[:, Lp:])  # [NG, R]
-            flat = jnp.where(valid, pointer_logits, NEG_INF).reshape(len(query), -1) / T  # [NG, L*ff]
-            point = jnp.take_along_axis(jax.nn.log_softmax(flat, axis=-1), index[:, None], axis=1)  # [NG, 1]
+            point = jnp.take_along_axis(pointer_log_probs(pointer_logits, valid, T), index[:, None], axis=1)  # [NG, 1]
             return jnp.concatenate([text, point], axis=1)  # [NG, R + 1]
 
         def loss_fn(params, batch, key):

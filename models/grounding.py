@@ -29,8 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["NEG_INF", "PointerHead", "box_targets", "choose_point", "patch_candidates", "pointer_loss", "pointer_mask",
-           "points_in_boxes"]
+__all__ = ["NEG_INF", "PointerHead", "box_targets", "choose_point", "patch_candidates", "pointer_log_probs",
+           "pointer_loss", "pointer_mask", "points_in_boxes"]
 
 NEG_INF = -1e9
 """Logit of a patch that cannot be pointed at (finite, so masked entries never make a NaN)."""
@@ -120,18 +120,25 @@ def pointer_loss(logits, valid, inside, weight):
     return loss, jnp.sum(w * best) / denom
 
 
+def pointer_log_probs(logits, valid, temperature):
+    """``log softmax(logits / temperature)`` over each row's valid candidates, flat: ``[B, L*ff]`` (index
+    ``l * ff + j``; invalid candidates about ``NEG_INF``). ``temperature <= 0`` (a traced value is fine) means
+    the untempered distribution."""
+    flat = jnp.where(valid, logits, NEG_INF).reshape(logits.shape[0], -1)  # [B, L*ff]
+    return jax.nn.log_softmax(flat / jnp.where(temperature <= 0, 1.0, temperature), axis=-1)
+
+
 def choose_point(logits, valid, points, key, temperature):
     """Point with each row's pointer: ``(index [B], point [B, 2] (x, y), logp [B])``.
 
     Samples from ``softmax(logits / temperature)`` over the valid candidates (``key``), or takes the most
     likely at ``temperature == 0`` (a traced value is fine); ``logp`` is the log-probability of the choice
-    under the distribution sampled (the temperature's; the untempered one when greedy), ``index`` the flat
-    candidate ``l * ff + j``."""
+    under the distribution sampled (:func:`pointer_log_probs`: the temperature's; the untempered one when
+    greedy), ``index`` the flat candidate ``l * ff + j``."""
     B = logits.shape[0]
-    flat = jnp.where(valid, logits, NEG_INF).reshape(B, -1)  # [B, L*ff]
-    greedy = temperature <= 0
-    scaled = flat / jnp.where(greedy, 1.0, temperature)
-    index = jnp.where(greedy, jnp.argmax(flat, axis=-1), jax.random.categorical(key, scaled, axis=-1))  # [B]
-    logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), index[:, None], axis=1)[:, 0]  # [B]
+    logp_all = pointer_log_probs(logits, valid, temperature)  # [B, L*ff]
+    index = jnp.where(temperature <= 0, jnp.argmax(logp_all, axis=-1),
+                      jax.random.categorical(key, logp_all, axis=-1))  # [B]
+    logp = jnp.take_along_axis(logp_all, index[:, None], axis=1)[:, 0]  # [B]
     point = jnp.take_along_axis(points.reshape(B, -1, 2), index[:, None, None], axis=1)[:, 0]  # [B, 2]
     return index, point, logp

@@ -38,7 +38,8 @@ from jaxlab.models.lm import LM, token_logprobs
 from jaxlab.models.sampling import Sample, decode_tokens, draw_token
 from jaxlab.models.vlm import VLM, VLMConfig, VLMExample, VLMImages, expand_example, pack_batch_images
 
-__all__ = ["VLMPrompts", "prepare_prompts", "repeat_prompts", "sample_vlm", "vlm_response_logprobs"]
+__all__ = ["VLMPrompts", "prepare_prompts", "repeat_prompts", "sample_vlm", "teacher_forced_inputs",
+           "vlm_response_logprobs"]
 
 
 class VLMPrompts(NamedTuple):
@@ -161,6 +162,15 @@ def sample_vlm(model: VLM, params, prompts: VLMPrompts | Sequence[VLMExample], k
               jnp.int32(pad_id))
 
 
+def teacher_forced_inputs(prompts: VLMPrompts, response) -> tuple[jax.Array, jax.Array]:
+    """The VLM's input rows for a teacher-forced pass over prompts and responses ``[B, R]``: ``(tokens [B, Lp +
+    R], image_slots [B, Lp + R])``, the response's slots text (-1)."""
+    tokens, slots, _ = prompts
+    full = jnp.concatenate([jnp.asarray(tokens, jnp.int32), jnp.asarray(response, jnp.int32)], axis=1)
+    full_slots = jnp.concatenate([jnp.asarray(slots, jnp.int32), jnp.full(jnp.shape(response), -1, jnp.int32)], axis=1)
+    return full, full_slots
+
+
 def vlm_response_logprobs(model: VLM, params, prompts: VLMPrompts, response: jax.Array,
                           temperature: float = 1.0) -> jax.Array:
     """Teacher-forced ``log pi_T(response[:, t] | prompt, response[:, :t])`` [B, R] in one full forward pass
@@ -173,8 +183,7 @@ def vlm_response_logprobs(model: VLM, params, prompts: VLMPrompts, response: jax
         raise ValueError(f"response must be [B, R] with B = {B} prompts, got shape {jnp.shape(response)}")
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r} must be > 0")
-    full = jnp.concatenate([jnp.asarray(tokens, jnp.int32), jnp.asarray(response, jnp.int32)], axis=1)  # [B, Lp+R]
-    full_slots = jnp.concatenate([jnp.asarray(slots, jnp.int32), jnp.full(response.shape, -1, jnp.int32)], axis=1)
+    full, full_slots = teacher_forced_inputs(prompts, response)  # [B, Lp + R] each
     logits, _ = model.apply({"params": params}, full, images, full_slots)  # [B, Lp + R, V] fp32
     if temperature != 1:
         logits = logits / temperature
