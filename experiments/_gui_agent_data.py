@@ -29,6 +29,10 @@ GROUNDINGS = ("pointer", "text")
 """How a click's location is produced: "pointer" (the policy writes ``click(<point>)`` and the pointing head
 picks the patch, GUI-Actor's coordinate-free grounding, :mod:`jaxlab.models.grounding`) or "text" (the
 coordinates written as digits)."""
+POINT_READOUTS = ("region", "argmax")
+"""Where the greedy pointer clicks (grounding "pointer"): "region" (GUI-Actor's inference: the probability-
+weighted centre of the best region of likely patches, :func:`jaxlab.models.grounding.region_point`) or
+"argmax" (the most likely patch's centre)."""
 
 
 # ---- configuration --------------------------------------------------------------------------------
@@ -64,6 +68,13 @@ class GUIAgentConfig:
     """Width of the pointing head (grounding "pointer")."""
     pointer_coef: float = 1.0
     """Weight of the pointing loss beside the action text's cross-entropy in SFT (grounding "pointer")."""
+    point_readout: str = "region"
+    """Where the greedy policy clicks (grounding "pointer"): region (GUI-Actor's readout, the weighted centre of
+    the best region of likely patches) | argmax (the most likely patch's centre). Sampled clicks are always the
+    sampled patch's centre."""
+    point_threshold: float = 0.3
+    """The "region" readout keeps the patches with at least this fraction of the largest probability
+    (GUI-Actor's activation threshold)."""
     abs_pos_grid: int | None = 8
     """Side of the ViT's learned absolute position table, interpolated to each screen's patch grid (where on
     the screen a patch is: what a click's coordinates need); None: 2D RoPE only."""
@@ -117,6 +128,8 @@ class GUIAgentConfig:
                        "checkpoint_every", integer=True)
         check_positive(self, "grpo_steps", "eval_samples", minimum=0, integer=True)
         check_choice(self, "grounding", GROUNDINGS)
+        check_choice(self, "point_readout", POINT_READOUTS)
+        check_range(self, "point_threshold", 0.0, 1.0, open_low=True)
         check_positive(self, "pointer_dim", integer=True)
         check_range(self, "pointer_coef", 0.0, 100.0, open_low=True)
         check_positive(self, "group_size", minimum=2, integer=True)
@@ -290,13 +303,14 @@ def point_slot(response: np.ndarray) -> int:
     return int(hits[0]) if len(hits) else -1
 
 
-def action_text(response: np.ndarray, point: tuple[int, int] | None = None) -> str:
+def action_text(response: np.ndarray, point: tuple[float, float] | None = None) -> str:
     """The text of a response's tokens before its first ``<eos>``, its first ``<point>`` written as the pointed
-    ``point`` (x, y) when given (other special tokens make it unparsable)."""
+    ``point`` (x, y) when given, rounded to whole pixels (other special tokens make it unparsable)."""
     body = _before_eos(response)
     k = point_slot(body)
     if point is not None and k >= 0:
-        body = np.concatenate([body[:k], encode(f"{int(point[0])}, {int(point[1])}"), body[k + 1:]])
+        x, y = (int(np.floor(float(v) + 0.5)) for v in point)  # half up, as the pixel grid does
+        body = np.concatenate([body[:k], encode(f"{x}, {y}"), body[k + 1:]])
     if (body > 255).any():
         return "<special token>"
     return decode(body)

@@ -63,6 +63,7 @@ typed text has to be copied from the instruction).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import pathlib
@@ -78,7 +79,7 @@ from jaxlab.experiments._gui_agent_data import (ACTION_ID, EOS_ID, IMAGE_ID, PAD
 from jaxlab.experiments.vlm_train import make_loss_fn
 from jaxlab.loop import LoopConfig, fit
 from jaxlab.metrics import to_jsonable
-from jaxlab.models.grounding import box_targets, choose_point, pointer_log_probs, pointer_loss
+from jaxlab.models.grounding import box_targets, choose_point, pointer_log_probs, pointer_loss, region_point
 from jaxlab.models.gui_tasks import GUITask, make_tasks
 from jaxlab.models.lm import NO_DECAY_PARAMS, next_token_loss, token_logprobs
 from jaxlab.models.vlm import VLM, VLMConfig, VLMExample, images_of, init_vlm_params, pack_examples
@@ -110,29 +111,42 @@ def _prompt_arrays(prompts: list[VLMExample], cfg: GUIAgentConfig):
 
 @functools.lru_cache(maxsize=8)
 def _pointer_fn(cfg: VLMConfig):
-    """Jitted ``(params, tokens, images, slots, query, key, temperature) -> (index, point, logp)``: the pointing
-    head read at each row's query slot of a teacher-forced forward pass, then :func:`choose_point`."""
+    """Jitted ``(params, tokens, images, slots, query, key, temperature) -> (index, point, logp, probs,
+    points)``: the pointing head read at each row's query slot of a teacher-forced forward pass, then
+    :func:`choose_point`; ``probs [B, N]`` (the distribution chosen from) and ``points [B, N, 2]`` are every
+    candidate's, for the region readout."""
     model = VLM(cfg)
 
     def run(params, tokens, images, slots, query, key, temperature):
         _, _, logits, valid, points = model.apply({"params": params}, tokens, images, slots, query, method=VLM.point)
-        return choose_point(logits, valid, points, key, temperature)
+        index, point, logp = choose_point(logits, valid, points, key, temperature)
+        probs = jnp.exp(pointer_log_probs(logits, valid, temperature))  # [B, N], 0 on invalid candidates
+        return index, point, logp, probs, points.reshape(len(index), -1, 2)
 
     return jax.jit(run)
 
 
-def point_actions(model: VLM, params, prompts: VLMPrompts, roll, key, temperature: float) -> dict:
+def point_actions(model: VLM, params, prompts: VLMPrompts, roll, key, temperature: float,
+                  readout: tuple[int, float] | None = None) -> dict:
     """Where each sampled response points: its ``<point>`` slot read by the pointing head (grounding
     "pointer"). Returns numpy ``has_point [B]``, ``query [B]`` (slot of the ``<point>`` token in the prompt
     plus response), ``index [B]`` (the chosen patch), ``point [B, 2]`` (x, y) and ``logp [B]`` (under the
-    ``temperature``'s distribution; greedy at 0)."""
+    ``temperature``'s distribution; greedy at 0). ``readout = (patch_size, threshold)`` at temperature 0
+    replaces each pointing row's ``point`` with GUI-Actor's region readout (:func:`region_point`); ``index``
+    and ``logp`` stay the most likely patch's."""
     response = np.asarray(roll.response)
     at = np.array([point_slot(r) for r in response])  # [B]: the <point> token's index in each response
     query = (np.shape(prompts.tokens)[1] + np.maximum(at, 0)).astype(np.int32)
     tokens, slots = teacher_forced_inputs(prompts, response)  # roll.tokens and the image slots under them
-    index, point, logp = _pointer_fn(model.cfg)(params, tokens, prompts.images, slots, jnp.asarray(query), key,
-                                               jnp.float32(temperature))
-    return {"has_point": at >= 0, "query": query, "index": np.asarray(index), "point": np.asarray(point),
+    index, point, logp, probs, points = jax.device_get(_pointer_fn(model.cfg)(
+        params, tokens, prompts.images, slots, jnp.asarray(query), key, jnp.float32(temperature)))
+    point = np.asarray(point)
+    if readout is not None and temperature <= 0:
+        patch_size, threshold = readout
+        point = point.astype(np.float64)
+        for b in np.flatnonzero(at >= 0):
+            point[b] = region_point(probs[b], points[b], patch_size, threshold)[0]
+    return {"has_point": at >= 0, "query": query, "index": np.asarray(index), "point": point,
             "logp": np.asarray(logp)}
 
 
@@ -141,7 +155,8 @@ def _action_texts(model: VLM, params, prompts: VLMPrompts, roll, key, temperatur
     response = np.asarray(roll.response)
     if cfg.grounding != "pointer":
         return [action_text(r) for r in response], None
-    pointed = point_actions(model, params, prompts, roll, key, temperature)
+    readout = (cfg.patch_size, cfg.point_threshold) if cfg.point_readout == "region" else None
+    pointed = point_actions(model, params, prompts, roll, key, temperature, readout)
     return [action_text(r, tuple(p) if h else None)
             for r, p, h in zip(response, pointed["point"], pointed["has_point"], strict=True)], pointed
 
@@ -203,6 +218,12 @@ def make_eval_fn(model: VLM, tasks: list[GUITask], cfg: GUIAgentConfig):
         out = {"step_accuracy": float(scored[:, 0].mean()), "parse_rate": float(scored[:, 1].mean()),
                "click_accuracy": float(scored[clicks, 0].mean()) if clicks.any() else float("nan"),
                "task_success": float(success.mean()), "click_steps": int(clicks.sum())}
+        if cfg.grounding == "pointer" and cfg.point_readout != "argmax" and clicks.any():  # the readouts compared
+            argmax_cfg = dataclasses.replace(cfg, point_readout="argmax")
+            out["click_accuracy_argmax"] = float(np.mean([
+                step_reward(action, case.target)[0]
+                for action, case in zip(decode_actions(model, params, click_prompts, argmax_cfg), click_cases,
+                                        strict=True)]))
         if cfg.eval_samples and clicks.any():  # the sampled policy (GRPO's) on the click steps
             hits = [step_reward(action, case.target)[0] for k in range(cfg.eval_samples)
                     for action, case in zip(decode_actions(model, params, click_prompts, cfg, jax.random.PRNGKey(1 + k),

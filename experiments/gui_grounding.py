@@ -18,6 +18,11 @@ greedy click inside the target's box over every click step of the held-out demon
 ScreenSpot's grounding metric); and task success, greedy rollouts through the environment, every task of two
 or three actions (``finished()`` included).
 
+The greedy click is GUI-Actor's readout (``GUIAgentConfig.point_readout="region"``,
+:func:`jaxlab.models.grounding.region_point`): the patches with at least 0.3 of the largest probability, joined
+into side-adjacent regions, the region of the highest mean probability, its probability-weighted centre. The most
+likely patch's centre (the "argmax" readout, which the runs before it used) is reported beside it.
+
 Claims, fixed before the runs: "raises" means by more than one binomial standard error of the SFT policy's
 number on the same held-out steps or tasks (``sqrt(p (1 - p) / n)``), so that a difference of evaluation noise
 does not count; "beats" in the grounding comparison means by more than two. The sampled policy's click accuracy
@@ -168,8 +173,10 @@ def gui_grounding(cfg: GUIGroundingConfig, ctx: RunContext) -> ExperimentResult:
     se_text = binomial_se(acc["text"], n_clicks)
     sampled = {"text": t.get("sft/eval/click_accuracy_sampled"), "sft": s.get("sft/eval/click_accuracy_sampled"),
                "grpo": s.get("grpo/eval/click_accuracy_sampled")}
+    argmax = {"sft": s.get("sft/eval/click_accuracy_argmax"), "grpo": s.get("grpo/eval/click_accuracy_argmax")}
 
-    metrics = {"click_accuracy": acc, "click_accuracy_sampled": sampled, "task_success": success,
+    metrics = {"click_accuracy": acc, "click_accuracy_sampled": sampled, "click_accuracy_argmax": argmax,
+               "task_success": success,
                "task_success_by_kind": by_kind, "curves": curves,
                "click_steps": n_clicks, "eval_tasks": n_tasks,
                "step_accuracy": {"text": t["sft/eval/step_accuracy"], "sft": s["sft/eval/step_accuracy"],
@@ -200,6 +207,9 @@ def gui_grounding(cfg: GUIGroundingConfig, ctx: RunContext) -> ExperimentResult:
                    "samples a step; what GRPO optimises): text SFT / pointer SFT / pointer GRPO",
                    " / ".join("n/a" if sampled[k] is None else f"{sampled[k]:.3f}" for k in ("text", "sft", "grpo")),
                    None, None),
+        Comparison("held-out click accuracy of the pointer's most likely patch (the argmax readout, beside GUI-Actor's "
+                   "region readout above): pointer SFT / pointer GRPO",
+                   " / ".join("n/a" if argmax[k] is None else f"{argmax[k]:.3f}" for k in ("sft", "grpo")), None, None),
         Comparison("held-out task success: text SFT / pointer SFT / pointer GRPO",
                    f"{success['text']:.3f} / {success['sft']:.3f} / {success['grpo']:.3f}", None, None),
         Comparison("pointer vs text-coordinate grounding (ScreenSpot-Pro: GUI-Actor-7B on Qwen2-VL vs UI-TARS-72B)",

@@ -55,7 +55,8 @@ class ReproduceArgs:
     names: tyro.conf.Positional[tuple[str, ...]] = ()
     """Experiments to run (default: all; see `jaxlab list`)."""
     quick: bool = False
-    """Use each experiment's quick size (its claims hold; the whole set under 20 minutes on 2 CPU cores)."""
+    """Use each experiment's quick size (the same claims checked at a smaller size; the whole set under 20 minutes
+    on 2 CPU cores)."""
     out: pathlib.Path = pathlib.Path("results")
     """Output folder."""
     seed: int = 0

@@ -172,7 +172,8 @@ def register_experiment(name: str, *, description: str, paper: str, quick: Any, 
     """Register ``fn(cfg, ctx) -> ExperimentResult`` under ``name``.
 
     ``quick`` is an instance of the experiment's frozen config dataclass sized for
-    ``jaxlab reproduce --quick`` (sized so that its claims hold, the whole set in under 20 minutes on 2 CPU cores).
+    ``jaxlab reproduce --quick`` (its claims checked at a size that keeps the whole set under 20 minutes on 2 CPU
+    cores; a claim that needs more than that size reports failing there).
     ``full_needs_gpu`` marks experiments whose full size takes hours on a CPU; ``timed`` those whose claims
     compare wall-clock times, which run alone when experiments run in parallel; ``quick_seconds`` the quick
     size's run time on 2 CPU cores, which orders a first run when no earlier times exist.

@@ -20,6 +20,11 @@ sampled point does the step's job. :func:`choose_point` samples a patch (or take
 temperature 0) and returns its log-probability, the pointing part of the action's log-probability for
 policy-gradient methods.
 
+Greedy pointing (GUI-Actor's inference without the verifier): the most likely patch alone throws away how the
+probability is spread. :func:`region_point` keeps the patches with at least ``threshold`` times the largest
+probability, joins side-adjacent ones into regions, takes the region of the highest mean probability and
+points at its probability-weighted centre, so a target whose mass is spread over its patches is still hit.
+
 Shapes: ``B`` rows, ``L`` slots, ``ff = merge_factor**2`` patches per merged token, ``Dv`` the ViT width.
 """
 
@@ -28,9 +33,11 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from scipy import ndimage
 
 __all__ = ["NEG_INF", "PointerHead", "box_targets", "choose_point", "patch_candidates", "pointer_log_probs",
-           "pointer_loss", "pointer_mask", "points_in_boxes"]
+           "pointer_loss", "pointer_mask", "points_in_boxes", "region_point"]
 
 NEG_INF = -1e9
 """Logit of a patch that cannot be pointed at (finite, so masked entries never make a NaN)."""
@@ -142,3 +149,34 @@ def choose_point(logits, valid, points, key, temperature):
     logp = jnp.take_along_axis(logp_all, index[:, None], axis=1)[:, 0]  # [B]
     point = jnp.take_along_axis(points.reshape(B, -1, 2), index[:, None, None], axis=1)[:, 0]  # [B, 2]
     return index, point, logp
+
+
+def region_point(probs, points, patch_size: int, threshold: float = 0.3) -> tuple[np.ndarray, float]:
+    """GUI-Actor's greedy point from one pointer distribution (host numpy): ``(point [2] (x, y), score)``.
+
+    ``probs [N]`` (a softmax over the candidates; 0 where invalid), ``points [N, 2]`` their patch centres
+    ``(x, y)`` in pixels, on one image's grid of ``patch_size`` cells. The patches with ``probs >= threshold *
+    max(probs)`` are joined into 4-connected regions on that grid; the region of the highest mean probability
+    (``score``; the first found on ties) gives the point, its patches' centres weighted by their
+    probabilities (float pixels, not always a patch centre). ``threshold = 1`` keeps only the most likely
+    patch(es)."""
+    probs, points = np.asarray(probs, np.float64), np.asarray(points)
+    if probs.ndim != 1 or points.shape != (probs.shape[0], 2):
+        raise ValueError(f"probs must be [N] and points [N, 2], got {probs.shape} and {points.shape}")
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold={threshold!r} must be in (0, 1]")
+    top = probs.max(initial=0.0)
+    if not top > 0:
+        raise ValueError("probs has no positive entry: no candidate to point at")
+    active = probs >= threshold * top  # [N]
+    cells = points[active] // patch_size  # [n, 2] (col, row)
+    grid = np.zeros(tuple(cells.max(axis=0)[::-1] + 1), np.float64)  # [rows, cols]
+    np.maximum.at(grid, (cells[:, 1], cells[:, 0]), probs[active])  # a patch listed twice counts once
+    labels, count = ndimage.label(grid > 0)  # 4-connectivity (the default structure), labels 1..count
+    index = np.arange(1, count + 1)
+    means = ndimage.mean(grid, labels, index)  # [count]
+    best = labels == index[int(np.argmax(means))]  # [rows, cols]
+    rows, cols = np.nonzero(best)
+    w = grid[rows, cols]
+    centre = np.stack([cols, rows], axis=1) * patch_size + patch_size // 2  # [m, 2] (x, y), as patch_candidates
+    return (w[:, None] * centre).sum(axis=0) / w.sum(), float(means.max())

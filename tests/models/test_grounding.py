@@ -176,3 +176,56 @@ def test_pointer_loss_shows_a_box_without_targets():
     valid = jnp.ones((1, 2, 1), bool)
     loss, _ = grounding.pointer_loss(logits, valid, jnp.zeros((1, 2, 2), bool), jnp.ones(1))
     assert np.isfinite(float(loss)) and float(loss) > 1e8  # a data error stands out, never NaN
+
+
+def _grid(rows: int, cols: int, patch: int):
+    """Patch centres (x, y) of a rows x cols grid, row-major [rows * cols, 2]."""
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    return np.stack([c * patch + patch // 2, r * patch + patch // 2], axis=1)
+
+
+def test_region_point_by_hand():
+    """GUI-Actor's readout: patches >= threshold * max, 4-connected regions, the highest mean region, its
+    probability-weighted centre."""
+    points = _grid(4, 5, 8)
+    p = np.zeros(20)
+    p[[7, 8]] = [0.3, 0.1]  # row 1, cols 2-3: mean 0.2
+    p[[15, 16]] = [0.25, 0.25]  # row 3, cols 0-1: mean 0.25, below the peak 0.3 but the best mean
+    p[19] = 0.1  # alone at row 3, col 4
+    point, score = grounding.region_point(p, points, 8, threshold=0.3)
+    np.testing.assert_allclose(point, [(4 * 0.25 + 12 * 0.25) / 0.5, 28.0])
+    assert score == pytest.approx(0.25)
+    # threshold 1 keeps the most likely patch only: the argmax readout
+    np.testing.assert_allclose(grounding.region_point(p, points, 8, threshold=1.0)[0], points[7])
+    # between 0.1 and 0.25 of the peak the 0.1 patches drop out: row 1 is then the peak alone, mean 0.3
+    np.testing.assert_allclose(grounding.region_point(p, points, 8, threshold=0.5)[0], points[7])
+    # weighted centre: a 0.3 / 0.1 pair is read at a quarter of the way from the larger patch's centre
+    q = np.zeros(20)
+    q[[7, 8]] = [0.3, 0.1]
+    np.testing.assert_allclose(grounding.region_point(q, points, 8)[0], [20 + 8 * 0.25, 12.0])
+
+
+def test_region_point_joins_sides_not_corners():
+    """Diagonal neighbours are separate regions (4-connectivity); a sub-threshold patch does not join two."""
+    points = _grid(3, 3, 4)
+    p = np.zeros(9)
+    p[[0, 4]] = [0.5, 0.45]  # (0, 0) and (1, 1): corners touch
+    point, score = grounding.region_point(p, points, 4)
+    np.testing.assert_allclose(point, points[0])
+    assert score == pytest.approx(0.5)
+    p[[1]] = 0.1  # (0, 1) links them by sides but is under 0.3 * 0.5
+    np.testing.assert_allclose(grounding.region_point(p, points, 4)[0], points[0])
+    p[[1]] = 0.2  # above the threshold: one region of mean 0.383, centre weighted toward (0, 0)
+    point, score = grounding.region_point(p, points, 4)
+    assert score == pytest.approx((0.5 + 0.45 + 0.2) / 3)
+    np.testing.assert_allclose(point, (0.5 * points[0] + 0.2 * points[1] + 0.45 * points[4]) / 1.15)
+
+
+def test_region_point_errors():
+    points = _grid(2, 2, 8)
+    with pytest.raises(ValueError, match="probs must be"):
+        grounding.region_point(np.ones(3), points, 8)
+    with pytest.raises(ValueError, match="threshold=0"):
+        grounding.region_point(np.ones(4) / 4, points, 8, threshold=0)
+    with pytest.raises(ValueError, match="no positive entry"):
+        grounding.region_point(np.zeros(4), points, 8)

@@ -116,6 +116,7 @@ def test_action_text():
     pointed = np.array([*b"click(", g.POINT_ID, *b")", g.EOS_ID, g.POINT_ID])
     assert g.point_slot(pointed) == 6 and g.point_slot(np.array([*b"x", g.EOS_ID, g.POINT_ID])) == -1
     assert g.action_text(pointed, (12, 40)) == "click(12, 40)"
+    assert g.action_text(pointed, (11.5, 40.49)) == "click(12, 40)"  # a region's centre: to the nearest pixel
     assert g.action_text(pointed) == "<special token>"  # a <point> nobody resolved does not parse
     assert g.action_text(np.array([*b"click(1, 2)"])) == "click(1, 2)"  # no <eos>: every token
     assert g.step_reward(g.action_text(np.array([g.IMAGE_ID, *b"x", g.EOS_ID])), g.StepTarget("finished")) \
@@ -157,6 +158,8 @@ def test_smoke_run_writes_metrics_and_resumes(tmp_path):
     ("grounding", "pixels", "grounding='pixels'"),
     ("pointer_coef", 0.0, "pointer_coef"),
     ("eval_samples", -1, "eval_samples"),
+    ("point_readout", "mean", "point_readout='mean'"),
+    ("point_threshold", 0.0, "point_threshold=0.0"),
 ])
 def test_bad_config_names_the_field(field, value, message):
     kwargs = {**TINY, field: value}
@@ -173,35 +176,60 @@ def test_prompt_too_long_is_an_error():
         g.sft_example(case.state, (), 'type("abcdefghijk")', cfg)
 
 
+def _pointing_rollout(cfg, rows: list[list[int]]):
+    """An untrained pointer agent's model and parameters, ``len(rows)`` click tasks' first-step prompts and a
+    stand-in rollout whose responses are ``rows`` (the fields of a ``Sample`` that ``point_actions`` reads)."""
+    tasks = make_tasks(jax.random.PRNGKey(0), len(rows), cfg.screen_config(), ("click",))
+    model = g.VLM(cfg.model_config())
+    params = g.init_vlm_params(model, jax.random.PRNGKey(1), next(g.SFTBatches(tasks, cfg)))
+    cases = [g.step_cases(t)[0] for t in tasks]
+    prompts = g.prepare_prompts([g.policy_prompt(c.state, c.history, cfg) for c in cases], image_token=g.IMAGE_ID,
+                                patch_size=cfg.patch_size, image_len=cfg.image_len, image_rows=len(rows))
+    R = cfg.max_action_len + 1
+    response = np.array([r + [g.PAD_ID] * (R - len(r)) for r in rows], np.int32)
+
+    class Roll:
+        tokens = np.concatenate([prompts.tokens, response], axis=1)
+
+    Roll.response = response
+    return model, params, cases, prompts, Roll
+
+
+CLICK = [*b"click(", g.POINT_ID, *b")", g.EOS_ID]
+
+
 def test_pointing_logp_of_the_sampler_equals_the_loss_side():
     """GRPO's pointing column: the log-probability ``point_actions`` records when it samples a patch equals the
     one the update's ``logprobs`` recomputes for that patch (so the first epoch's ratio is 1), and a response
     without ``<point>`` is not counted there."""
     cfg = g.GUIAgentConfig(**TINY, temperature=0.7)
-    tasks = make_tasks(jax.random.PRNGKey(0), 2, cfg.screen_config(), ("click",))
-    model = g.VLM(cfg.model_config())
-    params = g.init_vlm_params(model, jax.random.PRNGKey(1), next(g.SFTBatches(tasks, cfg)))
-    cases = [g.step_cases(t)[0] for t in tasks]
-    prompts = g.prepare_prompts([g.policy_prompt(c.state, c.history, cfg) for c in cases], image_token=g.IMAGE_ID,
-                                patch_size=cfg.patch_size, image_len=cfg.image_len, image_rows=2)
-    R = cfg.max_action_len + 1
-    rows = [[*b"click(", g.POINT_ID, *b")", g.EOS_ID], [*b"finished()", g.EOS_ID]]
-    response = np.array([r + [g.PAD_ID] * (R - len(r)) for r in rows], np.int32)
-
-    class Roll:  # the fields of a Sample that point_actions reads
-        tokens = np.concatenate([prompts.tokens, response], axis=1)
-
-    Roll.response = response
+    model, params, cases, prompts, roll = _pointing_rollout(cfg, [CLICK, [*b"finished()", g.EOS_ID]])
     step = g.GRPOStep(model, params, g._optimizer(1e-3, 0, 1, cfg), cfg)
-    pointed = g.point_actions(model, params, prompts, Roll, jax.random.PRNGKey(2), cfg.temperature)
+    pointed = g.point_actions(model, params, prompts, roll, jax.random.PRNGKey(2), cfg.temperature)
     assert pointed["has_point"].tolist() == [True, False]
     assert pointed["query"][0] == cfg.prompt_len + 6
-    logp = step.ref_logprobs(params, prompts, response, pointed["query"], pointed["index"].astype(np.int32))
-    assert logp.shape == (2, R + 1)
+    logp = step.ref_logprobs(params, prompts, roll.response, pointed["query"], pointed["index"].astype(np.int32))
+    assert logp.shape == (2, cfg.max_action_len + 2)
     np.testing.assert_allclose(float(logp[0, -1]), pointed["logp"][0], rtol=1e-5, atol=1e-5)
     x, y = pointed["point"][0]
     assert 0 <= x < cases[0].state.screen.width and 0 <= y < cases[0].state.screen.height
     assert (x - cfg.patch_size // 2) % cfg.patch_size == 0 and (y - cfg.patch_size // 2) % cfg.patch_size == 0
+
+
+def test_greedy_region_readout():
+    """At temperature 0 the "region" readout clicks the region's weighted centre; at threshold 1 that is the
+    most likely patch's centre, the "argmax" readout; sampling is untouched by it."""
+    cfg = g.GUIAgentConfig(**TINY)
+    model, params, cases, prompts, roll = _pointing_rollout(cfg, [CLICK] * 3)
+    point = lambda readout, t=0.0: g.point_actions(model, params, prompts, roll, jax.random.PRNGKey(2), t,  # noqa: E731
+                                                   readout)["point"]
+    argmax = point(None)
+    np.testing.assert_array_equal(point((cfg.patch_size, 1.0)), argmax)
+    region = point((cfg.patch_size, 0.3))
+    assert region.dtype == np.float64 and not np.array_equal(region, argmax)  # an untrained head spreads its mass
+    for (x, y), c in zip(region, cases, strict=True):
+        assert 0 <= x < c.state.screen.width and 0 <= y < c.state.screen.height
+    np.testing.assert_array_equal(point((cfg.patch_size, 0.3), 1.0), point(None, 1.0))
 
 
 def test_text_grounding_trains_sft_and_grpo(tmp_path):

@@ -47,6 +47,8 @@ def test_tiny_run_end_to_end(tmp_path):
         assert set(table) == {"text", "sft", "grpo"} and all(0.0 <= v <= 1.0 for v in table.values())
     assert m["click_steps"] > 0 and m["eval_tasks"] == 3
     assert all(0.0 <= v <= 1.0 for v in m["click_accuracy_sampled"].values())  # eval_samples > 0: measured
+    assert set(m["click_accuracy_argmax"]) == {"sft", "grpo"}  # the region readout's argmax comparison
+    assert all(0.0 <= v <= 1.0 for v in m["click_accuracy_argmax"].values())
     assert m["curves"]["pointer"]["grpo"]["steps"][-1] == 2 and m["curves"]["text"]["sft"]["steps"][-1] == 2
     assert "pointer" in m["num_params"]["pointer"] and "pointer" not in m["num_params"]["text"]
     assert (tmp_path / "gui-grounding.png").stat().st_size > 0
