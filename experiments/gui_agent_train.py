@@ -13,7 +13,10 @@ policy optimisation, Shao et al. 2024).
 Grounding (``--grounding``): with "pointer" (the default; GUI-Actor, Wu et al. 2025, arXiv 2506.03143) the
 policy writes a click as ``click(<point>)`` and the VLM's pointing head (:meth:`jaxlab.models.vlm.VLM.point`,
 :mod:`jaxlab.models.grounding`) chooses a ViT patch from the hidden state at ``<point>``; the action text the
-environment receives is ``click(x, y)`` at that patch's centre, and that is what the history keeps. SFT adds the
+environment receives is ``click(x, y)`` at that patch's centre, and that is what the history keeps. The greedy
+policy's click (``--point-readout``) is GUI-Actor's readout by default, the probability-weighted centre of the
+likeliest region of patches (:func:`jaxlab.models.grounding.region_point`), or the most likely patch's centre
+("argmax"; the evaluation reports its click accuracy beside, ``click_accuracy_argmax``). SFT adds the
 pointing loss (the negative log-probability of the patches whose centres lie in the target's box) to the action
 text's cross-entropy; GRPO samples the patch at its temperature and counts the choice as one more action
 token. With "text" the policy writes the digits itself.
@@ -56,9 +59,10 @@ six kinds, 48 held-out tasks, 64 click steps) click accuracy 0.031 after 400 SFT
 steps (a uniformly random click lands in the target's box 0.047 of the time), and neither 2000 SFT steps nor 4000
 training tasks change that. The pointer learns to ground: 0.234 after 300 SFT steps at the default size, and on
 the grounding tasks of ``gui-grounding`` (click, check, menu; 5000 training tasks) 0.437 after 400 steps against
-the text agent's 0.107 (0.550 against 0.100 after 2000). GRPO has not raised it there (0.427 after 40 steps of
-8 x 8 samples, 0.531 after 200; the ``gui-grounding`` report). Steps that type stay wrong at these sizes (the
-typed text has to be copied from the instruction).
+the text agent's 0.107 (0.550 against 0.100 after 2000), with the argmax readout. GRPO has not raised that
+readout there (0.427 after 40 steps of 8 x 8 samples, 0.531 after 200); the region readout it raises by about
+half a standard error (0.526 to 0.545 at full size; the ``gui-grounding`` report). Steps that type stay wrong
+at these sizes (the typed text has to be copied from the instruction).
 """
 
 from __future__ import annotations
