@@ -67,7 +67,6 @@ at these sizes (the typed text has to be copied from the instruction).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import pathlib
@@ -134,24 +133,26 @@ def point_actions(model: VLM, params, prompts: VLMPrompts, roll, key, temperatur
                   readout: tuple[int, float] | None = None) -> dict:
     """Where each sampled response points: its ``<point>`` slot read by the pointing head (grounding
     "pointer"). Returns numpy ``has_point [B]``, ``query [B]`` (slot of the ``<point>`` token in the prompt
-    plus response), ``index [B]`` (the chosen patch), ``point [B, 2]`` (x, y) and ``logp [B]`` (under the
-    ``temperature``'s distribution; greedy at 0). ``readout = (patch_size, threshold)`` at temperature 0
-    replaces each pointing row's ``point`` with GUI-Actor's region readout (:func:`region_point`); ``index``
-    and ``logp`` stay the most likely patch's."""
+    plus response), ``index [B]`` (the chosen patch), ``patch_point [B, 2]`` (its centre, x, y), ``point [B, 2]``
+    (where the action clicks) and ``logp [B]`` (under the ``temperature``'s distribution; greedy at 0). ``point``
+    is ``patch_point`` except that ``readout = (patch_size, threshold)`` at temperature 0 makes it GUI-Actor's
+    region readout (:func:`region_point`) on each pointing row; ``index`` and ``logp`` stay the most likely
+    patch's."""
     response = np.asarray(roll.response)
     at = np.array([point_slot(r) for r in response])  # [B]: the <point> token's index in each response
     query = (np.shape(prompts.tokens)[1] + np.maximum(at, 0)).astype(np.int32)
     tokens, slots = teacher_forced_inputs(prompts, response)  # roll.tokens and the image slots under them
     index, point, logp, probs, points = jax.device_get(_pointer_fn(model.cfg)(
         params, tokens, prompts.images, slots, jnp.asarray(query), key, jnp.float32(temperature)))
-    point = np.asarray(point)
+    patch_point = np.asarray(point)
+    point = patch_point
     if readout is not None and temperature <= 0:
         patch_size, threshold = readout
-        point = point.astype(np.float64)
+        point = patch_point.astype(np.float64)
         for b in np.flatnonzero(at >= 0):
             point[b] = region_point(probs[b], points[b], patch_size, threshold)[0]
-    return {"has_point": at >= 0, "query": query, "index": np.asarray(index), "point": point,
-            "logp": np.asarray(logp)}
+    return {"has_point": at >= 0, "query": query, "index": np.asarray(index), "patch_point": patch_point,
+            "point": point, "logp": np.asarray(logp)}
 
 
 def _action_texts(model: VLM, params, prompts: VLMPrompts, roll, key, temperature: float, cfg: GUIAgentConfig):
@@ -161,25 +162,41 @@ def _action_texts(model: VLM, params, prompts: VLMPrompts, roll, key, temperatur
         return [action_text(r) for r in response], None
     readout = (cfg.patch_size, cfg.point_threshold) if cfg.point_readout == "region" else None
     pointed = point_actions(model, params, prompts, roll, key, temperature, readout)
+    return _pointed_texts(response, pointed, "point"), pointed
+
+
+def _pointed_texts(response: np.ndarray, pointed: dict, field: str) -> list[str]:
+    """Each response's action text with its ``<point>`` written at ``pointed[field]`` (a point per row)."""
     return [action_text(r, tuple(p) if h else None)
-            for r, p, h in zip(response, pointed["point"], pointed["has_point"], strict=True)], pointed
+            for r, p, h in zip(response, pointed[field], pointed["has_point"], strict=True)]
 
 
-def decode_actions(model: VLM, params, prompts: list[VLMExample], cfg: GUIAgentConfig, key=None,
-                   temperature: float = 0.0) -> list[str]:
-    """The policy's action text for each prompt (greedy at temperature 0), ``eval_batch`` prompts per call;
-    under grounding "pointer" a ``click(<point>)`` is written with the pointed patch's centre."""
+def _decode(model: VLM, params, prompts: list[VLMExample], cfg: GUIAgentConfig, key=None,
+            temperature: float = 0.0) -> tuple[list[str], list[str]]:
+    """:func:`decode_actions`'s texts, and the same texts with each ``<point>`` written at the chosen patch's
+    centre (the "argmax" readout when greedy; the texts themselves under grounding "text")."""
     key = jax.random.PRNGKey(0) if key is None else key
-    out = []
+    out, at_patch = [], []
     for start in range(0, len(prompts), cfg.eval_batch):
         chunk = prompts[start:start + cfg.eval_batch]
         arrays = _prompt_arrays(chunk, cfg)
         chunk_key = jax.random.fold_in(key, start)
         roll = sample_vlm(model, params, arrays, chunk_key, cfg.max_action_len + 1,
                           temperature=temperature, eos_id=EOS_ID, pad_id=PAD_ID)
-        texts, _ = _action_texts(model, params, arrays, roll, jax.random.fold_in(chunk_key, 1), temperature, cfg)
+        texts, pointed = _action_texts(model, params, arrays, roll, jax.random.fold_in(chunk_key, 1), temperature,
+                                       cfg)
+        patch_texts = texts if pointed is None else _pointed_texts(np.asarray(roll.response), pointed, "patch_point")
         out.extend(texts[:len(chunk)])
-    return out
+        at_patch.extend(patch_texts[:len(chunk)])
+    return out, at_patch
+
+
+def decode_actions(model: VLM, params, prompts: list[VLMExample], cfg: GUIAgentConfig, key=None,
+                   temperature: float = 0.0) -> list[str]:
+    """The policy's action text for each prompt (greedy at temperature 0), ``eval_batch`` prompts per call;
+    under grounding "pointer" a ``click(<point>)`` is written where the pointing head points
+    (``cfg.point_readout`` when greedy, the sampled patch's centre otherwise)."""
+    return _decode(model, params, prompts, cfg, key, temperature)[0]
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
@@ -216,18 +233,15 @@ def make_eval_fn(model: VLM, tasks: list[GUITask], cfg: GUIAgentConfig):
         return success
 
     def eval_fn(params) -> dict[str, float]:
-        actions = decode_actions(model, params, prompts, cfg)
+        actions, at_patch = _decode(model, params, prompts, cfg)
         scored = np.array([step_reward(a, c.target) for a, c in zip(actions, cases, strict=True)])  # [S, 2]
         success = rollouts(params)
         out = {"step_accuracy": float(scored[:, 0].mean()), "parse_rate": float(scored[:, 1].mean()),
                "click_accuracy": float(scored[clicks, 0].mean()) if clicks.any() else float("nan"),
                "task_success": float(success.mean()), "click_steps": int(clicks.sum())}
         if cfg.grounding == "pointer" and cfg.point_readout != "argmax" and clicks.any():  # the readouts compared
-            argmax_cfg = dataclasses.replace(cfg, point_readout="argmax")
-            out["click_accuracy_argmax"] = float(np.mean([
-                step_reward(action, case.target)[0]
-                for action, case in zip(decode_actions(model, params, click_prompts, argmax_cfg), click_cases,
-                                        strict=True)]))
+            out["click_accuracy_argmax"] = float(np.mean([step_reward(a, c.target)[0] for a, c, k in
+                                                          zip(at_patch, cases, clicks, strict=True) if k]))
         if cfg.eval_samples and clicks.any():  # the sampled policy (GRPO's) on the click steps
             hits = [step_reward(action, case.target)[0] for k in range(cfg.eval_samples)
                     for action, case in zip(decode_actions(model, params, click_prompts, cfg, jax.random.PRNGKey(1 + k),

@@ -230,6 +230,31 @@ def test_greedy_region_readout():
     for (x, y), c in zip(region, cases, strict=True):
         assert 0 <= x < c.state.screen.width and 0 <= y < c.state.screen.height
     np.testing.assert_array_equal(point((cfg.patch_size, 0.3), 1.0), point(None, 1.0))
+    pointed = g.point_actions(model, params, prompts, roll, jax.random.PRNGKey(2), 0.0, (cfg.patch_size, 0.3))
+    np.testing.assert_array_equal(pointed["patch_point"], argmax)  # the chosen patch's centre, kept beside
+
+
+def test_eval_reports_the_argmax_readout_beside_the_region_one(monkeypatch):
+    """One decoding serves both readouts: with every greedy action ``click(<point>)``, ``click_accuracy_argmax``
+    under "region" is the "argmax" run's ``click_accuracy``, and the region readout clicks elsewhere."""
+    cfg = g.GUIAgentConfig(**{**TINY, "eval_tasks": 8})
+    tasks = make_tasks(jax.random.PRNGKey(3), 8, cfg.screen_config(), ("click",))
+    model = g.VLM(cfg.model_config())
+    params = g.init_vlm_params(model, jax.random.PRNGKey(1), next(g.SFTBatches(tasks, cfg)))
+    R = cfg.max_action_len + 1
+
+    class Roll:  # what sample_vlm returns, as far as the evaluation reads it
+        def __init__(self, prompts):
+            self.response = np.array([CLICK + [g.PAD_ID] * (R - len(CLICK))] * len(prompts.tokens), np.int32)
+            self.tokens = np.concatenate([prompts.tokens, self.response], axis=1)
+
+    monkeypatch.setattr(g, "sample_vlm", lambda model, params, prompts, *args, **kwargs: Roll(prompts))
+    region = g.make_eval_fn(model, tasks, cfg)(params)
+    argmax = g.make_eval_fn(model, tasks, g.GUIAgentConfig(**{**TINY, "eval_tasks": 8},
+                                                           point_readout="argmax"))(params)
+    assert region["click_steps"] > 0 and "click_accuracy_argmax" not in argmax
+    assert region["click_accuracy_argmax"] == argmax["click_accuracy"]
+    assert region["click_accuracy"] != argmax["click_accuracy"]
 
 
 def test_text_grounding_trains_sft_and_grpo(tmp_path):
