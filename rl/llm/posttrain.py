@@ -283,6 +283,9 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
     (:mod:`jaxlab.rl.llm.base_corpus`) and the summary's ``base`` is that base model's evaluation.
     The summary holds the SFT start's evaluation (``sft``), the final one (``final``), the method stage's
     evaluations over its steps (``history``, ``[{"step", "accuracy", ...}]``) and the run's timing; with
+    ``cfg.problem_pool``, ``problem_pool``: the pool's attempts and success rate, and per difficulty level
+    (``levels``) the start policy's sampled accuracy on the pool's problems of that level (``start_accuracy``)
+    and the run's ``attempts`` and ``success_rate``; with
     ``cfg.init_from``, ``exported``: the Hugging Face folder of the final policy (``out_dir/hf``).
     """
     out_dir = pathlib.Path(out_dir)
@@ -328,6 +331,22 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
         """The fixed evaluation set's metrics of ``params`` (KL to ``ref_params``)."""
         return evaluate_policy(model, params, ref_params, eval_prompts, eval_answers, eval_key, response_len, task,
                                cfg.fast_compile)
+
+    def pool_accuracy_by_level(params, pool: ProblemPool) -> list[float | None]:
+        """Sampled accuracy of ``params`` on the pool's problems of each difficulty level (None: a level the pool
+        lacks): the curriculum's premise, that the start policy solves easy levels more often. Each level's
+        problems are cycled to ``eval_problems`` rows, the evaluation's own shape (one compiled program)."""
+        levels = np.asarray(pool.levels)
+        out = []
+        for level in range(pool.num_levels):
+            idx = np.flatnonzero(levels == level)
+            if not len(idx):
+                out.append(None)
+                continue
+            idx = np.resize(idx, cfg.eval_problems)  # [eval_problems]
+            out.append(evaluate_policy(model, params, params, pool.prompts[idx], pool.answers[idx], eval_key,
+                                       response_len, task, cfg.fast_compile)["accuracy"])
+        return out
 
     def run_stage(name, train_step, state, data, steps, ref=None, pool=None):
         if mesh.size > 1:
@@ -422,6 +441,7 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
         if cfg.problem_pool:
             problems = ProblemPool(task, cfg.problem_pool, cfg.batch_size, stream(_POOL), stream(_RL_DATA),
                                    cfg.problem_sampling, cfg.steps, cfg.group_size)
+            start_by_level = pool_accuracy_by_level(ref, problems)
         else:
             problems = ProblemIterator(task, cfg.batch_size, stream(_RL_DATA))
         result = run_stage("grpo", step, state, WithFrozen(problems, ref_params=ref), cfg.steps, ref,
@@ -433,7 +453,9 @@ def posttrain(cfg: PostTrainConfig, out_dir: str | pathlib.Path) -> dict:
                                        "attempts": float(jnp.sum(problems.stats.attempts)),
                                        "tried": int(jnp.sum(problems.stats.attempts > 0)),
                                        "success_rate": float(jnp.sum(problems.stats.successes)
-                                                             / jnp.maximum(jnp.sum(problems.stats.attempts), 1))}
+                                                             / jnp.maximum(jnp.sum(problems.stats.attempts), 1)),
+                                       "levels": {"start_accuracy": start_by_level,
+                                                  **problems.stats_by_level()}}
     elif cfg.method in ("dpo", "ppo-rlhf") and not preempted:
         all_pairs = cfg.method == "ppo-rlhf" and cfg.rm_all_pairs
         pairs = preference_pairs(model, ref, task, stream(_PAIRS), cfg.pair_prompts, cfg.group_size,

@@ -106,6 +106,15 @@ class ProblemPool:
         """Outcomes [batch_size * group_size] (groups contiguous) of the last batch's responses."""
         self.stats = _record(self.stats, jnp.repeat(self.last, self.group_size), jnp.asarray(correct))
 
+    def stats_by_level(self) -> dict[str, list[float]]:
+        """``attempts`` and ``success_rate`` (successes over attempts, 0 for a level never tried) of each
+        difficulty level's problems so far, pooled: lists of ``num_levels``."""
+        one_hot = np.asarray(self.levels)[None, :] == np.arange(self.num_levels)[:, None]  # [num_levels, N]
+        attempts = one_hot @ np.asarray(self.stats.attempts, np.float64)  # [num_levels]
+        successes = one_hot @ np.asarray(self.stats.successes, np.float64)
+        return {"attempts": attempts.tolist(),
+                "success_rate": np.where(attempts > 0, successes / np.maximum(attempts, 1), 0.0).tolist()}
+
     def get_state(self) -> dict:
         return {"index": self.index, "attempts": np.asarray(self.stats.attempts).tolist(),
                 "successes": np.asarray(self.stats.successes).tolist()}

@@ -89,10 +89,17 @@ def test_curriculum_opens_only_level_zero_at_the_start():
         assert (levels[np.asarray(pool.last)] == 0).all()
         assert all(max(_operands(p)) < 10 for p in np.asarray(batch["prompts"]))
         pool.record(np.ones(16 * 2, np.float32) * (i % 2))
+    by_level = pool.stats_by_level()  # three steps of level 0, the second one all right
+    assert by_level["attempts"] == [96.0, 0.0, 0.0]
+    assert by_level["success_rate"] == [pytest.approx(1 / 3), 0.0, 0.0]
     pool.set_state({**pool.get_state(), "index": 20})  # progress 2/3: every level
     drawn = np.concatenate([np.asarray((next(pool), pool.last)[1]) for _ in range(4)])
     assert set(levels[drawn].tolist()) == {0, 1, 2}
     assert float(np.sum(pool.stats.attempts)) == 3 * 16 * 2 and float(np.sum(pool.stats.successes)) == 16 * 2
+    pool.record(np.ones(16 * 2, np.float32))  # the last batch (every level open) all right
+    counts = np.bincount(levels[np.asarray(pool.last)], minlength=3) * 2.0  # attempts of the batch per level
+    expected = (counts + [32, 0, 0]) / np.maximum(counts + [96, 0, 0], 1)
+    assert pool.stats_by_level()["success_rate"] == pytest.approx(expected.tolist())
 
 
 def test_prioritized_pool_counts_every_attempt_resumes_exactly_and_logs_rollouts(tmp_path):
@@ -131,14 +138,35 @@ def test_prioritized_pool_counts_every_attempt_resumes_exactly_and_logs_rollouts
     assert [r["step"] for r in _rollouts(tmp_path)] == [r["step"] for r in records]  # steps 3, 4 logged once
 
 
-def test_curriculum_run_draws_level_zero_first(tmp_path):
+def test_curriculum_run_draws_level_zero_first(tmp_path, monkeypatch):
+    import jaxlab.rl.llm.posttrain as posttrain_module
+
+    evaluated = []  # the prompts of every evaluation
+
+    def recording(model, params, ref_params, prompts, *args, **kwargs):
+        evaluated.append(np.asarray(prompts))
+        return evaluate_policy(model, params, ref_params, prompts, *args, **kwargs)
+
+    evaluate_policy = posttrain_module.evaluate_policy
+    monkeypatch.setattr(posttrain_module, "evaluate_policy", recording)
     cfg = dataclasses.replace(BASE, problem_sampling="curriculum+prioritized", log_rollouts=100)
     summary = posttrain(cfg, tmp_path)
+    # after the start policy's evaluation, its accuracy by level: on the pool's problems of one level at a time
+    largest = [[max(_operands(p)) for p in prompts] for prompts in evaluated[1:3]]
+    assert len(largest[0]) == len(largest[1]) == cfg.eval_problems
+    assert max(largest[0]) < 10 <= min(largest[1])
     assert summary["problem_pool"]["attempts"] == cfg.steps * ROWS
     records = _rollouts(tmp_path)
     assert len(records) == cfg.steps * ROWS  # up to 100 a step: every response
     # two levels over four steps: level 1 opens at progress 1/2, i.e. the third step
     assert all(r["level"] == 0 for r in records if r["step"] <= 2)
+    # the summary's per-level outcomes are the logged rollouts' (every response is logged)
+    levels = summary["problem_pool"]["levels"]
+    for level in (0, 1):
+        correct = [r["correct"] for r in records if r["level"] == level]
+        assert levels["attempts"][level] == len(correct) > 0
+        assert levels["success_rate"][level] == pytest.approx(np.mean(correct))
+    assert len(levels["start_accuracy"]) == 2 and all(0 <= a <= 1 for a in levels["start_accuracy"])
 
 
 @pytest.mark.parametrize("kwargs, match", [

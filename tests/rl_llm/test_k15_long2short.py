@@ -177,7 +177,7 @@ def test_long_cot_warm_up_answers_the_prompts_problems_with_checks():
 def test_k15_long2short_smoke(tmp_path):
     exp = get_experiment("k15-long2short")
     # the quick size's model (a smaller one answers nothing right, leaving long2short no data), briefly trained
-    cfg = dataclasses.replace(exp.quick, fast_compile=True, pretrain_steps=400, sft_steps=20, steps=2,
+    cfg = dataclasses.replace(exp.quick, fast_compile=True, pretrain_steps=100, sft_steps=60, steps=2,
                               sampling_steps=2, batch_size=4, group_size=4, eval_every=1, eval_problems=32,
                               problem_pool=16, penalty_warmup=1, pair_prompts=64, long2short_samples=4,
                               long2short_steps=2)
@@ -205,6 +205,15 @@ def test_k15_long2short_smoke(tmp_path):
     assert [c.claim[:26] for c in result.claims] == ["long2short (rejection) cut", "long2short (dpo) cuts the ",
                                                     "from the base model, curri", "Kimi's length penalty shor"]
     assert all(isinstance(c, Claim) and isinstance(c.holds, bool) and c.evidence for c in result.claims)
-    assert len(result.comparisons) == 5 and result.summary
+    # the pool's levels: both sampling runs draw one pool and start from the base model; the curriculum's first
+    # step draws level 0 only (its attempts at least a step's batch x group), uniform sampling both levels
+    levels = m["pool_levels"]
+    assert levels["uniform"]["start_accuracy"] == levels["curriculum+prioritized"]["start_accuracy"]
+    assert len(levels["uniform"]["start_accuracy"]) == cfg.num_digits
+    for by_level in levels.values():
+        assert sum(by_level["attempts"]) == cfg.sampling_steps * cfg.batch_size * cfg.group_size
+        assert all(0 <= a <= 1 for a in by_level["start_accuracy"] + by_level["success_rate"])
+    assert levels["curriculum+prioritized"]["attempts"][0] >= cfg.batch_size * cfg.group_size
+    assert len(result.comparisons) == 6 and result.summary
     with pytest.raises(ValueError, match="modes"):
         dataclasses.replace(cfg, modes=("rejection", "rejection"))
