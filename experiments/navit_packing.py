@@ -30,9 +30,12 @@ pair of ``eval_scenes`` scenes from another key (about 10.7 a scene), overall an
 (:func:`~jaxlab.experiments.vlm_train.majority_answers`); ``resize`` is evaluated on resized images. (``jaxlab
 train vlm``'s byte-level VLM scores 0.52 against the image-blind 0.37 after 600 steps, 75 s on one core.)
 
-Seed 0, packed / resize / pad accuracy: quick 0.632 / 0.654 / 0.582, full 0.847 / 0.917 / 0.696: packing beats
-padding; resizing (little lost on these shapes; likely helped by cells always on the same patches) wins on
-colour and position (0.99 against 0.86, 0.85). A step: ``patches [B, L, P*P*3]``, ``segment_ids``,
+Seed 0, packed / resize / pad accuracy: quick 0.646 / 0.654 / 0.595, full 0.919 / 0.940 / 0.794 (an earlier full
+run of the same program on one pinned core, another float path: 0.847 / 0.917 / 0.696): packing beats padding and
+trails resizing. Held-out accuracy by native size against the resized square (:data:`NATIVE_SIZES`) says the edge
+is not resolution: at full size resizing wins most on the 6 x 6-patch images it leaves unchanged (0.930 against
+0.888), less on those it upsamples (0.951 against 0.941) or downsamples (0.923 against 0.890); more likely it is
+the one fixed grid, whose cells always fall on the same patches. A step: ``patches [B, L, P*P*3]``, ``segment_ids``,
 ``slot_image [B, L]`` (each slot's image, N on padding), ``positions [B, L, 2]``; ``question_ids``, ``answer_ids``,
 ``question_mask [N, Q]``.
 """
@@ -64,6 +67,9 @@ from jaxlab.xla_options import FAST_COMPILE
 PAPER = ("Dehghani et al. 2023, Patch n' Pack: NaViT, a Vision Transformer for any Aspect Ratio and Resolution "
          "(arXiv:2307.06304), Figures 1 and 4, section 2.2")
 PIPELINES = ("packed", "resize", "pad")
+NATIVE_SIZES = ("smaller", "same", "larger")
+"""Held-out images by their native patch count against the resized square's: resizing upsamples the smaller
+ones (more tokens than native) and downsamples the larger ones (rows and columns dropped)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,6 +358,10 @@ class HeldOut:
         self.scenes, self.vocab, self.cfg, self.chunk = scenes, vocab, cfg, chunk
         pairs = [(q, a) for s in scenes for q, a in s.qa]
         self.kinds = np.array([question_kind(q) for q, _ in pairs])
+        # each question's image against the resize pipeline's square: fewer, as many or more native patches
+        resized, P = cfg.resize_grid ** 2, cfg.patch_size
+        patches = np.array([s.image.shape[0] * s.image.shape[1] // P ** 2 for s in scenes for _ in s.qa])
+        self.sizes = np.array(NATIVE_SIZES)[1 + np.sign(patches - resized)]
         by_question, fallback = majority_answers(train)
         self.blind = np.array([by_question.get(q, fallback) == a for q, a in pairs])
 
@@ -368,6 +378,9 @@ class HeldOut:
             if (self.kinds == kind).any():
                 out[f"accuracy/{kind}"] = float(right[self.kinds == kind].mean())
                 out[f"majority_accuracy/{kind}"] = float(self.blind[self.kinds == kind].mean())
+        for size in NATIVE_SIZES:
+            if (self.sizes == size).any():
+                out[f"accuracy/native-{size}"] = float(right[self.sizes == size].mean())
         return out
 
 
@@ -403,7 +416,8 @@ def run_pipelines(cfg: NaViTPackingConfig, key: jax.Array, seed: int, progress=l
                           "images_per_step": data.images / data.steps, "seconds": time.perf_counter() - start,
                           "layout": cfg.layout(pipeline)}
     return {"runs": runs, "eval_questions": len(held_out.kinds), "num_questions": len(vocab.questions) - 1,
-            "num_answers": len(vocab.answers) - 1}
+            "num_answers": len(vocab.answers) - 1,
+            "native_size_share": {size: float(np.mean(held_out.sizes == size)) for size in NATIVE_SIZES}}
 
 
 # ---- the experiment -------------------------------------------------------------------------------
@@ -434,6 +448,16 @@ def _plot(cfg: NaViTPackingConfig, runs: dict, path) -> None:
 
 def _by_kind(runs: dict, pipeline: str) -> str:  # final held-out accuracy per question kind
     return "/".join(f"{runs[pipeline]['final'][f'accuracy/{kind}']:.2f}" for kind in QUESTION_KINDS)
+
+
+def _size_shares(out: dict) -> str:  # the held-out questions' shares of the native sizes
+    return "/".join(f"{100 * out['native_size_share'][size]:.0f}" for size in NATIVE_SIZES) + "% of the questions"
+
+
+def _by_size(runs: dict, pipeline: str) -> str:  # final held-out accuracy per native size against the square
+    final = runs[pipeline]["final"]
+    return "/".join(f"{final[f'accuracy/native-{size}']:.2f}" if f"accuracy/native-{size}" in final else "—"
+                    for size in NATIVE_SIZES)
 
 
 @register_experiment("navit-packing", description="NaViT packing vs resize-to-square vs pad-to-max at equal "
@@ -484,6 +508,9 @@ def navit_packing(cfg: NaViTPackingConfig, ctx: RunContext) -> ExperimentResult:
                    "NaViT above ViT at every compute budget", "NaViT Fig. 1"),
         *(Comparison(f"held-out accuracy, {p}, by kind ({'/'.join(QUESTION_KINDS)})", _by_kind(runs, p), None, None)
           for p in PIPELINES),
+        Comparison(f"held-out accuracy by native size against the {cfg.resize_grid}x{cfg.resize_grid}-patch square "
+                   f"({'/'.join(NATIVE_SIZES)} images, {_size_shares(out)}): packed vs resize",
+                   f"{_by_size(runs, 'packed')} vs {_by_size(runs, 'resize')}", None, None),
         Comparison("seconds of training and evaluation: packed / resize / pad (this machine, compiles included)",
                    " / ".join(f"{runs[p]['seconds']:.0f}" for p in PIPELINES), None, None),
     )
@@ -492,7 +519,8 @@ def navit_packing(cfg: NaViTPackingConfig, ctx: RunContext) -> ExperimentResult:
                f"largest image {100 * waste['pad']:.1f}% ({ips['pad']:.1f}), resizing to "
                f"{cfg.resize_grid * cfg.patch_size} px squares none ({ips['resize']:.1f}). Held-out accuracy over "
                f"{n_eval} questions: packed {acc['packed']:.3f}, resize {acc['resize']:.3f}, pad {acc['pad']:.3f} "
-               f"(image-blind {blind:.3f}).")
+               f"(image-blind {blind:.3f}). By native size against the resized square "
+               f"({'/'.join(NATIVE_SIZES)}): packed {_by_size(runs, 'packed')}, resize {_by_size(runs, 'resize')}.")
     metrics = {"config": dataclasses.asdict(cfg), "accuracy": acc, "wasted_fraction": waste, "images_per_step": ips,
                "eval_questions": n_eval, "majority_accuracy": blind, "resize_side": cfg.resize_grid * cfg.patch_size,
                **out}

@@ -146,3 +146,24 @@ def test_a_tiny_run_states_the_three_claims(tmp_path):
     assert m["eval_questions"] == sum(len(s.qa) for s in make_scenes(jax.random.fold_in(ctx.key, 1), 4,
                                                                       CFG.shapes_config()))
     assert ctx.figure_path.exists()
+    assert sum(m["native_size_share"].values()) == pytest.approx(1.0)
+    assert all(f"accuracy/native-{s}" in m["runs"]["packed"]["final"] for s, share in m["native_size_share"].items()
+               if share > 0)
+
+
+def test_held_out_accuracy_by_native_size_against_the_resized_square():
+    """Images of fewer, as many and more patches than the resize pipeline's 6 x 6 square are scored apart."""
+    assert CFG.resize_grid == 6
+    qa = (("How many shapes are there?", "1"), ("What colour is the shape?", "red"))
+    scenes = [blank_scene(3, 3, qa), blank_scene(6, 6, qa), blank_scene(9, 6, qa), blank_scene(3, 9, qa)]
+    held_out = npk.HeldOut(scenes, npk.QAVocab(scenes), CFG, scenes)
+    assert held_out.sizes.tolist() == ["smaller"] * 2 + ["same"] * 2 + ["larger"] * 2 + ["smaller"] * 2
+    batches = held_out.batches("pad")  # one image a row, in the scenes' order
+
+    def right_on(images):  # predicts the answers of these images' questions, a wrong id for the others
+        return lambda b: np.where(np.isin(np.arange(len(b["answer_ids"])), images)[:, None], b["answer_ids"], -1)
+
+    out = held_out.accuracy(right_on([0]), batches)
+    assert (out["accuracy/native-smaller"], out["accuracy/native-same"], out["accuracy/native-larger"]) == (0.5, 0, 0)
+    out = held_out.accuracy(right_on([1, 2]), batches)
+    assert (out["accuracy/native-smaller"], out["accuracy/native-same"], out["accuracy/native-larger"]) == (0, 1, 1)
