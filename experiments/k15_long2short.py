@@ -37,8 +37,8 @@ Learning with LLMs", arXiv:2501.12599, sections 2.3.3-2.3.4 and 2.4).
    size), leaving RL nothing to learn faster, so the comparison starts where RL has the task to learn.
    The experiment measures the curriculum's premise, the base model's pass@1 on the pool's problems of each level
    (``pool_levels``), and here it fails: the base model answers the one-digit problems no more often than the
-   two-digit ones (seed 0: 0.055 against 0.105 at the quick size, 0.164 against 0.172 at the full size), and
-   uniform sampling's whole run solves them less often or as often (0.44 against 0.64; 0.82 against 0.80). A
+   two-digit ones (seed 0: 0.035 against 0.098 at the quick size, 0.164 against 0.172 at the full size), and
+   uniform sampling's whole run solves them less often or as often (0.35 against 0.64; 0.82 against 0.80). A
    one-digit problem is zero-padded to two columns whose tens column, 0 + 0 with or without a carry, the base
    corpus's uniformly drawn operands show once in a hundred; so the level that a curriculum by digits calls easy
    is not easier for this model, and the curriculum spends its first half on it.
