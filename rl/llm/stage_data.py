@@ -109,9 +109,9 @@ class ProblemPool:
     def stats_by_level(self) -> dict[str, list[float]]:
         """``attempts`` and ``success_rate`` (successes over attempts, 0 for a level never tried) of each
         difficulty level's problems so far, pooled: lists of ``num_levels``."""
-        one_hot = np.asarray(self.levels)[None, :] == np.arange(self.num_levels)[:, None]  # [num_levels, N]
-        attempts = one_hot @ np.asarray(self.stats.attempts, np.float64)  # [num_levels]
-        successes = one_hot @ np.asarray(self.stats.successes, np.float64)
+        levels = np.asarray(self.levels)
+        attempts, successes = (np.bincount(levels, weights=np.asarray(counts, np.float64), minlength=self.num_levels)
+                               for counts in (self.stats.attempts, self.stats.successes))  # [num_levels] each
         return {"attempts": attempts.tolist(),
                 "success_rate": np.where(attempts > 0, successes / np.maximum(attempts, 1), 0.0).tolist()}
 
