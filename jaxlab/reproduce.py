@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,7 +39,7 @@ from jaxlab.metrics import to_jsonable
 from jaxlab.registry import Claim, Comparison, Experiment, ExperimentResult, experiment_names, get_experiment
 
 __all__ = ["RunRecord", "claims_tally", "cpu_slices", "default_jobs", "folder_report", "may_start", "reproduce",
-           "run_experiment", "run_order", "usable_cpus", "write_report"]
+           "run_experiment", "run_order", "seeds_note", "usable_cpus", "write_report"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,8 @@ class RunRecord:
     runtime_s: float
     result: ExperimentResult | None
     error: str | None = None
+    seed: int | None = None
+    """The base seed the run derived its keys from (None: a record written before seeds were recorded)."""
 
     @property
     def reproduces(self) -> bool | None:
@@ -71,7 +74,8 @@ class RunRecord:
                 claims=tuple(Claim(**c) for c in data.get("claims", [])))
         return cls(name=data["name"], description=data.get("description", ""), paper=data.get("paper", ""),
                    quick=bool(data.get("quick")), config=data.get("config") or {},
-                   runtime_s=float(data.get("runtime_s", 0.0)), result=result, error=data.get("error"))
+                   runtime_s=float(data.get("runtime_s", 0.0)), result=result, error=data.get("error"),
+                   seed=data.get("seed"))
 
     def save(self, out_dir: pathlib.Path) -> pathlib.Path:
         """Write ``out_dir/<name>.json`` (read back by :meth:`from_json`)."""
@@ -83,7 +87,7 @@ class RunRecord:
         result = self.result
         return to_jsonable({
             "name": self.name, "description": self.description, "paper": self.paper,
-            "quick": self.quick, "config": self.config, "runtime_s": round(self.runtime_s, 3),
+            "quick": self.quick, "seed": self.seed, "config": self.config, "runtime_s": round(self.runtime_s, 3),
             "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
             "jax_version": jax.__version__, "python": platform.python_version(),
             "metrics": result.metrics if result else None,
@@ -116,7 +120,7 @@ def run_experiment(experiment: Experiment, config: Any, out_dir: pathlib.Path, *
     record = RunRecord(
         name=experiment.name, description=experiment.description, paper=experiment.paper,
         quick=quick, config=to_jsonable(config), runtime_s=time.perf_counter() - start,
-        result=result, error=error)
+        result=result, error=error, seed=seed)
     record.save(out_dir)
     return record
 
@@ -141,6 +145,20 @@ def claims_tally(records: list[RunRecord]) -> str:
             f"({sum(c.holds for c in claims)} of {len(claims)} claims hold).")
 
 
+def seeds_note(records: Sequence[RunRecord]) -> str:
+    """The base seeds of ``records``, for a report's header: ``"seed 1"`` when they share one, else each seed
+    with its count of experiments (``"seeds 0 (3 experiments), 1 (24 experiments)"``), a folder filled by runs at
+    different seeds; records written before seeds were recorded count as seed ``unrecorded``. Empty for no
+    records."""
+    counts = Counter("unrecorded" if r.seed is None else str(r.seed) for r in records)
+    if not counts:
+        return ""
+    if len(counts) == 1:
+        return f"seed {next(iter(counts))}"
+    order = sorted(counts, key=lambda s: (s == "unrecorded", int(s) if s != "unrecorded" else 0))
+    return "seeds " + ", ".join(f"{s} ({counts[s]} experiment{'s' if counts[s] > 1 else ''})" for s in order)
+
+
 def write_report(records: list[RunRecord], out_dir: pathlib.Path, *, quick: bool,
                  not_run: Sequence[str] = (), needs_gpu: Sequence[str] = (),
                  wall: tuple[float, int] | None = None) -> pathlib.Path:
@@ -157,7 +175,7 @@ def write_report(records: list[RunRecord], out_dir: pathlib.Path, *, quick: bool
         "",
         f"{len(records)} experiment(s), {'--quick sizes' if quick else 'full sizes'}, "
         f"{total:.0f} s in all{at_once}, on {jax.default_backend()} ({jax.device_count()} device(s)), "
-        f"jax {jax.__version__}.",
+        f"jax {jax.__version__}" + (f", {seeds_note(records)}." if records else "."),
         "",
         f"**{claims_tally(records)}** An experiment reproduces its paper when every claim, stated from the "
         "paper with its thresholds fixed before the run, holds on the run's own metrics; a failing claim "
@@ -195,7 +213,8 @@ def write_report(records: list[RunRecord], out_dir: pathlib.Path, *, quick: bool
             for c in r.result.comparisons:
                 lines.append(f"| {_fmt(c.quantity)} | {_fmt(c.ours)} | {_fmt(c.published)} | {_fmt(c.source)} |")
             lines.append("")
-        lines += [f"Numbers: [`{r.name}.json`]({r.name}.json). Config: `{json.dumps(r.config)}`."]
+        seed = "" if r.seed is None else f" Seed: {r.seed}."
+        lines += [f"Numbers: [`{r.name}.json`]({r.name}.json). Config: `{json.dumps(r.config)}`.{seed}"]
     path = out_dir / "REPORT.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -342,7 +361,7 @@ def _reproduce_parallel(experiments: list[Experiment], out_dir: pathlib.Path, *,
                 del running[name]
                 if cpus:
                     free_cpus.append(cpus)
-                done[name] = _child_record(experiment, out_dir, quick=quick, status=proc.returncode,
+                done[name] = _child_record(experiment, out_dir, quick=quick, seed=seed, status=proc.returncode,
                                            runtime=time.perf_counter() - started, log_path=logs / f"{name}.log")
                 bar.update()
     finally:
@@ -353,8 +372,8 @@ def _reproduce_parallel(experiments: list[Experiment], out_dir: pathlib.Path, *,
     return [done[e.name] for e in experiments]
 
 
-def _child_record(experiment: Experiment, out_dir: pathlib.Path, *, quick: bool, status: int, runtime: float,
-                  log_path: pathlib.Path) -> RunRecord:
+def _child_record(experiment: Experiment, out_dir: pathlib.Path, *, quick: bool, seed: int, status: int,
+                  runtime: float, log_path: pathlib.Path) -> RunRecord:
     """The record a child wrote, or a failure record naming its exit status and log."""
     path = out_dir / f"{experiment.name}.json"
     try:
@@ -364,7 +383,7 @@ def _child_record(experiment: Experiment, out_dir: pathlib.Path, *, quick: bool,
                  f"readable record ({type(e).__name__}); its output is in {log_path}")
         record = RunRecord(name=experiment.name, description=experiment.description, paper=experiment.paper,
                            quick=quick, config=to_jsonable(experiment.default_config(quick)), runtime_s=runtime,
-                           result=None, error=error)
+                           result=None, error=error, seed=seed)
         record.save(out_dir)
     if record.error is not None:
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-20:])

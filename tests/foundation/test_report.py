@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from jaxlab.registry import Claim, ExperimentResult
-from jaxlab.reproduce import RunRecord, claims_tally, reproduce, write_report
+from jaxlab.reproduce import RunRecord, claims_tally, reproduce, seeds_note, write_report
 
 
-def _record(name: str, claims=(), error=None, quick=True) -> RunRecord:
+def _record(name: str, claims=(), error=None, quick=True, seed=0) -> RunRecord:
     result = None if error else ExperimentResult(metrics={"x": 1.0}, claims=claims)
     return RunRecord(name=name, description=f"{name} figure", paper=f"{name} et al.", quick=quick, config={},
-                     runtime_s=1.0, result=result, error=error)
+                     runtime_s=1.0, result=result, error=error, seed=seed)
 
 
 def test_claim_coerces_array_booleans_and_rejects_empty_statements():
@@ -67,6 +67,25 @@ def test_json_round_trip_and_report_keeps_earlier_experiments(tmp_path):
     assert saved["claims"] and saved["reproduces"] == all(c["holds"] for c in saved["claims"])
 
 
+def test_records_and_reports_name_the_seed(tmp_path):
+    """A record keeps the base seed of its run (JSON and back); a report says which seed(s) its experiments ran
+    at, every one's on its numbers line; a record from before seeds were recorded reads back without one."""
+    record = _record("a", (Claim("x", True, "1"),), seed=3)
+    data = record.to_json()
+    assert data["seed"] == 3 and RunRecord.from_json(data).seed == 3
+    del data["seed"]
+    old = RunRecord.from_json(data)
+    assert old.seed is None
+    report = write_report([record], tmp_path, quick=True).read_text()
+    assert ", seed 3." in report.splitlines()[2] and "Seed: 3." in report
+    mixed = [_record("b", seed=1), _record("c", seed=0), _record("d", seed=1), old]
+    assert seeds_note(mixed) == "seeds 0 (1 experiment), 1 (2 experiments), unrecorded (1 experiment)"
+    assert seeds_note([_record("b", seed=2), _record("c", seed=2)]) == "seed 2" and seeds_note([]) == ""
+    report = write_report(mixed, tmp_path, quick=True).read_text()
+    assert "seeds 0 (1 experiment), 1 (2 experiments), unrecorded (1 experiment)." in report.splitlines()[2]
+    assert report.count("Seed: 1.") == 2 and report.count("Seed: 0.") == 1  # none for the unrecorded one
+
+
 def test_full_size_report_names_the_missing_experiments_that_need_a_gpu(tmp_path):
     from jaxlab.registry import experiment_names, get_experiment
 
@@ -85,16 +104,18 @@ def test_parallel_children_write_the_records_of_an_in_process_run(tmp_path):
 
     experiments = [get_experiment(n) for n in ("gridworld-optimal", "gridworld-dp", "sa-mean")]
     runs = [(e, e.quick) for e in experiments]
-    serial, _ = reproduce(runs, tmp_path / "serial", quick=True, show_progress=False)
-    parallel, path = reproduce(runs, tmp_path / "parallel", quick=True, show_progress=False, jobs=2)
+    serial, _ = reproduce(runs, tmp_path / "serial", quick=True, seed=1, show_progress=False)
+    parallel, path = reproduce(runs, tmp_path / "parallel", quick=True, seed=1, show_progress=False, jobs=2)
     assert [r.name for r in parallel] == [e.name for e in experiments]  # the order of the runs, not of finishing
     for a, b in zip(serial, parallel):
         assert b.error is None, b.error
+        assert a.seed == b.seed == 1  # the children were given the run's seed, and their records say so
+        assert json.loads((tmp_path / "parallel" / f"{b.name}.json").read_text())["seed"] == 1
         assert json.dumps(a.result.metrics, sort_keys=True) == json.dumps(b.result.metrics, sort_keys=True)
         assert a.result.claims == b.result.claims
         assert (tmp_path / "parallel" / f"{b.name}.png").exists()
         assert (tmp_path / "parallel" / "logs" / f"{b.name}.log").exists()
-    assert "2 experiments at a time" in path.read_text()
+    assert "2 experiments at a time" in path.read_text() and ", seed 1." in path.read_text()
     with pytest.raises(ValueError, match="differs from its registered quick size"):
         reproduce([(experiments[0], experiments[0].quick), (experiments[1], experiments[0].quick)], tmp_path,
                   quick=True, show_progress=False, jobs=2)
@@ -145,8 +166,10 @@ def test_a_child_that_dies_is_a_failed_record(tmp_path):
     log = tmp_path / "logs" / "sa-mean.log"
     log.parent.mkdir()
     log.write_text("Killed\n")
-    record = _child_record(get_experiment("sa-mean"), tmp_path, quick=True, status=-9, runtime=3.0, log_path=log)
-    assert record.reproduces is False and "exited with status -9" in record.error and str(log) in record.error
+    record = _child_record(get_experiment("sa-mean"), tmp_path, quick=True, seed=4, status=-9, runtime=3.0,
+                           log_path=log)
+    assert record.seed == 4 and record.reproduces is False
+    assert "exited with status -9" in record.error and str(log) in record.error
     assert json.loads((tmp_path / "sa-mean.json").read_text())["error"] == record.error
 
 
