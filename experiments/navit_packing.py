@@ -72,6 +72,11 @@ NATIVE_SIZES = ("smaller", "same", "larger")
 ones (more tokens than native) and downsamples the larger ones (rows and columns dropped)."""
 
 
+def patch_grid(image: np.ndarray, patch_size: int) -> tuple[int, int]:
+    """An image's native patch grid (rows, columns): ``[H, W, C] -> (H // P, W // P)``."""
+    return tuple(n // patch_size for n in image.shape[:2])
+
+
 @dataclasses.dataclass(frozen=True)
 class NaViTPackingConfig:
     """Scene sizes, the equal compute budget (slots a step, steps) and the model."""
@@ -260,7 +265,7 @@ class PipelineBatches:
         return s, tuple(int(i) for i in which)
 
     def _grid(self, example: tuple[int, tuple[int, ...]]) -> tuple[int, int]:
-        return tuple(n // self.cfg.patch_size for n in self.scenes[example[0]].image.shape[:2])
+        return patch_grid(self.scenes[example[0]].image, self.cfg.patch_size)
 
     def choose(self) -> list[tuple[int, tuple[int, ...]]]:
         """The next step's examples."""
@@ -359,8 +364,8 @@ class HeldOut:
         pairs = [(q, a) for s in scenes for q, a in s.qa]
         self.kinds = np.array([question_kind(q) for q, _ in pairs])
         # each question's image against the resize pipeline's square: fewer, as many or more native patches
-        resized, P = cfg.resize_grid ** 2, cfg.patch_size
-        patches = np.array([s.image.shape[0] * s.image.shape[1] // P ** 2 for s in scenes for _ in s.qa])
+        patches = np.array([np.prod(patch_grid(s.image, cfg.patch_size)) for s in scenes for _ in s.qa])
+        resized = cfg.resize_grid ** 2
         self.sizes = np.array(NATIVE_SIZES)[1 + np.sign(patches - resized)]
         by_question, fallback = majority_answers(train)
         self.blind = np.array([by_question.get(q, fallback) == a for q, a in pairs])
